@@ -1,0 +1,84 @@
+/**
+ * The one interface every backend implements. The router knows backends only through this and
+ * the registry: a new backend is one new file and one registry line.
+ */
+import type { Capabilities } from "../core/device.ts";
+import type { GpuCall } from "../core/gpu.ts";
+import type { AttentionProblem } from "../core/problem.ts";
+
+/** GPU buffers of one call; strides and sizes are in the problem. */
+export interface GpuIO {
+  q: GPUBuffer;
+  k: GPUBuffer;
+  v: GPUBuffer;
+  /** Written in the problem's output layout and q's dtype. */
+  out: GPUBuffer;
+  /** Bool masks are bytes; additive masks are f32. */
+  mask: GPUBuffer | null;
+  /** f32 [b, n, s_q] natural-log log-sum-exp of each row, when asked for. */
+  lse: GPUBuffer | null;
+}
+
+/** Host arrays of one call, as float64, in the problem's layouts. */
+export interface HostIO {
+  q: Float64Array;
+  k: Float64Array;
+  v: Float64Array;
+  mask: Float64Array | null;
+  out: Float64Array;
+  lse: Float64Array | null;
+}
+
+interface BackendCommon {
+  /** Canonical name, as `WGATTN_IMPLEMENTATION` and `options.backend` take it. */
+  readonly name: string;
+  /** Other accepted names (DiffSynth's family names among them). */
+  readonly aliases: readonly string[];
+  /** One line on what it is. */
+  readonly summary: string;
+  /** Whether it writes the log-sum-exp. */
+  readonly producesLse: boolean;
+  /**
+   * Why it cannot compute this call correctly on this device; empty when it can. `caps` is null
+   * when there is no GPU.
+   */
+  unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[];
+  /** Why the router should not pick it on its own though it could run (e.g. slower here). */
+  unsuitedReasons?(p: AttentionProblem, caps: Capabilities): string[];
+}
+
+/** A backend that records WGSL dispatches into a call's command encoder, never waiting. */
+export interface GpuBackend extends BackendCommon {
+  readonly kind: "gpu";
+  encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void>;
+}
+
+/** A backend that computes on the host. */
+export interface CpuBackend extends BackendCommon {
+  readonly kind: "cpu";
+  compute(p: AttentionProblem, io: HostIO): void;
+}
+
+/** Any backend. */
+export type Backend = GpuBackend | CpuBackend;
+
+/** The reason every GPU backend gives when there is no adapter. */
+export const NO_GPU = "no WebGPU adapter on this machine";
+
+/** Common GPU checks: the adapter exists, and each bound tensor fits one storage binding. */
+export function gpuBaseReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
+  if (!caps) return [NO_GPU];
+  const reasons: string[] = [];
+  const limit = caps.limits.maxStorageBufferBindingSize;
+  const bytes = p.dtype === "f32" ? 4 : 2;
+  const sizes: [string, number][] = [
+    ["q", p.b * p.n * p.sQ * p.d * bytes],
+    ["k", p.b * p.nKv * p.sKv * p.d * bytes],
+    ["v", p.b * p.nKv * p.sKv * p.dV * bytes],
+    ["output", p.b * p.n * p.sQ * p.dV * bytes],
+  ];
+  for (const [name, size] of sizes) {
+    if (size > limit) reasons.push(`${name} is ${size} bytes, over maxStorageBufferBindingSize (${limit})`);
+  }
+  return reasons;
+}

@@ -1,0 +1,284 @@
+import { WgattnError } from "./errors.ts";
+import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
+import { execute } from "./execute.ts";
+import { type AttentionProblem, resolveProblem } from "./problem.ts";
+import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
+import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
+import { BACKENDS } from "../backends/registry.ts";
+
+/** The environment variable that picks a backend by name, as DiffSynth's `DIFFSYNTH_ATTENTION_IMPLEMENTATION`. */
+export const IMPLEMENTATION_VARIABLE = "WGATTN_IMPLEMENTATION";
+
+/** Reads the variable only if env access is already granted: never prompts, never needs --allow-env. */
+export function readImplementationVariable(): string | undefined {
+  const deno = (globalThis as { Deno?: typeof Deno }).Deno;
+  if (!deno?.permissions?.querySync) return undefined;
+  try {
+    const state = deno.permissions.querySync({ name: "env", variable: IMPLEMENTATION_VARIABLE }).state;
+    if (state !== "granted") return undefined;
+    const value = deno.env.get(IMPLEMENTATION_VARIABLE)?.trim();
+    return value ? value : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+async function runtimeOf(options: AttentionOptions | undefined): Promise<GpuRuntime | null> {
+  if (options?.device) return runtimeFor(options.device);
+  return defaultRuntime();
+}
+
+function decideFor(
+  p: AttentionProblem,
+  rt: GpuRuntime | null,
+  options: AttentionOptions | undefined,
+): Decision {
+  return decide(p, rt?.caps ?? null, BACKENDS, {
+    requested: options?.backend,
+    variable: readImplementationVariable(),
+    broken: rt?.broken,
+  });
+}
+
+async function run(
+  q: TensorInput,
+  k: TensorInput,
+  v: TensorInput,
+  options: AttentionOptions | undefined,
+  wantLse: boolean,
+) {
+  const p = resolveProblem(q, k, v, options);
+  const rt = await runtimeOf(options);
+  for (;;) {
+    const decision = decideFor(p, rt, options);
+    try {
+      return await execute(p, decision.backend, rt, wantLse);
+    } catch (e) {
+      // A kernel that does not compile on this device retires its backend; the router moves on,
+      // unless the caller insisted on that backend.
+      const compileFailure = e instanceof WgattnError && e.code === "GPU_ERROR" &&
+        /failed to compile/.test(e.message);
+      if (!compileFailure || !rt || decision.source === "option") throw e;
+      rt.broken.set(decision.backend.name, e.message);
+    }
+  }
+}
+
+/**
+ * Scaled-dot-product attention, `softmax(q @ kᵀ · scale) @ v`, on the fastest backend that can
+ * serve the call. Host tensors in, host tensor out (one GPU round trip); GPU tensors in, a new GPU
+ * tensor out, queued without waiting.
+ *
+ * Causal and window limits are aligned bottom-right when `s_q != s_kv`. A query row with no key
+ * to attend (all masked) gives zeros, not NaN.
+ *
+ * @example
+ * ```ts
+ * import { attentionForward } from "jsr:@wgattn/attention";
+ * const shape = [1, 2, 16, 64];
+ * const rand = () => Float32Array.from({ length: 2048 }, () => Math.random() - 0.5);
+ * const out = await attentionForward({ data: rand(), shape }, { data: rand(), shape }, { data: rand(), shape }, { isCausal: true });
+ * console.log(out.shape); // [1, 2, 16, 64]
+ * ```
+ */
+export async function attentionForward<Q extends TensorInput>(
+  q: Q,
+  k: TensorInput,
+  v: TensorInput,
+  options?: AttentionOptions,
+): Promise<Q extends GpuTensor ? GpuTensor : HostTensor> {
+  const { out } = await run(q, k, v, options, false);
+  return out as Q extends GpuTensor ? GpuTensor : HostTensor;
+}
+
+/** Output and per-row log-sum-exp of {@link attentionWithLse}. */
+export interface AttentionWithLse<T> {
+  /** The attention output, as {@link attentionForward} returns it. */
+  out: T;
+  /** f32 `[b, n, s_q]`: `log(sum_j exp(scale · q·k_j + mask))`; `-Infinity` for a fully masked row. */
+  lse: T;
+}
+
+/**
+ * Like {@link attentionForward}, and also returns each row's log-sum-exp, so that attention over
+ * disjoint key sets can be merged exactly.
+ *
+ * @example
+ * ```ts
+ * import { attentionWithLse } from "jsr:@wgattn/attention";
+ * const shape = [1, 1, 4, 8];
+ * const t = () => ({ data: Float32Array.from({ length: 32 }, () => Math.random()), shape });
+ * const { out, lse } = await attentionWithLse(t(), t(), t());
+ * console.log(out.shape, lse.shape); // [1, 1, 4, 8] [1, 1, 4]
+ * ```
+ */
+export async function attentionWithLse<Q extends TensorInput>(
+  q: Q,
+  k: TensorInput,
+  v: TensorInput,
+  options?: AttentionOptions,
+): Promise<AttentionWithLse<Q extends GpuTensor ? GpuTensor : HostTensor>> {
+  const { out, lse } = await run(q, k, v, options, true);
+  return { out, lse: lse! } as AttentionWithLse<Q extends GpuTensor ? GpuTensor : HostTensor>;
+}
+
+/** What {@link explain} reports. */
+export interface Explanation {
+  /** The backend that would run. */
+  backend: string;
+  /** `option`, `variable` (WGATTN_IMPLEMENTATION), `compatibility` or `priority`. */
+  source: DecisionSource;
+  /** The name the option or the variable asked for, if any. */
+  requested?: string;
+  /** Every backend the router considered, in order, with why it was passed over. */
+  chain: ChainEntry[];
+  /** The GPU adapter in use, or null without one. */
+  adapter: string | null;
+  /** The call's sizes as the router saw them. */
+  shape: { b: number; n: number; nKv: number; sQ: number; sKv: number; d: number; dV: number; dtype: string };
+  /** The same, as a few lines of text. */
+  text: string;
+}
+
+/**
+ * Which backend {@link attentionForward} would run for these arguments, and why: the variable or
+ * option that chose it, and each backend passed over with its reasons. Runs nothing on the GPU.
+ *
+ * @example
+ * ```ts
+ * import { explain } from "jsr:@wgattn/attention";
+ * const t = { data: new Float32Array(1 * 2 * 8 * 40).fill(0.5), shape: [1, 2, 8, 40] };
+ * console.log((await explain(t, t, t)).text);
+ * ```
+ */
+export async function explain(
+  q: TensorInput,
+  k: TensorInput,
+  v: TensorInput,
+  options?: AttentionOptions,
+): Promise<Explanation> {
+  const p = resolveProblem(q, k, v, options);
+  const rt = await runtimeOf(options);
+  const d = decideFor(p, rt, options);
+  const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };
+  const why = {
+    option: `options.backend = ${JSON.stringify(d.requested)}`,
+    variable: `${IMPLEMENTATION_VARIABLE} = ${JSON.stringify(d.requested)}`,
+    compatibility: "compatibilityMode forces the plain path",
+    priority: d.requested ? `priority order (after ${IMPLEMENTATION_VARIABLE}'s choice)` : "priority order",
+  }[d.source];
+  const lines = [
+    `backend: ${d.backend.name} (${why})`,
+    `adapter: ${rt?.caps.adapter ?? "none"}`,
+    ...d.chain.map((c) =>
+      `  ${c.chosen ? "->" : "  "} ${c.backend}${c.reasons.length ? `: ${c.reasons.join("; ")}` : ""}`
+    ),
+  ];
+  return {
+    backend: d.backend.name,
+    source: d.source,
+    requested: d.requested,
+    chain: d.chain,
+    adapter: rt?.caps.adapter ?? null,
+    shape,
+    text: lines.join("\n"),
+  };
+}
+
+/** One backend as {@link availableBackends} lists it. */
+export interface BackendInfo {
+  name: string;
+  aliases: readonly string[];
+  summary: string;
+  /** Whether it can run on this machine at all (some calls may still fall to another). */
+  available: boolean;
+  /** Why not, when it is not available. */
+  reasons: string[];
+}
+
+/**
+ * The registered backends in priority order, and whether this machine can run each.
+ *
+ * @example
+ * ```ts
+ * import { availableBackends } from "jsr:@wgattn/attention";
+ * for (const b of await availableBackends()) console.log(b.name, b.available, b.reasons.join("; "));
+ * ```
+ */
+export async function availableBackends(options?: { device?: GPUDevice }): Promise<BackendInfo[]> {
+  const rt = await runtimeOf(options);
+  // A small, plain call: what a backend rejects for it, it cannot do here at all.
+  const t = { data: new Float32Array(64), shape: [1, 1, 1, 64] };
+  const p = resolveProblem(t, t, t);
+  return BACKENDS.map((b) => {
+    const reasons = b.unsupportedReasons(p, rt?.caps ?? null);
+    const broken = rt?.broken.get(b.name);
+    if (broken) reasons.push(`its kernel failed on this device: ${broken}`);
+    return { name: b.name, aliases: b.aliases, summary: b.summary, available: reasons.length === 0, reasons };
+  });
+}
+
+/**
+ * Makes wgattn use your `GPUDevice` (GPU tensors must live on it); `null` goes back to acquiring
+ * one on first use.
+ *
+ * @example
+ * ```ts
+ * import { setDevice } from "jsr:@wgattn/attention";
+ * const adapter = await navigator.gpu.requestAdapter();
+ * if (adapter) setDevice(await adapter.requestDevice());
+ * ```
+ */
+export function setDevice(device: GPUDevice | null): void {
+  setDefaultDevice(device);
+}
+
+/**
+ * The `GPUDevice` wgattn uses (acquiring it on first call), or null when there is no adapter. Create
+ * GPU tensors on it.
+ *
+ * @example
+ * ```ts
+ * import { getDevice } from "jsr:@wgattn/attention";
+ * const device = await getDevice();
+ * console.log(device ? "GPU" : "CPU only");
+ * ```
+ */
+export async function getDevice(): Promise<GPUDevice | null> {
+  return (await defaultRuntime())?.device ?? null;
+}
+
+/** What the adapter offers, as wgattn probed it. */
+export interface DeviceInfo {
+  adapter: string;
+  isFallbackAdapter: boolean;
+  shaderF16: boolean;
+  subgroups: boolean;
+  packedInt8Dot: boolean;
+  timestamps: boolean;
+  limits: Record<string, number>;
+}
+
+/**
+ * The capabilities wgattn probed on the device in use (null without a GPU).
+ *
+ * @example
+ * ```ts
+ * import { deviceInfo } from "jsr:@wgattn/attention";
+ * console.log(await deviceInfo());
+ * ```
+ */
+export async function deviceInfo(options?: { device?: GPUDevice }): Promise<DeviceInfo | null> {
+  const rt = await runtimeOf(options);
+  if (!rt) return null;
+  const c = rt.caps;
+  return {
+    adapter: c.adapter,
+    isFallbackAdapter: c.isFallbackAdapter,
+    shaderF16: c.shaderF16,
+    subgroups: c.subgroups,
+    packedInt8Dot: c.packedInt8Dot,
+    timestamps: c.timestamps,
+    limits: { ...c.limits },
+  };
+}

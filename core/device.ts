@@ -1,0 +1,214 @@
+import { WgattnError } from "./errors.ts";
+
+/** What the GPU adapter offers, probed once per device. */
+export interface Capabilities {
+  /** Adapter description, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)". */
+  adapter: string;
+  /** True for software adapters (lavapipe, SwiftShader, llvmpipe). */
+  isFallbackAdapter: boolean;
+  /** Device features, `subgroups` included when it was requested successfully. */
+  features: ReadonlySet<string>;
+  /** `shader-f16`: f16 arithmetic and storage in WGSL. */
+  shaderF16: boolean;
+  /** Subgroup operations compile and run; `subgroupDirective` says whether WGSL needs `enable subgroups;`. */
+  subgroups: boolean;
+  subgroupDirective: "" | "enable subgroups;\n";
+  /** Subgroup size reported by the adapter (lower bound), or 0 when unknown. */
+  subgroupMinSize: number;
+  /** WGSL `dot4I8Packed` (language feature `packed_4x8_integer_dot_product`). */
+  packedInt8Dot: boolean;
+  /** `timestamp-query`, for timing kernels on the GPU. */
+  timestamps: boolean;
+  limits: {
+    maxStorageBufferBindingSize: number;
+    maxBufferSize: number;
+    maxComputeWorkgroupStorageSize: number;
+    maxComputeInvocationsPerWorkgroup: number;
+    maxComputeWorkgroupSizeX: number;
+    maxComputeWorkgroupsPerDimension: number;
+    maxStorageBuffersPerShaderStage: number;
+  };
+}
+
+/** A device in use, its capabilities and its compiled pipelines. */
+export interface GpuRuntime {
+  device: GPUDevice;
+  caps: Capabilities;
+  /** Pipelines by cache key; insertion order is recency (LRU). */
+  pipelines: Map<string, Promise<GPUComputePipeline>>;
+  /** Why a kernel failed to compile, by backend name; such backends are skipped. */
+  broken: Map<string, string>;
+  /** True when wgattn acquired the device (and may replace it when it is lost). */
+  owned: boolean;
+  lost: boolean;
+}
+
+/** Pipelines kept per device before the least recently used is dropped. */
+export const PIPELINE_CACHE_LIMIT = 256;
+
+const LIMIT_KEYS = [
+  "maxStorageBufferBindingSize",
+  "maxBufferSize",
+  "maxComputeWorkgroupStorageSize",
+  "maxComputeInvocationsPerWorkgroup",
+  "maxComputeWorkgroupSizeX",
+  "maxComputeWorkgroupSizeY",
+  "maxComputeWorkgroupsPerDimension",
+  "maxStorageBuffersPerShaderStage",
+] as const;
+
+let current: Promise<GpuRuntime | null> | null = null;
+const runtimes = new WeakMap<GPUDevice, Promise<GpuRuntime>>();
+
+/** Makes `device` the one wgattn uses by default. */
+export function setDefaultDevice(device: GPUDevice | null): void {
+  current = device ? runtimeFor(device, false) : null;
+}
+
+/** The runtime for a caller's device (probed once per device). */
+export function runtimeFor(device: GPUDevice, owned = false): Promise<GpuRuntime> {
+  let r = runtimes.get(device);
+  if (!r) {
+    r = probe(device, owned);
+    runtimes.set(device, r);
+  }
+  return r;
+}
+
+/** The default runtime, acquired on first use; null when there is no WebGPU adapter. */
+export function defaultRuntime(): Promise<GpuRuntime | null> {
+  if (!current) current = acquire();
+  return current.then((rt) => {
+    if (rt && rt.lost && rt.owned) {
+      current = acquire();
+      return current;
+    }
+    return rt;
+  });
+}
+
+async function acquire(): Promise<GpuRuntime | null> {
+  const gpu = (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
+  if (!gpu) return null;
+  let adapter: GPUAdapter | null = null;
+  try {
+    adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
+  } catch {
+    adapter = null;
+  }
+  if (!adapter) return null;
+  const wanted = (["shader-f16", "timestamp-query"] as GPUFeatureName[]).filter((f) =>
+    adapter!.features.has(f)
+  );
+  const requiredLimits: Record<string, number> = {};
+  for (const key of LIMIT_KEYS) {
+    requiredLimits[key] = (adapter.limits as unknown as Record<string, number>)[key];
+  }
+  // Subgroups work on some adapters that do not list them (see the notes in shared/gpu): try asking.
+  let device: GPUDevice;
+  try {
+    device = await adapter.requestDevice({
+      requiredFeatures: [...wanted, "subgroups" as GPUFeatureName],
+      requiredLimits,
+    });
+  } catch {
+    device = await adapter.requestDevice({ requiredFeatures: wanted, requiredLimits });
+  }
+  const rt = await probe(device, true, adapter);
+  runtimes.set(device, Promise.resolve(rt));
+  return rt;
+}
+
+async function compiles(device: GPUDevice, code: string): Promise<boolean> {
+  device.pushErrorScope("validation");
+  try {
+    const module = device.createShaderModule({ code });
+    await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: "main" } });
+    return (await device.popErrorScope()) === null;
+  } catch {
+    await device.popErrorScope().catch(() => null);
+    return false;
+  }
+}
+
+const SUBGROUP_PROBE = `@group(0) @binding(0) var<storage, read_write> o: array<u32>;
+@compute @workgroup_size(32) fn main(@builtin(local_invocation_index) i: u32, @builtin(subgroup_size) n: u32) {
+  let x = subgroupAdd(i) + subgroupShuffleXor(i, 1u) + n; o[i] = x; }`;
+const DOT4_PROBE = `@group(0) @binding(0) var<storage, read_write> o: array<i32>;
+@compute @workgroup_size(1) fn main() { o[0] = dot4I8Packed(0x01020304u, 0x01010101u); }`;
+
+async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): Promise<GpuRuntime> {
+  const info = adapter?.info ?? (device as unknown as { adapterInfo?: GPUAdapterInfo }).adapterInfo;
+  const features = new Set<string>(device.features);
+  let subgroupDirective: "" | "enable subgroups;\n" = "";
+  let subgroups = false;
+  if (features.has("subgroups")) {
+    if (await compiles(device, SUBGROUP_PROBE)) subgroups = true;
+    else if (await compiles(device, "enable subgroups;\n" + SUBGROUP_PROBE)) {
+      subgroups = true;
+      subgroupDirective = "enable subgroups;\n";
+    }
+  }
+  if (!subgroups) features.delete("subgroups");
+  const langFeatures =
+    (globalThis.navigator as { gpu?: { wgslLanguageFeatures?: ReadonlySet<string> } } | undefined)
+      ?.gpu?.wgslLanguageFeatures;
+  const packedInt8Dot = langFeatures?.has("packed_4x8_integer_dot_product") === true &&
+    await compiles(device, DOT4_PROBE);
+  const l = device.limits as unknown as Record<string, number>;
+  const caps: Capabilities = {
+    adapter: info?.description || info?.device || info?.vendor || "unknown adapter",
+    isFallbackAdapter: (info as { isFallbackAdapter?: boolean } | undefined)?.isFallbackAdapter === true,
+    features,
+    shaderF16: features.has("shader-f16"),
+    subgroups,
+    subgroupDirective,
+    subgroupMinSize: (info as { subgroupMinSize?: number } | undefined)?.subgroupMinSize ?? 0,
+    packedInt8Dot,
+    timestamps: features.has("timestamp-query"),
+    limits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+      maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+      maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+    },
+  };
+  const rt: GpuRuntime = { device, caps, pipelines: new Map(), broken: new Map(), owned, lost: false };
+  device.lost.then(() => {
+    rt.lost = true;
+  });
+  return rt;
+}
+
+/** A compiled pipeline from the runtime's LRU cache. */
+export function cachedPipeline(
+  rt: GpuRuntime,
+  key: string,
+  code: () => string,
+  label: string,
+): Promise<GPUComputePipeline> {
+  const hit = rt.pipelines.get(key);
+  if (hit) {
+    rt.pipelines.delete(key);
+    rt.pipelines.set(key, hit);
+    return hit;
+  }
+  const module = rt.device.createShaderModule({ code: code(), label });
+  const made = rt.device.createComputePipelineAsync({
+    layout: "auto",
+    label,
+    compute: { module, entryPoint: "main" },
+  })
+    .catch((e) => {
+      rt.pipelines.delete(key);
+      throw new WgattnError("GPU_ERROR", `kernel ${label} failed to compile: ${(e as Error).message}`);
+    });
+  rt.pipelines.set(key, made);
+  while (rt.pipelines.size > PIPELINE_CACHE_LIMIT) {
+    rt.pipelines.delete(rt.pipelines.keys().next().value!);
+  }
+  return made;
+}

@@ -1,0 +1,203 @@
+import { WgattnError } from "./errors.ts";
+import type { GpuRuntime } from "./device.ts";
+import { debug, GpuCall, readBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
+import type { AttentionProblem } from "./problem.ts";
+import {
+  DTYPE_BYTES,
+  elementCount,
+  float64ToHost,
+  hostFromBytes,
+  hostToFloat64,
+  type MaskOperand,
+  type Operand,
+} from "./tensor.ts";
+import type { GpuTensor, HostTensor } from "./types.ts";
+import type { Backend, CpuBackend, GpuBackend } from "../backends/backend.ts";
+
+/** Output and optional log-sum-exp of one call. */
+export interface RawResult {
+  out: HostTensor | GpuTensor;
+  lse: HostTensor | GpuTensor | null;
+}
+
+/** Runs a decided call. GPU tensors in: nothing waits; host tensors in: one readback. */
+export function execute(
+  p: AttentionProblem,
+  backend: Backend,
+  rt: GpuRuntime | null,
+  wantLse: boolean,
+): Promise<RawResult> {
+  if (backend.kind === "cpu") return executeCpu(p, backend, rt, wantLse);
+  if (!rt) throw new WgattnError("NO_BACKEND", `backend ${backend.name} needs a GPU`);
+  return executeGpu(p, backend, rt, wantLse);
+}
+
+function checkDevice(rt: GpuRuntime, p: AttentionProblem): void {
+  if (rt.lost) {
+    throw new WgattnError("DEVICE_LOST", "the GPU device was lost; the next call acquires a new one", {
+      expected: "a live device",
+      actual: "lost",
+    });
+  }
+  void p;
+}
+
+async function executeGpu(
+  p: AttentionProblem,
+  backend: GpuBackend,
+  rt: GpuRuntime,
+  wantLse: boolean,
+): Promise<RawResult> {
+  checkDevice(rt, p);
+  const call = new GpuCall(rt, `wgattn ${backend.name}`);
+  const outCount = elementCount(p.out.shape);
+  const outBytes = outCount * DTYPE_BYTES[p.dtype];
+  let out: GPUBuffer | null = null;
+  let lse: GPUBuffer | null = null;
+  rt.device.pushErrorScope("out-of-memory");
+  try {
+    const bind = (o: Operand, name: string) =>
+      o.residency === "gpu" ? o.buffer : call.upload(o.data, `wgattn ${name}`);
+    const io = {
+      q: bind(p.q.operand, "q"),
+      k: bind(p.k.operand, "k"),
+      v: bind(p.v.operand, "v"),
+      mask: p.mask ? bindMask(call, p.mask.operand) : null,
+      out: out = call.createBuffer(
+        outBytes,
+        GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+        "wgattn output",
+      ),
+      lse: wantLse
+        ? (lse = call.createBuffer(
+          p.b * p.n * p.sQ * 4,
+          GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+          "wgattn lse",
+        ))
+        : null,
+    };
+    if (debug.poisonOutputs) {
+      rt.device.queue.writeBuffer(out, 0, new Uint8Array(out.size).fill(0xff));
+      if (lse) rt.device.queue.writeBuffer(lse, 0, new Uint8Array(lse.size).fill(0xff));
+    }
+    await backend.encode(p, io, call);
+    call.submit();
+  } catch (e) {
+    call.abandon();
+    if (out) releaseBuffer(out);
+    if (lse) releaseBuffer(lse);
+    await rt.device.popErrorScope().catch(() => null);
+    if (e instanceof WgattnError) throw e;
+    if (rt.lost) {
+      throw new WgattnError(
+        "DEVICE_LOST",
+        `the GPU device was lost during the call: ${(e as Error).message}`,
+      );
+    }
+    throw new WgattnError("GPU_ERROR", `backend ${backend.name} failed: ${(e as Error).message}`);
+  }
+  const oom = await rt.device.popErrorScope().catch(() => null);
+  if (oom) {
+    releaseBuffer(out!);
+    if (lse) releaseBuffer(lse);
+    throw new WgattnError("OUT_OF_MEMORY", `the GPU ran out of memory: ${oom.message}`, {
+      expected: "buffers that fit in device memory",
+      actual: `${p.b}x${p.n}x${p.sQ}x${p.sKv} attention`,
+    });
+  }
+  if (p.residency === "gpu") {
+    untrackBuffer(out);
+    if (lse) untrackBuffer(lse);
+    return {
+      out: { buffer: out, shape: p.out.shape, dtype: p.dtype },
+      lse: lse ? { buffer: lse, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+    };
+  }
+  try {
+    const outHost = hostFromBytes(await readBuffer(rt.device, out, outBytes), p.dtype, outCount);
+    const lseHost = lse ? new Float32Array(await readBuffer(rt.device, lse, p.b * p.n * p.sQ * 4)) : null;
+    return {
+      out: { data: outHost, shape: p.out.shape, dtype: p.dtype },
+      lse: lseHost ? { data: lseHost, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+    };
+  } catch (e) {
+    if (rt.lost) {
+      throw new WgattnError(
+        "DEVICE_LOST",
+        `the GPU device was lost during the call: ${(e as Error).message}`,
+      );
+    }
+    throw e;
+  } finally {
+    releaseBuffer(out);
+    if (lse) releaseBuffer(lse);
+  }
+}
+
+function bindMask(call: GpuCall, m: MaskOperand): GPUBuffer {
+  if (m.residency === "gpu") return m.buffer;
+  return call.upload(m.data, "wgattn mask");
+}
+
+async function operandToFloat64(
+  o: Operand | MaskOperand,
+  rt: GpuRuntime | null,
+  name: string,
+): Promise<Float64Array> {
+  if (o.residency === "host") {
+    if (o.dtype === "bool") return Float64Array.from(o.data as Uint8Array);
+    return o.data instanceof Float32Array && o.dtype === "f32"
+      ? Float64Array.from(o.data)
+      : hostToFloat64(o.data as never, o.dtype as never);
+  }
+  if (!rt) {
+    throw new WgattnError("INVALID_BUFFER", `${name} is a GPU tensor but no device is in use`, {
+      argument: name,
+    });
+  }
+  const count = elementCount(o.shape);
+  const bytes = count * (o.dtype === "bool" ? 1 : o.dtype === "f32" ? 4 : 2);
+  const raw = await readBuffer(rt.device, o.buffer, bytes);
+  if (o.dtype === "bool") return Float64Array.from(new Uint8Array(raw));
+  return hostToFloat64(hostFromBytes(raw, o.dtype, count), o.dtype);
+}
+
+async function executeCpu(
+  p: AttentionProblem,
+  backend: CpuBackend,
+  rt: GpuRuntime | null,
+  wantLse: boolean,
+): Promise<RawResult> {
+  const [q, k, v] = await Promise.all([
+    operandToFloat64(p.q.operand, rt, "q"),
+    operandToFloat64(p.k.operand, rt, "k"),
+    operandToFloat64(p.v.operand, rt, "v"),
+  ]);
+  const mask = p.mask ? await operandToFloat64(p.mask.operand, rt, "options.attnMask") : null;
+  const out = new Float64Array(elementCount(p.out.shape));
+  const lse = wantLse ? new Float64Array(p.b * p.n * p.sQ) : null;
+  backend.compute(p, { q, k, v, mask, out, lse });
+  const outHost = float64ToHost(out, p.dtype);
+  const lseHost = lse ? Float32Array.from(lse) : null;
+  if (p.residency === "host") {
+    return {
+      out: { data: outHost, shape: p.out.shape, dtype: p.dtype },
+      lse: lseHost ? { data: lseHost, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+    };
+  }
+  const device = rt!.device;
+  const toGpu = (data: ArrayBufferView, dtype: "f32" | "f16" | "bf16", shape: number[]): GpuTensor => {
+    const buffer = device.createBuffer({
+      size: Math.max(16, Math.ceil(data.byteLength / 16) * 16),
+      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+    });
+    const padded = new Uint8Array(Math.ceil(data.byteLength / 4) * 4);
+    padded.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+    device.queue.writeBuffer(buffer, 0, padded);
+    return { buffer, shape, dtype };
+  };
+  return {
+    out: toGpu(outHost, p.dtype, p.out.shape),
+    lse: lseHost ? toGpu(lseHost, "f32", [p.b, p.n, p.sQ]) : null,
+  };
+}

@@ -1,0 +1,255 @@
+import { WgattnError } from "./errors.ts";
+import { cachedPipeline, type GpuRuntime } from "./device.ts";
+import { type Kernel, packUniforms } from "../wgsl/common.ts";
+
+/** A GPU timing session: compute passes recorded while it is active get timestamps. */
+export class Profiler {
+  readonly querySet: GPUQuerySet;
+  readonly capacity: number;
+  readonly labels: string[] = [];
+  private readonly device: GPUDevice;
+
+  constructor(device: GPUDevice, capacity = 4096) {
+    this.device = device;
+    this.capacity = capacity;
+    this.querySet = device.createQuerySet({ type: "timestamp", count: capacity * 2 });
+  }
+
+  /** Timestamp writes for the next pass, or undefined when full. */
+  next(label: string): GPUComputePassTimestampWrites | undefined {
+    const i = this.labels.length;
+    if (i >= this.capacity) return undefined;
+    this.labels.push(label);
+    return { querySet: this.querySet, beginningOfPassWriteIndex: 2 * i, endOfPassWriteIndex: 2 * i + 1 };
+  }
+
+  /** Reads every recorded pass's duration in milliseconds (one host wait). */
+  async read(): Promise<{ label: string; ms: number }[]> {
+    const count = this.labels.length * 2;
+    if (count === 0) return [];
+    const resolve = this.device.createBuffer({
+      size: count * 8,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+    const staging = this.device.createBuffer({
+      size: count * 8,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    const enc = this.device.createCommandEncoder();
+    enc.resolveQuerySet(this.querySet, 0, count, resolve, 0);
+    enc.copyBufferToBuffer(resolve, 0, staging, 0, count * 8);
+    this.device.queue.submit([enc.finish()]);
+    await staging.mapAsync(GPUMapMode.READ);
+    const t = new BigUint64Array(staging.getMappedRange().slice(0));
+    staging.unmap();
+    staging.destroy();
+    resolve.destroy();
+    return this.labels.map((label, i) => ({ label, ms: Number(t[2 * i + 1] - t[2 * i]) / 1e6 }));
+  }
+
+  /** Forgets recorded passes (the query set is reused). */
+  reset(): void {
+    this.labels.length = 0;
+  }
+
+  destroy(): void {
+    this.querySet.destroy();
+  }
+}
+
+let activeProfiler: Profiler | null = null;
+
+/** Starts (or with null, stops) timing every call's compute pass. For benchmarks. */
+export function setProfiler(p: Profiler | null): void {
+  activeProfiler = p;
+}
+
+/** Live GPU buffers that wgattn created and still holds, for leak checks. */
+export const gpuStats = { liveBuffers: 0, liveBytes: 0 };
+
+/** Test hook: fill every output buffer with NaN before the kernels run, so unwritten elements show. */
+export const debug = { poisonOutputs: false };
+
+/**
+ * One attention call's GPU work: one command encoder and one compute pass, temporary buffers
+ * freed after submit. Nothing here waits for the GPU.
+ */
+export class GpuCall {
+  readonly rt: GpuRuntime;
+  readonly device: GPUDevice;
+  readonly encoder: GPUCommandEncoder;
+  private pass: GPUComputePassEncoder | null = null;
+  private readonly temporaries: GPUBuffer[] = [];
+  private readonly label: string;
+
+  constructor(rt: GpuRuntime, label: string) {
+    this.rt = rt;
+    this.device = rt.device;
+    this.label = label;
+    this.encoder = rt.device.createCommandEncoder({ label });
+  }
+
+  /** A cached pipeline for `kernel`. */
+  pipeline(kernel: Kernel): Promise<GPUComputePipeline> {
+    return cachedPipeline(this.rt, kernel.key, () => kernel.code, kernel.label);
+  }
+
+  /** A buffer that lives until the call is submitted. */
+  scratch(bytes: number, label = "wgattn scratch"): GPUBuffer {
+    const b = this.createBuffer(
+      bytes,
+      GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+      label,
+    );
+    this.temporaries.push(b);
+    return b;
+  }
+
+  /** A new buffer, counted in {@link gpuStats} until destroyed through {@link releaseBuffer}. */
+  createBuffer(bytes: number, usage: number, label: string, contents?: ArrayBufferView): GPUBuffer {
+    const size = Math.max(16, Math.ceil(bytes / 16) * 16);
+    if (size > this.rt.caps.limits.maxBufferSize) {
+      throw new WgattnError("OUT_OF_MEMORY", `${label} needs a buffer larger than the device allows`, {
+        argument: label,
+        expected: `at most ${this.rt.caps.limits.maxBufferSize} bytes (maxBufferSize)`,
+        actual: `${size} bytes`,
+      });
+    }
+    const b = this.device.createBuffer({ size, usage, label, mappedAtCreation: contents !== undefined });
+    if (contents) {
+      new Uint8Array(b.getMappedRange()).set(
+        new Uint8Array(contents.buffer, contents.byteOffset, contents.byteLength),
+      );
+      b.unmap();
+    }
+    trackBuffer(b);
+    return b;
+  }
+
+  /** Uploads host data into a temporary storage buffer. */
+  upload(data: ArrayBufferView, label: string): GPUBuffer {
+    const b = this.createBuffer(
+      data.byteLength,
+      GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC,
+      label,
+      data,
+    );
+    this.temporaries.push(b);
+    return b;
+  }
+
+  /** Records one dispatch of `groups` workgroups (split over x and y past the per-dimension limit). */
+  dispatch(
+    pipeline: GPUComputePipeline,
+    kernel: Kernel,
+    buffers: Record<string, GPUBuffer | GPUBufferBinding>,
+    uniforms: Record<string, number>,
+    groups: number,
+  ): void {
+    if (groups <= 0) return;
+    const maxDim = this.rt.caps.limits.maxComputeWorkgroupsPerDimension;
+    const x = Math.min(groups, maxDim);
+    const y = Math.ceil(groups / x);
+    if (y > maxDim) {
+      throw new WgattnError("GPU_ERROR", `${kernel.label} needs too many workgroups`, {
+        expected: `at most ${maxDim * maxDim}`,
+        actual: `${groups}`,
+      });
+    }
+    const packed = new Uint8Array(packUniforms(kernel.uniforms, { ...uniforms, groups }));
+    const uniformBuffer = this.createBuffer(
+      packed.byteLength,
+      GPUBufferUsage.UNIFORM,
+      "wgattn uniforms",
+      packed,
+    );
+    this.temporaries.push(uniformBuffer);
+    const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniformBuffer } }];
+    kernel.bindings.forEach((name, i) => {
+      const b = buffers[name];
+      if (!b) throw new Error(`${kernel.label}: binding ${name} has no buffer`);
+      entries.push({ binding: i + 1, resource: b instanceof GPUBuffer ? { buffer: b } : b });
+    });
+    const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+    const pass = this.computePass();
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(x, y);
+  }
+
+  private computePass(): GPUComputePassEncoder {
+    if (!this.pass) {
+      const timestampWrites = activeProfiler && this.rt.caps.timestamps
+        ? activeProfiler.next(this.label)
+        : undefined;
+      this.pass = this.encoder.beginComputePass({ label: this.label, timestampWrites });
+    }
+    return this.pass;
+  }
+
+  /** Ends the pass (a copy after it needs this). */
+  endPass(): void {
+    this.pass?.end();
+    this.pass = null;
+  }
+
+  /** Submits the work and frees temporaries (the GPU keeps them alive until it is done). */
+  submit(): void {
+    this.endPass();
+    this.device.queue.submit([this.encoder.finish()]);
+    for (const b of this.temporaries) releaseBuffer(b);
+    this.temporaries.length = 0;
+  }
+
+  /** Drops temporaries without submitting (after an error while encoding). */
+  abandon(): void {
+    try {
+      this.pass?.end();
+    } catch { /* the encoder is being thrown away */ }
+    this.pass = null;
+    for (const b of this.temporaries) releaseBuffer(b);
+    this.temporaries.length = 0;
+  }
+}
+
+const tracked = new WeakSet<GPUBuffer>();
+
+function trackBuffer(b: GPUBuffer): void {
+  tracked.add(b);
+  gpuStats.liveBuffers++;
+  gpuStats.liveBytes += b.size;
+}
+
+/** Destroys a buffer wgattn created and updates {@link gpuStats}. */
+export function releaseBuffer(b: GPUBuffer): void {
+  if (tracked.has(b)) {
+    tracked.delete(b);
+    gpuStats.liveBuffers--;
+    gpuStats.liveBytes -= b.size;
+  }
+  b.destroy();
+}
+
+/** Forgets a buffer handed to the caller (it is theirs to destroy). */
+export function untrackBuffer(b: GPUBuffer): void {
+  if (tracked.has(b)) {
+    tracked.delete(b);
+    gpuStats.liveBuffers--;
+    gpuStats.liveBytes -= b.size;
+  }
+}
+
+/** Copies a GPU buffer to host memory (one host wait). */
+export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
+  const size = Math.ceil(bytes / 4) * 4;
+  const staging = device.createBuffer({ size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  try {
+    const enc = device.createCommandEncoder();
+    enc.copyBufferToBuffer(src, 0, staging, 0, size);
+    device.queue.submit([enc.finish()]);
+    await staging.mapAsync(GPUMapMode.READ);
+    return staging.getMappedRange().slice(0, bytes);
+  } finally {
+    staging.destroy();
+  }
+}

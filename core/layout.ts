@@ -1,0 +1,164 @@
+import { WgattnError } from "./errors.ts";
+
+/** The four logical axes of an attention operand. */
+export type Axis = "b" | "n" | "s" | "d";
+const AXES: readonly Axis[] = ["b", "n", "s", "d"];
+
+/** Sizes or element strides by logical axis. */
+export type AxisRecord = Record<Axis, number>;
+
+/** A parsed pattern: the memory-order list of groups, each one or more axes. */
+export type ParsedPattern = Axis[][];
+
+const patternCache = new Map<string, ParsedPattern>();
+
+/** Parses an einops-style pattern over `b n s d`, e.g. `"b s (n d)"`. */
+export function parsePattern(pattern: string, argument: string): ParsedPattern {
+  const cached = patternCache.get(pattern);
+  if (cached) return cached;
+  const fail = (why: string): never => {
+    throw new WgattnError("INVALID_PATTERN", `cannot parse ${argument}: ${why}`, {
+      argument,
+      expected: 'each of b, n, s, d once, space separated, at most one group such as "b s (n d)"',
+      actual: JSON.stringify(pattern),
+    });
+  };
+  if (typeof pattern !== "string") fail("not a string");
+  const groups: Axis[][] = [];
+  const tokens = pattern.trim().match(/\([^()]*\)|[^\s()]+|[()]/g) ?? [];
+  for (const token of tokens) {
+    if (token.startsWith("(")) {
+      if (!token.endsWith(")")) fail("unbalanced parenthesis");
+      const inner = token.slice(1, -1).trim().split(/\s+/).filter((t) => t.length > 0);
+      if (inner.length === 0) fail("empty group");
+      groups.push(inner.map((a) => asAxis(a, fail)));
+    } else if (token === ")" || token === "(") {
+      fail("unbalanced parenthesis");
+    } else {
+      groups.push([asAxis(token, fail)]);
+    }
+  }
+  const seen = groups.flat();
+  for (const axis of AXES) {
+    const count = seen.filter((a) => a === axis).length;
+    if (count !== 1) fail(count === 0 ? `axis ${axis} is missing` : `axis ${axis} appears ${count} times`);
+  }
+  if (groups.filter((g) => g.length > 1).length > 1) fail("more than one grouped axis");
+  patternCache.set(pattern, groups);
+  return groups;
+}
+
+function asAxis(token: string, fail: (why: string) => never): Axis {
+  if ((AXES as readonly string[]).includes(token)) return token as Axis;
+  return fail(`unknown axis "${token}"`);
+}
+
+/** A size known before a tensor is read, and where it came from (for the error message). */
+export interface KnownSize {
+  value: number;
+  /** `"dims"` for the caller's `dims` option, else the name of the tensor it came from. */
+  from: string;
+}
+
+/** A tensor's logical sizes and element strides, read from its pattern and shape. */
+export interface Layout {
+  sizes: AxisRecord;
+  strides: AxisRecord;
+}
+
+/**
+ * Reads the logical sizes and strides of a dense tensor of `shape` laid out by `pattern`.
+ * `known` sizes fill in a grouped axis and are checked against the rest.
+ */
+export function resolveLayout(
+  pattern: string,
+  shape: readonly number[],
+  known: Partial<Record<Axis, KnownSize>>,
+  argument: string,
+  patternArgument: string,
+): Layout {
+  const groups = parsePattern(pattern, patternArgument);
+  if (shape.length !== groups.length) {
+    throw new WgattnError(
+      "INVALID_SHAPE",
+      `${argument} has ${shape.length} axes but its pattern has ${groups.length}`,
+      { argument, expected: `${groups.length} axes for pattern "${pattern}"`, actual: `shape [${shape}]` },
+    );
+  }
+  const sizes: Partial<AxisRecord> = {};
+  const mismatch = (axis: Axis, k: KnownSize, actual: number): never => {
+    throw new WgattnError(
+      k.from === "dims" ? "INVALID_DIMS" : "SHAPE_MISMATCH",
+      k.from === "dims"
+        ? `options.dims.${axis} does not fit ${argument}`
+        : `${argument} axis ${axis} does not match ${k.from}`,
+      {
+        argument: k.from === "dims" ? `options.dims.${axis}` : argument,
+        expected: `${axis} = ${k.value} (from ${k.from})`,
+        actual: `${axis} = ${actual} in ${argument} of shape [${shape}] with pattern "${pattern}"`,
+      },
+    );
+  };
+  groups.forEach((group, i) => {
+    const extent = shape[i];
+    if (group.length === 1) {
+      const axis = group[0];
+      const k = known[axis];
+      if (k && k.value !== extent) mismatch(axis, k, extent);
+      sizes[axis] = extent;
+      return;
+    }
+    const unknown = group.filter((a) => !known[a]);
+    const knownProduct = group.filter((a) => known[a]).reduce((p, a) => p * known[a]!.value, 1);
+    if (unknown.length > 1) {
+      throw new WgattnError(
+        "INVALID_DIMS",
+        `the group (${group.join(" ")}) in ${patternArgument} needs the size of all but one of its axes`,
+        {
+          argument: "options.dims",
+          expected: `a size for one of ${unknown.join(", ")}`,
+          actual: "neither given",
+        },
+      );
+    }
+    if (unknown.length === 0) {
+      if (knownProduct !== extent) {
+        const k = known[group[0]]!;
+        mismatch(group[0], k, extent / (knownProduct / k.value));
+      }
+    } else if (knownProduct <= 0 || extent % knownProduct !== 0) {
+      const from = group.filter((a) => known[a]).map((a) => `${a} = ${known[a]!.value} (${known[a]!.from})`);
+      throw new WgattnError(
+        from.some((f) => f.endsWith("(dims)")) ? "INVALID_DIMS" : "SHAPE_MISMATCH",
+        `${argument}'s grouped axis (${group.join(" ")}) of size ${extent} is not divisible by ${
+          from.join(" * ")
+        }`,
+        { argument, expected: `a multiple of ${knownProduct}`, actual: `${extent}` },
+      );
+    }
+    for (const a of group) sizes[a] = known[a]?.value ?? extent / knownProduct;
+  });
+  for (const axis of AXES) {
+    const size = sizes[axis]!;
+    if (!Number.isInteger(size) || size < 1) {
+      throw new WgattnError("INVALID_SHAPE", `${argument} axis ${axis} must be a positive integer`, {
+        argument,
+        expected: "every size >= 1",
+        actual: `${axis} = ${size} (shape [${shape}])`,
+      });
+    }
+  }
+  // Dense row-major strides over the expanded axis order.
+  const strides: Partial<AxisRecord> = {};
+  let stride = 1;
+  for (const axis of groups.flat().reverse()) {
+    strides[axis] = stride;
+    stride *= sizes[axis]!;
+  }
+  return { sizes: sizes as AxisRecord, strides: strides as AxisRecord };
+}
+
+/** The dense shape of a tensor laid out by `pattern` with the given sizes. */
+export function shapeFor(pattern: string, sizes: AxisRecord, patternArgument: string): number[] {
+  return parsePattern(pattern, patternArgument).map((g) => g.reduce((p, a) => p * sizes[a], 1));
+}

@@ -1,0 +1,302 @@
+import { WgattnError } from "./errors.ts";
+import { type AxisRecord, type KnownSize, resolveLayout, shapeFor } from "./layout.ts";
+import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
+import type { AttentionOptions, DType, TensorInput } from "./types.ts";
+
+/** Element strides of a mask over [b, n, s_q, s_kv]; 0 where the mask broadcasts. */
+export interface MaskStrides {
+  b: number;
+  n: number;
+  i: number;
+  j: number;
+}
+
+/** A mask as kernels see it. */
+export interface MaskView {
+  operand: MaskOperand;
+  /** `bool`: nonzero attends; `additive`: added to the scaled score. */
+  kind: "bool" | "additive";
+  strides: MaskStrides;
+  /** True when the mask depends only on (batch, key): a key-padding mask. */
+  keyPadding: boolean;
+}
+
+/** One of q, k, v with its element strides by logical axis (n is its own head axis). */
+export interface OperandView {
+  operand: Operand;
+  strides: AxisRecord;
+}
+
+/**
+ * One validated attention call: sizes, operands with strides, and the resolved options.
+ * Backends read only this.
+ */
+export interface AttentionProblem {
+  b: number;
+  /** Query heads. */
+  n: number;
+  /** Key/value heads; divides n. */
+  nKv: number;
+  sQ: number;
+  sKv: number;
+  /** Head dim of q and k. */
+  d: number;
+  /** Head dim of v and the output. */
+  dV: number;
+  dtype: DType;
+  scale: number;
+  isCausal: boolean;
+  /**
+   * Keys j that query i may see satisfy `i + offset - left <= j <= i + offset + right`, where
+   * `offset = sKv - sQ` (bottom-right alignment). Infinity when a side is unbounded.
+   */
+  left: number;
+  right: number;
+  q: OperandView;
+  k: OperandView;
+  v: OperandView;
+  mask: MaskView | null;
+  out: { pattern: string; shape: number[]; strides: AxisRecord };
+  residency: "host" | "gpu";
+  compatibilityMode: boolean;
+}
+
+/** Diagonal offset used by causal and window masks. */
+export function diagonalOffset(p: AttentionProblem): number {
+  return p.sKv - p.sQ;
+}
+
+/** True when the call restricts keys by position (causal or window). */
+export function hasBand(p: AttentionProblem): boolean {
+  return Number.isFinite(p.left) || Number.isFinite(p.right);
+}
+
+/** Floating-point operations of one call (4·b·n·s_q·s_kv·d, halved for causal), as benchmarks count them. */
+export function flopCount(
+  p: { b: number; n: number; sQ: number; sKv: number; d: number; isCausal?: boolean },
+) {
+  return 4 * p.b * p.n * p.sQ * p.sKv * p.d * (p.isCausal ? 0.5 : 1);
+}
+
+const DEFAULT_PATTERN = "b n s d";
+
+/** Validates q, k, v and options into an {@link AttentionProblem}. Throws {@link WgattnError}. */
+export function resolveProblem(
+  qIn: TensorInput,
+  kIn: TensorInput,
+  vIn: TensorInput,
+  options: AttentionOptions = {},
+): AttentionProblem {
+  if (options === null || typeof options !== "object") {
+    throw new WgattnError("INVALID_OPTION", "options must be an object", {
+      argument: "options",
+      expected: "an object or undefined",
+      actual: String(options),
+    });
+  }
+  const q = toOperand(qIn, "q");
+  const k = toOperand(kIn, "k");
+  const v = toOperand(vIn, "v");
+  for (const [name, t] of [["k", k], ["v", v]] as const) {
+    if (t.dtype !== q.dtype) {
+      throw new WgattnError("DTYPE_MISMATCH", `${name} must have q's dtype`, {
+        argument: name,
+        expected: q.dtype,
+        actual: t.dtype,
+      });
+    }
+  }
+  const dims = options.dims ?? {};
+  for (const [key, value] of Object.entries(dims)) {
+    if (!["b", "n", "s", "d", "nKv"].includes(key)) {
+      throw new WgattnError("INVALID_DIMS", `options.dims has an unknown key`, {
+        argument: `options.dims.${key}`,
+        expected: "b, n, s, d or nKv",
+        actual: key,
+      });
+    }
+    if (value !== undefined && (!Number.isInteger(value) || value < 1)) {
+      throw new WgattnError("INVALID_DIMS", `options.dims.${key} must be a positive integer`, {
+        argument: `options.dims.${key}`,
+        expected: "an integer >= 1",
+        actual: String(value),
+      });
+    }
+  }
+  const fromDims = (value: number | undefined): KnownSize | undefined =>
+    value === undefined ? undefined : { value, from: "dims" };
+
+  const qPattern = options.qPattern ?? DEFAULT_PATTERN;
+  const kPattern = options.kPattern ?? DEFAULT_PATTERN;
+  const vPattern = options.vPattern ?? DEFAULT_PATTERN;
+  const outPattern = options.outPattern ?? DEFAULT_PATTERN;
+  const ql = resolveLayout(
+    qPattern,
+    q.shape,
+    {
+      b: fromDims(dims.b),
+      n: fromDims(dims.n),
+      s: fromDims(dims.s),
+      d: fromDims(dims.d),
+    },
+    "q",
+    "options.qPattern",
+  );
+  const kl = resolveLayout(
+    kPattern,
+    k.shape,
+    {
+      b: { value: ql.sizes.b, from: "q" },
+      d: { value: ql.sizes.d, from: "q" },
+      n: fromDims(dims.nKv),
+    },
+    "k",
+    "options.kPattern",
+  );
+  const vl = resolveLayout(
+    vPattern,
+    v.shape,
+    {
+      b: { value: ql.sizes.b, from: "q" },
+      n: { value: kl.sizes.n, from: "k" },
+      s: { value: kl.sizes.s, from: "k" },
+    },
+    "v",
+    "options.vPattern",
+  );
+
+  const n = ql.sizes.n, nKv = kl.sizes.n;
+  if (n % nKv !== 0) {
+    throw new WgattnError(
+      "HEAD_COUNT",
+      "k/v head count must divide q's head count (grouped-query attention)",
+      {
+        argument: "k",
+        expected: `a divisor of n = ${n}`,
+        actual: `n_kv = ${nKv}`,
+      },
+    );
+  }
+  const outSizes: AxisRecord = { b: ql.sizes.b, n, s: ql.sizes.s, d: vl.sizes.d };
+  const outShape = shapeFor(outPattern, outSizes, "options.outPattern");
+  const outLayout = resolveLayout(outPattern, outShape, {}, "output", "options.outPattern");
+
+  const d = ql.sizes.d;
+  const scale = options.scale ?? 1 / Math.sqrt(d);
+  if (typeof scale !== "number" || !Number.isFinite(scale)) {
+    throw new WgattnError("INVALID_OPTION", "options.scale must be a finite number", {
+      argument: "options.scale",
+      expected: "a finite number",
+      actual: String(scale),
+    });
+  }
+  let left = Infinity, right = Infinity;
+  if (options.windowSize !== undefined && options.windowSize !== null) {
+    const w = options.windowSize;
+    const pair = typeof w === "number" ? [w, w] : w;
+    const ok = Array.isArray(pair) && pair.length === 2 &&
+      pair.every((x) => Number.isInteger(x) && x >= 0 || x === Infinity || x === -1);
+    if (!ok) {
+      throw new WgattnError("INVALID_OPTION", "options.windowSize must be a non-negative integer or a pair", {
+        argument: "options.windowSize",
+        expected: "an integer >= 0, or [left, right] of integers >= 0 (-1 = unbounded)",
+        actual: JSON.stringify(w),
+      });
+    }
+    left = pair[0] === -1 ? Infinity : pair[0];
+    right = pair[1] === -1 ? Infinity : pair[1];
+  }
+  const isCausal = options.isCausal === true;
+  if (isCausal) right = Math.min(right, 0);
+  const sQ = ql.sizes.s, sKv = kl.sizes.s, b = ql.sizes.b;
+
+  if (options.attnMask !== undefined && options.keyPaddingMask !== undefined) {
+    throw new WgattnError("INVALID_MASK", "pass attnMask or keyPaddingMask, not both", {
+      argument: "options.keyPaddingMask",
+      expected: "one mask; fold key padding into attnMask of shape [b, 1, 1, s_kv]",
+      actual: "both given",
+    });
+  }
+  let mask: MaskView | null = null;
+  if (options.attnMask !== undefined && options.attnMask !== null) {
+    mask = broadcastMask(
+      toMaskOperand(options.attnMask, "options.attnMask"),
+      [b, n, sQ, sKv],
+      "options.attnMask",
+    );
+  } else if (options.keyPaddingMask !== undefined && options.keyPaddingMask !== null) {
+    const m = toMaskOperand(options.keyPaddingMask, "options.keyPaddingMask");
+    if (
+      m.dtype !== "bool" || m.shape.length !== 2 || (m.shape[0] !== b && m.shape[0] !== 1) ||
+      m.shape[1] !== sKv
+    ) {
+      throw new WgattnError("INVALID_MASK", "options.keyPaddingMask must be boolean [b, s_kv]", {
+        argument: "options.keyPaddingMask",
+        expected: `bool of shape [${b}, ${sKv}]`,
+        actual: `${m.dtype} of shape [${m.shape}]`,
+      });
+    }
+    mask = {
+      operand: m,
+      kind: "bool",
+      strides: { b: m.shape[0] === 1 ? 0 : sKv, n: 0, i: 0, j: 1 },
+      keyPadding: true,
+    };
+  }
+  if (options.backend !== undefined && typeof options.backend !== "string") {
+    throw new WgattnError("INVALID_OPTION", "options.backend must be a backend name", {
+      argument: "options.backend",
+      expected: "a string",
+      actual: typeof options.backend,
+    });
+  }
+  return {
+    b,
+    n,
+    nKv,
+    sQ,
+    sKv,
+    d,
+    dV: vl.sizes.d,
+    dtype: q.dtype,
+    scale,
+    isCausal,
+    left,
+    right,
+    q: { operand: q, strides: ql.strides },
+    k: { operand: k, strides: kl.strides },
+    v: { operand: v, strides: vl.strides },
+    mask,
+    out: { pattern: outPattern, shape: outShape, strides: outLayout.strides },
+    residency: q.residency,
+    compatibilityMode: options.compatibilityMode === true,
+  };
+}
+
+/** Broadcasts a mask to [b, n, s_q, s_kv] by numpy rules (aligned at the right). */
+function broadcastMask(m: MaskOperand, target: number[], argument: string): MaskView {
+  const shape = m.shape;
+  const fail = () => {
+    throw new WgattnError("INVALID_MASK", `${argument} does not broadcast to [b, n, s_q, s_kv]`, {
+      argument,
+      expected: `a shape broadcastable to [${target}] (each axis equal or 1, at most 4 axes)`,
+      actual: `[${shape}]`,
+    });
+  };
+  if (shape.length > 4) fail();
+  const full = [...Array(4 - shape.length).fill(1), ...shape];
+  const strides = [0, 0, 0, 0];
+  let stride = 1;
+  for (let axis = 3; axis >= 0; axis--) {
+    if (full[axis] !== target[axis] && full[axis] !== 1) fail();
+    strides[axis] = full[axis] === 1 ? 0 : stride;
+    stride *= full[axis];
+  }
+  const view: MaskStrides = { b: strides[0], n: strides[1], i: strides[2], j: strides[3] };
+  return {
+    operand: m,
+    kind: m.dtype === "bool" ? "bool" : "additive",
+    strides: view,
+    keyPadding: m.dtype === "bool" && view.n === 0 && view.i === 0,
+  };
+}

@@ -1,0 +1,112 @@
+/** Element types wgattn computes with. bf16 travels as the upper 16 bits of an f32 in a `Uint16Array`. */
+export type DType = "f32" | "f16" | "bf16";
+
+/** The typed arrays a host tensor may hold: f32, f16, or bf16 bits (with `dtype: "bf16"`). */
+export type HostData = Float32Array | Float16Array | Uint16Array;
+
+/** A tensor in host memory. `dtype` defaults from the array type (`Uint16Array` needs `"bf16"`). */
+export interface HostTensor {
+  /** Elements in row-major order of `shape`. */
+  data: HostData;
+  /** Sizes of each axis, outermost first. */
+  shape: readonly number[];
+  /** Element type; inferred from `data` when left out. */
+  dtype?: DType;
+}
+
+/** A tensor as ONNX Runtime Web hands them out: `{ data, dims, type }`. */
+export interface OrtTensorLike {
+  /** Elements in row-major order of `dims`. */
+  data: HostData;
+  /** Sizes of each axis, outermost first. */
+  dims: readonly number[];
+  /** ONNX element type. */
+  type: "float32" | "float16" | "bfloat16";
+}
+
+/** A tensor that lives in a `GPUBuffer` of the device wgattn uses; dense, row-major in `shape`. */
+export interface GpuTensor {
+  /** Needs `STORAGE` usage; `COPY_SRC` too if you want to read it back. */
+  buffer: GPUBuffer;
+  /** Sizes of each axis, outermost first. */
+  shape: readonly number[];
+  /** Element type of the buffer's contents. */
+  dtype: DType;
+}
+
+/** Any tensor `attentionForward` accepts. */
+export type TensorInput = HostTensor | OrtTensorLike | GpuTensor;
+
+/** Mask element types: `bool` (one byte per element, nonzero = attend) or an additive float. */
+export type MaskDType = "bool" | "f32" | "f16";
+
+/** A host mask: `Uint8Array` (or `dtype: "bool"`) is boolean, float arrays are added to the scores. */
+export interface HostMask {
+  /** Boolean bytes (nonzero = attend), or additive f32 / f16 values (`-Infinity` masks a key). */
+  data: Uint8Array | Float32Array | Float16Array;
+  /** Broadcastable to `[b, n, s_q, s_kv]` (numpy rules, aligned at the right). */
+  shape: readonly number[];
+  /** Inferred from `data` when left out. */
+  dtype?: MaskDType;
+}
+
+/** A mask in a `GPUBuffer`: bool is one byte per element, additive is f32. */
+export interface GpuMask {
+  /** Needs `STORAGE` usage. */
+  buffer: GPUBuffer;
+  /** Broadcastable to `[b, n, s_q, s_kv]`. */
+  shape: readonly number[];
+  /** `bool` bytes or additive `f32`. */
+  dtype: "bool" | "f32";
+}
+
+/** A mask as ONNX Runtime Web hands them out. */
+export interface OrtMaskLike {
+  /** Elements. */
+  data: Uint8Array | Float32Array | Float16Array;
+  /** Sizes. */
+  dims: readonly number[];
+  /** ONNX element type. */
+  type: "bool" | "float32" | "float16";
+}
+
+/** Any mask `attentionForward` accepts. */
+export type MaskInput = HostMask | GpuMask | OrtMaskLike;
+
+/**
+ * Options of {@link attentionForward}, named after DiffSynth's `attention_forward`.
+ */
+export interface AttentionOptions {
+  /** Axis order of q, einops style over `b n s d` with at most one group: `"b s (n d)"`. Default `"b n s d"`. */
+  qPattern?: string;
+  /** Axis order of k. Default `"b n s d"`. */
+  kPattern?: string;
+  /** Axis order of v. Default `"b n s d"`. */
+  vPattern?: string;
+  /** Axis order of the output. Default `"b n s d"`. */
+  outPattern?: string;
+  /** Sizes for grouped axes, e.g. `{ n: 24 }` for `"b s (n d)"`; `nKv` for k/v heads when they differ. */
+  dims?: { b?: number; n?: number; s?: number; d?: number; nKv?: number };
+  /** Multiplies q·k. Default `1 / sqrt(d)`. */
+  scale?: number;
+  /** Query i sees key j only if j <= i + (s_kv - s_q): aligned bottom-right, as FlashAttention >= 2.1. */
+  isCausal?: boolean;
+  /**
+   * Sliding window: query i sees key j only if |i + (s_kv - s_q) - j| <= w. A pair `[left, right]`
+   * bounds each side separately. With `isCausal` the right side is 0.
+   */
+  windowSize?: number | readonly [number, number];
+  /** Boolean (true = attend) or additive mask, broadcastable to `[b, n, s_q, s_kv]`. */
+  attnMask?: MaskInput;
+  /** Boolean `[b, s_kv]`, true = a real key; for batches of unequal lengths. */
+  keyPaddingMask?: MaskInput;
+  /** Force the plain three-pass path, as DiffSynth's `compatibility_mode`. */
+  compatibilityMode?: boolean;
+  /** Pick a backend for this call (strict: an error if it cannot serve the call). */
+  backend?: string;
+  /** The `GPUDevice` to run on; by default wgattn acquires one (see {@link setDevice}). */
+  device?: GPUDevice;
+}
+
+/** Output of {@link attentionForward}: a host tensor for host q, a GPU tensor for GPU q. */
+export type AttentionOutput<Q extends TensorInput> = Q extends GpuTensor ? GpuTensor : HostTensor;

@@ -1,0 +1,46 @@
+/**
+ * wgattn: scaled-dot-product attention on WebGPU compute kernels, routed to the fastest kernel the
+ * GPU can run. The Deno/WebGPU counterpart of DiffSynth-Studio's `attention_forward`.
+ *
+ * @example
+ * ```ts
+ * import { attentionForward } from "jsr:@wgattn/attention";
+ * const shape = [1, 8, 128, 64];
+ * const rand = () => Float32Array.from({ length: 8 * 128 * 64 }, () => Math.random() - 0.5);
+ * const out = await attentionForward({ data: rand(), shape }, { data: rand(), shape }, { data: rand(), shape });
+ * console.log(out.shape);
+ * ```
+ *
+ * @module
+ */
+export {
+  attentionForward,
+  type AttentionWithLse,
+  attentionWithLse,
+  availableBackends,
+  type BackendInfo,
+  type DeviceInfo,
+  deviceInfo,
+  explain,
+  type Explanation,
+  getDevice,
+  IMPLEMENTATION_VARIABLE,
+  setDevice,
+} from "./core/api.ts";
+export type { ChainEntry, DecisionSource } from "./core/router.ts";
+export { WgattnError, type WgattnErrorCode, type WgattnErrorDetails } from "./core/errors.ts";
+export type {
+  AttentionOptions,
+  AttentionOutput,
+  DType,
+  GpuMask,
+  GpuTensor,
+  HostData,
+  HostMask,
+  HostTensor,
+  MaskDType,
+  MaskInput,
+  OrtMaskLike,
+  OrtTensorLike,
+  TensorInput,
+} from "./core/types.ts";
