@@ -23,7 +23,7 @@ export function readImplementationVariable(): string | undefined {
   }
 }
 
-async function runtimeOf(options: AttentionOptions | undefined): Promise<GpuRuntime | null> {
+function runtimeOf(options: AttentionOptions | undefined): Promise<GpuRuntime | null> {
   if (options?.device) return runtimeFor(options.device);
   return defaultRuntime();
 }

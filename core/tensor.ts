@@ -1,5 +1,5 @@
 import { WgattnError } from "./errors.ts";
-import type { DType, GpuMask, GpuTensor, HostData, MaskInput, TensorInput } from "./types.ts";
+import type { DType, GpuMask, HostData, MaskInput, TensorInput } from "./types.ts";
 
 /** Bytes per element of each dtype. */
 export const DTYPE_BYTES: Record<DType, number> = { f32: 4, f16: 2, bf16: 2 };
