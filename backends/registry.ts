@@ -1,9 +1,11 @@
 /** Every backend, in the router's priority order (fastest first; `cpu` last, always able). */
 import type { Backend } from "./backend.ts";
 import { cpuBackend } from "./cpu.ts";
+import { flashBackend } from "./flash.ts";
 import { naiveBackend } from "./naive.ts";
 
 export const BACKENDS: readonly Backend[] = [
+  flashBackend,
   naiveBackend,
   cpuBackend,
 ];

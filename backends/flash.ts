@@ -1,0 +1,144 @@
+/**
+ * `flash`: fused FlashAttention-2 (online softmax, tiles in workgroup memory, no score matrix in
+ * memory). Serves any s_q/s_kv, head dims up to 256 (multiples of 4), GQA, causal and window
+ * (tiles outside the band skipped), key-padding masks and every layout whose head dim is
+ * contiguous. Other masks fall back to `naive`.
+ */
+import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
+import type { Capabilities } from "../core/device.ts";
+import type { GpuCall } from "../core/gpu.ts";
+import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type FlashConfig, flashConfigProblems, flashKernel } from "../wgsl/flash.ts";
+
+/** Tile shapes tried in order; the first valid for the device and head dim wins. */
+const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
+  { br: 64, bc: 64, rt: 16, ct: 8 }, // 128 threads, 4x8 scores and 4x(d/8) outputs per thread
+  { br: 32, bc: 64, rt: 8, ct: 16 }, // for d up to 256 on 48 KiB of workgroup memory
+  { br: 32, bc: 32, rt: 8, ct: 8 }, // small devices (16 KiB, e.g. software adapters)
+  { br: 16, bc: 32, rt: 4, ct: 8 },
+  { br: 16, bc: 16, rt: 4, ct: 4 },
+];
+
+/** Test and benchmark hook: force tile parameters (merged over the chosen config). */
+export const flashTuning: { override: Partial<FlashConfig> | null } = { override: null };
+
+/** The flash config for a call on a device, or the reason there is none. */
+export function chooseFlashConfig(
+  p: AttentionProblem,
+  caps: Capabilities,
+  subgroups: boolean,
+  lse: boolean,
+): FlashConfig | string {
+  const limits = {
+    storage: caps.limits.maxComputeWorkgroupStorageSize,
+    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
+  };
+  const dk = [32, 16, 8, 4].find((x) => p.d % x === 0) ?? 4;
+  const base = {
+    dtype: p.dtype,
+    f16: caps.shaderF16,
+    d: p.d,
+    dk,
+    band: hasBand(p),
+    keyPadding: p.mask !== null,
+    lse,
+    subgroups: subgroups ? caps.subgroupDirective : false,
+  } as const;
+  let last = "no tiling fits";
+  for (const tiling of TILINGS) {
+    if (subgroups && (caps.subgroupMinSize === 0 || tiling.ct > caps.subgroupMinSize)) continue;
+    // Head dims past 128 need the wider thread grid to keep outputs in registers.
+    if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
+    for (const vc of [32, 16, 8, 4]) {
+      if (vc > tiling.bc) continue;
+      const c: FlashConfig = { ...base, ...tiling, vc, ...(flashTuning.override ?? {}) };
+      const problems = flashConfigProblems(c, limits);
+      if (problems.length === 0) return c;
+      last = problems.join("; ");
+    }
+  }
+  return `no tile configuration fits this device (${last})`;
+}
+
+function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {
+  return s.d === 1 && s.b % 4 === 0 && s.n % 4 === 0 && s.s % 4 === 0;
+}
+
+/** Reasons shared by `flash` and `flash-subgroup`. */
+export function flashUnsupportedReasons(
+  p: AttentionProblem,
+  caps: Capabilities | null,
+  subgroups: boolean,
+): string[] {
+  const reasons = gpuBaseReasons(p, caps);
+  if (!caps) return reasons;
+  if (p.d !== p.dV) reasons.push(`v's head dim (${p.dV}) differs from q's (${p.d})`);
+  if (p.d % 4 !== 0 || p.d > 256) reasons.push(`head dim ${p.d} is not a multiple of 4 up to 256`);
+  if (p.mask && !p.mask.keyPadding) {
+    reasons.push("only key-padding masks (bool [b, s_kv]) are fused; other masks need naive");
+  }
+  if (![p.q.strides, p.k.strides, p.v.strides, p.out.strides].every(stridesOk)) {
+    reasons.push("a layout whose head dim is not contiguous (or not 4-aligned)");
+  }
+  if (subgroups && !caps.subgroups) reasons.push("the device has no subgroup operations");
+  if (reasons.length === 0) {
+    const c = chooseFlashConfig(p, caps, subgroups, false);
+    if (typeof c === "string") reasons.push(c);
+  }
+  return reasons;
+}
+
+/** Records the flash dispatch (shared by `flash` and `flash-subgroup`). */
+export async function encodeFlash(
+  p: AttentionProblem,
+  io: GpuIO,
+  call: GpuCall,
+  subgroups: boolean,
+): Promise<void> {
+  const c = chooseFlashConfig(p, call.rt.caps, subgroups, io.lse !== null);
+  if (typeof c === "string") throw new Error(c);
+  const kernel = flashKernel(c);
+  const pipeline = await call.pipeline(kernel);
+  const blocks = Math.ceil(p.sQ / c.br);
+  const v4 = (x: number) => x / 4;
+  const ms = p.mask?.strides ?? { b: 0, j: 0 };
+  const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, o: io.out };
+  if (io.mask) buffers.mask = io.mask;
+  if (io.lse) buffers.lse = io.lse;
+  call.dispatch(pipeline, kernel, buffers, {
+    n: p.n,
+    group: p.n / p.nKv,
+    s_q: p.sQ,
+    s_kv: p.sKv,
+    blocks,
+    scale_log2: p.scale * Math.LOG2E,
+    offset: diagonalOffset(p),
+    left: p.left,
+    right: p.right,
+    q_sb: v4(p.q.strides.b),
+    q_sh: v4(p.q.strides.n),
+    q_ss: v4(p.q.strides.s),
+    k_sb: v4(p.k.strides.b),
+    k_sh: v4(p.k.strides.n),
+    k_ss: v4(p.k.strides.s),
+    v_sb: v4(p.v.strides.b),
+    v_sh: v4(p.v.strides.n),
+    v_ss: v4(p.v.strides.s),
+    o_sb: v4(p.out.strides.b),
+    o_sh: v4(p.out.strides.n),
+    o_ss: v4(p.out.strides.s),
+    m_sb: ms.b,
+    m_sj: ms.j,
+  }, p.b * p.n * blocks);
+}
+
+/** The fused FlashAttention-2 backend. */
+export const flashBackend: GpuBackend = {
+  kind: "gpu",
+  name: "flash",
+  aliases: ["flash_attention_2", "flash_attention_3", "flash_attention", "fa2"],
+  summary: "fused FlashAttention-2 in generated WGSL (online softmax, tiles in workgroup memory)",
+  producesLse: true,
+  unsupportedReasons: (p, caps) => flashUnsupportedReasons(p, caps, false),
+  encode: (p, io, call) => encodeFlash(p, io, call, false),
+};

@@ -1,0 +1,404 @@
+/**
+ * The `flash` kernel generator: FlashAttention-2 in straight-line WGSL.
+ *
+ * One workgroup computes `br` query rows of one (batch, head). It walks the key/value sequence in
+ * tiles of `bc` keys, keeping a running row max `m`, row sum `l` and the output rows `o` in
+ * registers (online softmax); the score matrix never reaches memory.
+ *
+ * Threads form an `rt` x `ct` grid. Thread (ty, tx) owns query rows `ty + rt*i` (i < TM = br/rt),
+ * score columns `tx + ct*j` (j < TN = bc/ct; interleaved so reads of K rows do not collide in
+ * shared-memory banks) and output columns `4*(tx + ct*g) .. +3` (g < TD/4, TD = dPad/ct).
+ *
+ * Per key tile:
+ *   S = Q K^T, with Q and K staged through workgroup memory `dk` head-dim columns at a time;
+ *   row max across the ct threads of a row (workgroup memory, or subgroup shuffles);
+ *   P = exp2(S - m) written to workgroup memory; O = O * alpha + P V, V staged `vc` keys at a time.
+ * Every inner loop is unrolled by this generator (Naga does not unroll) with accumulators as
+ * named variables; loads along d are vec4.
+ */
+import type { DType } from "../core/types.ts";
+import { BF16_PACK, type Kernel, uniformBlock, type UniformType } from "./common.ts";
+
+/** Everything that changes the flash kernel's text. */
+export interface FlashConfig {
+  dtype: DType;
+  /** f16 tensors use `array<vec4<f16>>` (shader-f16); otherwise 16-bit values travel in u32 words. */
+  f16: boolean;
+  /** Head dim of q, k and v (a multiple of 4). */
+  d: number;
+  /** Query rows per workgroup. */
+  br: number;
+  /** Keys per tile. */
+  bc: number;
+  /** Thread grid: rt rows x ct columns. */
+  rt: number;
+  ct: number;
+  /** Head-dim columns of Q and K staged at once (divides d, multiple of 4). */
+  dk: number;
+  /** V rows staged at once (divides bc, multiple of 4). */
+  vc: number;
+  /** Causal or window limits apply. */
+  band: boolean;
+  /** A key-padding mask (bool bytes, [b, s_kv] with strides) applies. */
+  keyPadding: boolean;
+  lse: boolean;
+  /** Row max by subgroup shuffles (needs ct <= subgroup size); "" or the directive WGSL needs. */
+  subgroups: false | "" | "enable subgroups;\n";
+}
+
+/** Derived sizes of a config. */
+export function flashShape(c: FlashConfig) {
+  const tm = c.br / c.rt, tn = c.bc / c.ct;
+  const dPad = Math.ceil(c.d / (4 * c.ct)) * 4 * c.ct;
+  const td = dPad / c.ct;
+  const threads = c.rt * c.ct;
+  const qStride = c.dk / 4 + 1; // vec4s per staged Q/K row, padded by one against bank conflicts
+  const pStride = c.bc / 4 + 1;
+  const kvVec4 = Math.max(c.bc * qStride, c.vc * (dPad / 4));
+  const sharedBytes = 16 * (c.br * qStride + kvVec4 + c.br * pStride) +
+    (c.subgroups === false ? 4 * c.br * c.ct : 0);
+  return { tm, tn, dPad, td, threads, qStride, pStride, kvVec4, sharedBytes };
+}
+
+/** Why a config is not valid for a device with these limits (empty when valid). */
+export function flashConfigProblems(
+  c: FlashConfig,
+  limits: { storage: number; invocations: number },
+): string[] {
+  const s = flashShape(c);
+  const problems: string[] = [];
+  if (!Number.isInteger(s.tm) || !Number.isInteger(s.tn)) {
+    problems.push("tile sizes must divide by the thread grid");
+  }
+  if (c.d % 4 !== 0 || c.d % c.dk !== 0 || c.dk % 4 !== 0) {
+    problems.push("dk must divide d, both multiples of 4");
+  }
+  if (c.bc % c.vc !== 0 || c.vc % 4 !== 0 || c.bc % 4 !== 0) {
+    problems.push("vc must divide bc, both multiples of 4");
+  }
+  if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
+  if (s.sharedBytes > limits.storage) {
+    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
+  }
+  return problems;
+}
+
+/** Uniform fields of the flash kernel. */
+const UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["n", "u32"],
+  ["group", "u32"],
+  ["s_q", "u32"],
+  ["s_kv", "u32"],
+  ["blocks", "u32"],
+  ["scale_log2", "f32"],
+  ["offset", "i32"],
+  ["left", "i32"],
+  ["right", "i32"],
+  // Strides of q, k, v and out in vec4 units (b, head, s); d is contiguous.
+  ["q_sb", "u32"],
+  ["q_sh", "u32"],
+  ["q_ss", "u32"],
+  ["k_sb", "u32"],
+  ["k_sh", "u32"],
+  ["k_ss", "u32"],
+  ["v_sb", "u32"],
+  ["v_sh", "u32"],
+  ["v_ss", "u32"],
+  ["o_sb", "u32"],
+  ["o_sh", "u32"],
+  ["o_ss", "u32"],
+  // Key-padding mask strides in bytes (b, key).
+  ["m_sb", "u32"],
+  ["m_sj", "u32"],
+];
+
+function vecElement(c: FlashConfig): string {
+  if (c.dtype === "f32") return "vec4<f32>";
+  if (c.dtype === "f16" && c.f16) return "vec4<f16>";
+  return "vec2<u32>";
+}
+
+function loadVec(c: FlashConfig, name: string, index: string): string {
+  if (c.dtype === "f32") return `${name}[${index}]`;
+  if (c.dtype === "f16" && c.f16) return `vec4<f32>(${name}[${index}])`;
+  if (c.dtype === "f16") return `unpack_f16x4(${name}[${index}])`;
+  return `unpack_bf16x4(${name}[${index}])`;
+}
+
+function storeVec(c: FlashConfig, value: string): string {
+  if (c.dtype === "f32") return value;
+  if (c.dtype === "f16" && c.f16) return `vec4<f16>(${value})`;
+  if (c.dtype === "f16") return `vec2<u32>(pack2x16float(${value}.xy), pack2x16float(${value}.zw))`;
+  return `vec2<u32>(pack_bf16(${value}.x, ${value}.y), pack_bf16(${value}.z, ${value}.w))`;
+}
+
+const UNPACK = `fn unpack_f16x4(w: vec2<u32>) -> vec4<f32> {
+  return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+fn unpack_bf16x4(w: vec2<u32>) -> vec4<f32> {
+  return vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u),
+                   bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u));
+}
+`;
+
+/** A stable cache key for a config. */
+export function flashKey(c: FlashConfig): string {
+  return `flash:${c.dtype}:${c.f16}:d${c.d}:${c.br}x${c.bc}:${c.rt}x${c.ct}:dk${c.dk}:vc${c.vc}:` +
+    `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}`;
+}
+
+/** Generates the flash kernel for `c`. */
+export function flashKernel(c: FlashConfig): Kernel {
+  const s = flashShape(c);
+  const { tm, tn, td, threads, qStride, pStride } = s;
+  const d4 = c.d / 4, dPad4 = s.dPad / 4, dk4 = c.dk / 4;
+  const L: string[] = [];
+  const emit = (line: string) => L.push(line);
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+
+  if (c.subgroups !== false) emit(c.subgroups);
+  if (c.dtype === "f16" && c.f16) emit("enable f16;");
+  emit(uniformBlock(UNIFORMS));
+  const el = vecElement(c);
+  emit(`@group(0) @binding(1) var<storage, read> q: array<${el}>;`);
+  emit(`@group(0) @binding(2) var<storage, read> k: array<${el}>;`);
+  emit(`@group(0) @binding(3) var<storage, read> v: array<${el}>;`);
+  emit(`@group(0) @binding(4) var<storage, read_write> o: array<${el}>;`);
+  const bindings = ["q", "k", "v", "o"];
+  if (c.keyPadding) {
+    emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> mask: array<u32>;`);
+    bindings.push("mask");
+  }
+  if (c.lse) {
+    emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read_write> lse: array<f32>;`);
+    bindings.push("lse");
+  }
+  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
+  if (c.dtype === "bf16") emit(BF16_PACK);
+  emit(`var<workgroup> qs: array<vec4<f32>, ${c.br * qStride}>;`);
+  emit(`var<workgroup> kvs: array<vec4<f32>, ${s.kvVec4}>;`);
+  emit(`var<workgroup> ps: array<vec4<f32>, ${c.br * pStride}>;`);
+  if (c.subgroups === false) emit(`var<workgroup> red: array<f32, ${c.br * c.ct}>;`);
+  emit(`const NEG: f32 = -3.0e38;`);
+  emit(`const LN2: f32 = 0.6931471805599453;`);
+
+  const sgBuiltin = "";
+  emit(`@compute @workgroup_size(${threads})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32${sgBuiltin}) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.blocks;
+  // Heaviest query blocks first under a causal band (bottom-right aligned: the last rows see most keys).
+  let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
+  let h = bh % P.n;
+  let b = bh / P.n;
+  let hk = h / P.group;
+  let q0 = blk * ${c.br}u;
+  let tx = lid % ${c.ct}u;
+  let ty = lid / ${c.ct}u;
+  let q_base = b * P.q_sb + h * P.q_sh;
+  let k_base = b * P.k_sb + hk * P.k_sh;
+  let v_base = b * P.v_sb + hk * P.v_sh;
+  let rows_here = min(P.s_q - q0, ${c.br}u);`);
+
+  // Key range this block can see.
+  emit(`  var j_lo = 0i;
+  var j_hi = i32(P.s_kv);`);
+  if (c.band) {
+    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
+  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+  }
+  emit(`  let t_lo = u32(max(j_lo, 0i)) / ${c.bc}u;
+  let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${c.bc - 1}u) / ${c.bc}u, j_hi > j_lo);`);
+
+  for (const i of range(tm)) {
+    emit(`  var m${i} = NEG;`);
+    emit(`  var l${i} = 0.0;`);
+    for (const g of range(td / 4)) emit(`  var o${i}_${g} = vec4<f32>(0.0);`);
+  }
+  const qLoads = (c.br * dk4) / threads;
+  const kLoads = (c.bc * dk4) / threads;
+  const vLoads = (c.vc * dPad4) / threads;
+
+  emit(`  for (var t = t_lo; t < t_hi; t++) {
+    let kv0 = t * ${c.bc}u;`);
+  for (const i of range(tm)) for (const j of range(tn)) emit(`    var s${i}_${j} = 0.0;`);
+
+  // ---- S = Q K^T, dk columns at a time ----
+  emit(`    for (var k0 = 0u; k0 < ${d4}u; k0 += ${dk4}u) {`);
+  const stage = (count: number, rowsTotal: number, base: string, name: string, ss: string, limit: string) => {
+    for (let u = 0; u < Math.ceil(count); u++) {
+      const e = `(lid + ${u * threads}u)`;
+      const guard = (u + 1) * threads > rowsTotal * dk4 ? `if ${e} < ${rowsTotal * dk4}u ` : "";
+      emit(`      ${guard}{
+        let e = ${e};
+        let r = e / ${dk4}u;
+        let c4 = e % ${dk4}u;
+        var x = vec4<f32>(0.0);
+        if (r < ${limit}) { x = ${loadVec(c, name, `${base} + r * P.${ss} + k0 + c4`)}; }
+        ${name === "q" ? "qs" : "kvs"}[r * ${qStride}u + c4] = x;
+      }`);
+    }
+  };
+  stage(qLoads, c.br, "q_base + q0 * P.q_ss", "q", "q_ss", "rows_here");
+  stage(kLoads, c.bc, "k_base + kv0 * P.k_ss", "k", "k_ss", "P.s_kv - kv0");
+  emit(`      workgroupBarrier();`);
+  for (const kk of range(dk4)) {
+    for (const i of range(tm)) {
+      emit(`      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + ${kk}u];`);
+    }
+    for (const j of range(tn)) {
+      emit(`      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${qStride}u + ${kk}u];`);
+      for (const i of range(tm)) emit(`      s${i}_${j} += dot(qv${i}_${kk}, kv${j}_${kk});`);
+    }
+  }
+  emit(`      workgroupBarrier();
+    }`);
+
+  // ---- scale, mask, row max ----
+  const masked = c.band || c.keyPadding;
+  emit(
+    `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
+      c.band
+        ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+          c.bc - 1
+        }i - (i32(q0) + P.offset) <= P.right`
+        : ""
+    }${c.keyPadding ? " && false" : ""};`,
+  );
+  for (const i of range(tm)) for (const j of range(tn)) emit(`    s${i}_${j} *= P.scale_log2;`);
+  emit(`    if (!full_tile) {`);
+  for (const j of range(tn)) {
+    emit(`      let col${j} = kv0 + tx + ${c.ct * j}u;`);
+    let ok = `col${j} < P.s_kv`;
+    if (c.keyPadding) {
+      emit(`      let mi${j} = b * P.m_sb + min(col${j}, P.s_kv - 1u) * P.m_sj;`);
+      ok += ` && ((mask[mi${j} >> 2u] >> ((mi${j} & 3u) * 8u)) & 0xffu) != 0u`;
+    }
+    emit(`      let cok${j} = ${ok};`);
+  }
+  for (const i of range(tm)) {
+    emit(`      let row${i} = i32(q0 + ty + ${c.rt * i}u) + P.offset;`);
+    for (const j of range(tn)) {
+      const band = c.band ? ` && i32(col${j}) - row${i} >= -P.left && i32(col${j}) - row${i} <= P.right` : "";
+      emit(`      s${i}_${j} = select(NEG, s${i}_${j}, cok${j}${band});`);
+    }
+  }
+  emit(`    }`);
+  for (const i of range(tm)) {
+    const terms = range(tn).map((j) => `s${i}_${j}`);
+    let expr = terms[0];
+    for (const t of terms.slice(1)) expr = `max(${expr}, ${t})`;
+    emit(`    var mt${i} = ${expr};`);
+  }
+  if (c.subgroups === false) {
+    for (const i of range(tm)) emit(`    red[(ty + ${c.rt * i}u) * ${c.ct}u + tx] = mt${i};`);
+    emit(`    workgroupBarrier();`);
+    for (const i of range(tm)) {
+      const terms = range(c.ct).map((x) => `red[(ty + ${c.rt * i}u) * ${c.ct}u + ${x}u]`);
+      let expr = terms[0];
+      for (const t of terms.slice(1)) expr = `max(${expr}, ${t})`;
+      emit(`    mt${i} = ${expr};`);
+    }
+  } else {
+    for (let w = c.ct / 2; w >= 1; w /= 2) {
+      for (const i of range(tm)) emit(`    mt${i} = max(mt${i}, subgroupShuffleXor(mt${i}, ${w}u));`);
+    }
+  }
+  // ---- online softmax update, P to workgroup memory ----
+  for (const i of range(tm)) {
+    emit(`    let mn${i} = max(m${i}, mt${i});
+    let alpha${i} = exp2(m${i} - mn${i});
+    m${i} = mn${i};`);
+    const pRow = `(ty + ${c.rt * i}u) * ${pStride}u`;
+    const sums: string[] = [];
+    for (const j of range(tn)) {
+      const p = masked
+        ? `select(0.0, exp2(s${i}_${j} - mn${i}), s${i}_${j} > -1.0e38)`
+        : `exp2(s${i}_${j} - mn${i})`;
+      emit(`    let p${i}_${j} = ${p};`);
+      emit(`    ps[${pRow} + ((tx + ${c.ct * j}u) >> 2u)][(tx + ${c.ct * j}u) & 3u] = p${i}_${j};`);
+      sums.push(`p${i}_${j}`);
+    }
+    emit(`    l${i} = l${i} * alpha${i} + ${sums.join(" + ")};`);
+    for (const g of range(td / 4)) emit(`    o${i}_${g} *= alpha${i};`);
+  }
+
+  // ---- O += P V, vc keys at a time ----
+  emit(`    for (var j0 = 0u; j0 < ${c.bc}u; j0 += ${c.vc}u) {`);
+  for (let u = 0; u < Math.ceil(vLoads); u++) {
+    const e = `(lid + ${u * threads}u)`;
+    const guard = (u + 1) * threads > c.vc * dPad4 ? `if ${e} < ${c.vc * dPad4}u ` : "";
+    const colOk = s.dPad > c.d ? ` && c4 < ${d4}u` : "";
+    emit(`      ${guard}{
+        let e = ${e};
+        let r = e / ${dPad4}u;
+        let c4 = e % ${dPad4}u;
+        var x = vec4<f32>(0.0);
+        if (kv0 + j0 + r < P.s_kv${colOk}) { x = ${
+      loadVec(c, "v", `v_base + (kv0 + j0 + r) * P.v_ss + c4`)
+    }; }
+        kvs[e] = x;
+      }`);
+  }
+  emit(`      workgroupBarrier();`);
+  for (const jj of range(c.vc / 4)) {
+    for (const i of range(tm)) {
+      emit(`      let pv${i}_${jj} = ps[(ty + ${c.rt * i}u) * ${pStride}u + (j0 >> 2u) + ${jj}u];`);
+    }
+    for (const e of range(4)) {
+      const comp = "xyzw"[e];
+      for (const g of range(td / 4)) {
+        emit(`      let vv${g}_${jj}_${e} = kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u];`);
+        for (const i of range(tm)) emit(`      o${i}_${g} += pv${i}_${jj}.${comp} * vv${g}_${jj}_${e};`);
+      }
+    }
+  }
+  emit(`      workgroupBarrier();
+    }
+  }`);
+
+  // ---- finish: row sums across the row's threads, normalise, store ----
+  if (c.subgroups === false) {
+    for (const i of range(tm)) emit(`  red[(ty + ${c.rt * i}u) * ${c.ct}u + tx] = l${i};`);
+    emit(`  workgroupBarrier();`);
+    for (const i of range(tm)) {
+      const terms = range(c.ct).map((x) => `red[(ty + ${c.rt * i}u) * ${c.ct}u + ${x}u]`);
+      emit(`  let lt${i} = ${terms.join(" + ")};`);
+    }
+  } else {
+    for (const i of range(tm)) emit(`  var lt${i} = l${i};`);
+    for (let w = c.ct / 2; w >= 1; w /= 2) {
+      for (const i of range(tm)) emit(`  lt${i} += subgroupShuffleXor(lt${i}, ${w}u);`);
+    }
+  }
+  for (const i of range(tm)) {
+    emit(`  {
+    let r = q0 + ty + ${c.rt * i}u;
+    if (r < P.s_q) {
+      let inv = select(0.0, 1.0 / lt${i}, lt${i} > 0.0);
+      let ob = b * P.o_sb + h * P.o_sh + r * P.o_ss;`);
+    for (const g of range(td / 4)) {
+      const col = `tx + ${c.ct * g}u`;
+      const guard = s.dPad > c.d ? `if (${col} < ${d4}u) ` : "";
+      emit(`      ${guard}{ o[ob + ${col}] = ${storeVec(c, `(o${i}_${g} * inv)`)}; }`);
+    }
+    if (c.lse) {
+      emit(`      if (tx == 0u) {
+        lse[(b * P.n + h) * P.s_q + r] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2, lt${i} > 0.0);
+      }`);
+    }
+    emit(`    }
+  }`);
+  }
+  emit(`}`);
+  return {
+    key: flashKey(c),
+    label: `flash ${flashKey(c)}`,
+    code: L.join("\n") + "\n",
+    bindings,
+    uniforms: UNIFORMS,
+  };
+}
