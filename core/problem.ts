@@ -1,5 +1,5 @@
 import { WgattnError } from "./errors.ts";
-import { type AxisRecord, type KnownSize, resolveLayout, shapeFor } from "./layout.ts";
+import { type Axis, type AxisRecord, type KnownSize, resolveLayout, shapeFor } from "./layout.ts";
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
 import type { AttentionOptions, DType, TensorInput } from "./types.ts";
 
@@ -179,7 +179,14 @@ export function resolveProblem(
   }
   const outSizes: AxisRecord = { b: ql.sizes.b, n, s: ql.sizes.s, d: vl.sizes.d };
   const outShape = shapeFor(outPattern, outSizes, "options.outPattern");
-  const outLayout = resolveLayout(outPattern, outShape, {}, "output", "options.outPattern");
+  const known = (a: Axis): KnownSize => ({ value: outSizes[a], from: a === "d" ? "v" : "q" });
+  const outLayout = resolveLayout(
+    outPattern,
+    outShape,
+    { b: known("b"), n: known("n"), s: known("s"), d: known("d") },
+    "output",
+    "options.outPattern",
+  );
 
   const d = ql.sizes.d;
   const scale = options.scale ?? 1 / Math.sqrt(d);
