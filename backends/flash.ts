@@ -113,8 +113,9 @@ export async function encodeFlash(
     blocks,
     scale_log2: p.scale * Math.LOG2E,
     offset: diagonalOffset(p),
-    left: p.left,
-    right: p.right,
+    // Unbounded sides as a finite bound that cannot overflow i32 in the kernel's index arithmetic.
+    left: Math.min(p.left, p.sQ + p.sKv),
+    right: Math.min(p.right, p.sQ + p.sKv),
     q_sb: v4(p.q.strides.b),
     q_sh: v4(p.q.strides.n),
     q_ss: v4(p.q.strides.s),
