@@ -58,6 +58,8 @@ export interface KnownSize {
   value: number;
   /** `"dims"` for the caller's `dims` option, else the name of the tensor it came from. */
   from: string;
+  /** The `dims` key it came from when that is not the axis name (`nKv` for k's heads). */
+  dimsKey?: string;
 }
 
 /** A tensor's logical sizes and element strides, read from its pattern and shape. */
@@ -90,10 +92,10 @@ export function resolveLayout(
     throw new WgattnError(
       k.from === "dims" ? "INVALID_DIMS" : "SHAPE_MISMATCH",
       k.from === "dims"
-        ? `options.dims.${axis} does not fit ${argument}`
+        ? `options.dims.${k.dimsKey ?? axis} does not fit ${argument}`
         : `${argument} axis ${axis} does not match ${k.from}`,
       {
-        argument: k.from === "dims" ? `options.dims.${axis}` : argument,
+        argument: k.from === "dims" ? `options.dims.${k.dimsKey ?? axis}` : argument,
         expected: `${axis} = ${k.value} (from ${k.from})`,
         actual: `${axis} = ${actual} in ${argument} of shape [${shape}] with pattern "${pattern}"`,
       },

@@ -148,7 +148,7 @@ export function resolveProblem(
     {
       b: { value: ql.sizes.b, from: "q" },
       d: { value: ql.sizes.d, from: "q" },
-      n: fromDims(dims.nKv),
+      n: dims.nKv === undefined ? undefined : { value: dims.nKv, from: "dims", dimsKey: "nKv" },
     },
     "k",
     "options.kPattern",
