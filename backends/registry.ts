@@ -2,10 +2,12 @@
 import type { Backend } from "./backend.ts";
 import { cpuBackend } from "./cpu.ts";
 import { flashBackend } from "./flash.ts";
+import { flashSubgroupBackend } from "./flash_subgroup.ts";
 import { naiveBackend } from "./naive.ts";
 
 export const BACKENDS: readonly Backend[] = [
   flashBackend,
+  flashSubgroupBackend,
   naiveBackend,
   cpuBackend,
 ];

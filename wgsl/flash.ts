@@ -218,146 +218,207 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit(`  var l${i} = 0.0;`);
     for (const g of range(td / 4)) emit(`  var o${i}_${g} = vec4<f32>(0.0);`);
   }
-  const qLoads = (c.br * dk4) / threads;
-  const kLoads = (c.bc * dk4) / threads;
-  const vLoads = (c.vc * dPad4) / threads;
+  // Staging is software-pipelined: while the threads compute on one stage in workgroup memory,
+  // the next stage's global loads are already in flight into registers `pf*`. A tile has d/dk
+  // "qk" stages (a Q and a K chunk) then bc/vc "v" stages; after the last comes the next tile's
+  // first qk stage.
+  const nS = c.d / c.dk, nV = c.bc / c.vc;
+  const qPer = Math.ceil((c.br * dk4) / threads), kPer = Math.ceil((c.bc * dk4) / threads);
+  const vPer = Math.ceil((c.vc * dPad4) / threads);
+  const pfCount = Math.max(qPer + kPer, vPer);
+  for (const u of range(pfCount)) emit(`  var pf${u} = vec4<f32>(0.0);`);
 
-  emit(`  for (var t = t_lo; t < t_hi; t++) {
-    let kv0 = t * ${c.bc}u;`);
-  for (const i of range(tm)) for (const j of range(tn)) emit(`    var s${i}_${j} = 0.0;`);
-
-  // ---- S = Q K^T, dk columns at a time ----
-  emit(`    for (var k0 = 0u; k0 < ${d4}u; k0 += ${dk4}u) {`);
-  const stage = (count: number, rowsTotal: number, base: string, name: string, ss: string, limit: string) => {
-    for (let u = 0; u < Math.ceil(count); u++) {
+  /** Loads qk chunk `chunk` of the tile at key `kv` into pf registers (zeros past the edges). */
+  const fetchQk = (chunk: string, kv: string, live: string, indent: string) => {
+    const part = (
+      per: number,
+      first: number,
+      rowsTotal: number,
+      name: string,
+      base: string,
+      ss: string,
+      limit: string,
+    ) => {
+      for (const u of range(per)) {
+        const e = `(lid + ${u * threads}u)`;
+        const inRange = (u + 1) * threads > rowsTotal * dk4 ? ` && ${e} < ${rowsTotal * dk4}u` : "";
+        emit(`${indent}{
+${indent}  let r = ${e} / ${dk4}u;
+${indent}  pf${first + u} = vec4<f32>(0.0);
+${indent}  if (${live}${inRange} && r < ${limit}) { pf${first + u} = ${
+          loadVec(c, name, `${base} + r * P.${ss} + (${chunk}) * ${dk4}u + ${e} % ${dk4}u`)
+        }; }
+${indent}}`);
+      }
+    };
+    part(qPer, 0, c.br, "q", "q_base + q0 * P.q_ss", "q_ss", "rows_here");
+    part(kPer, qPer, c.bc, "k", `k_base + (${kv}) * P.k_ss`, "k_ss", `P.s_kv - (${kv})`);
+  };
+  /** Loads V chunk `chunk` of the tile at key `kv` into pf registers. */
+  const fetchV = (chunk: string, kv: string, indent: string) => {
+    for (const u of range(vPer)) {
       const e = `(lid + ${u * threads}u)`;
-      const guard = (u + 1) * threads > rowsTotal * dk4 ? `if ${e} < ${rowsTotal * dk4}u ` : "";
-      emit(`      ${guard}{
-        let e = ${e};
-        let r = e / ${dk4}u;
-        let c4 = e % ${dk4}u;
-        var x = vec4<f32>(0.0);
-        if (r < ${limit}) { x = ${loadVec(c, name, `${base} + r * P.${ss} + k0 + c4`)}; }
-        ${name === "q" ? "qs" : "kvs"}[r * ${qStride}u + c4] = x;
-      }`);
+      const inRange = (u + 1) * threads > c.vc * dPad4 ? ` && ${e} < ${c.vc * dPad4}u` : "";
+      const colOk = s.dPad > c.d ? ` && ${e} % ${dPad4}u < ${d4}u` : "";
+      const row = `(${kv}) + (${chunk}) * ${c.vc}u + ${e} / ${dPad4}u`;
+      emit(`${indent}{
+${indent}  pf${u} = vec4<f32>(0.0);
+${indent}  if (${row} < P.s_kv${inRange}${colOk}) { pf${u} = ${
+        loadVec(c, "v", `v_base + (${row}) * P.v_ss + ${e} % ${dPad4}u`)
+      }; }
+${indent}}`);
     }
   };
-  stage(qLoads, c.br, "q_base + q0 * P.q_ss", "q", "q_ss", "rows_here");
-  stage(kLoads, c.bc, "k_base + kv0 * P.k_ss", "k", "k_ss", "P.s_kv - kv0");
-  emit(`      workgroupBarrier();`);
+  const storeQk = () => {
+    for (const u of range(qPer)) {
+      const e = `(lid + ${u * threads}u)`;
+      const guard = (u + 1) * threads > c.br * dk4 ? `if (${e} < ${c.br * dk4}u) ` : "";
+      emit(`      ${guard}{ qs[(${e} / ${dk4}u) * ${qStride}u + ${e} % ${dk4}u] = pf${u}; }`);
+    }
+    for (const u of range(kPer)) {
+      const e = `(lid + ${u * threads}u)`;
+      const guard = (u + 1) * threads > c.bc * dk4 ? `if (${e} < ${c.bc * dk4}u) ` : "";
+      emit(`      ${guard}{ kvs[(${e} / ${dk4}u) * ${qStride}u + ${e} % ${dk4}u] = pf${qPer + u}; }`);
+    }
+  };
+  const storeV = () => {
+    for (const u of range(vPer)) {
+      const e = `(lid + ${u * threads}u)`;
+      const guard = (u + 1) * threads > c.vc * dPad4 ? `if (${e} < ${c.vc * dPad4}u) ` : "";
+      emit(`      ${guard}{ kvs[${e}] = pf${u}; }`);
+    }
+  };
+
+  const masked = c.band || c.keyPadding;
+  const softmax = () => {
+    emit(
+      `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
+        c.band
+          ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+            c.bc - 1
+          }i - (i32(q0) + P.offset) <= P.right`
+          : ""
+      }${c.keyPadding ? " && false" : ""};`,
+    );
+    for (const i of range(tm)) for (const j of range(tn)) emit(`    s${i}_${j} *= P.scale_log2;`);
+    emit(`    if (!full_tile) {`);
+    for (const j of range(tn)) {
+      emit(`      let col${j} = kv0 + tx + ${c.ct * j}u;`);
+      let ok = `col${j} < P.s_kv`;
+      if (c.keyPadding) {
+        emit(`      let mi${j} = b * P.m_sb + min(col${j}, P.s_kv - 1u) * P.m_sj;`);
+        ok += ` && ((mask[mi${j} >> 2u] >> ((mi${j} & 3u) * 8u)) & 0xffu) != 0u`;
+      }
+      emit(`      let cok${j} = ${ok};`);
+    }
+    for (const i of range(tm)) {
+      emit(`      let row${i} = i32(q0 + ty + ${c.rt * i}u) + P.offset;`);
+      for (const j of range(tn)) {
+        const band = c.band
+          ? ` && i32(col${j}) - row${i} >= -P.left && i32(col${j}) - row${i} <= P.right`
+          : "";
+        emit(`      s${i}_${j} = select(NEG, s${i}_${j}, cok${j}${band});`);
+      }
+    }
+    emit(`    }`);
+    for (const i of range(tm)) {
+      const terms = range(tn).map((j) => `s${i}_${j}`);
+      let expr = terms[0];
+      for (const t of terms.slice(1)) expr = `max(${expr}, ${t})`;
+      emit(`    var mt${i} = ${expr};`);
+    }
+    if (c.subgroups === false) {
+      for (const i of range(tm)) emit(`    red[(ty + ${c.rt * i}u) * ${c.ct}u + tx] = mt${i};`);
+      emit(`    workgroupBarrier();`);
+      for (const i of range(tm)) {
+        const terms = range(c.ct).map((x) => `red[(ty + ${c.rt * i}u) * ${c.ct}u + ${x}u]`);
+        let expr = terms[0];
+        for (const t of terms.slice(1)) expr = `max(${expr}, ${t})`;
+        emit(`    mt${i} = ${expr};`);
+      }
+    } else {
+      for (let w = c.ct / 2; w >= 1; w /= 2) {
+        for (const i of range(tm)) emit(`    mt${i} = max(mt${i}, subgroupShuffleXor(mt${i}, ${w}u));`);
+      }
+    }
+    for (const i of range(tm)) {
+      emit(`    let mn${i} = max(m${i}, mt${i});
+    let alpha${i} = exp2(m${i} - mn${i});
+    m${i} = mn${i};`);
+      const pRow = `(ty + ${c.rt * i}u) * ${pStride}u`;
+      const sums: string[] = [];
+      for (const j of range(tn)) {
+        const p = masked
+          ? `select(0.0, exp2(s${i}_${j} - mn${i}), s${i}_${j} > -1.0e38)`
+          : `exp2(s${i}_${j} - mn${i})`;
+        emit(`    let p${i}_${j} = ${p};`);
+        emit(`    ps[${pRow} + ((tx + ${c.ct * j}u) >> 2u)][(tx + ${c.ct * j}u) & 3u] = p${i}_${j};`);
+        sums.push(`p${i}_${j}`);
+      }
+      emit(`    l${i} = l${i} * alpha${i} + ${sums.join(" + ")};`);
+      for (const g of range(td / 4)) emit(`    o${i}_${g} *= alpha${i};`);
+    }
+  };
+
+  emit(`  if (t_lo < t_hi) {`);
+  fetchQk("0u", `t_lo * ${c.bc}u`, "true", "    ");
+  emit(`  }`);
+  emit(`  for (var t = t_lo; t < t_hi; t++) {
+    let kv0 = t * ${c.bc}u;
+    let has_next = t + 1u < t_hi;`);
+  for (const i of range(tm)) for (const j of range(tn)) emit(`    var s${i}_${j} = 0.0;`);
+  // ---- S = Q K^T, one qk stage per head-dim chunk ----
+  emit(`    for (var kc = 0u; kc < ${nS}u; kc++) {
+      workgroupBarrier();`);
+  storeQk();
+  emit(`      workgroupBarrier();
+      if (kc + 1u < ${nS}u) {`);
+  fetchQk("kc + 1u", "kv0", "true", "        ");
+  emit(`      } else {`);
+  fetchV("0u", "kv0", "        ");
+  emit(`      }`);
   for (const kk of range(dk4)) {
     for (const i of range(tm)) {
       emit(`      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + ${kk}u];`);
     }
     for (const j of range(tn)) {
       emit(`      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${qStride}u + ${kk}u];`);
-      for (const i of range(tm)) emit(`      s${i}_${j} += dot(qv${i}_${kk}, kv${j}_${kk});`);
-    }
-  }
-  emit(`      workgroupBarrier();
-    }`);
-
-  // ---- scale, mask, row max ----
-  const masked = c.band || c.keyPadding;
-  emit(
-    `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
-      c.band
-        ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
-          c.bc - 1
-        }i - (i32(q0) + P.offset) <= P.right`
-        : ""
-    }${c.keyPadding ? " && false" : ""};`,
-  );
-  for (const i of range(tm)) for (const j of range(tn)) emit(`    s${i}_${j} *= P.scale_log2;`);
-  emit(`    if (!full_tile) {`);
-  for (const j of range(tn)) {
-    emit(`      let col${j} = kv0 + tx + ${c.ct * j}u;`);
-    let ok = `col${j} < P.s_kv`;
-    if (c.keyPadding) {
-      emit(`      let mi${j} = b * P.m_sb + min(col${j}, P.s_kv - 1u) * P.m_sj;`);
-      ok += ` && ((mask[mi${j} >> 2u] >> ((mi${j} & 3u) * 8u)) & 0xffu) != 0u`;
-    }
-    emit(`      let cok${j} = ${ok};`);
-  }
-  for (const i of range(tm)) {
-    emit(`      let row${i} = i32(q0 + ty + ${c.rt * i}u) + P.offset;`);
-    for (const j of range(tn)) {
-      const band = c.band ? ` && i32(col${j}) - row${i} >= -P.left && i32(col${j}) - row${i} <= P.right` : "";
-      emit(`      s${i}_${j} = select(NEG, s${i}_${j}, cok${j}${band});`);
+      for (const i of range(tm)) {
+        const a = `qv${i}_${kk}`, b = `kv${j}_${kk}`;
+        emit(
+          `      s${i}_${j} = fma(${a}.w, ${b}.w, fma(${a}.z, ${b}.z, fma(${a}.y, ${b}.y, fma(${a}.x, ${b}.x, s${i}_${j}))));`,
+        );
+      }
     }
   }
   emit(`    }`);
-  for (const i of range(tm)) {
-    const terms = range(tn).map((j) => `s${i}_${j}`);
-    let expr = terms[0];
-    for (const t of terms.slice(1)) expr = `max(${expr}, ${t})`;
-    emit(`    var mt${i} = ${expr};`);
-  }
-  if (c.subgroups === false) {
-    for (const i of range(tm)) emit(`    red[(ty + ${c.rt * i}u) * ${c.ct}u + tx] = mt${i};`);
-    emit(`    workgroupBarrier();`);
-    for (const i of range(tm)) {
-      const terms = range(c.ct).map((x) => `red[(ty + ${c.rt * i}u) * ${c.ct}u + ${x}u]`);
-      let expr = terms[0];
-      for (const t of terms.slice(1)) expr = `max(${expr}, ${t})`;
-      emit(`    mt${i} = ${expr};`);
-    }
-  } else {
-    for (let w = c.ct / 2; w >= 1; w /= 2) {
-      for (const i of range(tm)) emit(`    mt${i} = max(mt${i}, subgroupShuffleXor(mt${i}, ${w}u));`);
-    }
-  }
-  // ---- online softmax update, P to workgroup memory ----
-  for (const i of range(tm)) {
-    emit(`    let mn${i} = max(m${i}, mt${i});
-    let alpha${i} = exp2(m${i} - mn${i});
-    m${i} = mn${i};`);
-    const pRow = `(ty + ${c.rt * i}u) * ${pStride}u`;
-    const sums: string[] = [];
-    for (const j of range(tn)) {
-      const p = masked
-        ? `select(0.0, exp2(s${i}_${j} - mn${i}), s${i}_${j} > -1.0e38)`
-        : `exp2(s${i}_${j} - mn${i})`;
-      emit(`    let p${i}_${j} = ${p};`);
-      emit(`    ps[${pRow} + ((tx + ${c.ct * j}u) >> 2u)][(tx + ${c.ct * j}u) & 3u] = p${i}_${j};`);
-      sums.push(`p${i}_${j}`);
-    }
-    emit(`    l${i} = l${i} * alpha${i} + ${sums.join(" + ")};`);
-    for (const g of range(td / 4)) emit(`    o${i}_${g} *= alpha${i};`);
-  }
-
-  // ---- O += P V, vc keys at a time ----
-  emit(`    for (var j0 = 0u; j0 < ${c.bc}u; j0 += ${c.vc}u) {`);
-  for (let u = 0; u < Math.ceil(vLoads); u++) {
-    const e = `(lid + ${u * threads}u)`;
-    const guard = (u + 1) * threads > c.vc * dPad4 ? `if ${e} < ${c.vc * dPad4}u ` : "";
-    const colOk = s.dPad > c.d ? ` && c4 < ${d4}u` : "";
-    emit(`      ${guard}{
-        let e = ${e};
-        let r = e / ${dPad4}u;
-        let c4 = e % ${dPad4}u;
-        var x = vec4<f32>(0.0);
-        if (kv0 + j0 + r < P.s_kv${colOk}) { x = ${
-      loadVec(c, "v", `v_base + (kv0 + j0 + r) * P.v_ss + c4`)
-    }; }
-        kvs[e] = x;
-      }`);
-  }
-  emit(`      workgroupBarrier();`);
+  softmax();
+  // ---- O += P V, one v stage per vc keys ----
+  emit(`    for (var vc = 0u; vc < ${nV}u; vc++) {
+      workgroupBarrier();`);
+  storeV();
+  emit(`      workgroupBarrier();
+      if (vc + 1u < ${nV}u) {`);
+  fetchV("vc + 1u", "kv0", "        ");
+  emit(`      } else {`);
+  fetchQk("0u", `kv0 + ${c.bc}u`, "has_next", "        ");
+  emit(`      }`);
   for (const jj of range(c.vc / 4)) {
     for (const i of range(tm)) {
-      emit(`      let pv${i}_${jj} = ps[(ty + ${c.rt * i}u) * ${pStride}u + (j0 >> 2u) + ${jj}u];`);
+      emit(`      let pv${i}_${jj} = ps[(ty + ${c.rt * i}u) * ${pStride}u + vc * ${c.vc / 4}u + ${jj}u];`);
     }
     for (const e of range(4)) {
       const comp = "xyzw"[e];
       for (const g of range(td / 4)) {
-        emit(`      let vv${g}_${jj}_${e} = kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u];`);
-        for (const i of range(tm)) emit(`      o${i}_${g} += pv${i}_${jj}.${comp} * vv${g}_${jj}_${e};`);
+        const vv = `vv${g}_${jj}_${e}`;
+        emit(`      let ${vv} = kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u];`);
+        for (const i of range(tm)) {
+          emit(`      o${i}_${g} = fma(vec4<f32>(pv${i}_${jj}.${comp}), ${vv}, o${i}_${g});`);
+        }
       }
     }
   }
-  emit(`      workgroupBarrier();
-    }
+  emit(`    }
   }`);
 
   // ---- finish: row sums across the row's threads, normalise, store ----

@@ -1,0 +1,101 @@
+/** Shared pieces of the benchmarks: the shape suite, GPU inputs, and GPU-timed runs. */
+import { attentionForward, type AttentionOptions, getDevice, type GpuTensor } from "../mod.ts";
+import { Profiler, setProfiler } from "../core/gpu.ts";
+import { flopCount } from "../core/problem.ts";
+
+/** One benchmark shape. */
+export interface BenchShape {
+  name: string;
+  b: number;
+  n: number;
+  s: number;
+  d: number;
+  sKv?: number;
+  nKv?: number;
+  causal?: boolean;
+}
+
+/** The suite of issue 3 (and the decode shape of issue 4). */
+export const SHAPES: readonly BenchShape[] = [
+  { name: "seed", b: 32, n: 8, s: 128, d: 64 },
+  { name: "flux", b: 1, n: 24, s: 4608, d: 128 },
+  { name: "sd3", b: 2, n: 24, s: 4250, d: 64 },
+  { name: "long", b: 1, n: 40, s: 16384, d: 128 },
+  { name: "causal", b: 4, n: 32, s: 2048, d: 128, causal: true },
+  { name: "causal-as-full", b: 4, n: 32, s: 2048, d: 128 },
+];
+
+/** FLOPs as attention benchmarks count them (4·b·n·s_q·s_kv·d, halved for causal). */
+export function shapeFlops(s: BenchShape): number {
+  return flopCount({ b: s.b, n: s.n, sQ: s.s, sKv: s.sKv ?? s.s, d: s.d, isCausal: s.causal });
+}
+
+/** A GPU tensor of random values in [-1, 1) (a repeating pseudo-random block; never zeros). */
+export function randomGpuTensor(
+  device: GPUDevice,
+  shape: number[],
+  dtype: "f32" | "f16",
+  seed = 1,
+): GpuTensor {
+  const count = shape.reduce((a, b) => a * b, 1);
+  const bytes = count * (dtype === "f32" ? 4 : 2);
+  const buffer = device.createBuffer({
+    size: Math.ceil(bytes / 16) * 16,
+    usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+    mappedAtCreation: true,
+  });
+  const period = 1_000_003;
+  const block = new Float32Array(Math.min(count, period));
+  let x = seed * 2654435761 >>> 0 || 1;
+  for (let i = 0; i < block.length; i++) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    block[i] = (x / 4294967296) * 2 - 1;
+  }
+  const range = buffer.getMappedRange();
+  const view = dtype === "f32" ? new Float32Array(range, 0, count) : new Float16Array(range, 0, count);
+  const typed = dtype === "f32" ? block : Float16Array.from(block);
+  for (let off = 0; off < count; off += typed.length) {
+    view.set(typed.subarray(0, Math.min(typed.length, count - off)) as never, off);
+  }
+  buffer.unmap();
+  return { buffer, shape, dtype };
+}
+
+/** Inputs of one shape on the GPU. */
+export function shapeInputs(device: GPUDevice, s: BenchShape, dtype: "f32" | "f16") {
+  const kvShape = [s.b, s.nKv ?? s.n, s.sKv ?? s.s, s.d];
+  return {
+    q: randomGpuTensor(device, [s.b, s.n, s.s, s.d], dtype, 1),
+    k: randomGpuTensor(device, kvShape, dtype, 2),
+    v: randomGpuTensor(device, kvShape, dtype, 3),
+  };
+}
+
+/** Median GPU time of one call in ms, from timestamp queries, over `reps` chained calls. */
+export async function timeOnGpu(
+  inputs: { q: GpuTensor; k: GpuTensor; v: GpuTensor },
+  options: AttentionOptions,
+  reps: number,
+): Promise<{ ms: number; all: number[] }> {
+  const device = (await getDevice())!;
+  const profiler = new Profiler(device, reps);
+  setProfiler(profiler);
+  const outs: GpuTensor[] = [];
+  try {
+    for (let i = 0; i < reps; i++) {
+      outs.push(await attentionForward(inputs.q, inputs.k, inputs.v, options));
+      if (outs.length > 2) outs.shift()!.buffer.destroy();
+    }
+  } finally {
+    setProfiler(null);
+  }
+  const times = (await profiler.read()).map((t) => t.ms);
+  profiler.destroy();
+  for (const o of outs) o.buffer.destroy();
+  const sorted = [...times].sort((a, b) => a - b);
+  return { ms: sorted[Math.floor(sorted.length / 2)], all: times };
+}
