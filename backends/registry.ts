@@ -4,8 +4,10 @@ import { cpuBackend } from "./cpu.ts";
 import { flashBackend } from "./flash.ts";
 import { flashSubgroupBackend } from "./flash_subgroup.ts";
 import { naiveBackend } from "./naive.ts";
+import { splitKvBackend } from "./splitkv.ts";
 
 export const BACKENDS: readonly Backend[] = [
+  splitKvBackend, // few query rows per K/V head only (unsuitedReasons); flash past that
   flashBackend,
   flashSubgroupBackend,
   naiveBackend,

@@ -1,0 +1,241 @@
+/**
+ * `split-kv`: flash-decoding for few queries over many keys (decoding with a KV cache, cross
+ * attention to a long context). The key sequence is split into chunks over many workgroups, each
+ * serving every query head of a GQA group (K and V are read once per group), writing a partial
+ * output and log-sum-exp; a second pass merges them. Serves f32/f16/bf16, GQA, causal and window
+ * (bottom-right), key-padding masks and every layout whose head dim is contiguous.
+ *
+ * The router picks it only while `s_q * (n / n_kv)` (the query rows sharing one K/V head) is at
+ * most {@link SPLITKV_MAX_ROWS}; past that `flash` reuses each K/V tile over more rows.
+ */
+import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
+import type { Capabilities } from "../core/device.ts";
+import type { GpuCall } from "../core/gpu.ts";
+import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import {
+  splitKvCombineKernel,
+  type SplitKvConfig,
+  splitKvConfigProblems,
+  splitKvKernel,
+  splitKvShape,
+} from "../wgsl/splitkv.ts";
+
+/**
+ * The router's crossover: split-kv is chosen on its own only while the query rows sharing one K/V
+ * head (`s_q * n / n_kv`) are at most this many. A first guess from the kernel's shape (its
+ * registers hold a handful of rows; flash tiles 16+ rows per K/V read): to be measured on the
+ * H200 with `bench/splitkv_bench.ts` (see the crossover group there).
+ */
+export const SPLITKV_MAX_ROWS = 16;
+
+/** Most chunks one row is split into (the combine pass keeps their weights in workgroup memory). */
+export const SPLITKV_MAX_SPLITS = 1024;
+
+/** Partial outputs kept in scratch per call, at most (and never more than one storage binding). */
+const SCRATCH_BUDGET_BYTES = 64 << 20;
+
+/** Tuning knobs (benchmarks sweep them; tests force code paths). */
+export interface SplitKvTuning {
+  /** Workgroups of pass 1 to aim for (a big GPU wants several per SM). Default 1056 (132 x 8). */
+  targetWorkgroups: number;
+  /** Registers (f32) for q and accumulators per lane that decide the rows per workgroup. */
+  registerBudget: number;
+  /** Fixed parts of the config, merged over the chosen one. */
+  override: Partial<SplitKvConfig> | null;
+  /** Force the number of chunks (clamped to what the key range allows). */
+  splits: number | null;
+}
+
+/** Test and benchmark hook. */
+export const splitKvTuning: SplitKvTuning = {
+  targetWorkgroups: 1056,
+  registerBudget: 64,
+  override: null,
+  splits: null,
+};
+
+const pow2Floor = (x: number) => 2 ** Math.floor(Math.log2(Math.max(1, x)));
+
+/** The pass-1 config for a call on a device, or the reason there is none. */
+export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): SplitKvConfig | string {
+  const sixteen = p.dtype !== "f32";
+  const vecStrides = [p.q.strides, p.k.strides, p.v.strides];
+  const wide = sixteen && p.d % 8 === 0 && p.dV % 8 === 0 &&
+    vecStrides.every((s) => s.b % 8 === 0 && s.n % 8 === 0 && s.s % 8 === 0);
+  const f16 = p.dtype === "f16" && caps.shaderF16 && !wide;
+  const vw = wide ? 8 : 4;
+  const subgroups = caps.subgroups && caps.subgroupMinSize >= 4 ? caps.subgroupDirective : false;
+  const dvec = Math.max(p.d, p.dV) / vw;
+  const maxLanes = subgroups === false ? 8 : Math.min(16, caps.subgroupMinSize);
+  const lanes = Math.min(pow2Floor(dvec), pow2Floor(maxLanes));
+  const perRow = (Math.ceil(p.d / vw / lanes) + Math.ceil(p.dV / vw / lanes)) * vw;
+  const rowsAll = (p.n / p.nKv) * p.sQ;
+  const rows = Math.max(1, Math.min(rowsAll, Math.floor(splitKvTuning.registerBudget / perRow), 8));
+  const limits = {
+    storage: caps.limits.maxComputeWorkgroupStorageSize,
+    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
+    subgroupSize: caps.subgroupMinSize,
+  };
+  let last = "no configuration fits";
+  for (const threads of [128, 64, 32, 16, 8, 4]) {
+    if (threads < lanes) break;
+    const c: SplitKvConfig = {
+      dtype: p.dtype,
+      f16,
+      vw,
+      d: p.d,
+      dV: p.dV,
+      rows,
+      lanes,
+      threads,
+      unroll: rows > 4 ? 2 : 4,
+      band: hasBand(p),
+      keyPadding: p.mask !== null,
+      subgroups,
+      ...(splitKvTuning.override ?? {}),
+    };
+    const problems = splitKvConfigProblems(c, limits);
+    if (problems.length === 0) return c;
+    last = problems.join("; ");
+  }
+  return `no split-kv configuration fits this device (${last})`;
+}
+
+function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {
+  return s.d === 1 && s.b % 4 === 0 && s.n % 4 === 0 && s.s % 4 === 0;
+}
+
+/** The keys any query row may see: [lo, hi). */
+function keyRange(p: AttentionProblem): [number, number] {
+  const offset = diagonalOffset(p);
+  const lo = Math.max(0, Number.isFinite(p.left) ? offset - p.left : 0);
+  const hi = Math.min(p.sKv, Number.isFinite(p.right) ? p.sQ - 1 + offset + p.right + 1 : p.sKv);
+  return [lo, Math.max(lo, hi)];
+}
+
+/** How a call is laid out over workgroups: row blocks, chunks and the scratch they need. */
+export function splitKvPlan(p: AttentionProblem, c: SplitKvConfig, caps: Capabilities) {
+  const s = splitKvShape(c);
+  const rowsAll = (p.n / p.nKv) * p.sQ;
+  const rowBlocks = Math.ceil(rowsAll / c.rows);
+  const [lo, hi] = keyRange(p);
+  const keys = Math.max(1, hi - lo);
+  const perSplit = p.b * p.nKv * rowBlocks;
+  const totalRows = p.b * p.n * p.sQ;
+  const budget = Math.min(caps.limits.maxStorageBufferBindingSize, SCRATCH_BUDGET_BYTES);
+  const byScratch = Math.max(1, Math.floor(budget / (totalRows * p.dV * 4)));
+  const bySteps = Math.ceil(keys / s.step);
+  let splits = splitKvTuning.splits ?? Math.ceil(splitKvTuning.targetWorkgroups / perSplit);
+  splits = Math.max(1, Math.min(splits, bySteps, byScratch, SPLITKV_MAX_SPLITS));
+  const chunk = Math.ceil(Math.ceil(keys / splits) / s.step) * s.step;
+  splits = Math.ceil(keys / chunk);
+  return { rowBlocks, splits, chunk, lo, hi, totalRows, workgroups: perSplit * splits };
+}
+
+function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
+  const reasons = gpuBaseReasons(p, caps);
+  if (!caps) return reasons;
+  if (p.d % 4 !== 0 || p.dV % 4 !== 0 || p.d > 256 || p.dV > 256) {
+    reasons.push(`head dims ${p.d}/${p.dV} are not multiples of 4 up to 256`);
+  }
+  if (p.mask && !p.mask.keyPadding) {
+    reasons.push("only key-padding masks (bool [b, s_kv]) are fused; other masks need naive");
+  }
+  if (![p.q.strides, p.k.strides, p.v.strides, p.out.strides].every(stridesOk)) {
+    reasons.push("a layout whose head dim is not contiguous (or not 4-aligned)");
+  }
+  if (reasons.length === 0) {
+    const c = chooseSplitKvConfig(p, caps);
+    if (typeof c === "string") reasons.push(c);
+    else {
+      const plan = splitKvPlan(p, c, caps);
+      if (plan.totalRows * plan.splits * p.dV * 4 > caps.limits.maxStorageBufferBindingSize) {
+        reasons.push("its partial outputs do not fit one storage binding");
+      }
+    }
+  }
+  return reasons;
+}
+
+function unsuitedReasons(p: AttentionProblem): string[] {
+  const rows = (p.n / p.nKv) * p.sQ;
+  if (rows > SPLITKV_MAX_ROWS) {
+    return [`s_q x group = ${rows} query rows per K/V head > ${SPLITKV_MAX_ROWS}: flash reuses K/V better`];
+  }
+  return [];
+}
+
+/** Clamps an unbounded window side to a large finite value (i32 arithmetic in the kernel). */
+const finite = (x: number) => Number.isFinite(x) ? x : 1 << 30;
+
+async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void> {
+  const caps = call.rt.caps;
+  const c = chooseSplitKvConfig(p, caps);
+  if (typeof c === "string") throw new Error(c);
+  const plan = splitKvPlan(p, c, caps);
+  const kernel = splitKvKernel(c);
+  const combine = splitKvCombineKernel({
+    dtype: p.dtype,
+    f16: p.dtype === "f16" && caps.shaderF16,
+    dV: p.dV,
+    lse: io.lse !== null,
+    maxSplits: SPLITKV_MAX_SPLITS,
+  });
+  const [pipe, combinePipe] = await Promise.all([call.pipeline(kernel), call.pipeline(combine)]);
+  const slots = plan.totalRows * plan.splits;
+  const po = call.scratch(slots * p.dV * 4, "split-kv partial outputs");
+  const plse = call.scratch(slots * 4, "split-kv partial lse");
+  const vec = (x: number) => x / c.vw;
+  const ms = p.mask?.strides ?? { b: 0, j: 0 };
+  const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, po, plse };
+  if (io.mask) buffers.mask = io.mask;
+  call.dispatch(pipe, kernel, buffers, {
+    n: p.n,
+    n_kv: p.nKv,
+    group: p.n / p.nKv,
+    s_q: p.sQ,
+    rows: (p.n / p.nKv) * p.sQ,
+    row_blocks: plan.rowBlocks,
+    splits: plan.splits,
+    chunk: plan.chunk,
+    j_start: plan.lo,
+    j_end: plan.hi,
+    scale_log2: p.scale * Math.LOG2E,
+    offset: diagonalOffset(p),
+    left: finite(p.left),
+    right: finite(p.right),
+    q_sb: vec(p.q.strides.b),
+    q_sh: vec(p.q.strides.n),
+    q_ss: vec(p.q.strides.s),
+    k_sb: vec(p.k.strides.b),
+    k_sh: vec(p.k.strides.n),
+    k_ss: vec(p.k.strides.s),
+    v_sb: vec(p.v.strides.b),
+    v_sh: vec(p.v.strides.n),
+    v_ss: vec(p.v.strides.s),
+    m_sb: ms.b,
+    m_sj: ms.j,
+  }, plan.workgroups);
+  const combineBuffers: Record<string, GPUBuffer> = { po, plse, o: io.out };
+  if (io.lse) combineBuffers.lse = io.lse;
+  call.dispatch(combinePipe, combine, combineBuffers, {
+    n: p.n,
+    s_q: p.sQ,
+    splits: plan.splits,
+    o_sb: p.out.strides.b / 4,
+    o_sh: p.out.strides.n / 4,
+    o_ss: p.out.strides.s / 4,
+  }, plan.totalRows);
+}
+
+/** The flash-decoding backend. */
+export const splitKvBackend: GpuBackend = {
+  kind: "gpu",
+  name: "split-kv",
+  aliases: ["splitkv", "flash_decoding", "flash-decoding", "xformers", "memory_efficient"],
+  summary: "flash-decoding: keys split over workgroups, partials merged by log-sum-exp (few queries)",
+  producesLse: true,
+  unsupportedReasons,
+  unsuitedReasons,
+  encode,
+};

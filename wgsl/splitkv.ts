@@ -1,0 +1,501 @@
+/**
+ * Kernels of the `split-kv` backend (flash-decoding), generated as straight-line WGSL.
+ *
+ * Pass 1 (`splitKvKernel`): one workgroup per (batch, kv head, block of query rows, key chunk).
+ * The query rows of a kv head are every (query position i, query head of its GQA group) pair,
+ * flattened i-major (`r = i * group + hl`), so all query heads sharing a K/V head are served by one
+ * read of K and V. The workgroup's threads form `threads / lanes` key groups of `lanes` lanes:
+ * lane `l` of a key group owns head-dim vectors `l + lanes * g` (vector loads of 4 or 8 elements
+ * along d, so one key row is read by consecutive lanes, coalesced). Each step a key group takes
+ * `unroll` consecutive keys: it loads their K and V rows, forms partial dot products with the
+ * query rows held in registers (pre-scaled by `scale * log2(e)`), sums them across its lanes
+ * (subgroup shuffles, or workgroup memory without subgroups), and updates its online softmax
+ * (running max `m`, sum `l`, output accumulators). At the end the key groups are combined in
+ * workgroup memory and the chunk's normalised partial output (f32) and log-sum-exp go to scratch.
+ *
+ * Pass 2 (`splitKvCombineKernel`): one workgroup per output row merges the chunks' partials by
+ * their log-sum-exp and writes the output in its layout and dtype (and the row's lse).
+ */
+import type { DType } from "../core/types.ts";
+import { BF16_PACK, type Kernel, uniformBlock, type UniformType } from "./common.ts";
+
+/** Everything that changes the split-kv kernel's text. */
+export interface SplitKvConfig {
+  dtype: DType;
+  /** f16 tensors as `array<vec4<f16>>` (shader-f16); otherwise 16-bit values travel in u32 words. */
+  f16: boolean;
+  /** Elements per vector load along d: 4, or 8 for 16-bit values in `vec4<u32>` words. */
+  vw: 4 | 8;
+  /** Head dim of q and k. */
+  d: number;
+  /** Head dim of v and the output. */
+  dV: number;
+  /** Query rows (of the GQA group x s_q) per workgroup. */
+  rows: number;
+  /** Lanes sharing one key (a power of two, at most the subgroup size when subgroups are used). */
+  lanes: number;
+  /** Threads per workgroup (a multiple of lanes; threads / lanes a power of two). */
+  threads: number;
+  /** Keys each key group takes per step. */
+  unroll: number;
+  /** Causal or window limits apply. */
+  band: boolean;
+  /** A key-padding mask (bool bytes, `[b, s_kv]` with strides) applies. */
+  keyPadding: boolean;
+  /** Lane sums by subgroup shuffles ("" or the directive WGSL needs), or false: workgroup memory. */
+  subgroups: false | "" | "enable subgroups;\n";
+}
+
+/** Derived sizes of a config. */
+export function splitKvShape(c: SplitKvConfig) {
+  const qw = c.vw / 4; // vec4<f32> quads per loaded vector
+  const dvec = c.d / c.vw, dvecV = c.dV / c.vw;
+  const g = Math.ceil(dvec / c.lanes), gv = Math.ceil(dvecV / c.lanes);
+  const kg = c.threads / c.lanes; // key groups
+  const step = kg * c.unroll; // keys per step of the workgroup
+  const dq = c.lanes * gv * qw; // accumulator quads per row, padded
+  const scoresPerLane = c.rows * c.unroll;
+  const sharedBytes = (kg > 1 ? (kg / 2) * c.rows * dq * 16 + kg * c.rows * 8 : 0) +
+    (c.subgroups === false ? c.threads * scoresPerLane * 4 : 0);
+  /** Registers per lane for q and the accumulators, in f32. */
+  const registers = c.rows * (g + gv) * c.vw;
+  return { qw, dvec, dvecV, g, gv, kg, step, dq, sharedBytes, registers };
+}
+
+/** Why a config is not valid for a device with these limits (empty when valid). */
+export function splitKvConfigProblems(
+  c: SplitKvConfig,
+  limits: { storage: number; invocations: number; subgroupSize: number },
+): string[] {
+  const s = splitKvShape(c);
+  const problems: string[] = [];
+  const pow2 = (x: number) => Number.isInteger(x) && x >= 1 && (x & (x - 1)) === 0;
+  if (c.d % c.vw !== 0 || c.dV % c.vw !== 0) problems.push(`head dims must be multiples of ${c.vw}`);
+  if (c.vw === 8 && c.dtype === "f32") problems.push("8-wide loads are for 16-bit types");
+  if (c.f16 && c.dtype !== "f16") problems.push("f16 storage is for f16 tensors");
+  if (c.f16 && c.vw !== 4) problems.push("f16 storage loads 4 values at a time");
+  if (!pow2(c.lanes) || !pow2(s.kg)) problems.push("lanes and key groups must be powers of two");
+  if (c.subgroups !== false && c.lanes > limits.subgroupSize) {
+    problems.push(`${c.lanes} lanes > subgroup size ${limits.subgroupSize}`);
+  }
+  if (c.threads > limits.invocations) problems.push(`${c.threads} threads > ${limits.invocations}`);
+  if (s.sharedBytes > limits.storage) {
+    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
+  }
+  if (c.rows < 1 || c.unroll < 1) problems.push("rows and unroll must be >= 1");
+  return problems;
+}
+
+/** Uniform fields of the split-kv kernel. */
+const UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["n", "u32"],
+  ["n_kv", "u32"],
+  ["group", "u32"],
+  ["s_q", "u32"],
+  ["rows", "u32"],
+  ["row_blocks", "u32"],
+  ["splits", "u32"],
+  ["chunk", "u32"],
+  ["j_start", "u32"],
+  ["j_end", "u32"],
+  ["scale_log2", "f32"],
+  ["offset", "i32"],
+  ["left", "i32"],
+  ["right", "i32"],
+  // Strides of q, k, v in vector units (b, head, s); d is contiguous.
+  ["q_sb", "u32"],
+  ["q_sh", "u32"],
+  ["q_ss", "u32"],
+  ["k_sb", "u32"],
+  ["k_sh", "u32"],
+  ["k_ss", "u32"],
+  ["v_sb", "u32"],
+  ["v_sh", "u32"],
+  ["v_ss", "u32"],
+  // Key-padding mask strides in bytes (b, key).
+  ["m_sb", "u32"],
+  ["m_sj", "u32"],
+];
+
+function storageVec(c: { dtype: DType; f16: boolean; vw: number }): string {
+  if (c.dtype === "f32") return "vec4<f32>";
+  if (c.f16) return "vec4<f16>";
+  return c.vw === 8 ? "vec4<u32>" : "vec2<u32>";
+}
+
+/** WGSL expressions of the vec4<f32> quads held by the loaded vector `x`. */
+function quads(c: SplitKvConfig, x: string): string[] {
+  if (c.dtype === "f32") return [x];
+  if (c.f16) return [`vec4<f32>(${x})`];
+  const words = c.vw === 8 ? [["x", "y"], ["z", "w"]] : [["x", "y"]];
+  if (c.dtype === "f16") {
+    return words.map(([a, b]) => `vec4<f32>(unpack2x16float(${x}.${a}), unpack2x16float(${x}.${b}))`);
+  }
+  return words.map(([a, b]) =>
+    `vec4<f32>(bitcast<f32>(${x}.${a} << 16u), bitcast<f32>(${x}.${a} & 0xffff0000u), ` +
+    `bitcast<f32>(${x}.${b} << 16u), bitcast<f32>(${x}.${b} & 0xffff0000u))`
+  );
+}
+
+/** A stable cache key for a config. */
+export function splitKvKey(c: SplitKvConfig): string {
+  return `splitkv:${c.dtype}:${c.f16}:v${c.vw}:d${c.d}/${c.dV}:r${c.rows}:l${c.lanes}:t${c.threads}:` +
+    `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}`;
+}
+
+const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+
+/** Sums of terms as a balanced expression (shorter dependency chains than a left fold). */
+function sum(terms: string[]): string {
+  if (terms.length === 1) return terms[0];
+  const mid = Math.ceil(terms.length / 2);
+  return `(${sum(terms.slice(0, mid))} + ${sum(terms.slice(mid))})`;
+}
+
+/** Generates pass 1 for `c`. Bindings: q, k, v, partial outputs, partial lse, [mask]. */
+export function splitKvKernel(c: SplitKvConfig): Kernel {
+  const s = splitKvShape(c);
+  const { qw, dvec, dvecV, g: G, gv: GV, kg: KG, step, dq } = s;
+  const L = c.lanes, R = c.rows, U = c.unroll, T = c.threads;
+  const out: string[] = [];
+  const emit = (line: string) => out.push(line);
+
+  if (c.subgroups) emit(c.subgroups);
+  if (c.f16) emit("enable f16;");
+  emit(uniformBlock(UNIFORMS));
+  const el = storageVec(c);
+  emit(`@group(0) @binding(1) var<storage, read> q: array<${el}>;`);
+  emit(`@group(0) @binding(2) var<storage, read> k: array<${el}>;`);
+  emit(`@group(0) @binding(3) var<storage, read> v: array<${el}>;`);
+  emit(`@group(0) @binding(4) var<storage, read_write> po: array<vec4<f32>>;`);
+  emit(`@group(0) @binding(5) var<storage, read_write> plse: array<f32>;`);
+  const bindings = ["q", "k", "v", "po", "plse"];
+  if (c.keyPadding) {
+    emit(`@group(0) @binding(6) var<storage, read> mask: array<u32>;`);
+    bindings.push("mask");
+  }
+  if (KG > 1) {
+    emit(`var<workgroup> sm_ml: array<vec2<f32>, ${KG * R}>;`);
+    emit(`var<workgroup> sm_acc: array<vec4<f32>, ${(KG / 2) * R * dq}>;`);
+  }
+  if (c.subgroups === false) emit(`var<workgroup> red: array<f32, ${T * R * U}>;`);
+  emit(`const NEG: f32 = -3.0e38;`);
+  emit(`const LN2: f32 = 0.6931471805599453;`);
+  emit(`@compute @workgroup_size(${T})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let rb = wg % P.row_blocks;
+  let t1 = wg / P.row_blocks;
+  let split = t1 % P.splits;
+  let bhk = t1 / P.splits;
+  let hk = bhk % P.n_kv;
+  let b = bhk / P.n_kv;
+  let lane = lid % ${L}u;
+  let kg = lid / ${L}u;
+  let r0 = rb * ${R}u;
+  let c0 = P.j_start + split * P.chunk;
+  let c1 = min(c0 + P.chunk, P.j_end);`);
+  for (const r of range(R)) {
+    emit(`  let ra${r} = min(r0 + ${r}u, P.rows - 1u);
+  let i${r} = ra${r} / P.group;
+  let h${r} = hk * P.group + ra${r} % P.group;`);
+  }
+  emit(`  var k_lo = i32(c0);
+  var k_hi = i32(c1);`);
+  if (c.band) {
+    emit(`  k_lo = max(k_lo, i32(i0) + P.offset - P.left);
+  k_hi = min(k_hi, i32(min(r0 + ${R - 1}u, P.rows - 1u) / P.group) + P.offset + P.right + 1i);`);
+  }
+  emit(`  let nsteps = select(0u, u32(k_hi - k_lo + ${step - 1}i) / ${step}u, k_hi > k_lo);`);
+
+  // Query rows in registers, pre-scaled into the log2 domain.
+  const col = (
+    g: number,
+    n: number,
+  ) => (L * (g + 1) > n ? `min(lane + ${L * g}u, ${n - 1}u)` : `lane + ${L * g}u`);
+  for (const r of range(R)) {
+    emit(`  let qb${r} = b * P.q_sb + h${r} * P.q_sh + i${r} * P.q_ss;`);
+    for (const g of range(G)) {
+      emit(`  let qr${r}_${g} = q[qb${r} + ${col(g, dvec)}];`);
+      const live = L * (g + 1) > dvec
+        ? `select(0.0, P.scale_log2, lane + ${L * g}u < ${dvec}u)`
+        : "P.scale_log2";
+      quads(c, `qr${r}_${g}`).forEach((e, w) => emit(`  let q${r}_${g}_${w} = ${e} * ${live};`));
+    }
+    emit(`  var m${r} = NEG;`);
+    emit(`  var l${r} = 0.0;`);
+    for (const g of range(GV)) for (const w of range(qw)) emit(`  var o${r}_${g}_${w} = vec4<f32>(0.0);`);
+  }
+  emit(`  let k_base = b * P.k_sb + hk * P.k_sh;
+  let v_base = b * P.v_sb + hk * P.v_sh;
+  for (var st = 0u; st < nsteps; st++) {
+    let j0 = k_lo + i32(st * ${step}u + kg * ${U}u);`);
+  for (const u of range(U)) {
+    emit(`    let key${u} = j0 + ${u}i;
+    let kc${u} = u32(min(key${u}, k_hi - 1i));`);
+  }
+  // Every load of the step first, so they are in flight together.
+  for (const u of range(U)) {
+    for (const g of range(G)) emit(`    let kr${u}_${g} = k[k_base + kc${u} * P.k_ss + ${col(g, dvec)}];`);
+  }
+  for (const u of range(U)) {
+    for (const g of range(GV)) emit(`    let vr${u}_${g} = v[v_base + kc${u} * P.v_ss + ${col(g, dvecV)}];`);
+  }
+  if (c.keyPadding) {
+    for (const u of range(U)) {
+      emit(`    let mi${u} = b * P.m_sb + kc${u} * P.m_sj;
+    let mk${u} = ((mask[mi${u} >> 2u] >> ((mi${u} & 3u) * 8u)) & 0xffu) != 0u;`);
+    }
+  }
+  // Partial scores over this lane's slice of d.
+  for (const u of range(U)) {
+    for (const g of range(G)) {
+      quads(c, `kr${u}_${g}`).forEach((e, w) => emit(`    let k${u}_${g}_${w} = ${e};`));
+    }
+    for (const r of range(R)) {
+      const terms = range(G).flatMap((g) => range(qw).map((w) => `dot(q${r}_${g}_${w}, k${u}_${g}_${w})`));
+      emit(`    var s${r}_${u} = ${sum(terms)};`);
+    }
+  }
+  // Sum across the key group's lanes.
+  if (L > 1) {
+    if (c.subgroups !== false) {
+      for (let w = L / 2; w >= 1; w /= 2) {
+        for (const r of range(R)) {
+          for (const u of range(U)) emit(`    s${r}_${u} += subgroupShuffleXor(s${r}_${u}, ${w}u);`);
+        }
+      }
+    } else {
+      const nv = R * U;
+      for (const r of range(R)) {
+        for (const u of range(U)) emit(`    red[lid * ${nv}u + ${r * U + u}u] = s${r}_${u};`);
+      }
+      emit(`    workgroupBarrier();`);
+      for (const r of range(R)) {
+        for (const u of range(U)) {
+          const terms = range(L).map((l) => `red[(kg * ${L}u + ${l}u) * ${nv}u + ${r * U + u}u]`);
+          emit(`    s${r}_${u} = ${sum(terms)};`);
+        }
+      }
+      emit(`    workgroupBarrier();`);
+    }
+  }
+  // Masks: keys past the range, key padding, the causal/window band.
+  for (const u of range(U)) {
+    emit(`    let ok${u} = key${u} < k_hi${c.keyPadding ? ` && mk${u}` : ""};`);
+  }
+  for (const r of range(R)) {
+    if (c.band) emit(`    let d${r} = i32(i${r}) + P.offset;`);
+    for (const u of range(U)) {
+      const band = c.band ? ` && key${u} - d${r} >= -P.left && key${u} - d${r} <= P.right` : "";
+      emit(`    s${r}_${u} = select(NEG, s${r}_${u}, ok${u}${band});`);
+    }
+  }
+  // Online softmax.
+  for (const u of range(U)) {
+    for (const g of range(GV)) {
+      quads(c, `vr${u}_${g}`).forEach((e, w) => emit(`    let v${u}_${g}_${w} = ${e};`));
+    }
+  }
+  for (const r of range(R)) {
+    let mx = `s${r}_0`;
+    for (const u of range(U).slice(1)) mx = `max(${mx}, s${r}_${u})`;
+    emit(`    let mn${r} = max(m${r}, ${mx});
+    let al${r} = exp2(m${r} - mn${r});
+    m${r} = mn${r};`);
+    for (const u of range(U)) {
+      emit(`    let p${r}_${u} = select(0.0, exp2(s${r}_${u} - mn${r}), s${r}_${u} > -1.0e38);`);
+    }
+    emit(`    l${r} = l${r} * al${r} + ${sum(range(U).map((u) => `p${r}_${u}`))};`);
+    for (const g of range(GV)) {
+      for (const w of range(qw)) {
+        let e = `o${r}_${g}_${w} * al${r}`;
+        for (const u of range(U)) e = `fma(vec4<f32>(p${r}_${u}), v${u}_${g}_${w}, ${e})`;
+        emit(`    o${r}_${g}_${w} = ${e};`);
+      }
+    }
+  }
+  emit(`  }`);
+
+  // Combine the key groups of the workgroup.
+  if (KG > 1) {
+    emit(`  if (lane == 0u) {`);
+    for (const r of range(R)) emit(`    sm_ml[kg * ${R}u + ${r}u] = vec2<f32>(m${r}, l${r});`);
+    emit(`  }
+  workgroupBarrier();`);
+    for (const r of range(R)) {
+      const ms = range(KG).map((x) => `sm_ml[${x * R + r}u]`);
+      let mx = `${ms[0]}.x`;
+      for (const m of ms.slice(1)) mx = `max(${mx}, ${m}.x)`;
+      emit(`  let mt${r} = ${mx};`);
+      emit(`  let lt${r} = ${sum(ms.map((m) => `${m}.y * exp2(${m}.x - mt${r})`))};`);
+      emit(`  let f${r} = exp2(m${r} - mt${r});`);
+      for (const g of range(GV)) for (const w of range(qw)) emit(`  o${r}_${g}_${w} *= f${r};`);
+    }
+    const slot = (base: string, r: number, g: number, w: number) =>
+      `sm_acc[(${base} * ${R}u + ${r}u) * ${dq}u + (lane + ${L * g}u) * ${qw}u + ${w}u]`;
+    for (let half = KG / 2; half >= 1; half /= 2) {
+      emit(`  if (kg >= ${half}u && kg < ${2 * half}u) {`);
+      for (const r of range(R)) {
+        for (const g of range(GV)) {
+          for (const w of range(qw)) emit(`    ${slot(`(kg - ${half}u)`, r, g, w)} = o${r}_${g}_${w};`);
+        }
+      }
+      emit(`  }
+  workgroupBarrier();
+  if (kg < ${half}u) {`);
+      for (const r of range(R)) {
+        for (const g of range(GV)) {
+          for (const w of range(qw)) emit(`    o${r}_${g}_${w} += ${slot("kg", r, g, w)};`);
+        }
+      }
+      emit(`  }
+  workgroupBarrier();`);
+    }
+  } else {
+    for (const r of range(R)) emit(`  let mt${r} = m${r};\n  let lt${r} = l${r};`);
+  }
+
+  // Key group 0 writes the chunk's normalised partial output and log-sum-exp.
+  const dqv = c.dV / 4;
+  emit(`  if (kg == 0u) {`);
+  for (const r of range(R)) {
+    emit(`    if (r0 + ${r}u < P.rows) {
+      let slot = ((b * P.n + h${r}) * P.s_q + i${r}) * P.splits + split;
+      let inv = select(0.0, 1.0 / lt${r}, lt${r} > 0.0);`);
+    for (const g of range(GV)) {
+      for (const w of range(qw)) {
+        const colq = `(lane + ${L * g}u) * ${qw}u + ${w}u`;
+        const guard = L * (g + 1) > dvecV ? `if (lane + ${L * g}u < ${dvecV}u) ` : "";
+        emit(`      ${guard}{ po[slot * ${dqv}u + ${colq}] = o${r}_${g}_${w} * inv; }`);
+      }
+    }
+    emit(`      if (lane == 0u) {
+        plse[slot] = select(bitcast<f32>(0xff800000u), (mt${r} + log2(lt${r})) * LN2, lt${r} > 0.0);
+      }
+    }`);
+  }
+  emit(`  }
+}`);
+  return {
+    key: splitKvKey(c),
+    label: `split-kv ${splitKvKey(c)}`,
+    code: out.join("\n") + "\n",
+    bindings,
+    uniforms: UNIFORMS,
+  };
+}
+
+/** What changes the combine kernel's text. */
+export interface SplitKvCombineConfig {
+  dtype: DType;
+  /** f16 output as `array<vec4<f16>>` (shader-f16); otherwise packed u32 pairs. */
+  f16: boolean;
+  dV: number;
+  lse: boolean;
+  /** Most splits a row may have. */
+  maxSplits: number;
+}
+
+const COMBINE_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["n", "u32"],
+  ["s_q", "u32"],
+  ["splits", "u32"],
+  // Output strides in units of 4 elements (b, head, s); d is contiguous.
+  ["o_sb", "u32"],
+  ["o_sh", "u32"],
+  ["o_ss", "u32"],
+];
+
+/** Threads of the combine kernel. */
+export const COMBINE_THREADS = 128;
+
+/** Generates pass 2. Bindings: partial outputs, partial lse, output, [lse]. */
+export function splitKvCombineKernel(c: SplitKvCombineConfig): Kernel {
+  const T = COMBINE_THREADS;
+  const cw = c.dV / 4; // output quads per row
+  const subs = Math.max(1, Math.floor(T / cw));
+  const outEl = c.dtype === "f32" ? "vec4<f32>" : c.f16 ? "vec4<f16>" : "vec2<u32>";
+  const store = (x: string) => {
+    if (c.dtype === "f32") return x;
+    if (c.f16) return `vec4<f16>(${x})`;
+    if (c.dtype === "f16") return `vec2<u32>(pack2x16float(${x}.xy), pack2x16float(${x}.zw))`;
+    return `vec2<u32>(pack_bf16(${x}.x, ${x}.y), pack_bf16(${x}.z, ${x}.w))`;
+  };
+  const L: string[] = [];
+  if (c.f16) L.push("enable f16;");
+  L.push(uniformBlock(COMBINE_UNIFORMS));
+  L.push(`@group(0) @binding(1) var<storage, read> po: array<vec4<f32>>;`);
+  L.push(`@group(0) @binding(2) var<storage, read> plse: array<f32>;`);
+  L.push(`@group(0) @binding(3) var<storage, read_write> o: array<${outEl}>;`);
+  const bindings = ["po", "plse", "o"];
+  if (c.lse) {
+    L.push(`@group(0) @binding(4) var<storage, read_write> lse: array<f32>;`);
+    bindings.push("lse");
+  }
+  if (c.dtype === "bf16" && !c.f16) L.push(BF16_PACK);
+  const reduce = (op: (a: string, b: string) => string) => {
+    const lines: string[] = [];
+    for (let w = T / 2; w >= 1; w /= 2) {
+      lines.push(`  if (lid < ${w}u) { red[lid] = ${op("red[lid]", `red[lid + ${w}u]`)}; }`);
+      lines.push(`  workgroupBarrier();`);
+    }
+    return lines.join("\n");
+  };
+  L.push(`var<workgroup> wt: array<f32, ${c.maxSplits}>;
+var<workgroup> red: array<f32, ${T}>;
+var<workgroup> part: array<vec4<f32>, ${subs * cw}>;
+@compute @workgroup_size(${T})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let rg = wid.x + wid.y * nwg.x;
+  if (rg >= P.groups) { return; }
+  let base = rg * P.splits;
+  var mx = -3.0e38;
+  for (var c = lid; c < P.splits; c += ${T}u) { mx = max(mx, plse[base + c]); }
+  red[lid] = mx;
+  workgroupBarrier();
+${reduce((a, b) => `max(${a}, ${b})`)}
+  let m = red[0];
+  workgroupBarrier();
+  var total = 0.0;
+  for (var c = lid; c < P.splits; c += ${T}u) {
+    let x = plse[base + c];
+    let e = select(0.0, exp(x - m), x > -3.0e38);
+    wt[c] = e;
+    total += e;
+  }
+  red[lid] = total;
+  workgroupBarrier();
+${reduce((a, b) => `${a} + ${b}`)}
+  let sum = red[0];
+  let col = lid % ${cw}u;
+  let sub = lid / ${cw}u;
+  var acc = vec4<f32>(0.0);
+  if (sub < ${subs}u) {
+    for (var c = sub; c < P.splits; c += ${subs}u) { acc = fma(vec4<f32>(wt[c]), po[(base + c) * ${cw}u + col], acc); }
+    part[lid] = acc;
+  }
+  workgroupBarrier();
+  let i = rg % P.s_q;
+  let bh = rg / P.s_q;
+  let h = bh % P.n;
+  let b = bh / P.n;
+  if (lid < ${cw}u) {
+    let inv = select(0.0, 1.0 / sum, sum > 0.0);
+    let x = ${sum(range(subs).map((s) => `part[${s * cw}u + lid]`))} * inv;
+    o[b * P.o_sb + h * P.o_sh + i * P.o_ss + lid] = ${store("x")};
+  }
+${
+    c.lse
+      ? `  if (lid == 0u) { lse[rg] = select(bitcast<f32>(0xff800000u), m + log(sum), sum > 0.0); }\n`
+      : ""
+  }}
+`);
+  const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}:${c.maxSplits}`;
+  return { key, label: key, code: L.join("\n"), bindings, uniforms: COMBINE_UNIFORMS };
+}
