@@ -114,8 +114,8 @@ export async function encodeFlash(
     scale_log2: p.scale * Math.LOG2E,
     offset: diagonalOffset(p),
     // Unbounded sides as a finite bound that cannot overflow i32 in the kernel's index arithmetic.
-    left: Math.min(p.left, p.sQ + p.sKv),
-    right: Math.min(p.right, p.sQ + p.sKv),
+    left: Math.min(p.left, p.sQ + p.sKv + Math.abs(diagonalOffset(p))),
+    right: Math.min(p.right, p.sQ + p.sKv + Math.abs(diagonalOffset(p))),
     q_sb: v4(p.q.strides.b),
     q_sh: v4(p.q.strides.n),
     q_ss: v4(p.q.strides.s),
