@@ -187,8 +187,11 @@ export async function explain(
 
 /** One backend as {@link availableBackends} lists it. */
 export interface BackendInfo {
+  /** Canonical name, as `options.backend` and `WGATTN_IMPLEMENTATION` take it. */
   name: string;
+  /** Other names it answers to (DiffSynth's family names among them). */
   aliases: readonly string[];
+  /** One line on what it is. */
   summary: string;
   /** Whether it can run on this machine at all (some calls may still fall to another). */
   available: boolean;
@@ -250,12 +253,19 @@ export async function getDevice(): Promise<GPUDevice | null> {
 
 /** What the adapter offers, as wgattn probed it. */
 export interface DeviceInfo {
+  /** Adapter description, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)". */
   adapter: string;
+  /** True for a software adapter. */
   isFallbackAdapter: boolean;
+  /** WGSL f16 arithmetic and storage (`shader-f16`). */
   shaderF16: boolean;
+  /** Subgroup operations compile and run. */
   subgroups: boolean;
+  /** WGSL `dot4I8Packed`. */
   packedInt8Dot: boolean;
+  /** `timestamp-query`, for timing kernels on the GPU. */
   timestamps: boolean;
+  /** The device limits wgattn requested (the adapter's own). */
   limits: Record<string, number>;
 }
 

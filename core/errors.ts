@@ -51,6 +51,7 @@ export class WgattnError extends Error {
   /** What was given. */
   readonly actual?: string;
 
+  /** An error with a stable `code`; `details` name the argument, what was expected and what was given. */
   constructor(code: WgattnErrorCode, message: string, details: WgattnErrorDetails = {}) {
     const parts = [message];
     if (details.argument) parts.push(`argument: ${details.argument}`);
