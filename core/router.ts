@@ -8,6 +8,7 @@ export type DecisionSource = "option" | "variable" | "compatibility" | "priority
 
 /** One backend's verdict in the chain the router walked. */
 export interface ChainEntry {
+  /** The backend's canonical name. */
   backend: string;
   /** True for the backend that runs. */
   chosen: boolean;
