@@ -519,7 +519,6 @@ export const CASES: readonly ConformanceCase[] = [
   { b: 1, n: 2, sQ: 64, sKv: 128, d: 128 },
   { b: 1, n: 2, sQ: 77, d: 256 },
   { b: 1, n: 1, sQ: 1000, d: 64 },
-  { b: 1, n: 1, sQ: 1000, d: 64, isCausal: true },
   { b: 1, n: 2, sQ: 1, sKv: 77, d: 64, isCausal: true, note: "(decode step)" },
   { b: 1, n: 2, sQ: 33, d: 64, dV: 32 },
   // tile edges
