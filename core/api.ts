@@ -1,6 +1,7 @@
 import { WgattnError } from "./errors.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
-import { execute } from "./execute.ts";
+import { execute, splitFor } from "./execute.ts";
+import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
 import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
@@ -32,11 +33,13 @@ function decideFor(
   p: AttentionProblem,
   rt: GpuRuntime | null,
   options: AttentionOptions | undefined,
+  wantLse: boolean,
 ): Decision {
   return decide(p, rt?.caps ?? null, BACKENDS, {
     requested: options?.backend,
     variable: readImplementationVariable(),
     broken: rt?.broken,
+    wantLse,
   });
 }
 
@@ -50,15 +53,19 @@ async function run(
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
   for (;;) {
-    const decision = decideFor(p, rt, options);
+    // The router decides per piece when the call is split past the binding limits.
+    let last: Decision | null = null;
+    const choose = (piece: AttentionProblem, lse: boolean) =>
+      (last = decideFor(piece, rt, options, lse)).backend;
     try {
-      return await execute(p, decision.backend, rt, wantLse);
+      return await execute(p, choose, rt, wantLse);
     } catch (e) {
       // A kernel that does not compile on this device retires its backend; the router moves on,
       // unless the caller insisted on that backend.
       const compileFailure = e instanceof WgattnError && e.code === "GPU_ERROR" &&
         /failed to compile/.test(e.message);
-      if (!compileFailure || !rt || decision.source === "option") throw e;
+      const decision = last as Decision | null;
+      if (!compileFailure || !rt || !decision || decision.source === "option") throw e;
       rt.broken.set(decision.backend.name, e.message);
     }
   }
@@ -136,6 +143,11 @@ export interface Explanation {
   adapter: string | null;
   /** The call's sizes as the router saw them. */
   shape: { b: number; n: number; nKv: number; sQ: number; sKv: number; d: number; dV: number; dtype: string };
+  /**
+   * Set when a tensor exceeds one storage binding: the call runs as this many pieces, cut down to
+   * this axis, and `backend` is the choice for the first piece.
+   */
+  split?: { pieces: number; level: "batch" | "head" | "query" | "key" };
   /** The same, as a few lines of text. */
   text: string;
 }
@@ -159,7 +171,8 @@ export async function explain(
 ): Promise<Explanation> {
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
-  const d = decideFor(p, rt, options);
+  const plan = splitFor(p, rt, false);
+  const d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
   const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };
   const why = {
     option: `options.backend = ${JSON.stringify(d.requested)}`,
@@ -170,6 +183,9 @@ export async function explain(
   const lines = [
     `backend: ${d.backend.name} (${why})`,
     `adapter: ${rt?.caps.adapter ?? "none"}`,
+    ...(plan
+      ? [`split: ${pieceCount(plan)} pieces by ${plan.level} (a tensor exceeds maxStorageBufferBindingSize)`]
+      : []),
     ...d.chain.map((c) =>
       `  ${c.chosen ? "->" : "  "} ${c.backend}${c.reasons.length ? `: ${c.reasons.join("; ")}` : ""}`
     ),
@@ -181,6 +197,7 @@ export async function explain(
     chain: d.chain,
     adapter: rt?.caps.adapter ?? null,
     shape,
+    ...(plan ? { split: { pieces: pieceCount(plan), level: plan.level } } : {}),
     text: lines.join("\n"),
   };
 }

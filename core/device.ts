@@ -212,3 +212,20 @@ export function cachedPipeline(
   }
   return made;
 }
+
+/**
+ * Test hook: makes wgattn plan its work for `device` as if the device's limits were at most these
+ * (`GpuCall.dispatch` then refuses any binding past them). Deno's WebGPU raises limits requested
+ * below the WebGPU defaults back to the defaults, so a device with small limits cannot be asked for.
+ * Use a device of its own: the change lasts as long as the device.
+ */
+export async function restrictLimits(
+  device: GPUDevice,
+  limits: Partial<Capabilities["limits"]>,
+): Promise<void> {
+  const rt = await runtimeFor(device);
+  const current = rt.caps.limits as Record<string, number>;
+  for (const [key, value] of Object.entries(limits)) {
+    if (typeof value === "number" && key in current) current[key] = Math.min(current[key], value);
+  }
+}

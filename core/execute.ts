@@ -12,7 +12,8 @@ import {
   type Operand,
 } from "./tensor.ts";
 import type { GpuTensor, HostTensor } from "./types.ts";
-import type { Backend, CpuBackend, GpuBackend } from "../backends/backend.ts";
+import type { Backend, CpuBackend, GpuBackend, GpuIO } from "../backends/backend.ts";
+import { encodeSplit, firstPiece, pieceCount, planSplit, type SplitPlan } from "./split.ts";
 
 /** Output and optional log-sum-exp of one call. */
 export interface RawResult {
@@ -20,16 +21,56 @@ export interface RawResult {
   lse: HostTensor | GpuTensor | null;
 }
 
-/** Runs a decided call. GPU tensors in: nothing waits; host tensors in: one readback. */
+/** Picks the backend for a call, or a piece of one, that does or does not need the lse. */
+export type Chooser = (p: AttentionProblem, wantLse: boolean) => Backend;
+
+/**
+ * The pieces a call runs as on this device (null when it fits each storage binding whole).
+ * Throws OUT_OF_MEMORY when one row cannot fit a binding.
+ */
+export function splitFor(p: AttentionProblem, rt: GpuRuntime | null, wantLse: boolean): SplitPlan | null {
+  if (!rt) return null;
+  const align = rt.device.limits.minStorageBufferOffsetAlignment ?? 256;
+  return planSplit(p, rt.caps.limits.maxStorageBufferBindingSize, align, wantLse);
+}
+
+/**
+ * Runs a call. GPU tensors in: nothing waits; host tensors in: one readback. A call past the
+ * binding limits runs as pieces (core/split.ts), each on the backend `choose` picks for it.
+ */
 export function execute(
   p: AttentionProblem,
-  backend: Backend,
+  choose: Chooser,
   rt: GpuRuntime | null,
   wantLse: boolean,
 ): Promise<RawResult> {
+  const plan = splitFor(p, rt, wantLse);
+  const backend = choose(plan ? firstPiece(p, plan) : p, wantLse);
   if (backend.kind === "cpu") return executeCpu(p, backend, rt, wantLse);
   if (!rt) throw new WgattnError("NO_BACKEND", `backend ${backend.name} needs a GPU`);
-  return executeGpu(p, backend, rt, wantLse);
+  return executeGpu(p, plan ? null : backend, plan, choose, rt, wantLse);
+}
+
+/** Refuses, before anything is created or queued, a call whose buffers cannot exist on the device. */
+function checkMemory(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): void {
+  const max = rt.caps.limits.maxBufferSize;
+  const bytes = DTYPE_BYTES[p.dtype];
+  const needs: [string, number][] = [["output", elementCount(p.out.shape) * bytes]];
+  if (wantLse) needs.push(["lse", p.b * p.n * p.sQ * 4]);
+  for (const [name, o] of [["q", p.q.operand], ["k", p.k.operand], ["v", p.v.operand]] as const) {
+    if (o.residency === "host") needs.push([name, o.data.byteLength]);
+  }
+  if (p.mask?.operand.residency === "host") needs.push(["mask", p.mask.operand.data.byteLength]);
+  const total = needs.reduce((x, [, b]) => x + b, 0);
+  for (const [name, size] of needs) {
+    if (Math.ceil(size / 16) * 16 > max) {
+      throw new WgattnError("OUT_OF_MEMORY", `${name} does not fit one buffer of this device`, {
+        argument: name === "output" || name === "lse" ? undefined : name,
+        expected: `at most ${max} bytes per buffer (maxBufferSize)`,
+        actual: `${size} bytes (${p.b}x${p.n}x${p.sQ}x${p.sKv}, d ${p.d}, ${p.dtype}; ${total} bytes in all)`,
+      });
+    }
+  }
 }
 
 function checkDevice(rt: GpuRuntime, p: AttentionProblem): void {
@@ -42,14 +83,57 @@ function checkDevice(rt: GpuRuntime, p: AttentionProblem): void {
   void p;
 }
 
+/** The GPU backend `choose` picks for a piece (a piece cannot run on the host). */
+function gpuChooser(choose: Chooser) {
+  return (piece: AttentionProblem, wantLse: boolean): GpuBackend => {
+    const b = choose(piece, wantLse);
+    if (b.kind !== "gpu") {
+      throw new WgattnError("NO_BACKEND", "no GPU backend can serve a piece of this split call", {
+        expected: "a GPU backend for each piece of a call past the binding limits",
+        actual: `${b.name} for a piece of ${piece.b}x${piece.n}x${piece.sQ}x${piece.sKv}`,
+      });
+    }
+    return b;
+  };
+}
+
+/** Binds only the tensor's own bytes of a caller's buffer larger than one storage binding. */
+function fitWindows(call: GpuCall, p: AttentionProblem, io: GpuIO): void {
+  const limit = call.rt.caps.limits.maxStorageBufferBindingSize;
+  const windows = new Map<GPUBuffer, GPUBufferBinding>();
+  const bytes = DTYPE_BYTES[p.dtype];
+  const tensors: [GPUBuffer | null, number][] = [
+    [io.q, elementCount(p.q.operand.shape) * bytes],
+    [io.k, elementCount(p.k.operand.shape) * bytes],
+    [io.v, elementCount(p.v.operand.shape) * bytes],
+  ];
+  if (p.mask && io.mask) {
+    const m = p.mask.operand;
+    tensors.push([io.mask, elementCount(m.shape) * (m.dtype === "bool" ? 1 : 4)]);
+  }
+  for (const [buffer, size] of tensors) {
+    if (!buffer || buffer.size <= limit) continue;
+    const had = windows.get(buffer)?.size ?? 0;
+    windows.set(buffer, {
+      buffer,
+      offset: 0,
+      size: Math.max(had, Math.min(buffer.size, Math.ceil(size / 4) * 4)),
+    });
+  }
+  call.windows = windows.size > 0 ? windows : null;
+}
+
 async function executeGpu(
   p: AttentionProblem,
-  backend: GpuBackend,
+  backend: GpuBackend | null,
+  plan: SplitPlan | null,
+  choose: Chooser,
   rt: GpuRuntime,
   wantLse: boolean,
 ): Promise<RawResult> {
   checkDevice(rt, p);
-  const call = new GpuCall(rt, `wgattn ${backend.name}`);
+  checkMemory(p, rt, wantLse);
+  const call = new GpuCall(rt, `wgattn ${backend?.name ?? `split (${pieceCount(plan!)} pieces)`}`);
   const outCount = elementCount(p.out.shape);
   const outBytes = outCount * DTYPE_BYTES[p.dtype];
   let out: GPUBuffer | null = null;
@@ -58,7 +142,7 @@ async function executeGpu(
   try {
     const bind = (o: Operand, name: string) =>
       o.residency === "gpu" ? o.buffer : call.upload(o.data, `wgattn ${name}`);
-    const io = {
+    const io: GpuIO = {
       q: bind(p.q.operand, "q"),
       k: bind(p.k.operand, "k"),
       v: bind(p.v.operand, "v"),
@@ -80,8 +164,12 @@ async function executeGpu(
       rt.device.queue.writeBuffer(out, 0, new Uint8Array(out.size).fill(0xff));
       if (lse) rt.device.queue.writeBuffer(lse, 0, new Uint8Array(lse.size).fill(0xff));
     }
-    await backend.encode(p, io, call);
-    call.submit();
+    if (plan) await encodeSplit(p, plan, io, call, gpuChooser(choose));
+    else {
+      fitWindows(call, p, io);
+      await backend!.encode(p, io, call);
+      call.windows = null;
+    }
   } catch (e) {
     call.abandon();
     if (out) releaseBuffer(out);
@@ -94,10 +182,15 @@ async function executeGpu(
         `the GPU device was lost during the call: ${(e as Error).message}`,
       );
     }
-    throw new WgattnError("GPU_ERROR", `backend ${backend.name} failed: ${(e as Error).message}`);
+    throw new WgattnError(
+      "GPU_ERROR",
+      `backend ${backend?.name ?? "of a piece"} failed: ${(e as Error).message}`,
+    );
   }
+  // Buffers that could not be allocated show here, before anything is queued.
   const oom = await rt.device.popErrorScope().catch(() => null);
   if (oom) {
+    call.abandon();
     releaseBuffer(out!);
     if (lse) releaseBuffer(lse);
     throw new WgattnError("OUT_OF_MEMORY", `the GPU ran out of memory: ${oom.message}`, {
@@ -105,6 +198,7 @@ async function executeGpu(
       actual: `${p.b}x${p.n}x${p.sQ}x${p.sKv} attention`,
     });
   }
+  call.submit();
   if (p.residency === "gpu") {
     untrackBuffer(out);
     if (lse) untrackBuffer(lse);

@@ -81,6 +81,11 @@ export class GpuCall {
   private pass: GPUComputePassEncoder | null = null;
   private readonly temporaries: GPUBuffer[] = [];
   private readonly label: string;
+  /**
+   * Bindings that stand in for whole buffers in {@link dispatch}: the core binds ranges of tensors
+   * larger than one storage binding this way, unknown to the backends.
+   */
+  windows: Map<GPUBuffer, GPUBufferBinding> | null = null;
 
   constructor(rt: GpuRuntime, label: string) {
     this.rt = rt;
@@ -165,10 +170,19 @@ export class GpuCall {
     );
     this.temporaries.push(uniformBuffer);
     const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniformBuffer } }];
+    const limit = this.rt.caps.limits.maxStorageBufferBindingSize;
     kernel.bindings.forEach((name, i) => {
       const b = buffers[name];
       if (!b) throw new Error(`${kernel.label}: binding ${name} has no buffer`);
-      entries.push({ binding: i + 1, resource: b instanceof GPUBuffer ? { buffer: b } : b });
+      const resource = b instanceof GPUBuffer ? this.windows?.get(b) ?? { buffer: b } : b;
+      const size = resource.size ?? resource.buffer.size - (resource.offset ?? 0);
+      if (size > limit) {
+        throw new WgattnError("GPU_ERROR", `${kernel.label}: binding ${name} exceeds one storage binding`, {
+          expected: `at most ${limit} bytes (maxStorageBufferBindingSize)`,
+          actual: `${size} bytes`,
+        });
+      }
+      entries.push({ binding: i + 1, resource });
     });
     const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
     const pass = this.computePass();

@@ -52,6 +52,11 @@ export interface AttentionProblem {
    */
   left: number;
   right: number;
+  /**
+   * The diagonal offset of the band: `sKv - sQ` for a call; a piece of a split call (core/split.ts)
+   * keeps its rows and keys aligned as in the whole call.
+   */
+  offset: number;
   q: OperandView;
   k: OperandView;
   v: OperandView;
@@ -63,7 +68,7 @@ export interface AttentionProblem {
 
 /** Diagonal offset used by causal and window masks. */
 export function diagonalOffset(p: AttentionProblem): number {
-  return p.sKv - p.sQ;
+  return p.offset;
 }
 
 /** True when the call restricts keys by position (causal or window). */
@@ -270,6 +275,7 @@ export function resolveProblem(
     isCausal,
     left,
     right,
+    offset: sKv - sQ,
     q: { operand: q, strides: ql.strides },
     k: { operand: k, strides: kl.strides },
     v: { operand: v, strides: vl.strides },

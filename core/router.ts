@@ -49,14 +49,19 @@ export function lookupBackend(registry: readonly Backend[], name: string, argume
   return found;
 }
 
-/** Reasons a backend cannot serve the call here, including a kernel that failed to build. */
+/**
+ * Reasons a backend cannot serve the call here, including a kernel that failed to build and, when
+ * the caller wants the log-sum-exp, a backend that does not write it.
+ */
 export function reasonsFor(
   b: Backend,
   p: AttentionProblem,
   caps: Capabilities | null,
   broken: ReadonlyMap<string, string>,
+  wantLse = false,
 ): string[] {
   const reasons = b.unsupportedReasons(p, caps);
+  if (wantLse && !b.producesLse) reasons.push("it does not produce the log-sum-exp");
   const failure = broken.get(b.name);
   if (failure) reasons.push(`its kernel failed on this device: ${failure}`);
   return reasons;
@@ -70,12 +75,19 @@ export function decide(
   p: AttentionProblem,
   caps: Capabilities | null,
   registry: readonly Backend[],
-  choice: { requested?: string; variable?: string; broken?: ReadonlyMap<string, string> } = {},
+  choice: {
+    requested?: string;
+    variable?: string;
+    broken?: ReadonlyMap<string, string>;
+    /** The call wants each row's log-sum-exp: backends without it are passed over. */
+    wantLse?: boolean;
+  } = {},
 ): Decision {
   const broken = choice.broken ?? new Map<string, string>();
+  const wantLse = choice.wantLse === true;
   if (choice.requested !== undefined) {
     const b = lookupBackend(registry, choice.requested, "options.backend");
-    const reasons = reasonsFor(b, p, caps, broken);
+    const reasons = reasonsFor(b, p, caps, broken, wantLse);
     if (reasons.length > 0) {
       throw new WgattnError("BACKEND_UNSUPPORTED", `backend ${b.name} cannot serve this call`, {
         argument: "options.backend",
@@ -100,7 +112,7 @@ export function decide(
   } else if (choice.variable) {
     requested = choice.variable;
     const b = lookupBackend(registry, choice.variable, "WGATTN_IMPLEMENTATION");
-    const reasons = reasonsFor(b, p, caps, broken);
+    const reasons = reasonsFor(b, p, caps, broken, wantLse);
     if (reasons.length === 0) {
       return {
         backend: b,
@@ -117,7 +129,7 @@ export function decide(
     order = registry.filter((x) => x !== b);
   }
   for (const b of order) {
-    const reasons = reasonsFor(b, p, caps, broken);
+    const reasons = reasonsFor(b, p, caps, broken, wantLse);
     if (reasons.length === 0 && caps && b.unsuitedReasons) reasons.push(...b.unsuitedReasons(p, caps));
     if (reasons.length === 0) {
       chain.push({ backend: b.name, chosen: true, reasons: [] });
