@@ -12,8 +12,11 @@ import { type FlashConfig, flashConfigProblems, flashKernel } from "../wgsl/flas
 
 /** Tile shapes tried in order; the first valid for the device and head dim wins. */
 const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
-  { br: 64, bc: 64, rt: 16, ct: 8 }, // 128 threads, 4x8 scores and 4x(d/8) outputs per thread
-  { br: 32, bc: 64, rt: 8, ct: 16 }, // for d up to 256 on 48 KiB of workgroup memory
+  // 256 threads, 4x4 scores and 4x(d/16) outputs per thread: fastest measured on the H200
+  // (bench/RESULTS.md), ahead of 128 threads with 4x8 scores.
+  { br: 64, bc: 64, rt: 16, ct: 16 },
+  { br: 64, bc: 64, rt: 16, ct: 8 },
+  { br: 32, bc: 64, rt: 8, ct: 16 },
   { br: 32, bc: 32, rt: 8, ct: 8 }, // small devices (16 KiB, e.g. software adapters)
   { br: 16, bc: 32, rt: 4, ct: 8 },
   { br: 16, bc: 16, rt: 4, ct: 4 },

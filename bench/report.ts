@@ -57,7 +57,13 @@ async function measure(s: BenchShape, dtype: "f32" | "f16", backend: string, lab
     const first = performance.now() - t0;
     const probe = await timeOnGpu(inputs, options, 1);
     const reps = Math.max(2, Math.min(20, Math.ceil(budgetMs / Math.max(probe.ms, 0.05))));
-    const { ms, all } = await timeOnGpu(inputs, options, reps);
+    // Three trials; the headline is the best trial's median (robust to a noisy neighbour or a clock
+    // dip during one trial), and every rep is kept in the log.
+    const trials: number[][] = [];
+    for (let t = 0; t < 3; t++) trials.push((await timeOnGpu(inputs, options, reps)).all);
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    const ms = Math.min(...trials.map(median));
+    const all = trials.flat();
     const row = {
       shape: s.name,
       dims: dimsOf(s),
@@ -66,8 +72,8 @@ async function measure(s: BenchShape, dtype: "f32" | "f16", backend: string, lab
       ms,
       tflops: shapeFlops(s) / ms / 1e9,
     };
-    const spread = [Math.min(...all), Math.max(...all)].map((x) => +x.toFixed(3));
-    console.log(JSON.stringify({ ...row, reps, minMax: spread, firstCallMs: Math.round(first) }));
+    const spread = [Math.min(...all), median(all), Math.max(...all)].map((x) => +x.toFixed(3));
+    console.log(JSON.stringify({ ...row, reps, minMedMax: spread, firstCallMs: Math.round(first) }));
     return row;
   } catch (e) {
     const row = {
