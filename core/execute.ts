@@ -55,17 +55,18 @@ export function execute(
 function checkMemory(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): void {
   const max = rt.caps.limits.maxBufferSize;
   const bytes = DTYPE_BYTES[p.dtype];
-  const needs: [string, number][] = [["output", elementCount(p.out.shape) * bytes]];
-  if (wantLse) needs.push(["lse", p.b * p.n * p.sQ * 4]);
+  const needs: [string, number][] = [];
   for (const [name, o] of [["q", p.q.operand], ["k", p.k.operand], ["v", p.v.operand]] as const) {
     if (o.residency === "host") needs.push([name, o.data.byteLength]);
   }
   if (p.mask?.operand.residency === "host") needs.push(["mask", p.mask.operand.data.byteLength]);
+  needs.push(["output", elementCount(p.out.shape) * bytes]);
+  if (wantLse) needs.push(["lse", p.b * p.n * p.sQ * 4]);
   const total = needs.reduce((x, [, b]) => x + b, 0);
   for (const [name, size] of needs) {
     if (Math.ceil(size / 16) * 16 > max) {
       throw new WgattnError("OUT_OF_MEMORY", `${name} does not fit one buffer of this device`, {
-        argument: name === "output" || name === "lse" ? undefined : name,
+        argument: ["q", "k", "v"].includes(name) ? name : undefined,
         expected: `at most ${max} bytes per buffer (maxBufferSize)`,
         actual: `${size} bytes (${p.b}x${p.n}x${p.sQ}x${p.sKv}, d ${p.d}, ${p.dtype}; ${total} bytes in all)`,
       });
