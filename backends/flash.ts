@@ -46,6 +46,7 @@ export function chooseFlashConfig(
     keyPadding: p.mask !== null,
     lse,
     subgroups: subgroups ? caps.subgroupDirective : false,
+    swizzle: true,
   } as const;
   let last = "no tiling fits";
   for (const tiling of TILINGS) {
