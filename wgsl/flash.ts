@@ -44,6 +44,12 @@ export interface FlashConfig {
   lse: boolean;
   /** Row max by subgroup shuffles (needs ct <= subgroup size); "" or the directive WGSL needs. */
   subgroups: false | "" | "enable subgroups;\n";
+  /**
+   * Lay each 32-thread warp over 8 score columns x 4 query rows (when the grid allows) instead of
+   * 32 consecutive columns: a warp's K and V reads then touch half as many shared-memory
+   * wavefronts. Rows then span warps, so it applies only without subgroup reductions.
+   */
+  swizzle?: boolean;
 }
 
 /** Derived sizes of a config. */
@@ -142,9 +148,16 @@ fn unpack_bf16x4(w: vec2<u32>) -> vec4<f32> {
 }
 `;
 
+/** Whether the warp-over-8x4 thread layout applies (see {@link FlashConfig.swizzle}). */
+export function swizzled(c: FlashConfig): boolean {
+  return c.swizzle === true && c.subgroups === false && c.ct % 8 === 0 && c.rt % 4 === 0 && c.ct > 8;
+}
+
 /** A stable cache key for a config. */
 export function flashKey(c: FlashConfig): string {
-  return `flash:${c.dtype}:${c.f16}:d${c.d}:${c.br}x${c.bc}:${c.rt}x${c.ct}:dk${c.dk}:vc${c.vc}:` +
+  return `flash:${c.dtype}:${c.f16}:d${c.d}:${c.br}x${c.bc}:${c.rt}x${c.ct}:dk${c.dk}:vc${c.vc}:sw${
+    swizzled(c)
+  }:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}`;
 }
 
@@ -196,8 +209,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let b = bh / P.n;
   let hk = h / P.group;
   let q0 = blk * ${c.br}u;
-  let tx = lid % ${c.ct}u;
-  let ty = lid / ${c.ct}u;
+  ${
+    swizzled(c)
+      ? `let tx = ((lid / 32u) % ${c.ct / 8}u) * 8u + lid % 8u;
+  let ty = ((lid / 32u) / ${c.ct / 8}u) * 4u + (lid % 32u) / 8u;`
+      : `let tx = lid % ${c.ct}u;
+  let ty = lid / ${c.ct}u;`
+  }
   let q_base = b * P.q_sb + h * P.q_sh;
   let k_base = b * P.k_sb + hk * P.k_sh;
   let v_base = b * P.v_sb + hk * P.v_sh;
