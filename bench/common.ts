@@ -23,7 +23,14 @@ export const SHAPES: readonly BenchShape[] = [
   { name: "long", b: 1, n: 40, s: 16384, d: 128 },
   { name: "causal", b: 4, n: 32, s: 2048, d: 128, causal: true },
   { name: "causal-as-full", b: 4, n: 32, s: 2048, d: 128 },
+  // Decoding with a KV cache (issue 4): reading K and V is the floor.
+  { name: "decode", b: 1, n: 32, s: 1, d: 128, sKv: 32768, nKv: 8 },
 ];
+
+/** Bytes of K and V, the floor of a decode step. */
+export function kvBytes(s: BenchShape, dtype: "f32" | "f16"): number {
+  return 2 * s.b * (s.nKv ?? s.n) * (s.sKv ?? s.s) * s.d * (dtype === "f32" ? 4 : 2);
+}
 
 /** FLOPs as attention benchmarks count them (4·b·n·s_q·s_kv·d, halved for causal). */
 export function shapeFlops(s: BenchShape): number {

@@ -9,7 +9,7 @@ import { attentionForward, deviceInfo, getDevice, type GpuTensor } from "../mod.
 import { flashTuning } from "../backends/flash.ts";
 import type { FlashConfig } from "../wgsl/flash.ts";
 import { readBuffer } from "../core/gpu.ts";
-import { type BenchShape, shapeFlops, shapeInputs, SHAPES, timeOnGpu } from "./common.ts";
+import { type BenchShape, kvBytes, shapeFlops, shapeInputs, SHAPES, timeOnGpu } from "./common.ts";
 
 const args = new Map<string, string>();
 for (let i = 0; i < Deno.args.length; i++) {
@@ -44,7 +44,10 @@ interface Row {
   note?: string;
 }
 const rows: Row[] = [];
-const dimsOf = (s: BenchShape) => `b${s.b} n${s.n} s${s.s} d${s.d}${s.causal ? " causal" : ""}`;
+const dimsOf = (s: BenchShape) =>
+  `b${s.b} n${s.n} s${s.s} d${s.d}${s.sKv ? ` s_kv${s.sKv}` : ""}${s.nKv ? ` n_kv${s.nKv}` : ""}${
+    s.causal ? " causal" : ""
+  }`;
 
 async function measure(s: BenchShape, dtype: "f32" | "f16", backend: string, label = backend): Promise<Row> {
   const inputs = shapeInputs(device!, s, dtype);
@@ -73,7 +76,8 @@ async function measure(s: BenchShape, dtype: "f32" | "f16", backend: string, lab
       tflops: shapeFlops(s) / ms / 1e9,
     };
     const spread = [Math.min(...all), median(all), Math.max(...all)].map((x) => +x.toFixed(3));
-    console.log(JSON.stringify({ ...row, reps, minMedMax: spread, firstCallMs: Math.round(first) }));
+    const kvGBs = +(kvBytes(s, dtype) / ms / 1e6).toFixed(1);
+    console.log(JSON.stringify({ ...row, reps, minMedMax: spread, kvGBs, firstCallMs: Math.round(first) }));
     return row;
   } catch (e) {
     const row = {
@@ -121,6 +125,7 @@ if (args.has("sweep")) {
 // PyTorch in the same command.
 interface TorchRow {
   backend: string;
+  s_kv: number;
   dtype: string;
   b: number;
   n: number;
@@ -137,7 +142,8 @@ if (torchScript) {
   for (const causal of [false, true]) {
     const list = shapes.filter((s) => !!s.causal === causal);
     if (list.length === 0) continue;
-    const spec = list.map((s) => `${s.b},${s.n},${s.s},${s.d}`).join(";");
+    const spec = list.map((s) => [s.b, s.n, s.s, s.d, ...(s.sKv ? [s.sKv, s.nKv ?? s.n] : [])].join(","))
+      .join(";");
     const cmd = new Deno.Command("python3", {
       args: [
         torchScript,
