@@ -15,6 +15,13 @@
  *   P = exp2(S - m) written to workgroup memory; O = O * alpha + P V, V staged `vc` keys at a time.
  * Every inner loop is unrolled by this generator (Naga does not unroll) with accumulators as
  * named variables; loads along d are vec4.
+ *
+ * With `qk: "int8"` (the `sage` backend) S comes from int8 Q and K that a pre-pass
+ * (wgsl/sage.ts) quantized per block of br query rows and bc keys, packed four to a u32 along d
+ * (d padded to 16) with one f32 scale per block. The Q block stays in workgroup memory for the
+ * whole key loop; K is staged `dk` int8 columns at a time as vec4<u32> words (16 values);
+ * S accumulates in i32 with `dot4I8Packed` and is dequantized once per element (q scale, which
+ * carries the softmax scale and log2 e, times k scale). Softmax and P V are as in f32 mode.
  */
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, type Kernel, uniformBlock, type UniformType } from "./common.ts";
@@ -33,7 +40,10 @@ export interface FlashConfig {
   /** Thread grid: rt rows x ct columns. */
   rt: number;
   ct: number;
-  /** Head-dim columns of Q and K staged at once (divides d, multiple of 4). */
+  /**
+   * Head-dim columns of Q and K staged at once (divides d, multiple of 4). With `qk: "int8"`: int8
+   * columns of K staged at once (a multiple of 16 dividing d padded to 16).
+   */
   dk: number;
   /** V rows staged at once (divides bc, multiple of 4). */
   vc: number;
@@ -50,6 +60,12 @@ export interface FlashConfig {
    * wavefronts. Rows then span warps, so it applies only without subgroup reductions.
    */
   swizzle?: boolean;
+  /**
+   * How S = Q K^T is computed: from the inputs in f32 (default), or from the int8 blocks and scales
+   * of the `sage` pre-pass with `dot4I8Packed` (bindings `q8`, `k8`, `q_scale`, `k_scale` and, with
+   * lse, `lse_bias` in place of `q` and `k`; see {@link flashKernel}).
+   */
+  qk?: "f32" | "int8";
 }
 
 /** Derived sizes of a config. */
@@ -58,12 +74,18 @@ export function flashShape(c: FlashConfig) {
   const dPad = Math.ceil(c.d / (4 * c.ct)) * 4 * c.ct;
   const td = dPad / c.ct;
   const threads = c.rt * c.ct;
-  const qStride = c.dk / 4 + 1; // vec4s per staged Q/K row, padded by one against bank conflicts
+  const int8 = c.qk === "int8";
+  // int8: the head dim padded to 16 (one vec4<u32> word holds 16 values), words per staged K row.
+  const dQ = int8 ? Math.ceil(c.d / 16) * 16 : c.d;
+  const words = int8 ? c.dk / 16 : c.dk / 4;
+  // vec4s per staged Q/K row, padded by one against bank conflicts (int8: Q holds all of dQ).
+  const qStride = int8 ? dQ / 16 + 1 : c.dk / 4 + 1;
+  const kStride = words + 1;
   const pStride = c.bc / 4 + 1;
-  const kvVec4 = Math.max(c.bc * qStride, c.vc * (dPad / 4));
+  const kvVec4 = Math.max(c.bc * kStride, c.vc * (dPad / 4));
   const sharedBytes = 16 * (c.br * qStride + kvVec4 + c.br * pStride) +
     (c.subgroups === false ? 4 * c.br * c.ct : 0);
-  return { tm, tn, dPad, td, threads, qStride, pStride, kvVec4, sharedBytes };
+  return { tm, tn, dPad, td, threads, qStride, kStride, pStride, kvVec4, sharedBytes, dQ, words };
 }
 
 /** Why a config is not valid for a device with these limits (empty when valid). */
@@ -76,7 +98,11 @@ export function flashConfigProblems(
   if (!Number.isInteger(s.tm) || !Number.isInteger(s.tn)) {
     problems.push("tile sizes must divide by the thread grid");
   }
-  if (c.d % 4 !== 0 || c.d % c.dk !== 0 || c.dk % 4 !== 0) {
+  if (c.qk === "int8") {
+    if (c.d % 4 !== 0 || c.dk % 16 !== 0 || s.dQ % c.dk !== 0) {
+      problems.push("d must be a multiple of 4 and dk a multiple of 16 dividing d padded to 16");
+    }
+  } else if (c.d % 4 !== 0 || c.d % c.dk !== 0 || c.dk % 4 !== 0) {
     problems.push("dk must divide d, both multiples of 4");
   }
   if (c.bc % c.vc !== 0 || c.vc % 4 !== 0 || c.bc % 4 !== 0) {
@@ -158,7 +184,9 @@ export function flashKey(c: FlashConfig): string {
   return `flash:${c.dtype}:${c.f16}:d${c.d}:${c.br}x${c.bc}:${c.rt}x${c.ct}:dk${c.dk}:vc${c.vc}:sw${
     swizzled(c)
   }:` +
-    `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}`;
+    `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}${
+      c.qk === "int8" ? ":i8" : ""
+    }`;
 }
 
 /** Generates the flash kernel for `c`. */
@@ -166,6 +194,9 @@ export function flashKernel(c: FlashConfig): Kernel {
   const s = flashShape(c);
   const { tm, tn, td, threads, qStride, pStride } = s;
   const d4 = c.d / 4, dPad4 = s.dPad / 4, dk4 = c.dk / 4;
+  const int8 = c.qk === "int8";
+  const { kStride, words } = s;
+  const dq4 = s.dQ / 16; // int8: vec4<u32> words per row of the packed q8/k8
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -174,11 +205,16 @@ export function flashKernel(c: FlashConfig): Kernel {
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   emit(uniformBlock(UNIFORMS));
   const el = vecElement(c);
-  emit(`@group(0) @binding(1) var<storage, read> q: array<${el}>;`);
-  emit(`@group(0) @binding(2) var<storage, read> k: array<${el}>;`);
+  if (int8) {
+    emit(`@group(0) @binding(1) var<storage, read> q8: array<vec4<u32>>;`);
+    emit(`@group(0) @binding(2) var<storage, read> k8: array<vec4<u32>>;`);
+  } else {
+    emit(`@group(0) @binding(1) var<storage, read> q: array<${el}>;`);
+    emit(`@group(0) @binding(2) var<storage, read> k: array<${el}>;`);
+  }
   emit(`@group(0) @binding(3) var<storage, read> v: array<${el}>;`);
   emit(`@group(0) @binding(4) var<storage, read_write> o: array<${el}>;`);
-  const bindings = ["q", "k", "v", "o"];
+  const bindings = int8 ? ["q8", "k8", "v", "o"] : ["q", "k", "v", "o"];
   if (c.keyPadding) {
     emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> mask: array<u32>;`);
     bindings.push("mask");
@@ -187,10 +223,19 @@ export function flashKernel(c: FlashConfig): Kernel {
     emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read_write> lse: array<f32>;`);
     bindings.push("lse");
   }
+  if (int8) {
+    const extra = c.lse ? ["q_scale", "k_scale", "lse_bias"] : ["q_scale", "k_scale"];
+    for (const name of extra) {
+      emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> ${name}: array<f32>;`);
+      bindings.push(name);
+    }
+  }
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
-  emit(`var<workgroup> qs: array<vec4<f32>, ${c.br * qStride}>;`);
-  emit(`var<workgroup> kvs: array<vec4<f32>, ${s.kvVec4}>;`);
+  // int8: K words and V values (as bits) share kvs.
+  const wv = int8 ? "vec4<u32>" : "vec4<f32>";
+  emit(`var<workgroup> qs: array<${wv}, ${c.br * qStride}>;`);
+  emit(`var<workgroup> kvs: array<${wv}, ${s.kvVec4}>;`);
   emit(`var<workgroup> ps: array<vec4<f32>, ${c.br * pStride}>;`);
   if (c.subgroups === false) emit(`var<workgroup> red: array<f32, ${c.br * c.ct}>;`);
   emit(`const NEG: f32 = -3.0e38;`);
@@ -220,6 +265,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let k_base = b * P.k_sb + hk * P.k_sh;
   let v_base = b * P.v_sb + hk * P.v_sh;
   let rows_here = min(P.s_q - q0, ${c.br}u);`);
+  if (int8) {
+    // Packed blocks: q8 [b, n, blocks * br, dq4], k8 [b, n_kv, k_blocks * bc, dq4] (zero padded).
+    emit(`  let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
+  let ks_base = (b * (P.n / P.group) + hk) * k_blocks;
+  let k8_base = ks_base * ${c.bc * dq4}u;
+  let q_blk = (b * P.n + h) * P.blocks + blk;
+  let q_sc = q_scale[q_blk];`);
+    // The Q block stays in workgroup memory for the whole key loop (the loop's barrier publishes it).
+    for (const u of range(Math.ceil((c.br * dq4) / threads))) {
+      const e = `(lid + ${u * threads}u)`;
+      const guard = (u + 1) * threads > c.br * dq4 ? `if (${e} < ${c.br * dq4}u) ` : "";
+      emit(
+        `  ${guard}{ qs[(${e} / ${dq4}u) * ${qStride}u + ${e} % ${dq4}u] = q8[q_blk * ${
+          c.br * dq4
+        }u + ${e}]; }`,
+      );
+    }
+  }
 
   // Key range this block can see.
   emit(`  var j_lo = 0i;
@@ -240,14 +303,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // the next stage's global loads are already in flight into registers `pf*`. A tile has d/dk
   // "qk" stages (a Q and a K chunk) then bc/vc "v" stages; after the last comes the next tile's
   // first qk stage.
-  const nS = c.d / c.dk, nV = c.bc / c.vc;
-  const qPer = Math.ceil((c.br * dk4) / threads), kPer = Math.ceil((c.bc * dk4) / threads);
+  const nS = int8 ? s.dQ / c.dk : c.d / c.dk, nV = c.bc / c.vc;
+  const qPer = int8 ? 0 : Math.ceil((c.br * dk4) / threads);
+  const kPer = Math.ceil((c.bc * words) / threads);
   const vPer = Math.ceil((c.vc * dPad4) / threads);
   const pfCount = Math.max(qPer + kPer, vPer);
-  for (const u of range(pfCount)) emit(`  var pf${u} = vec4<f32>(0.0);`);
+  const zero = int8 ? "vec4<u32>(0u)" : "vec4<f32>(0.0)";
+  for (const u of range(pfCount)) emit(`  var pf${u} = ${zero};`);
 
   /** Loads qk chunk `chunk` of the tile at key `kv` into pf registers (zeros past the edges). */
   const fetchQk = (chunk: string, kv: string, live: string, indent: string) => {
+    if (int8) {
+      // K words only (Q is resident); the packed rows are zero-padded to whole tiles.
+      for (const u of range(kPer)) {
+        const e = `(lid + ${u * threads}u)`;
+        const conds = [...(live === "true" ? [] : [live])];
+        if ((u + 1) * threads > c.bc * words) conds.push(`${e} < ${c.bc * words}u`);
+        emit(
+          `${indent}${
+            conds.length ? `if (${conds.join(" && ")}) ` : ""
+          }{ pf${u} = k8[k8_base + ((${kv}) + ${e} / ${words}u) * ${dq4}u + (${chunk}) * ${words}u + ${e} % ${words}u]; }`,
+        );
+      }
+      return;
+    }
     const part = (
       per: number,
       first: number,
@@ -279,10 +358,11 @@ ${indent}}`);
       const inRange = (u + 1) * threads > c.vc * dPad4 ? ` && ${e} < ${c.vc * dPad4}u` : "";
       const colOk = s.dPad > c.d ? ` && ${e} % ${dPad4}u < ${d4}u` : "";
       const row = `(${kv}) + (${chunk}) * ${c.vc}u + ${e} / ${dPad4}u`;
+      const value = loadVec(c, "v", `v_base + (${row}) * P.v_ss + ${e} % ${dPad4}u`);
       emit(`${indent}{
-${indent}  pf${u} = vec4<f32>(0.0);
+${indent}  pf${u} = ${zero};
 ${indent}  if (${row} < P.s_kv${inRange}${colOk}) { pf${u} = ${
-        loadVec(c, "v", `v_base + (${row}) * P.v_ss + ${e} % ${dPad4}u`)
+        int8 ? `bitcast<vec4<u32>>(${value})` : value
       }; }
 ${indent}}`);
     }
@@ -295,8 +375,8 @@ ${indent}}`);
     }
     for (const u of range(kPer)) {
       const e = `(lid + ${u * threads}u)`;
-      const guard = (u + 1) * threads > c.bc * dk4 ? `if (${e} < ${c.bc * dk4}u) ` : "";
-      emit(`      ${guard}{ kvs[(${e} / ${dk4}u) * ${qStride}u + ${e} % ${dk4}u] = pf${qPer + u}; }`);
+      const guard = (u + 1) * threads > c.bc * words ? `if (${e} < ${c.bc * words}u) ` : "";
+      emit(`      ${guard}{ kvs[(${e} / ${words}u) * ${kStride}u + ${e} % ${words}u] = pf${qPer + u}; }`);
     }
   };
   const storeV = () => {
@@ -318,7 +398,12 @@ ${indent}}`);
           : ""
       }${c.keyPadding ? " && false" : ""};`,
     );
-    for (const i of range(tm)) for (const j of range(tn)) emit(`    s${i}_${j} *= P.scale_log2;`);
+    // int8: the softmax scale is in the dequantization factor.
+    if (!int8) {
+      for (const i of range(tm)) {
+        for (const j of range(tn)) emit(`    s${i}_${j} *= P.scale_log2;`);
+      }
+    }
     emit(`    if (!full_tile) {`);
     for (const j of range(tn)) {
       emit(`      let col${j} = kv0 + tx + ${c.ct * j}u;`);
@@ -384,7 +469,9 @@ ${indent}}`);
   emit(`  for (var t = t_lo; t < t_hi; t++) {
     let kv0 = t * ${c.bc}u;
     let has_next = t + 1u < t_hi;`);
-  for (const i of range(tm)) for (const j of range(tn)) emit(`    var s${i}_${j} = 0.0;`);
+  for (const i of range(tm)) {
+    for (const j of range(tn)) emit(int8 ? `    var si${i}_${j} = 0i;` : `    var s${i}_${j} = 0.0;`);
+  }
   // ---- S = Q K^T, one qk stage per head-dim chunk ----
   emit(`    for (var kc = 0u; kc < ${nS}u; kc++) {
       workgroupBarrier();`);
@@ -395,7 +482,7 @@ ${indent}}`);
   emit(`      } else {`);
   fetchV("0u", "kv0", "        ");
   emit(`      }`);
-  for (const kk of range(dk4)) {
+  for (const kk of range(int8 ? 0 : dk4)) {
     for (const i of range(tm)) {
       emit(`      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + ${kk}u];`);
     }
@@ -409,7 +496,25 @@ ${indent}}`);
       }
     }
   }
+  for (const kk of range(int8 ? words : 0)) {
+    for (const i of range(tm)) {
+      emit(`      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + kc * ${words}u + ${kk}u];`);
+    }
+    for (const j of range(tn)) {
+      emit(`      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${kStride}u + ${kk}u];`);
+      for (const i of range(tm)) {
+        const a = `qv${i}_${kk}`, b = `kv${j}_${kk}`;
+        emit(
+          `      si${i}_${j} += dot4I8Packed(${a}.x, ${b}.x) + dot4I8Packed(${a}.y, ${b}.y) + dot4I8Packed(${a}.z, ${b}.z) + dot4I8Packed(${a}.w, ${b}.w);`,
+        );
+      }
+    }
+  }
   emit(`    }`);
+  if (int8) {
+    emit(`    let dq = q_sc * k_scale[ks_base + t];`);
+    for (const i of range(tm)) for (const j of range(tn)) emit(`    var s${i}_${j} = f32(si${i}_${j}) * dq;`);
+  }
   softmax();
   // ---- O += P V, one v stage per vc keys ----
   emit(`    for (var vc = 0u; vc < ${nV}u; vc++) {
@@ -429,7 +534,8 @@ ${indent}}`);
       const comp = "xyzw"[e];
       for (const g of range(td / 4)) {
         const vv = `vv${g}_${jj}_${e}`;
-        emit(`      let ${vv} = kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u];`);
+        const read = `kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u]`;
+        emit(`      let ${vv} = ${int8 ? `bitcast<vec4<f32>>(${read})` : read};`);
         for (const i of range(tm)) {
           emit(`      o${i}_${g} = fma(vec4<f32>(pv${i}_${jj}.${comp}), ${vv}, o${i}_${g});`);
         }
@@ -464,7 +570,13 @@ ${indent}}`);
       const guard = s.dPad > c.d ? `if (${col} < ${d4}u) ` : "";
       emit(`      ${guard}{ o[ob + ${col}] = ${storeVec(c, `(o${i}_${g} * inv)`)}; }`);
     }
-    if (c.lse) {
+    if (c.lse && int8) {
+      // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k).
+      emit(`      if (tx == 0u) {
+        let li = (b * P.n + h) * P.s_q + r;
+        lse[li] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2 + lse_bias[li], lt${i} > 0.0);
+      }`);
+    } else if (c.lse) {
       emit(`      if (tx == 0u) {
         lse[(b * P.n + h) * P.s_q + r] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2, lt${i} > 0.0);
       }`);

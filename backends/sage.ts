@@ -1,0 +1,231 @@
+/**
+ * `sage`: the SageAttention idea in WGSL. A GPU pre-pass (wgsl/sage.ts) smooths K (subtracts its
+ * mean over the sequence per channel, which leaves the softmax unchanged) and quantizes Q per block
+ * of query rows and K per block of keys to int8 with one f32 scale per block; the flash kernel's
+ * int8 mode (`qk: "int8"`, wgsl/flash.ts) computes Q K^T with `dot4I8Packed` in i32, dequantizes
+ * once per score and keeps the softmax and P V in f32. All in one compute pass, without waiting.
+ *
+ * Serves what `flash` serves (causal, window, GQA, key padding, layouts, f32/f16/bf16, lse) where
+ * the device has `dot4I8Packed`. Its output is approximate (relative L1 error about 2e-3, cosine
+ * similarity to float64 about 0.99999, tests/sage_test.ts), so the router never picks it on its
+ * own: ask for it by name.
+ */
+import type { GpuBackend, GpuIO } from "./backend.ts";
+import { flashUnsupportedReasons } from "./flash.ts";
+import type { Capabilities } from "../core/device.ts";
+import type { GpuCall } from "../core/gpu.ts";
+import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type FlashConfig, flashConfigProblems, flashKernel } from "../wgsl/flash.ts";
+import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
+
+/** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
+const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
+  { br: 64, bc: 64, rt: 16, ct: 16 },
+  { br: 64, bc: 64, rt: 16, ct: 8 },
+  { br: 32, bc: 64, rt: 8, ct: 16 },
+  { br: 32, bc: 32, rt: 8, ct: 8 }, // small devices (16 KiB, e.g. software adapters)
+  { br: 16, bc: 32, rt: 4, ct: 8 },
+  { br: 16, bc: 16, rt: 4, ct: 4 },
+];
+
+/**
+ * Test and benchmark hooks: force tile parameters (merged over the chosen config); `smooth: false`
+ * skips K's mean (the mean buffer stays zero) to show what smoothing buys.
+ */
+export const sageTuning: { override: Partial<FlashConfig> | null; smooth: boolean } = {
+  override: null,
+  smooth: true,
+};
+
+/** Why the router does not pick `sage` by itself. */
+export const SAGE_UNSUITED =
+  "int8 Q·Kᵀ is approximate; choose it with backend: 'sage' or WGATTN_IMPLEMENTATION=sage " +
+  "(H200 measurements in bench/RESULTS.md)";
+
+/** The int8-mode flash config for a call on a device, or the reason there is none. */
+export function chooseSageConfig(
+  p: AttentionProblem,
+  caps: Capabilities,
+  lse: boolean,
+): FlashConfig | string {
+  const limits = {
+    storage: caps.limits.maxComputeWorkgroupStorageSize,
+    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
+  };
+  // int8 columns of K staged at once: multiples of 16 dividing d padded to 16, at most 128.
+  const dQ = sagePaddedDim(p.d);
+  const dks = [128, 112, 96, 80, 64, 48, 32, 16].filter((x) => x <= dQ && dQ % x === 0);
+  const base = {
+    dtype: p.dtype,
+    f16: caps.shaderF16,
+    d: p.d,
+    band: hasBand(p),
+    keyPadding: p.mask !== null,
+    lse,
+    subgroups: false,
+    swizzle: true,
+    qk: "int8",
+  } as const;
+  let last = "no tiling fits";
+  for (const tiling of TILINGS) {
+    if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
+    for (const vc of [32, 16, 8, 4]) {
+      if (vc > tiling.bc) continue;
+      for (const dk of dks) {
+        const c: FlashConfig = { ...base, ...tiling, vc, dk, ...(sageTuning.override ?? {}) };
+        const problems = flashConfigProblems(c, limits);
+        if (problems.length === 0) return c;
+        last = problems.join("; ");
+      }
+    }
+  }
+  return `no int8 tile configuration fits this device (${last})`;
+}
+
+/** Bytes of the pre-pass's scratch buffers. */
+function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
+  const dQ = sagePaddedDim(p.d);
+  const qBlocks = Math.ceil(p.sQ / c.br), kBlocks = Math.ceil(p.sKv / c.bc);
+  return {
+    qBlocks,
+    kBlocks,
+    q8: p.b * p.n * qBlocks * c.br * dQ,
+    k8: p.b * p.nKv * kBlocks * c.bc * dQ,
+    qScale: p.b * p.n * qBlocks * 4,
+    kScale: p.b * p.nKv * kBlocks * 4,
+    mean: p.b * p.nKv * p.d * 4,
+    bias: lse ? p.b * p.n * p.sQ * 4 : 0,
+  };
+}
+
+function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
+  const reasons = flashUnsupportedReasons(p, caps, false);
+  if (!caps) return reasons;
+  if (!caps.packedInt8Dot) {
+    reasons.push("the device has no dot4I8Packed (WGSL packed_4x8_integer_dot_product)");
+  }
+  if (reasons.length === 0) {
+    const c = chooseSageConfig(p, caps, false);
+    if (typeof c === "string") reasons.push(c);
+    else {
+      const sizes = scratchSizes(p, c, true);
+      const limit = caps.limits.maxStorageBufferBindingSize;
+      if (Math.max(sizes.q8, sizes.k8, sizes.bias) > limit) {
+        reasons.push("its int8 copies of q and k do not fit one storage binding");
+      }
+    }
+  }
+  return reasons;
+}
+
+async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void> {
+  const caps = call.rt.caps;
+  const lse = io.lse !== null;
+  const c = chooseSageConfig(p, caps, lse);
+  if (typeof c === "string") throw new Error(c);
+  const input = { dtype: p.dtype, f16: c.f16, d: p.d };
+  const main = flashKernel(c);
+  const meanK = sageMeanKernel(input);
+  const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false });
+  const quantQ = sageQuantKernel({ ...input, rows: c.br, smooth: false, bias: lse });
+  const [mainPipe, meanPipe, quantKPipe, quantQPipe] = await Promise.all(
+    [main, meanK, quantK, quantQ].map((k) => call.pipeline(k)),
+  );
+  const sz = scratchSizes(p, c, lse);
+  const q8 = call.scratch(sz.q8, "sage q int8");
+  const k8 = call.scratch(sz.k8, "sage k int8");
+  const qScale = call.scratch(sz.qScale, "sage q scales");
+  const kScale = call.scratch(sz.kScale, "sage k scales");
+  const mean = call.scratch(sz.mean, "sage k mean");
+  const bias = lse ? call.scratch(sz.bias, "sage lse bias") : null;
+  const v4 = (x: number) => x / 4;
+
+  // 1. K's mean over the sequence per (batch, K/V head, channel).
+  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
+  if (sageTuning.smooth) {
+    call.dispatch(meanPipe, meanK, { x: io.k, mean }, {
+      heads: p.nKv,
+      cgroups,
+      s: p.sKv,
+      sb: v4(p.k.strides.b),
+      sh: v4(p.k.strides.n),
+      ss: v4(p.k.strides.s),
+    }, p.b * p.nKv * cgroups);
+  }
+  // 2. K - mean to int8 per block of bc keys.
+  call.dispatch(quantKPipe, quantK, { x: io.k, x8: k8, x_scale: kScale, mean }, {
+    heads: p.nKv,
+    group: 1,
+    n_kv: p.nKv,
+    blocks: sz.kBlocks,
+    s: p.sKv,
+    sb: v4(p.k.strides.b),
+    sh: v4(p.k.strides.n),
+    ss: v4(p.k.strides.s),
+    scale_mul: 1,
+    bias_scale: 0,
+  }, p.b * p.nKv * sz.kBlocks);
+  // 3. Q to int8 per block of br rows; its scale carries the softmax scale in log2 units.
+  const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: q8, x_scale: qScale };
+  if (bias) {
+    qBuffers.mean = mean;
+    qBuffers.bias = bias;
+  }
+  call.dispatch(quantQPipe, quantQ, qBuffers, {
+    heads: p.n,
+    group: p.n / p.nKv,
+    n_kv: p.nKv,
+    blocks: sz.qBlocks,
+    s: p.sQ,
+    sb: v4(p.q.strides.b),
+    sh: v4(p.q.strides.n),
+    ss: v4(p.q.strides.s),
+    scale_mul: p.scale * Math.LOG2E,
+    bias_scale: p.scale,
+  }, p.b * p.n * sz.qBlocks);
+  // 4. The flash kernel in int8 mode.
+  const ms = p.mask?.strides ?? { b: 0, j: 0 };
+  const buffers: Record<string, GPUBuffer> = { q8, k8, v: io.v, o: io.out, q_scale: qScale, k_scale: kScale };
+  if (io.mask) buffers.mask = io.mask;
+  if (io.lse) buffers.lse = io.lse;
+  if (bias) buffers.lse_bias = bias;
+  const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
+  call.dispatch(mainPipe, main, buffers, {
+    n: p.n,
+    group: p.n / p.nKv,
+    s_q: p.sQ,
+    s_kv: p.sKv,
+    blocks: sz.qBlocks,
+    scale_log2: p.scale * Math.LOG2E, // unused in int8 mode (folded into the q scales)
+    offset: diagonalOffset(p),
+    // Unbounded sides as a finite bound that cannot overflow i32 in the kernel's index arithmetic.
+    left: Math.min(p.left, bound),
+    right: Math.min(p.right, bound),
+    q_sb: v4(p.q.strides.b),
+    q_sh: v4(p.q.strides.n),
+    q_ss: v4(p.q.strides.s),
+    k_sb: v4(p.k.strides.b),
+    k_sh: v4(p.k.strides.n),
+    k_ss: v4(p.k.strides.s),
+    v_sb: v4(p.v.strides.b),
+    v_sh: v4(p.v.strides.n),
+    v_ss: v4(p.v.strides.s),
+    o_sb: v4(p.out.strides.b),
+    o_sh: v4(p.out.strides.n),
+    o_ss: v4(p.out.strides.s),
+    m_sb: ms.b,
+    m_sj: ms.j,
+  }, p.b * p.n * sz.qBlocks);
+}
+
+/** The int8 Q·Kᵀ (SageAttention-style) backend. */
+export const sageBackend: GpuBackend = {
+  kind: "gpu",
+  name: "sage",
+  aliases: ["sage_attention", "sageattention"],
+  summary: "SageAttention-style: smoothed K, int8 Q·Kᵀ by dot4I8Packed, f32 softmax and P·V",
+  producesLse: true,
+  unsupportedReasons,
+  unsuitedReasons: () => [SAGE_UNSUITED],
+  encode,
+};

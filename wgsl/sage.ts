@@ -1,0 +1,225 @@
+/**
+ * The `sage` pre-pass (SageAttention's quantization in WGSL): small kernels that run before the
+ * flash kernel's int8 mode (`qk: "int8"` in wgsl/flash.ts), in the same compute pass.
+ *
+ * 1. {@link sageMeanKernel}: the mean of K over the sequence per (batch, K/V head, channel).
+ *    Subtracting it from every key ("smoothing") adds the same constant `q . mean` to every score
+ *    of a query row, which the softmax ignores, and removes the channel offsets (outlier channels)
+ *    that would otherwise spend K's int8 range.
+ * 2. {@link sageQuantKernel}: quantizes one block of rows (br query rows of Q, or bc keys of K,
+ *    minus the mean) per workgroup to int8 with one f32 scale per block (absmax / 127), packed four
+ *    to a u32 along d. Rows are padded to whole blocks and d to a multiple of 16 with zeros, so the
+ *    main kernel reads whole vec4<u32> words without bounds checks. Q's scale carries the softmax
+ *    scale and log2 e. With the log-sum-exp, Q's pass also writes each row's `scale * q . mean`,
+ *    which the main kernel adds back to the lse (the smoothing shifted it).
+ *
+ * Layouts: packed `[b, heads, blocks * rows, dQ / 4]` u32, scales `[b, heads, blocks]`, the mean
+ * `[b, n_kv, d]` f32, the lse bias `[b, n, s_q]` f32.
+ */
+import type { DType } from "../core/types.ts";
+import { type Kernel, uniformBlock, type UniformType } from "./common.ts";
+
+/** Threads of the pre-pass workgroups (the WebGPU minimum for maxComputeInvocationsPerWorkgroup). */
+export const SAGE_THREADS = 256;
+
+/** vec4 columns of K one mean workgroup covers. */
+export const SAGE_MEAN_COLUMNS = 8;
+
+/** Head dim padded for the packed int8 layout (one vec4<u32> word holds 16 values). */
+export function sagePaddedDim(d: number): number {
+  return Math.ceil(d / 16) * 16;
+}
+
+/** How a tensor is read: dtype and whether f16 is native (shader-f16). */
+export interface SageInput {
+  dtype: DType;
+  f16: boolean;
+  /** Head dim (a multiple of 4). */
+  d: number;
+}
+
+/** Everything that changes the quantization kernel's text. */
+export interface SageQuantConfig extends SageInput {
+  /** Rows per block (the flash kernel's br for Q, bc for K). */
+  rows: number;
+  /** Subtract the K mean before quantizing (K). */
+  smooth: boolean;
+  /** Write each row's `bias_scale * x . mean` (Q, when the lse is wanted). */
+  bias: boolean;
+}
+
+function element(c: SageInput): string {
+  if (c.dtype === "f32") return "vec4<f32>";
+  if (c.dtype === "f16" && c.f16) return "vec4<f16>";
+  return "vec2<u32>";
+}
+
+/** WGSL `fn ld(i: u32) -> vec4<f32>` reading vec4 `i` of the input `x`. */
+function loader(c: SageInput): string {
+  if (c.dtype === "f32") return "fn ld(i: u32) -> vec4<f32> { return x[i]; }\n";
+  if (c.dtype === "f16" && c.f16) return "fn ld(i: u32) -> vec4<f32> { return vec4<f32>(x[i]); }\n";
+  if (c.dtype === "f16") {
+    return "fn ld(i: u32) -> vec4<f32> { let w = x[i]; return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }\n";
+  }
+  return `fn ld(i: u32) -> vec4<f32> {
+  let w = x[i];
+  return vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u),
+                   bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u));
+}
+`;
+}
+
+function header(c: SageInput, uniforms: [string, UniformType][]): string {
+  return (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(uniforms) +
+    `@group(0) @binding(1) var<storage, read> x: array<${element(c)}>;\n`;
+}
+
+const MEAN_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["heads", "u32"],
+  ["cgroups", "u32"],
+  ["s", "u32"],
+  // Strides of x in vec4 units (b, head, s).
+  ["sb", "u32"],
+  ["sh", "u32"],
+  ["ss", "u32"],
+];
+
+/**
+ * The mean of x over the sequence per (batch, head, channel): one workgroup per (batch, head,
+ * {@link SAGE_MEAN_COLUMNS} vec4 columns); its lanes sum strided rows, then a tree in workgroup
+ * memory. Dispatch `b * heads * cgroups` workgroups, `cgroups = ceil(d / 4 / SAGE_MEAN_COLUMNS)`.
+ */
+export function sageMeanKernel(c: SageInput): Kernel {
+  const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
+  const key = `sage-mean:${c.dtype}:${c.f16}:d${c.d}`;
+  const code = header(c, MEAN_UNIFORMS) + loader(c) +
+    `@group(0) @binding(2) var<storage, read_write> mean: array<vec4<f32>>;
+var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
+@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.cgroups;
+  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let lane = lid / ${cw}u;
+  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + col;
+  var acc = vec4<f32>(0.0);
+  if (col < ${d4}u) {
+    for (var r = lane; r < P.s; r += ${lanes}u) { acc += ld(base + r * P.ss); }
+  }
+  red[lid] = acc;
+  workgroupBarrier();
+  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
+    if (lane < st) { red[lid] += red[lid + st * ${cw}u]; }
+    workgroupBarrier();
+  }
+  if (lane == 0u && col < ${d4}u) { mean[bh * ${d4}u + col] = red[lid] / f32(P.s); }
+}
+`;
+  return { key, label: key, code, bindings: ["x", "mean"], uniforms: MEAN_UNIFORMS };
+}
+
+const QUANT_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["heads", "u32"],
+  // Heads per mean head (Q: the GQA group; K: 1) and the mean's head count.
+  ["group", "u32"],
+  ["n_kv", "u32"],
+  ["blocks", "u32"],
+  ["s", "u32"],
+  // Strides of x in vec4 units (b, head, s).
+  ["sb", "u32"],
+  ["sh", "u32"],
+  ["ss", "u32"],
+  // Multiplies the stored scale (Q: softmax scale * log2 e).
+  ["scale_mul", "f32"],
+  // Multiplies the row bias (Q: the softmax scale).
+  ["bias_scale", "f32"],
+];
+
+/** A stable cache key for a quantization config. */
+export function sageQuantKey(c: SageQuantConfig): string {
+  return `sage-quant:${c.dtype}:${c.f16}:d${c.d}:r${c.rows}:${c.smooth ? "smooth" : "plain"}:${
+    c.bias ? "bias" : "nobias"
+  }`;
+}
+
+/**
+ * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): absmax
+ * (after smoothing) by a tree in workgroup memory, then `round(x * 127 / absmax)` packed four to
+ * a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
+ * then `mean` (smooth or bias) and `bias` (bias).
+ */
+export function sageQuantKernel(c: SageQuantConfig): Kernel {
+  const d4 = c.d / 4, words = sagePaddedDim(c.d) / 4, t = SAGE_THREADS;
+  const bindings = ["x", "x8", "x_scale"];
+  let decls = `@group(0) @binding(2) var<storage, read_write> x8: array<u32>;
+@group(0) @binding(3) var<storage, read_write> x_scale: array<f32>;
+`;
+  if (c.smooth || c.bias) {
+    decls += `@group(0) @binding(${bindings.length + 1}) var<storage, read> mean: array<vec4<f32>>;\n`;
+    bindings.push("mean");
+  }
+  if (c.bias) {
+    decls += `@group(0) @binding(${bindings.length + 1}) var<storage, read_write> bias: array<f32>;\n`;
+    bindings.push("bias");
+  }
+  const value = (col: string) => c.smooth ? `(ld(row + ${col}) - mean[mb + ${col}])` : `ld(row + ${col})`;
+  const code = header(c, QUANT_UNIFORMS) + loader(c) + decls +
+    `var<workgroup> red: array<f32, ${t}>;
+@compute @workgroup_size(${t})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.blocks;
+  let r0 = (wg % P.blocks) * ${c.rows}u;
+  let b = bh / P.heads;
+  let h = bh % P.heads;
+  let base = b * P.sb + h * P.sh;
+  let mb = (b * P.n_kv + h / P.group) * ${d4}u;
+  let rows = min(P.s - r0, ${c.rows}u);
+  var mx = 0.0;
+  for (var e = lid; e < rows * ${d4}u; e += ${t}u) {
+    let row = base + (r0 + e / ${d4}u) * P.ss;
+    let v = abs(${value(`e % ${d4}u`)});
+    mx = max(mx, max(max(v.x, v.y), max(v.z, v.w)));
+  }
+  red[lid] = mx;
+  workgroupBarrier();
+  for (var st = ${t / 2}u; st > 0u; st >>= 1u) {
+    if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
+    workgroupBarrier();
+  }
+  let amax = red[0];
+  let inv = select(0.0, 127.0 / amax, amax > 0.0);
+  if (lid == 0u) { x_scale[wg] = amax / 127.0 * P.scale_mul; }
+  for (var e = lid; e < ${c.rows * words}u; e += ${t}u) {
+    let r = e / ${words}u;
+    let col = e % ${words}u;
+    var word = 0u;
+    if (r < rows && col < ${d4}u) {
+      let row = base + (r0 + r) * P.ss;
+      let iv = vec4<i32>(clamp(round(${value("col")} * inv), vec4<f32>(-127.0), vec4<f32>(127.0)));
+      word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) |
+        (u32(iv.w) << 24u);
+    }
+    x8[wg * ${c.rows * words}u + e] = word;
+  }
+${
+      c.bias
+        ? `  for (var r = lid; r < rows; r += ${t}u) {
+    let row = base + (r0 + r) * P.ss;
+    var acc = 0.0;
+    for (var col = 0u; col < ${d4}u; col++) { acc += dot(ld(row + col), mean[mb + col]); }
+    bias[bh * P.s + r0 + r] = acc * P.bias_scale;
+  }
+`
+        : ""
+    }}
+`;
+  const key = sageQuantKey(c);
+  return { key, label: key, code, bindings, uniforms: QUANT_UNIFORMS };
+}
