@@ -27,6 +27,7 @@ export {
   IMPLEMENTATION_VARIABLE,
   setDevice,
 } from "./core/api.ts";
+export { type Stats, stats } from "./core/stats.ts";
 export { type AttentionPart, mergeAttention, type MergedAttention, type MergeOptions } from "./core/merge.ts";
 export type { ChainEntry, DecisionSource } from "./core/router.ts";
 export { WgattnError, type WgattnErrorCode, type WgattnErrorDetails } from "./core/errors.ts";

@@ -3,6 +3,7 @@ import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from ".
 import { execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
+import { checkGpuOperands } from "./validate.ts";
 import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
 import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
 import { BACKENDS } from "../backends/registry.ts";
@@ -52,6 +53,7 @@ async function run(
 ) {
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
+  await checkGpuOperands(p, rt); // before anything is created or queued
   for (;;) {
     // The router decides per piece when the call is split past the binding limits.
     let last: Decision | null = null;
@@ -60,13 +62,15 @@ async function run(
     try {
       return await execute(p, choose, rt, wantLse);
     } catch (e) {
-      // A kernel that does not compile on this device retires its backend; the router moves on,
-      // unless the caller insisted on that backend.
+      // A kernel that does not compile on this device retires its backend (explain() and
+      // availableBackends() give the reason); the router moves on, unless the caller insisted on
+      // that backend. A lost device is not the kernel's fault.
       const compileFailure = e instanceof WgattnError && e.code === "GPU_ERROR" &&
         /failed to compile/.test(e.message);
       const decision = last as Decision | null;
-      if (!compileFailure || !rt || !decision || decision.source === "option") throw e;
-      rt.broken.set(decision.backend.name, e.message);
+      if (!compileFailure || !rt || rt.lost || !decision || rt.broken.has(decision.backend.name)) throw e;
+      rt.broken.set(decision.backend.name, e.message.replace(/^\[GPU_ERROR\] /, ""));
+      if (decision.source === "option") throw e;
     }
   }
 }
@@ -171,6 +175,7 @@ export async function explain(
 ): Promise<Explanation> {
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
+  await checkGpuOperands(p, rt);
   const plan = splitFor(p, rt, false);
   const d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
   const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };

@@ -59,10 +59,23 @@ const LIMIT_KEYS = [
 
 let current: Promise<GpuRuntime | null> | null = null;
 const runtimes = new WeakMap<GPUDevice, Promise<GpuRuntime>>();
+/** Runtimes already probed, by device, for synchronous lookups ({@link runtimeNow}). */
+const probed = new WeakMap<GPUDevice, GpuRuntime>();
+/** What `current` resolved to, once it did. */
+let currentNow: GpuRuntime | null = null;
 
 /** Makes `device` the one wgattn uses by default. */
 export function setDefaultDevice(device: GPUDevice | null): void {
-  current = device ? runtimeFor(device, false) : null;
+  current = device ? follow(runtimeFor(device, false)) : null;
+  currentNow = device ? probed.get(device) ?? null : null;
+}
+
+/** Makes `made` the default runtime, and {@link runtimeNow}'s answer once it resolves. */
+function follow(made: Promise<GpuRuntime | null>): Promise<GpuRuntime | null> {
+  made.then((rt) => {
+    if (current === made) currentNow = rt;
+  }, () => {});
+  return made;
 }
 
 /** The runtime for a caller's device (probed once per device). */
@@ -75,16 +88,30 @@ export function runtimeFor(device: GPUDevice, owned = false): Promise<GpuRuntime
   return r;
 }
 
-/** The default runtime, acquired on first use; null when there is no WebGPU adapter. */
+/**
+ * The default runtime, acquired on first use; null when there is no WebGPU adapter. When the device
+ * wgattn acquired itself was lost, the next call acquires a new one (once, however many calls ask
+ * at the same time); a device the caller gave stays, and calls on it fail with DEVICE_LOST.
+ */
 export function defaultRuntime(): Promise<GpuRuntime | null> {
-  if (!current) current = acquire();
-  return current.then((rt) => {
+  if (!current) current = follow(acquire());
+  const seen = current;
+  return seen.then((rt) => {
     if (rt && rt.lost && rt.owned) {
-      current = acquire();
-      return current;
+      if (current === seen) current = follow(acquire());
+      return current!;
     }
     return rt;
   });
+}
+
+/**
+ * The runtime of `device`, or of the default device, if it was probed already; null otherwise.
+ * Never acquires anything.
+ */
+export function runtimeNow(device?: GPUDevice): GpuRuntime | null {
+  if (device) return probed.get(device) ?? null;
+  return currentNow;
 }
 
 async function acquire(): Promise<GpuRuntime | null> {
@@ -180,7 +207,19 @@ async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): P
   device.lost.then(() => {
     rt.lost = true;
   });
+  probed.set(device, rt);
   return rt;
+}
+
+/**
+ * Whether the runtime's device is lost, for an error path: `device.lost` settles in a callback
+ * that may not have run yet when an operation on a just-destroyed device fails, so this gives it
+ * one macrotask to do so.
+ */
+export async function confirmLost(rt: GpuRuntime): Promise<boolean> {
+  if (rt.lost) return true;
+  await new Promise((resolve) => setTimeout(resolve, 0));
+  return rt.lost;
 }
 
 /** A compiled pipeline from the runtime's LRU cache. */
@@ -196,15 +235,34 @@ export function cachedPipeline(
     rt.pipelines.set(key, hit);
     return hit;
   }
-  const module = rt.device.createShaderModule({ code: code(), label });
-  const made = rt.device.createComputePipelineAsync({
+  // The shader's own diagnostics go to an error scope (pushed and popped with no await between, so
+  // that concurrent calls do not mix them up); the pipeline's rejection only says "invalid".
+  rt.device.pushErrorScope("validation");
+  let module: GPUShaderModule;
+  try {
+    module = rt.device.createShaderModule({ code: code(), label });
+  } catch (e) {
+    rt.device.popErrorScope().catch(() => null);
+    throw e;
+  }
+  const diagnostics = rt.device.popErrorScope().catch(() => null);
+  const made: Promise<GPUComputePipeline> = rt.device.createComputePipelineAsync({
     layout: "auto",
     label,
     compute: { module, entryPoint: "main" },
   })
-    .catch((e) => {
-      rt.pipelines.delete(key);
-      throw new WgattnError("GPU_ERROR", `kernel ${label} failed to compile: ${(e as Error).message}`);
+    .catch(async (e) => {
+      if (rt.pipelines.get(key) === made) rt.pipelines.delete(key);
+      const message = (e as Error)?.message ?? String(e);
+      if (rt.lost || /\blost\b/i.test(message)) {
+        throw new WgattnError("DEVICE_LOST", `the GPU device was lost while kernel ${label} was built`, {
+          expected: "a live device (the next call acquires a new one, unless the device is yours)",
+          actual: message,
+        });
+      }
+      const detail = ((await diagnostics)?.message ?? message).split("\n").map((l) => l.trim())
+        .filter((l) => l && !/^(\d+\s*)?[│┌└─^=]/.test(l)).slice(0, 2).join(" ").slice(0, 300);
+      throw new WgattnError("GPU_ERROR", `kernel ${label} failed to compile: ${detail}`);
     });
   rt.pipelines.set(key, made);
   while (rt.pipelines.size > PIPELINE_CACHE_LIMIT) {

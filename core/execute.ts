@@ -1,5 +1,5 @@
 import { WgattnError } from "./errors.ts";
-import type { GpuRuntime } from "./device.ts";
+import { confirmLost, type GpuRuntime } from "./device.ts";
 import { debug, GpuCall, readBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
 import type { AttentionProblem } from "./problem.ts";
 import {
@@ -74,13 +74,19 @@ function checkMemory(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): voi
   }
 }
 
-function checkDevice(rt: GpuRuntime, p: AttentionProblem): void {
-  if (rt.lost) {
-    throw new WgattnError("DEVICE_LOST", "the GPU device was lost; the next call acquires a new one", {
-      expected: "a live device",
+function lostError(when: string, cause?: unknown): WgattnError {
+  return new WgattnError(
+    "DEVICE_LOST",
+    `the GPU device was lost ${when}${cause ? `: ${(cause as Error).message ?? cause}` : ""}`,
+    {
+      expected: "a live device (the next call acquires a new one, unless the device is yours)",
       actual: "lost",
-    });
-  }
+    },
+  );
+}
+
+function checkDevice(rt: GpuRuntime, p: AttentionProblem): void {
+  if (rt.lost) throw lostError("before the call");
   void p;
 }
 
@@ -139,7 +145,6 @@ async function executeGpu(
   const outBytes = outCount * DTYPE_BYTES[p.dtype];
   let out: GPUBuffer | null = null;
   let lse: GPUBuffer | null = null;
-  rt.device.pushErrorScope("out-of-memory");
   try {
     const bind = (o: Operand, name: string) =>
       o.residency === "gpu" ? o.buffer : call.upload(o.data, `wgattn ${name}`);
@@ -175,31 +180,42 @@ async function executeGpu(
     call.abandon();
     if (out) releaseBuffer(out);
     if (lse) releaseBuffer(lse);
-    await rt.device.popErrorScope().catch(() => null);
-    if (e instanceof WgattnError) throw e;
-    if (rt.lost) {
-      throw new WgattnError(
-        "DEVICE_LOST",
-        `the GPU device was lost during the call: ${(e as Error).message}`,
-      );
+    if (await confirmLost(rt)) {
+      throw e instanceof WgattnError && e.code === "DEVICE_LOST" ? e : lostError("during the call", e);
     }
+    if (e instanceof WgattnError) throw e;
     throw new WgattnError(
       "GPU_ERROR",
       `backend ${backend?.name ?? "of a piece"} failed: ${(e as Error).message}`,
     );
   }
-  // Buffers that could not be allocated show here, before anything is queued.
-  const oom = await rt.device.popErrorScope().catch(() => null);
-  if (oom) {
+  // Buffers that could not be allocated and bindings the device refused show here, before anything
+  // is queued (error scopes resolve without waiting for the GPU).
+  const { outOfMemory, validation } = await call.errors();
+  const problem = rt.lost || ((outOfMemory || validation) && await confirmLost(rt))
+    ? lostError("before its work was queued")
+    : outOfMemory
+    ? new WgattnError("OUT_OF_MEMORY", `the GPU ran out of memory: ${outOfMemory.message}`, {
+      expected: "buffers that fit in device memory",
+      actual: `${p.b}x${p.n}x${p.sQ}x${p.sKv} attention`,
+    })
+    : validation
+    ? new WgattnError("GPU_ERROR", `the device refused the call's bindings: ${validation.message}`)
+    : null;
+  if (problem) {
     call.abandon();
     releaseBuffer(out!);
     if (lse) releaseBuffer(lse);
-    throw new WgattnError("OUT_OF_MEMORY", `the GPU ran out of memory: ${oom.message}`, {
-      expected: "buffers that fit in device memory",
-      actual: `${p.b}x${p.n}x${p.sQ}x${p.sKv} attention`,
-    });
+    throw problem;
   }
-  call.submit();
+  const refused = await call.submit();
+  if (refused || rt.lost) {
+    releaseBuffer(out!);
+    if (lse) releaseBuffer(lse);
+    throw await confirmLost(rt)
+      ? lostError("as its work was queued")
+      : new WgattnError("GPU_ERROR", `the device refused the call's work: ${refused!.message}`);
+  }
   if (p.residency === "gpu") {
     untrackBuffer(out);
     if (lse) untrackBuffer(lse);
@@ -216,12 +232,7 @@ async function executeGpu(
       lse: lseHost ? { data: lseHost, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
     };
   } catch (e) {
-    if (rt.lost) {
-      throw new WgattnError(
-        "DEVICE_LOST",
-        `the GPU device was lost during the call: ${(e as Error).message}`,
-      );
-    }
+    if (await confirmLost(rt)) throw lostError("while its result was read back", e);
     throw e;
   } finally {
     releaseBuffer(out);
@@ -263,12 +274,18 @@ async function executeCpu(
   rt: GpuRuntime | null,
   wantLse: boolean,
 ): Promise<RawResult> {
-  const [q, k, v] = await Promise.all([
-    operandToFloat64(p.q.operand, rt, "q"),
-    operandToFloat64(p.k.operand, rt, "k"),
-    operandToFloat64(p.v.operand, rt, "v"),
-  ]);
-  const mask = p.mask ? await operandToFloat64(p.mask.operand, rt, "options.attnMask") : null;
+  let q: Float64Array, k: Float64Array, v: Float64Array, mask: Float64Array | null;
+  try {
+    [q, k, v, mask] = await Promise.all([
+      operandToFloat64(p.q.operand, rt, "q"),
+      operandToFloat64(p.k.operand, rt, "k"),
+      operandToFloat64(p.v.operand, rt, "v"),
+      p.mask ? operandToFloat64(p.mask.operand, rt, p.mask.argument ?? "options.attnMask") : null,
+    ]);
+  } catch (e) {
+    if (rt && await confirmLost(rt)) throw lostError("while GPU tensors were read for the cpu backend", e);
+    throw e;
+  }
   const out = new Float64Array(elementCount(p.out.shape));
   const lse = wantLse ? new Float64Array(p.b * p.n * p.sQ) : null;
   backend.compute(p, { q, k, v, mask, out, lse });
@@ -280,6 +297,7 @@ async function executeCpu(
       lse: lseHost ? { data: lseHost, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
     };
   }
+  if (rt!.lost) throw lostError("before the cpu backend's result was uploaded");
   const device = rt!.device;
   const toGpu = (data: ArrayBufferView, dtype: "f32" | "f16" | "bf16", shape: number[]): GpuTensor => {
     const buffer = device.createBuffer({

@@ -67,8 +67,26 @@ export function setProfiler(p: Profiler | null): void {
 /** Live GPU buffers that wgattn created and still holds, for leak checks. */
 export const gpuStats = { liveBuffers: 0, liveBytes: 0 };
 
-/** Test hook: fill every output buffer with NaN before the kernels run, so unwritten elements show. */
-export const debug = { poisonOutputs: false };
+/** Fault-injection and test hooks. Leave them alone outside tests. */
+export const debug: {
+  /** Fill every output buffer with NaN before the kernels run, so unwritten elements show. */
+  poisonOutputs: boolean;
+  /**
+   * Kernels whose label this matches are compiled from broken WGSL, as a faulty shader compiler
+   * would reject them: the backend is then retired on that device (`GpuRuntime.broken`).
+   */
+  breakKernels: RegExp | null;
+  /** Allocations whose label this matches report out-of-memory, as a full device would. */
+  failAllocations: RegExp | null;
+} = { poisonOutputs: false, breakKernels: null, failAllocations: null };
+
+/** What the device reported while a call was being recorded (see {@link GpuCall.errors}). */
+export interface RecordedErrors {
+  /** The first out-of-memory error, if any. */
+  outOfMemory: GPUError | null;
+  /** The first validation (or internal) error, if any. */
+  validation: GPUError | null;
+}
 
 /**
  * One attention call's GPU work: one command encoder and one compute pass, temporary buffers
@@ -81,6 +99,8 @@ export class GpuCall {
   private pass: GPUComputePassEncoder | null = null;
   private readonly temporaries: GPUBuffer[] = [];
   private readonly label: string;
+  /** Error scopes of each allocation and bind group, popped right away (see {@link capture}). */
+  private readonly pending: Promise<[GPUErrorFilter, GPUError | null]>[] = [];
   /**
    * Bindings that stand in for whole buffers in {@link dispatch}: the core binds ranges of tensors
    * larger than one storage binding this way, unknown to the backends.
@@ -96,7 +116,45 @@ export class GpuCall {
 
   /** A cached pipeline for `kernel`. */
   pipeline(kernel: Kernel): Promise<GPUComputePipeline> {
+    if (debug.breakKernels?.test(kernel.label)) {
+      const broken = () => kernel.code + "\nfn injected_by_debug_breakKernels( {\n";
+      return cachedPipeline(this.rt, `${kernel.key}:broken`, broken, kernel.label);
+    }
     return cachedPipeline(this.rt, kernel.key, () => kernel.code, kernel.label);
+  }
+
+  /**
+   * Runs `f` inside its own out-of-memory and validation error scopes, pushed and popped without
+   * an await in between, so that calls recorded concurrently never see each other's errors.
+   */
+  private capture<T>(f: () => T): T {
+    const device = this.device;
+    device.pushErrorScope("validation");
+    device.pushErrorScope("out-of-memory");
+    try {
+      return f();
+    } finally {
+      const oom = device.popErrorScope().catch(() => null);
+      const validation = device.popErrorScope().catch(() => null);
+      this.pending.push(
+        oom.then((e) => ["out-of-memory", e] as [GPUErrorFilter, GPUError | null]),
+        validation.then((e) => ["validation", e] as [GPUErrorFilter, GPUError | null]),
+      );
+    }
+  }
+
+  /**
+   * What the device reported for this call's allocations and bind groups so far. Awaiting it does
+   * not wait for the GPU (error scopes resolve on the device timeline): call it before submit.
+   */
+  async errors(): Promise<RecordedErrors> {
+    const found: RecordedErrors = { outOfMemory: null, validation: null };
+    for (const [filter, e] of await Promise.all(this.pending)) {
+      if (!e) continue;
+      if (filter === "out-of-memory") found.outOfMemory ??= e;
+      else found.validation ??= e;
+    }
+    return found;
   }
 
   /** A buffer that lives until the call is submitted. */
@@ -120,7 +178,13 @@ export class GpuCall {
         actual: `${size} bytes`,
       });
     }
-    const b = this.device.createBuffer({ size, usage, label, mappedAtCreation: contents !== undefined });
+    const b = this.capture(() =>
+      this.device.createBuffer({ size, usage, label, mappedAtCreation: contents !== undefined })
+    );
+    if (debug.failAllocations?.test(label)) {
+      const e = new GPUOutOfMemoryError(`${label}: out of memory (debug.failAllocations)`);
+      this.pending.push(Promise.resolve(["out-of-memory", e] as [GPUErrorFilter, GPUError | null]));
+    }
     if (contents) {
       new Uint8Array(b.getMappedRange()).set(
         new Uint8Array(contents.buffer, contents.byteOffset, contents.byteLength),
@@ -184,7 +248,9 @@ export class GpuCall {
       }
       entries.push({ binding: i + 1, resource });
     });
-    const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+    const bindGroup = this.capture(() =>
+      this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries })
+    );
     const pass = this.computePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, bindGroup);
@@ -207,12 +273,24 @@ export class GpuCall {
     this.pass = null;
   }
 
-  /** Submits the work and frees temporaries (the GPU keeps them alive until it is done). */
-  submit(): void {
+  /**
+   * Submits the work and frees temporaries (the GPU keeps them alive until it is done). The promise
+   * says whether the device refused the submission (e.g. a caller's buffer destroyed meanwhile); it
+   * does not wait for the GPU.
+   */
+  submit(): Promise<GPUError | null> {
     this.endPass();
-    this.device.queue.submit([this.encoder.finish()]);
-    for (const b of this.temporaries) releaseBuffer(b);
-    this.temporaries.length = 0;
+    const device = this.device;
+    let refused: Promise<GPUError | null>;
+    device.pushErrorScope("validation");
+    try {
+      device.queue.submit([this.encoder.finish()]);
+    } finally {
+      refused = device.popErrorScope().catch(() => null);
+      for (const b of this.temporaries) releaseBuffer(b);
+      this.temporaries.length = 0;
+    }
+    return refused;
   }
 
   /** Drops temporaries without submitting (after an error while encoding). */

@@ -11,6 +11,7 @@ export type AxisRecord = Record<Axis, number>;
 export type ParsedPattern = Axis[][];
 
 const patternCache = new Map<string, ParsedPattern>();
+const PATTERN_CACHE_LIMIT = 256;
 
 /** Parses an einops-style pattern over `b n s d`, e.g. `"b s (n d)"`. */
 export function parsePattern(pattern: string, argument: string): ParsedPattern {
@@ -45,6 +46,8 @@ export function parsePattern(pattern: string, argument: string): ParsedPattern {
   }
   if (groups.filter((g) => g.length > 1).length > 1) fail("more than one grouped axis");
   patternCache.set(pattern, groups);
+  // Patterns come from callers: keep the cache bounded however many spellings a process sees.
+  if (patternCache.size > PATTERN_CACHE_LIMIT) patternCache.delete(patternCache.keys().next().value!);
   return groups;
 }
 

@@ -209,7 +209,6 @@ async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention
   const call = new GpuCall(rt, "wgattn merge");
   const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
   let out: GPUBuffer | null = null, lse: GPUBuffer | null = null;
-  rt.device.pushErrorScope("out-of-memory");
   try {
     out = call.createBuffer(outBytes, usage, "wgattn merged output");
     lse = call.createBuffer(rows * 4, usage, "wgattn merged lse");
@@ -283,21 +282,35 @@ async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention
     call.abandon();
     if (out) releaseBuffer(out);
     if (lse) releaseBuffer(lse);
-    await rt.device.popErrorScope().catch(() => null);
     if (e instanceof WgattnError) throw e;
     throw new WgattnError("GPU_ERROR", `mergeAttention failed: ${(e as Error).message}`);
   }
-  const oom = await rt.device.popErrorScope().catch(() => null);
-  if (oom) {
+  // Each allocation's error scope was popped right away (GpuCall.errors): concurrent calls stay apart.
+  const { outOfMemory: oom, validation } = await call.errors();
+  if (oom || validation || rt.lost) {
     call.abandon();
     releaseBuffer(out);
     releaseBuffer(lse);
+    if (rt.lost) {
+      throw new WgattnError("DEVICE_LOST", "the GPU device was lost during mergeAttention", {
+        expected: "a live device",
+        actual: "lost",
+      });
+    }
+    if (!oom) {
+      throw new WgattnError("GPU_ERROR", `mergeAttention: the device refused: ${validation!.message}`);
+    }
     throw new WgattnError("OUT_OF_MEMORY", `the GPU ran out of memory: ${oom.message}`, {
       expected: "buffers that fit in device memory",
       actual: `${rows} rows of ${v.dV}`,
     });
   }
-  call.submit();
+  const refused = await call.submit();
+  if (refused) {
+    releaseBuffer(out);
+    releaseBuffer(lse);
+    throw new WgattnError("GPU_ERROR", `mergeAttention: the device refused the work: ${refused.message}`);
+  }
   untrackBuffer(out);
   untrackBuffer(lse);
   return {

@@ -19,6 +19,8 @@ export interface MaskView {
   strides: MaskStrides;
   /** True when the mask depends only on (batch, key): a key-padding mask. */
   keyPadding: boolean;
+  /** The option it came from, for error messages. */
+  argument?: "options.attnMask" | "options.keyPaddingMask";
 }
 
 /** One of q, k, v with its element strides by logical axis (n is its own head axis). */
@@ -231,11 +233,14 @@ export function resolveProblem(
   }
   let mask: MaskView | null = null;
   if (options.attnMask !== undefined && options.attnMask !== null) {
-    mask = broadcastMask(
-      toMaskOperand(options.attnMask, "options.attnMask"),
-      [b, n, sQ, sKv],
-      "options.attnMask",
-    );
+    mask = {
+      ...broadcastMask(
+        toMaskOperand(options.attnMask, "options.attnMask"),
+        [b, n, sQ, sKv],
+        "options.attnMask",
+      ),
+      argument: "options.attnMask",
+    };
   } else if (options.keyPaddingMask !== undefined && options.keyPaddingMask !== null) {
     const m = toMaskOperand(options.keyPaddingMask, "options.keyPaddingMask");
     if (
@@ -253,6 +258,7 @@ export function resolveProblem(
       kind: "bool",
       strides: { b: m.shape[0] === 1 ? 0 : sKv, n: 0, i: 0, j: 1 },
       keyPadding: true,
+      argument: "options.keyPaddingMask",
     };
   }
   if (options.backend !== undefined && typeof options.backend !== "string") {

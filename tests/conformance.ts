@@ -267,6 +267,12 @@ function reference(c: ConformanceCase) {
   return r;
 }
 
+/** Drops a case's cached inputs and reference (for generated cases: property_test.ts). */
+export function forgetCase(c: ConformanceCase): void {
+  builtCache.delete(c);
+  referenceCache.delete(c);
+}
+
 // ---- GPU helpers ------------------------------------------------------------------------------
 
 const BYTES: Record<DType, number> = { f32: 4, f16: 2, bf16: 2 };
@@ -363,6 +369,21 @@ export function caseReasons(
   const { q, k, v, options, release } = c.gpu && device ? emptyLike(c, b, device) : inputsFor(c, b, null);
   try {
     return backend.unsupportedReasons(resolveProblem(q, k, v, options), caps);
+  } finally {
+    release();
+  }
+}
+
+/** Runs `f` on the problem of case `c` as the library resolves it (GPU cases on empty buffers). */
+export function withCaseProblem<T>(
+  c: ConformanceCase,
+  device: GPUDevice | null,
+  f: (p: ReturnType<typeof resolveProblem>) => T,
+): T {
+  const b = build(c);
+  const { q, k, v, options, release } = c.gpu && device ? emptyLike(c, b, device) : inputsFor(c, b, null);
+  try {
+    return f(resolveProblem(q, k, v, options));
   } finally {
     release();
   }

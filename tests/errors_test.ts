@@ -5,7 +5,30 @@
 import assert from "node:assert/strict";
 import { defaultRuntime } from "../core/device.ts";
 import type { AttentionOptions, TensorInput } from "../core/types.ts";
-import { attentionForward, explain, WgattnError, type WgattnErrorCode } from "../mod.ts";
+import { attentionForward, explain, stats, WgattnError, type WgattnErrorCode } from "../mod.ts";
+
+/** Counts what is queued on `device` (submissions and buffer writes) until `restore()`. */
+function spyQueue(device: GPUDevice): { queued: () => number; restore: () => void } {
+  const queue = device.queue;
+  const own = queue as unknown as Record<string, unknown>;
+  const submit = queue.submit, writeBuffer = queue.writeBuffer;
+  let queued = 0;
+  queue.submit = function (this: GPUQueue, ...args: Parameters<GPUQueue["submit"]>) {
+    queued++;
+    return submit.apply(this, args);
+  };
+  queue.writeBuffer = function (this: GPUQueue, ...args: Parameters<GPUQueue["writeBuffer"]>) {
+    queued++;
+    return writeBuffer.apply(this, args);
+  };
+  return {
+    queued: () => queued,
+    restore: () => {
+      delete own.submit;
+      delete own.writeBuffer;
+    },
+  };
+}
 
 const t = (shape: number[], fill = 0.5): { data: Float32Array; shape: number[] } => ({
   data: new Float32Array(shape.reduce((p, x) => p * x, 1)).fill(fill),
@@ -24,11 +47,19 @@ async function rejects(
   let first: WgattnError | undefined;
   for (const call of [attentionForward, explain]) {
     let error: unknown;
+    // A rejected call queues nothing on the GPU and leaves nothing allocated.
+    const device = (await defaultRuntime())?.device;
+    const spy = device ? spyQueue(device) : null;
+    const before = stats();
     try {
       await call(q, k, v, options);
     } catch (e) {
       error = e;
+    } finally {
+      spy?.restore();
     }
+    assert.equal(spy?.queued() ?? 0, 0, `${call.name} queued GPU work for a rejected call`);
+    assert.equal(stats().liveBuffers, before.liveBuffers, `${call.name} left buffers allocated`);
     assert.ok(error !== undefined, `${call.name} should reject`);
     assert.ok(error instanceof WgattnError, `${call.name}: expected a WgattnError, got ${error}`);
     assert.equal(error.name, "WgattnError");
@@ -212,4 +243,81 @@ Deno.test({
       for (const b of [ok, small, noStorage]) b.destroy();
     }
   },
+});
+
+Deno.test({
+  name: `errors: GPU buffers that are destroyed, mapped or of another device${
+    runtime ? "" : " [skipped: no WebGPU adapter]"
+  }`,
+  ignore: runtime === null,
+  fn: async () => {
+    const device = runtime!.device;
+    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST;
+    const ok = device.createBuffer({ size: 1024, usage });
+    const destroyed = device.createBuffer({ size: 1024, usage, label: "gone" });
+    destroyed.destroy();
+    const mapped = device.createBuffer({ size: 1024, usage, mappedAtCreation: true });
+    const other = await (await navigator.gpu.requestAdapter())!.requestDevice();
+    const foreign = other.createBuffer({ size: 1024, usage });
+    const mask = (buffer: GPUBuffer) => ({ buffer, shape: [2, 8, 8], dtype: "bool" as const });
+    const gpu = (buffer: GPUBuffer) => ({ buffer, shape: [1, 2, 8, 16], dtype: "f32" as const });
+    try {
+      await rejects([gpu(destroyed), gpu(ok), gpu(ok)], "INVALID_BUFFER", "q", /destroyed/);
+      await rejects([gpu(ok), gpu(ok), gpu(destroyed)], "INVALID_BUFFER", "v", /destroyed/);
+      await rejects([gpu(ok), gpu(foreign), gpu(ok)], "INVALID_BUFFER", "k", /another GPUDevice/);
+      await rejects([gpu(ok), gpu(ok), gpu(mapped)], "INVALID_BUFFER", "v", /mapped/);
+      await rejects(
+        [gpu(ok), gpu(ok), gpu(ok), { attnMask: mask(destroyed) }],
+        "INVALID_BUFFER",
+        "options.attnMask",
+        /destroyed/,
+      );
+      await rejects(
+        [gpu(ok), gpu(ok), gpu(ok), { keyPaddingMask: { buffer: foreign, shape: [1, 8], dtype: "bool" } }],
+        "INVALID_BUFFER",
+        "options.keyPaddingMask",
+        /another GPUDevice/,
+      );
+      // A buffer of the device passed as options.device is foreign to the default one, and back.
+      await rejects([gpu(foreign), gpu(foreign), gpu(foreign)], "INVALID_BUFFER", "q", /another GPUDevice/);
+      const good = await attentionForward(gpu(foreign), gpu(foreign), gpu(foreign), { device: other });
+      good.buffer.destroy();
+      await rejects(
+        [gpu(ok), gpu(ok), gpu(ok), { device: other }],
+        "INVALID_BUFFER",
+        "q",
+        /another GPUDevice/,
+      );
+      // The same buffers, once fine again, work: the checks left no state behind.
+      mapped.unmap();
+      const out = await attentionForward(gpu(ok), gpu(ok), gpu(mapped));
+      out.buffer.destroy();
+    } finally {
+      for (const b of [ok, mapped, foreign]) b.destroy();
+      other.destroy();
+    }
+  },
+});
+
+Deno.test("errors: a backend forced by the caller that cannot serve the call is an error, not a fallback", async () => {
+  const additive = { data: new Float32Array(64), shape: [8, 8] };
+  const e = await rejects(
+    [Q, Q, Q, { backend: "flash", attnMask: additive }],
+    "BACKEND_UNSUPPORTED",
+    "options.backend",
+    /flash/,
+  );
+  assert.match(e.actual!, /mask/);
+  // Without the option the router serves the same call (the variable's choice falls back the same
+  // way: see router_test.ts).
+  const device = (await defaultRuntime())?.device;
+  const spy = device ? spyQueue(device) : null;
+  try {
+    const out = await attentionForward(Q, Q, Q, { attnMask: additive });
+    assert.deepEqual(out.shape, [1, 2, 8, 16]);
+  } finally {
+    spy?.restore();
+  }
+  if (spy) assert.ok(spy.queued() > 0, "the queue spy sees a call that runs");
+  await rejects([Q, Q, Q, { backend: "" }], "UNKNOWN_BACKEND", "options.backend");
 });

@@ -219,7 +219,8 @@ function maskReader(
 /**
  * `softmax(q kᵀ · scale + mask) v` in float64, with bottom-right aligned causal/window limits
  * (`off = s_kv - s_q`) and grouped-query heads (`n_kv` divides `n`). A row with nothing to attend
- * gives zeros and log-sum-exp `-Infinity`.
+ * gives zeros and log-sum-exp `-Infinity`. NaN follows IEEE arithmetic over the keys a row attends:
+ * a NaN score makes the row NaN; a NaN in v reaches that column of the rows that attend its key.
  */
 export function referenceAttention(q: Logical, k: Logical, v: Logical, options: RefOptions = {}): RefResult {
   const { b: B, n: N, s: SQ, d: D } = q.sizes;
@@ -254,6 +255,7 @@ export function referenceAttention(q: Logical, k: Logical, v: Logical, options: 
       const hk = Math.floor(h / groupSize);
       for (let i = 0; i < SQ; i++) {
         let max = -Infinity;
+        let nan = false; // a NaN score (a NaN in q, k or the mask) makes the whole row NaN
         for (let j = 0; j < SKV; j++) {
           let keep = j >= i + off - left && j <= i + off + right;
           if (keep && padAt && pad!.data[padAt(b, h, i, j)] === 0) keep = false;
@@ -273,8 +275,14 @@ export function referenceAttention(q: Logical, k: Logical, v: Logical, options: 
           }
           scores[j] = s;
           if (s > max) max = s;
+          if (Number.isNaN(s)) nan = true;
         }
         const row = (b * N + h) * SQ + i;
+        if (nan) {
+          out.fill(NaN, row * DV, (row + 1) * DV);
+          lse[row] = NaN;
+          continue;
+        }
         if (max === -Infinity) {
           lse[row] = -Infinity; // nothing to attend: zeros (out is already zero)
           continue;

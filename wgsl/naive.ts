@@ -175,10 +175,13 @@ fn main(${WORKGROUP_BUILTINS}) {
   let inv = select(0.0, 1.0 / sum, live && sum > 0.0);
   for (var j = lid; j < P.s_kv; j += 64u) { scores[base + j] = exp(scores[base + j] - mu) * inv; }
 ${
+    // A NaN sum (from a NaN score) gives a NaN lse, not the -inf of a row with nothing to attend,
+    // so that a merge cannot drop the row. NaN tested by its bits: comparisons with NaN are not
+    // reliable across compilers.
     c.lse
-      ? `  if (lid == 0u) { lse[P.r0 + wg] = select(${NEG_INF}, mu + log(sum), live && sum > 0.0); }\n`
-      : ""
-  }}
+      ? `  let nan_sum = (bitcast<u32>(sum) & 0x7fffffffu) > 0x7f800000u;
+  if (lid == 0u) { lse[P.r0 + wg] = select(select(${NEG_INF}, mu + log(sum), live && sum > 0.0), sum, nan_sum); }\n`
+      : ""}}
 `;
   return { key: `naive-softmax:${c.lse}`, label: "naive softmax", code, bindings, uniforms };
 }
@@ -199,10 +202,12 @@ export function naiveValuesKernel(c: NaiveConfig): Kernel {
   code += storageDecl("scores", 1, "f32", "read") + storageDecl("v", 2, el, "read");
   code += storageDecl("o", 3, outEl, "read_write") + scalarLoader("v", c.dtype, c.f16);
   if (c.packedOut && c.dtype === "bf16") code += BF16_PACK;
+  // A key with zero weight (masked) adds nothing, even where v holds NaN or Inf (0 * NaN is NaN).
   const dot = (col: string, name: string) => `
   var ${name} = 0.0;
   for (var j = 0u; j < P.s_kv; j++) {
-    ${name} += scores[sb + j] * ld_v(vb + j * P.v_ss + ${col} * P.v_sd);
+    let w = scores[sb + j];
+    ${name} += select(w * ld_v(vb + j * P.v_ss + ${col} * P.v_sd), 0.0, w == 0.0);
   }`;
   const store = c.packedOut
     ? `  o[ob >> 1u] = ${packPair(c.dtype, "acc0", "acc1")};`
