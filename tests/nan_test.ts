@@ -66,12 +66,6 @@ const CASES: NanCase[] = [
     options: { isCausal: true },
     ref: { isCausal: true },
     expectNaN: true,
-    weaker: {
-      flash: {
-        ignore: "known gap: wgattn/flash drops a NaN score under a band (select(0, exp2(s - m), s > -1e38) " +
-          "in wgsl/flash.ts gives 0 for NaN; select(exp2(s - m), 0, s <= -1e38) keeps it)",
-      },
-    },
   },
   {
     name: "NaN in v reaches that column of the rows attending its key",

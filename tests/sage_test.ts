@@ -295,7 +295,7 @@ Deno.test("sage: the router picks it only by name", async () => {
   assert.equal(lookupBackend(BACKENDS, "sageattention", "x"), sageBackend);
   assert.equal(lookupBackend(BACKENDS, "sage_attention", "x"), sageBackend);
   const names = BACKENDS.map((b) => b.name);
-  assert.equal(names.indexOf("sage"), names.indexOf("flash-subgroup") + 1);
+  assert.ok(names.indexOf("sage") > Math.max(names.indexOf("flash"), names.indexOf("flash-subgroup")));
   if (!caps) return;
   assert.deepEqual(sageBackend.unsuitedReasons!(p, caps), [SAGE_UNSUITED]);
   assert.notEqual(decide(p, caps, BACKENDS).backend.name, "sage");

@@ -452,7 +452,7 @@ ${indent}}`);
       const sums: string[] = [];
       for (const j of range(tn)) {
         const p = masked
-          ? `select(0.0, exp2(s${i}_${j} - mn${i}), s${i}_${j} > -1.0e38)`
+          ? `select(exp2(s${i}_${j} - mn${i}), 0.0, s${i}_${j} <= -1.0e38)`
           : `exp2(s${i}_${j} - mn${i})`;
         emit(`    let p${i}_${j} = ${p};`);
         emit(`    ps[${pRow} + ((tx + ${c.ct * j}u) >> 2u)][(tx + ${c.ct * j}u) & 3u] = p${i}_${j};`);
@@ -574,11 +574,11 @@ ${indent}}`);
       // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k).
       emit(`      if (tx == 0u) {
         let li = (b * P.n + h) * P.s_q + r;
-        lse[li] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2 + lse_bias[li], lt${i} > 0.0);
+        lse[li] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2 + lse_bias[li], !(lt${i} <= 0.0));
       }`);
     } else if (c.lse) {
       emit(`      if (tx == 0u) {
-        lse[(b * P.n + h) * P.s_q + r] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2, lt${i} > 0.0);
+        lse[(b * P.n + h) * P.s_q + r] = select(bitcast<f32>(0xff800000u), (m${i} + log2(lt${i})) * LN2, !(lt${i} <= 0.0));
       }`);
     }
     emit(`    }
