@@ -44,6 +44,8 @@ export interface SplitKvTuning {
   override: Partial<SplitKvConfig> | null;
   /** Force the number of chunks (clamped to what the key range allows). */
   splits: number | null;
+  /** Give each pass its own compute pass, so a profiler times them apart (benchmarks). */
+  separatePasses: boolean;
 }
 
 /** Test and benchmark hook. */
@@ -52,6 +54,7 @@ export const splitKvTuning: SplitKvTuning = {
   registerBudget: 64,
   override: null,
   splits: null,
+  separatePasses: false,
 };
 
 const pow2Floor = (x: number) => 2 ** Math.floor(Math.log2(Math.max(1, x)));
@@ -216,6 +219,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     m_sb: ms.b,
     m_sj: ms.j,
   }, plan.workgroups);
+  if (splitKvTuning.separatePasses) call.endPass();
   const combineBuffers: Record<string, GPUBuffer> = { po, plse, o: io.out };
   if (io.lse) combineBuffers.lse = io.lse;
   call.dispatch(combinePipe, combine, combineBuffers, {

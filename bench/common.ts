@@ -1,5 +1,6 @@
 /** Shared pieces of the benchmarks: the shape suite, GPU inputs, and GPU-timed runs. */
-import { attentionForward, type AttentionOptions, getDevice, type GpuTensor } from "../mod.ts";
+import { attentionForward, type AttentionOptions, deviceInfo, getDevice, type GpuTensor } from "../mod.ts";
+import { heat } from "./heater.ts";
 import { Profiler, setProfiler } from "../core/gpu.ts";
 import { flopCount } from "../core/problem.ts";
 
@@ -82,14 +83,36 @@ export function shapeInputs(device: GPUDevice, s: BenchShape, dtype: "f32" | "f1
   };
 }
 
-/** Median GPU time of one call in ms, from timestamp queries, over `reps` chained calls. */
+/**
+ * GPU time queued before each timed region to bring the chip to its working clocks
+ * (`WGATTN_BENCH_HEAT_MS`, default 150; 0 on software adapters, which have no clocks to raise).
+ */
+export const HEAT_MS = (() => {
+  try {
+    const granted = Deno.permissions.querySync({ name: "env", variable: "WGATTN_BENCH_HEAT_MS" }).state ===
+      "granted";
+    const v = granted ? Deno.env.get("WGATTN_BENCH_HEAT_MS") : undefined;
+    return v !== undefined ? Number(v) : 150;
+  } catch {
+    return 150;
+  }
+})();
+
+/**
+ * Median GPU time of one call's compute pass in ms, from timestamp queries, over `reps` chained
+ * calls queued right after {@link heat}ing the GPU. `all` holds every pass in order (calls that
+ * record several passes give several entries each).
+ */
 export async function timeOnGpu(
   inputs: { q: GpuTensor; k: GpuTensor; v: GpuTensor },
   options: AttentionOptions,
   reps: number,
+  heatMs = HEAT_MS,
 ): Promise<{ ms: number; all: number[] }> {
   const device = (await getDevice())!;
-  const profiler = new Profiler(device, reps);
+  const info = await deviceInfo();
+  await heat(device, info?.isFallbackAdapter ? 0 : heatMs);
+  const profiler = new Profiler(device, reps * 4);
   setProfiler(profiler);
   const outs: GpuTensor[] = [];
   try {

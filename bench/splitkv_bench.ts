@@ -112,6 +112,38 @@ async function report(): Promise<void> {
     }
   }
 
+  // Where split-kv's time goes: a cold chip (no heating), and the two passes timed apart.
+  {
+    const cold = await timeOnGpu(inputs, { backend: "split-kv" }, DRY ? 2 : 40, 0);
+    splitKvTuning.separatePasses = true;
+    const apart = await timeOnGpu(inputs, { backend: "split-kv" }, DRY ? 2 : 40);
+    splitKvTuning.separatePasses = false;
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    const us = (ms: number) => +(ms * 1000).toFixed(2);
+    line({
+      diagnose: "split-kv decode",
+      coldChipUs: us(cold.ms),
+      pass1Us: us(median(apart.all.filter((_, i) => i % 2 === 0))),
+      combineUs: us(median(apart.all.filter((_, i) => i % 2 === 1))),
+    });
+  }
+  // Bandwidth as the cache grows (fixed costs vs streaming).
+  for (const sKv of [4096, 131072]) {
+    const shape = { ...DECODE, sKv: kv(sKv) };
+    const input = shapeInputs(device!, shape, "f16");
+    const ms = await gpuTime(input, "split-kv");
+    if (typeof ms === "number") {
+      const b = kvBytes(shape, 2);
+      line({
+        shape: dims(shape),
+        backend: "split-kv",
+        us: +(ms * 1000).toFixed(2),
+        GBps: Math.round(b / ms / 1e6),
+      });
+    }
+    for (const t of Object.values(input)) t.buffer.destroy();
+  }
+
   // split-kv's knobs: workgroups aimed for, keys per step, threads, lanes, f16 vs packed loads.
   const variants: { targetWorkgroups?: number; override?: typeof splitKvTuning.override }[] = [
     { targetWorkgroups: 264 },
@@ -119,6 +151,8 @@ async function report(): Promise<void> {
     { targetWorkgroups: 1056 },
     { targetWorkgroups: 2112 },
     { targetWorkgroups: 4224 },
+    { targetWorkgroups: 528, override: { unroll: 8 } },
+    { targetWorkgroups: 2112, override: { threads: 64 } },
     { override: { unroll: 2 } },
     { override: { unroll: 8 } },
     { override: { threads: 64 } },

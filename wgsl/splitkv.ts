@@ -475,10 +475,21 @@ ${reduce((a, b) => `${a} + ${b}`)}
   let sum = red[0];
   let col = lid % ${cw}u;
   let sub = lid / ${cw}u;
-  var acc = vec4<f32>(0.0);
+  // Four independent loads in flight per step (loops are not unrolled by the compiler).
+  var acc0 = vec4<f32>(0.0);
+  var acc1 = vec4<f32>(0.0);
+  var acc2 = vec4<f32>(0.0);
+  var acc3 = vec4<f32>(0.0);
   if (sub < ${subs}u) {
-    for (var c = sub; c < P.splits; c += ${subs}u) { acc = fma(vec4<f32>(wt[c]), po[(base + c) * ${cw}u + col], acc); }
-    part[lid] = acc;
+    var c = sub;
+    for (; c + ${3 * subs}u < P.splits; c += ${4 * subs}u) {
+      acc0 = fma(vec4<f32>(wt[c]), po[(base + c) * ${cw}u + col], acc0);
+      acc1 = fma(vec4<f32>(wt[c + ${subs}u]), po[(base + c + ${subs}u) * ${cw}u + col], acc1);
+      acc2 = fma(vec4<f32>(wt[c + ${2 * subs}u]), po[(base + c + ${2 * subs}u) * ${cw}u + col], acc2);
+      acc3 = fma(vec4<f32>(wt[c + ${3 * subs}u]), po[(base + c + ${3 * subs}u) * ${cw}u + col], acc3);
+    }
+    for (; c < P.splits; c += ${subs}u) { acc0 = fma(vec4<f32>(wt[c]), po[(base + c) * ${cw}u + col], acc0); }
+    part[lid] = (acc0 + acc1) + (acc2 + acc3);
   }
   workgroupBarrier();
   let i = rg % P.s_q;
