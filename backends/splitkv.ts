@@ -6,7 +6,8 @@
  * (bottom-right), key-padding masks and every layout whose head dim is contiguous.
  *
  * The router picks it only while `s_q * (n / n_kv)` (the query rows sharing one K/V head) is at
- * most {@link SPLITKV_MAX_ROWS}; past that `flash` reuses each K/V tile over more rows.
+ * most {@link SPLITKV_MAX_ROWS} and s_q at most {@link SPLITKV_MAX_SQ}; past that `flash` reuses
+ * each K/V tile over more rows.
  */
 import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
@@ -21,12 +22,16 @@ import {
 } from "../wgsl/splitkv.ts";
 
 /**
- * The router's crossover: split-kv is chosen on its own only while the query rows sharing one K/V
- * head (`s_q * n / n_kv`) are at most this many. A first guess from the kernel's shape (its
- * registers hold a handful of rows; flash tiles 16+ rows per K/V read): to be measured on the
- * H200 with `bench/splitkv_bench.ts` (see the crossover group there).
+ * The router's crossover, measured on the H200 (bench/RESULTS.md, run 5): split-kv is chosen on its
+ * own while the query rows sharing one K/V head (`s_q * n / n_kv`) are at most this many and s_q is
+ * at most {@link SPLITKV_MAX_SQ}. There it beat flash at every size measured, 5.3x at 128 rows
+ * (s_kv 8192) and 97x at 4 (decode, s_kv 32768): flash's 64-row query tile is at most half full
+ * for s_q <= 32, so flash wastes half its arithmetic, while split-kv spreads the keys over the chip.
  */
-export const SPLITKV_MAX_ROWS = 16;
+export const SPLITKV_MAX_ROWS = 128;
+
+/** Longest query sequence split-kv is chosen for on its own (half of flash's 64-row query tile). */
+export const SPLITKV_MAX_SQ = 32;
 
 /** Most chunks one row is split into (the combine pass keeps their weights in workgroup memory). */
 export const SPLITKV_MAX_SPLITS = 1024;
@@ -36,7 +41,10 @@ const SCRATCH_BUDGET_BYTES = 64 << 20;
 
 /** Tuning knobs (benchmarks sweep them; tests force code paths). */
 export interface SplitKvTuning {
-  /** Workgroups of pass 1 to aim for (a big GPU wants several per SM). Default 1056 (132 x 8). */
+  /**
+   * Workgroups of pass 1 to aim for. Default 528 (4 per SM of a 132-SM H200): fastest of 264 to
+   * 4224 on the decode shape there (bench/RESULTS.md, run 5).
+   */
   targetWorkgroups: number;
   /** Registers (f32) for q and accumulators per lane that decide the rows per workgroup. */
   registerBudget: number;
@@ -50,7 +58,7 @@ export interface SplitKvTuning {
 
 /** Test and benchmark hook. */
 export const splitKvTuning: SplitKvTuning = {
-  targetWorkgroups: 1056,
+  targetWorkgroups: 528,
   registerBudget: 64,
   override: null,
   splits: null,
@@ -164,6 +172,9 @@ function unsuitedReasons(p: AttentionProblem): string[] {
   const rows = (p.n / p.nKv) * p.sQ;
   if (rows > SPLITKV_MAX_ROWS) {
     return [`s_q x group = ${rows} query rows per K/V head > ${SPLITKV_MAX_ROWS}: flash reuses K/V better`];
+  }
+  if (p.sQ > SPLITKV_MAX_SQ) {
+    return [`s_q = ${p.sQ} > ${SPLITKV_MAX_SQ}: flash's query tiles are well filled`];
   }
   return [];
 }

@@ -106,11 +106,18 @@ function referenceRow(n: number, s: number, d: number, b: number, h: number, i: 
 }
 
 const SHAPES = SMALL ? [[1, 4, 300, 64], [2, 4, 300, 64]] : [[1, 40, 32760, 128], [4, 40, 32760, 128]];
+const started = performance.now();
+/** Progress on stderr with seconds since start (a slow step shows where a run spent its time). */
+const progress = (what: string) =>
+  console.error(`[${((performance.now() - started) / 1000).toFixed(1)} s] ${what}`);
 for (const shape of SHAPES) {
   const [B, N, S, D] = shape;
+  progress(`creating q, k, v ${JSON.stringify(shape)}`);
   const q = tensor(shape, 1), k = tensor(shape, 2), v = tensor(shape, 3);
+  progress("created");
   for (const isCausal of [false, true]) {
     const ex = await explain(q, k, v, { isCausal });
+    progress(`explained: ${ex.backend}, split ${JSON.stringify(ex.split ?? null)}`);
     const profiler = new Profiler(device, 16);
     setProfiler(profiler);
     let out: GpuTensor;
@@ -120,7 +127,9 @@ for (const shape of SHAPES) {
     } finally {
       setProfiler(null);
     }
+    progress("queued");
     const passes = await profiler.read();
+    progress(`ran: ${passes.length} passes`);
     const wall = performance.now() - t0;
     profiler.destroy();
     const gpuMs = passes.reduce((a, p) => a + p.ms, 0);
@@ -131,6 +140,7 @@ for (const shape of SHAPES) {
       const want = referenceRow(N, S, D, b, h, i, isCausal);
       for (let c = 0; c < D; c++) maxErr = Math.max(maxErr, Math.abs(got[c] - want[c]));
     }
+    progress("checked sampled rows");
     const flops = 4 * B * N * S * S * D * (isCausal ? 0.5 : 1);
     console.log(JSON.stringify({
       bench: "limits",

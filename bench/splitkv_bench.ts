@@ -12,7 +12,13 @@
  * itself queues CALLS calls per host wait. Skipped on software adapters and small devices.
  */
 import { attentionForward, deviceInfo, getDevice, type GpuTensor } from "../mod.ts";
-import { chooseSplitKvConfig, SPLITKV_MAX_ROWS, splitKvPlan, splitKvTuning } from "../backends/splitkv.ts";
+import {
+  chooseSplitKvConfig,
+  SPLITKV_MAX_ROWS,
+  SPLITKV_MAX_SQ,
+  splitKvPlan,
+  splitKvTuning,
+} from "../backends/splitkv.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { resolveProblem } from "../core/problem.ts";
 import { readBuffer } from "../core/gpu.ts";
@@ -32,6 +38,7 @@ const DECODE: BenchShape = { name: "decode", b: 1, n: 32, nKv: 8, s: 1, sKv: kv(
 /** Device-to-device copy bandwidth measured on the H200, bytes/s. */
 const PEAK = 4.3e12;
 const CALLS = DRY ? 4 : 200;
+const DEFAULT_TARGET = splitKvTuning.targetWorkgroups;
 const BACKENDS = ["split-kv", "flash", "flash-subgroup", "naive"];
 
 const device = await getDevice();
@@ -147,11 +154,15 @@ async function report(): Promise<void> {
   // split-kv's knobs: workgroups aimed for, keys per step, threads, lanes, f16 vs packed loads.
   const variants: { targetWorkgroups?: number; override?: typeof splitKvTuning.override }[] = [
     { targetWorkgroups: 264 },
+    { targetWorkgroups: 396 },
     { targetWorkgroups: 528 },
+    { targetWorkgroups: 792 },
     { targetWorkgroups: 1056 },
     { targetWorkgroups: 2112 },
     { targetWorkgroups: 4224 },
     { targetWorkgroups: 528, override: { unroll: 8 } },
+    { targetWorkgroups: 528, override: { threads: 64 } },
+    { targetWorkgroups: 1056, override: { threads: 64 } },
     { targetWorkgroups: 2112, override: { threads: 64 } },
     { override: { unroll: 2 } },
     { override: { unroll: 8 } },
@@ -164,7 +175,7 @@ async function report(): Promise<void> {
     { override: { subgroups: false } },
   ];
   for (const v of variants) {
-    splitKvTuning.targetWorkgroups = v.targetWorkgroups ?? 1056;
+    splitKvTuning.targetWorkgroups = v.targetWorkgroups ?? DEFAULT_TARGET;
     splitKvTuning.override = v.override ?? null;
     const ms = await gpuTime(inputs, "split-kv", 30);
     line({
@@ -175,7 +186,7 @@ async function report(): Promise<void> {
       }),
     });
   }
-  splitKvTuning.targetWorkgroups = 1056;
+  splitKvTuning.targetWorkgroups = DEFAULT_TARGET;
   splitKvTuning.override = null;
   for (const t of Object.values(inputs)) t.buffer.destroy();
 
@@ -184,6 +195,12 @@ async function report(): Promise<void> {
     ...[1, 2, 4, 8, 16, 32].map((s) => ({ name: "gqa", b: 1, n: 32, nKv: 8, s, sKv: kv(8192), d: 128 })),
     ...[1, 4, 8, 16, 32, 64].map((s) => ({ name: "mha", b: 1, n: 32, nKv: 32, s, sKv: kv(8192), d: 128 })),
     ...[1, 2, 4, 8].map((s) => ({ name: "gqa-long", b: 1, n: 32, nKv: 8, s, sKv: kv(32768), d: 128 })),
+    // Where flash should win: more rows, and batches that fill the chip with flash's query tiles.
+    { name: "gqa", b: 1, n: 32, nKv: 8, s: 64, sKv: kv(8192), d: 128 },
+    { name: "mha", b: 1, n: 32, nKv: 32, s: 128, sKv: kv(8192), d: 128 },
+    { name: "batch-mha", b: 8, n: 32, nKv: 32, s: 32, sKv: kv(8192), d: 128 },
+    { name: "batch-gqa", b: 8, n: 32, nKv: 8, s: 32, sKv: kv(8192), d: 128 },
+    { name: "batch-mha", b: 8, n: 32, nKv: 32, s: 64, sKv: kv(8192), d: 128 },
   ];
   for (const s of cross) {
     const input = shapeInputs(device!, s, "f16");
@@ -201,7 +218,7 @@ async function report(): Promise<void> {
       rows,
       us: times,
       splitKvWins: typeof times["split-kv"] === "number" && times["split-kv"] < fastestFlash,
-      routerPicksSplitKv: rows <= SPLITKV_MAX_ROWS,
+      routerPicksSplitKv: rows <= SPLITKV_MAX_ROWS && s.s <= SPLITKV_MAX_SQ,
     });
     for (const t of Object.values(input)) t.buffer.destroy();
   }

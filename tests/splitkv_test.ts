@@ -223,7 +223,7 @@ Deno.test({
     assert.equal(c.rows, 4, "the 4 query heads of a GQA group in one workgroup");
     assert.equal(c.vw, 8, "16-byte loads");
     const plan = splitKvPlan(p, c, caps);
-    assert.ok(plan.workgroups >= 528, `${plan.workgroups} workgroups`);
+    assert.ok(plan.workgroups >= 396, `${plan.workgroups} workgroups: at least 3 per SM of an H200`);
     assert.ok(plan.totalRows * plan.splits * 128 * 4 <= 8 << 20, "partials under 8 MiB");
   },
 });
