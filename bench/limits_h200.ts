@@ -13,6 +13,7 @@
 import { attentionForward, deviceInfo, explain, getDevice, type GpuTensor, WgattnError } from "../mod.ts";
 import { gpuStats, Profiler, setProfiler } from "../core/gpu.ts";
 import { restrictLimits } from "../core/device.ts";
+import { fillRepeating, randomBlock } from "./common.ts";
 
 const arg = (name: string, fallback: string) => {
   const i = Deno.args.indexOf(`--${name}`);
@@ -30,37 +31,18 @@ if (!device || !info || (info.isFallbackAdapter && !SMALL)) {
 if (SMALL) await restrictLimits(device, { maxStorageBufferBindingSize: 1 << 18 });
 console.log(`adapter: ${info.adapter}; limits: ${JSON.stringify(info.limits)}`);
 
-/** The values bench/common.ts's randomGpuTensor writes: a repeating xorshift block. */
+/** A repeating xorshift block per tensor (the reference below reads the same blocks). */
 const PERIOD = 1_000_003;
-function block(seed: number): Float32Array {
-  const out = new Float32Array(PERIOD);
-  let x = seed * 2654435761 >>> 0 || 1;
-  for (let i = 0; i < PERIOD; i++) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    out[i] = (x / 4294967296) * 2 - 1;
-  }
-  return out;
-}
-const blocks = [block(1), block(2), block(3)];
+const blocks = [randomBlock(PERIOD, 1), randomBlock(PERIOD, 2), randomBlock(PERIOD, 3)];
 
 function tensor(shape: number[], seed: number): GpuTensor {
   const count = shape.reduce((a, b) => a * b, 1);
   const buffer = device!.createBuffer({
     size: Math.ceil((count * 4) / 16) * 16,
     usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
-    mappedAtCreation: true,
   });
-  const range = buffer.getMappedRange();
   const b = blocks[seed - 1];
-  for (let off = 0; off < count; off += PERIOD) {
-    const n = Math.min(PERIOD, count - off);
-    new Float32Array(range, off * 4, n).set(b.subarray(0, n));
-  }
-  buffer.unmap();
+  fillRepeating(device!, buffer, new Uint8Array(b.buffer as ArrayBuffer, 0, Math.min(count, PERIOD) * 4));
   return { buffer, shape, dtype: "f32" };
 }
 
