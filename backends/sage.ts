@@ -7,8 +7,9 @@
  *
  * Serves what `flash` serves (causal, window, GQA, key padding, layouts, f32/f16/bf16, lse) where
  * the device has `dot4I8Packed`. Its output is approximate (relative L1 error about 2e-3, cosine
- * similarity to float64 about 0.99999, tests/sage_test.ts), so the router never picks it on its
- * own: ask for it by name.
+ * similarity to float64 about 0.99999, tests/sage_test.ts), so the router picks it by itself only
+ * for 16-bit inputs on long sequences, where it measured 1.4x to 1.5x faster than flash; f32
+ * inputs get it only by name.
  */
 import type { GpuBackend, GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
@@ -37,10 +38,41 @@ export const sageTuning: { override: Partial<FlashConfig> | null; smooth: boolea
   smooth: true,
 };
 
-/** Why the router does not pick `sage` by itself. */
-export const SAGE_UNSUITED =
-  "int8 Q·Kᵀ is approximate; choose it with backend: 'sage' or WGATTN_IMPLEMENTATION=sage " +
-  "(H200 measurements in bench/RESULTS.md)";
+/** Shortest query and key sequence for which the router picks `sage` by itself. */
+export const SAGE_MIN_SEQ = 2048;
+
+/** Largest |scale|·√d (1 at the default scale) for which the router picks `sage` by itself. */
+export const SAGE_MAX_SHARPNESS = 2;
+
+/** Why the router does not pick `sage` by itself for f32 inputs. */
+export const SAGE_UNSUITED_F32 =
+  "f32 inputs keep f32 accuracy (int8 Q·Kᵀ has relative L1 error about 2e-3); choose it with " +
+  "backend: 'sage' or WGATTN_IMPLEMENTATION=sage";
+
+/**
+ * When the router passes `sage` over (it is its first choice otherwise). Measured on the H200
+ * (bench/RESULTS.md, run 5): 1.40x to 1.54x faster than flash-subgroup on every suite shape from
+ * s = 2048 up (Flux f16 7.16 vs 10.69 ms), 0.91x at s = 128 where its quantization pre-pass does
+ * not pay off. Its error (cosine similarity 0.999998, relative L1 1.9e-3 at s = 4608) is within a
+ * few roundings of 16-bit inputs, not of f32 ones: f32 calls keep flash unless sage is named.
+ */
+function unsuitedReasons(p: AttentionProblem): string[] {
+  if (p.dtype === "f32") return [SAGE_UNSUITED_F32];
+  const sharpness = Math.abs(p.scale) * Math.sqrt(p.d);
+  if (sharpness > SAGE_MAX_SHARPNESS) {
+    return [
+      `scale ${p.scale} is ${sharpness.toFixed(1)}x the default 1/sqrt(d): int8 Q·Kᵀ error grows with ` +
+      `the scale (router limit ${SAGE_MAX_SHARPNESS}x)`,
+    ];
+  }
+  if (Math.min(p.sQ, p.sKv) < SAGE_MIN_SEQ) {
+    return [
+      `s_q ${p.sQ} / s_kv ${p.sKv} under ${SAGE_MIN_SEQ}: its quantization pre-pass does not pay off ` +
+      "(flash measured faster at s = 128)",
+    ];
+  }
+  return [];
+}
 
 /** The int8-mode flash config for a call on a device, or the reason there is none. */
 export function chooseSageConfig(
@@ -226,6 +258,6 @@ export const sageBackend: GpuBackend = {
   summary: "SageAttention-style: smoothed K, int8 Q·Kᵀ by dot4I8Packed, f32 softmax and P·V",
   producesLse: true,
   unsupportedReasons,
-  unsuitedReasons: () => [SAGE_UNSUITED],
+  unsuitedReasons,
   encode,
 };

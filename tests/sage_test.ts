@@ -2,12 +2,19 @@
  * `sage` (int8 Q·Kᵀ with smoothed K) against the float64 reference: cosine similarity at least
  * 0.999 and relative L1 under 0.03 per call, printed, on random inputs and on inputs whose K has
  * outlier channels (the case smoothing exists for); causal, window, GQA, key padding, lse, the
- * three dtypes and forced tile shapes. Also: the router never picks it by itself, and the flash
- * kernel's f32 text does not change with the int8 mode.
+ * three dtypes and forced tile shapes; NaN and Inf reach their quantization block and no more.
+ * Also: when the router picks it by itself (long 16-bit calls), and that the flash kernel's f32
+ * text does not change with the int8 mode.
  */
 import assert from "node:assert/strict";
 import { BACKENDS } from "../backends/registry.ts";
-import { SAGE_UNSUITED, sageBackend, sageTuning } from "../backends/sage.ts";
+import {
+  chooseSageConfig,
+  SAGE_MIN_SEQ,
+  SAGE_UNSUITED_F32,
+  sageBackend,
+  sageTuning,
+} from "../backends/sage.ts";
 import { defaultRuntime, restrictLimits } from "../core/device.ts";
 import { debug } from "../core/gpu.ts";
 import { resolveProblem } from "../core/problem.ts";
@@ -289,24 +296,106 @@ Deno.test({
   },
 });
 
-Deno.test("sage: the router picks it only by name", async () => {
-  const t = { data: new Float32Array(2 * 64 * 64), shape: [1, 2, 64, 64] };
-  const p = resolveProblem(t, t, t);
+interface PoisonCase {
+  name: string;
+  tensor: "q" | "k";
+  head: number;
+  row: number;
+  value: number;
+  isCausal: boolean;
+}
+
+const POISON: PoisonCase[] = [
+  { name: "NaN in k, causal", tensor: "k", head: 0, row: 70, value: NaN, isCausal: true },
+  { name: "+Inf in k, causal", tensor: "k", head: 1, row: 100, value: Infinity, isCausal: true },
+  { name: "NaN in k", tensor: "k", head: 0, row: 3, value: NaN, isCausal: false },
+  { name: "-Inf in q", tensor: "q", head: 1, row: 40, value: -Infinity, isCausal: true },
+];
+
+for (const c of POISON) {
+  Deno.test({
+    name: `sage NaN/Inf: ${c.name} reaches the rows of its quantization block, the others stay right${
+      skip ? ` [skipped: ${skip}]` : ""
+    }`,
+    ignore: skip !== "",
+    async fn() {
+      const B = 1, N = 2, S = 150, D = 64;
+      const random = rng(c.row * 17 + D);
+      const q = randomLogical({ b: B, n: N, s: S, d: D }, random);
+      const k = randomLogical({ b: B, n: N, s: S, d: D }, random);
+      const v = randomLogical({ b: B, n: N, s: S, d: D }, random);
+      ({ q, k })[c.tensor].data[(c.head * S + c.row) * D + 5] = c.value;
+      const host = (t: Logical): HostTensor => ({ data: Float32Array.from(t.data), shape: [B, N, S, D] });
+      const hq = host(q), hk = host(k), hv = host(v);
+      const config = chooseSageConfig(resolveProblem(hq, hk, hv, { isCausal: c.isCausal }), caps!, false);
+      assert.ok(typeof config !== "string", String(config));
+      // The block the bad value was quantized with: br query rows of q, bc keys of k.
+      const size = c.tensor === "q" ? config.br : config.bc;
+      const start = Math.floor(c.row / size) * size, end = Math.min(start + size, S);
+      const reached = (i: number) =>
+        c.tensor === "q" ? i >= start && i < end : c.isCausal ? i >= start : true; // causal: keys j <= i
+      debug.poisonOutputs = true;
+      let out: Float32Array;
+      try {
+        out = (await attentionWithLse(hq, hk, hv, { backend: "sage", isCausal: c.isCausal })).out
+          .data as Float32Array;
+      } finally {
+        debug.poisonOutputs = false;
+      }
+      const expected = referenceAttention(q, k, v, { isCausal: c.isCausal }).out;
+      const clean: number[] = [], cleanExpected: number[] = [];
+      for (let h = 0; h < N; h++) {
+        for (let i = 0; i < S; i++) {
+          const row = out.subarray((h * S + i) * D, (h * S + i + 1) * D);
+          if (h === c.head && reached(i)) {
+            assert.ok(row.every(Number.isNaN), `head ${h} row ${i}: expected NaN, got ${row.slice(0, 4)}`);
+          } else {
+            assert.ok(
+              row.every(Number.isFinite),
+              `head ${h} row ${i}: expected finite, got ${row.slice(0, 4)}`,
+            );
+            clean.push(...row);
+            cleanExpected.push(...expected.subarray((h * S + i) * D, (h * S + i + 1) * D));
+          }
+        }
+      }
+      const sim = similarity(clean, cleanExpected);
+      report(`${c.name}: ${clean.length / D} clean rows (block of ${size} from ${start})`, sim);
+      assert.ok(sim.cosine >= MIN_COSINE && sim.relL1 < MAX_REL_L1);
+    },
+  });
+}
+
+Deno.test("sage: the router picks it for long 16-bit calls, by name otherwise", async () => {
+  const t = (dtype: "f32" | "f16", s: number) =>
+    dtype === "f32"
+      ? { data: new Float32Array(2 * s * 64), shape: [1, 2, s, 64] }
+      : { data: new Float16Array(2 * s * 64), shape: [1, 2, s, 64] };
+  const problem = (dtype: "f32" | "f16", s: number) => resolveProblem(t(dtype, s), t(dtype, s), t(dtype, s));
   assert.equal(lookupBackend(BACKENDS, "sageattention", "x"), sageBackend);
   assert.equal(lookupBackend(BACKENDS, "sage_attention", "x"), sageBackend);
   const names = BACKENDS.map((b) => b.name);
-  assert.ok(names.indexOf("sage") > Math.max(names.indexOf("flash"), names.indexOf("flash-subgroup")));
+  assert.ok(names.indexOf("sage") < Math.min(names.indexOf("flash"), names.indexOf("flash-subgroup")));
   if (!caps) return;
-  assert.deepEqual(sageBackend.unsuitedReasons!(p, caps), [SAGE_UNSUITED]);
-  assert.notEqual(decide(p, caps, BACKENDS).backend.name, "sage");
-  // Every other GPU backend unable: the router still passes sage over.
+  const f32 = problem("f32", 64), short = problem("f16", 64), long = problem("f16", SAGE_MIN_SEQ);
+  assert.deepEqual(sageBackend.unsuitedReasons!(f32, caps), [SAGE_UNSUITED_F32]);
+  assert.match(sageBackend.unsuitedReasons!(short, caps).join(), /pre-pass does not pay off/);
+  assert.deepEqual(sageBackend.unsuitedReasons!(long, caps), []);
+  const sharp = resolveProblem(t("f16", SAGE_MIN_SEQ), t("f16", SAGE_MIN_SEQ), t("f16", SAGE_MIN_SEQ), {
+    scale: -0.5, // 4x the default 1/8 at d = 64
+  });
+  assert.match(sageBackend.unsuitedReasons!(sharp, caps).join(), /4\.0x the default/);
+  assert.notEqual(decide(f32, caps, BACKENDS).backend.name, "sage");
+  assert.notEqual(decide(short, caps, BACKENDS).backend.name, "sage");
+  // Every other GPU backend unable: the router still passes sage over for f32.
   const others = BACKENDS.filter((b) => b.kind === "cpu" || b === sageBackend);
-  const d = decide(p, caps, others);
+  const d = decide(f32, caps, others);
   assert.equal(d.backend.name, "cpu");
   if (skip) return;
-  assert.deepEqual(d.chain[0], { backend: "sage", chosen: false, reasons: [SAGE_UNSUITED] });
-  assert.equal(decide(p, caps, BACKENDS, { variable: "sage" }).backend.name, "sage");
-  assert.equal(decide(p, caps, BACKENDS, { requested: "sage" }).backend.name, "sage");
+  assert.equal(decide(long, caps, BACKENDS).backend.name, "sage");
+  assert.deepEqual(d.chain[0], { backend: "sage", chosen: false, reasons: [SAGE_UNSUITED_F32] });
+  assert.equal(decide(f32, caps, BACKENDS, { variable: "sage" }).backend.name, "sage");
+  assert.equal(decide(f32, caps, BACKENDS, { requested: "sage" }).backend.name, "sage");
   await Promise.resolve();
 });
 

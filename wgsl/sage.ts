@@ -55,7 +55,16 @@ function element(c: SageInput): string {
 }
 
 /** WGSL `fn ld(i: u32) -> vec4<f32>` reading vec4 `i` of the input `x`. */
+const POS_INF = "bitcast<f32>(0x7f800000u)";
+
+/** `ld` (four values of x as f32) and `finite4` (false for NaN and ±Inf, by the exponent bits). */
 function loader(c: SageInput): string {
+  return loadFn(c) +
+    "fn finite4(x: vec4<f32>) -> vec4<bool> {\n" +
+    "  return (bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u);\n}\n";
+}
+
+function loadFn(c: SageInput): string {
   if (c.dtype === "f32") return "fn ld(i: u32) -> vec4<f32> { return x[i]; }\n";
   if (c.dtype === "f16" && c.f16) return "fn ld(i: u32) -> vec4<f32> { return vec4<f32>(x[i]); }\n";
   if (c.dtype === "f16") {
@@ -107,7 +116,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + col;
   var acc = vec4<f32>(0.0);
   if (col < ${d4}u) {
-    for (var r = lane; r < P.s; r += ${lanes}u) { acc += ld(base + r * P.ss); }
+    // Non-finite values are left out: any finite offset is exact (the softmax ignores it), and a
+    // NaN mean would spread one bad key to every key of the head.
+    for (var r = lane; r < P.s; r += ${lanes}u) {
+      let x = ld(base + r * P.ss);
+      acc += select(vec4<f32>(0.0), x, finite4(x));
+    }
   }
   red[lid] = acc;
   workgroupBarrier();
@@ -181,10 +195,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let base = b * P.sb + h * P.sh;
   let mb = (b * P.n_kv + h / P.group) * ${d4}u;
   let rows = min(P.s - r0, ${c.rows}u);
+  // A NaN or Inf in the block makes absmax, and so the block's scale, +Inf, and its values
+  // quantize to 0: every score of the block is then 0 * Inf = NaN, and the NaN reaches exactly the
+  // rows that attend the block (max() with a NaN is unspecified in WGSL, hence the bit test).
   var mx = 0.0;
   for (var e = lid; e < rows * ${d4}u; e += ${t}u) {
     let row = base + (r0 + e / ${d4}u) * P.ss;
-    let v = abs(${value(`e % ${d4}u`)});
+    let x = ${value(`e % ${d4}u`)};
+    let v = select(vec4<f32>(${POS_INF}), abs(x), finite4(x));
     mx = max(mx, max(max(v.x, v.y), max(v.z, v.w)));
   }
   red[lid] = mx;
@@ -202,7 +220,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var word = 0u;
     if (r < rows && col < ${d4}u) {
       let row = base + (r0 + r) * P.ss;
-      let iv = vec4<i32>(clamp(round(${value("col")} * inv), vec4<f32>(-127.0), vec4<f32>(127.0)));
+      let x = ${value("col")};
+      let xq = select(vec4<f32>(0.0), x * inv, finite4(x));
+      let iv = vec4<i32>(clamp(round(xq), vec4<f32>(-127.0), vec4<f32>(127.0)));
       word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) |
         (u32(iv.w) << 24u);
     }
