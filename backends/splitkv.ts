@@ -42,8 +42,8 @@ const SCRATCH_BUDGET_BYTES = 64 << 20;
 /** Tuning knobs (benchmarks sweep them; tests force code paths). */
 export interface SplitKvTuning {
   /**
-   * Workgroups of pass 1 to aim for. Default 528 (4 per SM of a 132-SM H200): fastest of 264 to
-   * 4224 on the decode shape there (bench/RESULTS.md, run 5).
+   * Most workgroups of pass 1 when it splits keys. Default 528 (4 per SM of a 132-SM H200, one
+   * wave): fastest of 264 to 4224 on the decode shape there (bench/RESULTS.md, runs 5 and 6).
    */
   targetWorkgroups: number;
   /** Registers (f32) for q and accumulators per lane that decide the rows per workgroup. */
@@ -136,7 +136,10 @@ export function splitKvPlan(p: AttentionProblem, c: SplitKvConfig, caps: Capabil
   const budget = Math.min(caps.limits.maxStorageBufferBindingSize, SCRATCH_BUDGET_BYTES);
   const byScratch = Math.max(1, Math.floor(budget / (totalRows * p.dV * 4)));
   const bySteps = Math.ceil(keys / s.step);
-  let splits = splitKvTuning.splits ?? Math.ceil(splitKvTuning.targetWorkgroups / perSplit);
+  // At most the target (one wave of resident workgroups): a few workgroups past it form a second
+  // wave that costs nearly a whole chunk's time (H200, b 8: 8 chunks in 512 workgroups 90.5 µs,
+  // 9 chunks in 576 workgroups 120.3 µs; bench/RESULTS.md, run 6).
+  let splits = splitKvTuning.splits ?? Math.floor(splitKvTuning.targetWorkgroups / perSplit);
   splits = Math.max(1, Math.min(splits, bySteps, byScratch, SPLITKV_MAX_SPLITS));
   const chunk = Math.ceil(Math.ceil(keys / splits) / s.step) * s.step;
   splits = Math.ceil(keys / chunk);

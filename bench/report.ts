@@ -44,6 +44,8 @@ interface Row {
   note?: string;
 }
 const rows: Row[] = [];
+/** First output values per shape and dtype, from the first configuration measured. */
+const heads = new Map<string, Float32Array | Float16Array>();
 const dimsOf = (s: BenchShape) =>
   `b${s.b} n${s.n} s${s.s} d${s.d}${s.sKv ? ` s_kv${s.sKv}` : ""}${s.nKv ? ` n_kv${s.nKv}` : ""}${
     s.causal ? " causal" : ""
@@ -55,8 +57,16 @@ async function measure(s: BenchShape, dtype: "f32" | "f16", backend: string, lab
   try {
     const t0 = performance.now();
     const warm = await attentionForward(inputs.q, inputs.k, inputs.v, options);
-    await readBuffer(device!, warm.buffer, 16); // wait: compile + first run
+    // Wait (compile + first run) and keep the first output values: a sweep variant is checked
+    // against the default configuration's on the same inputs.
+    const headBytes = Math.min(warm.buffer.size, 1 << 16);
+    const raw = await readBuffer(device!, warm.buffer, headBytes);
     warm.buffer.destroy();
+    const head = dtype === "f32" ? new Float32Array(raw) : new Float16Array(raw);
+    const key = `${s.name}:${dtype}`;
+    const baseline = heads.get(key);
+    if (!baseline) heads.set(key, head);
+    const maxDiff = baseline ? Math.max(...head.map((x, i) => Math.abs(x - baseline[i]))) : 0;
     const first = performance.now() - t0;
     const probe = await timeOnGpu(inputs, options, 1);
     const reps = Math.max(2, Math.min(20, Math.ceil(budgetMs / Math.max(probe.ms, 0.05))));
@@ -77,7 +87,9 @@ async function measure(s: BenchShape, dtype: "f32" | "f16", backend: string, lab
     };
     const spread = [Math.min(...all), median(all), Math.max(...all)].map((x) => +x.toFixed(3));
     const kvGBs = +(kvBytes(s, dtype) / ms / 1e6).toFixed(1);
-    console.log(JSON.stringify({ ...row, reps, minMedMax: spread, kvGBs, firstCallMs: Math.round(first) }));
+    console.log(
+      JSON.stringify({ ...row, reps, minMedMax: spread, kvGBs, firstCallMs: Math.round(first), maxDiff }),
+    );
     return row;
   } catch (e) {
     const row = {

@@ -34,6 +34,17 @@ const DRY = (() => {
   }
 })();
 const kv = (s: number) => (DRY ? s / 16 : s);
+/** `WGATTN_BENCH_PARTS=decode,sweep,crossover` (default all): which parts of the report to run. */
+const PARTS = (() => {
+  try {
+    const granted = Deno.permissions.querySync({ name: "env", variable: "WGATTN_BENCH_PARTS" }).state ===
+      "granted";
+    return (granted ? Deno.env.get("WGATTN_BENCH_PARTS") : undefined) ?? "decode,sweep,crossover";
+  } catch {
+    return "decode,sweep,crossover";
+  }
+})().split(",");
+const wants = (part: "decode" | "sweep" | "crossover") => PARTS.includes(part);
 const DECODE: BenchShape = { name: "decode", b: 1, n: 32, nKv: 8, s: 1, sKv: kv(32768), d: 128 };
 /** Device-to-device copy bandwidth measured on the H200, bytes/s. */
 const PEAK = 4.3e12;
@@ -82,6 +93,17 @@ async function report(): Promise<void> {
   const inputs = shapeInputs(device!, DECODE, "f16");
   const bytes = kvBytes(DECODE, 2);
 
+  if (wants("decode")) await decodeReport(inputs, bytes, dims);
+  if (wants("sweep")) await sweepReport(inputs, bytes, dims);
+  for (const t of Object.values(inputs)) t.buffer.destroy();
+  if (wants("crossover")) await crossoverReport(dims);
+}
+
+async function decodeReport(
+  inputs: { q: GpuTensor; k: GpuTensor; v: GpuTensor },
+  bytes: number,
+  dims: (s: BenchShape) => string,
+): Promise<void> {
   // Agreement with flash on the H200 (the tests run on the software adapter only).
   {
     const outs = [];
@@ -135,7 +157,7 @@ async function report(): Promise<void> {
     });
   }
   // Bandwidth as the cache grows (fixed costs vs streaming).
-  for (const sKv of [4096, 131072]) {
+  for (const sKv of [4096, 8192, 131072]) {
     const shape = { ...DECODE, sKv: kv(sKv) };
     const input = shapeInputs(device!, shape, "f16");
     const ms = await gpuTime(input, "split-kv");
@@ -150,7 +172,13 @@ async function report(): Promise<void> {
     }
     for (const t of Object.values(input)) t.buffer.destroy();
   }
+}
 
+async function sweepReport(
+  inputs: { q: GpuTensor; k: GpuTensor; v: GpuTensor },
+  bytes: number,
+  dims: (s: BenchShape) => string,
+): Promise<void> {
   // split-kv's knobs: workgroups aimed for, keys per step, threads, lanes, f16 vs packed loads.
   const variants: { targetWorkgroups?: number; override?: typeof splitKvTuning.override }[] = [
     { targetWorkgroups: 264 },
@@ -188,8 +216,39 @@ async function report(): Promise<void> {
   }
   splitKvTuning.targetWorkgroups = DEFAULT_TARGET;
   splitKvTuning.override = null;
-  for (const t of Object.values(inputs)) t.buffer.destroy();
 
+  // Chunk count against waves of workgroups: 8 sequences (64 (batch, kv head) pairs before any
+  // split) and a 131072-key cache, with the number of chunks forced.
+  const planShapes: [BenchShape, number[]][] = [
+    [{ ...DECODE, b: 8, sKv: kv(8192) }, [4, 8, 9, 12, 16, 24, 32]],
+    [{ ...DECODE, sKv: kv(131072) }, [65, 98, 130, 195, 256]],
+  ];
+  for (const [shape, counts] of planShapes) {
+    const shapeInputsF16 = shapeInputs(device!, shape, "f16");
+    const shapeBytes = kvBytes(shape, 2);
+    for (const splits of [null, ...counts]) {
+      splitKvTuning.splits = splits;
+      const ms = await gpuTime(shapeInputsF16, "split-kv", 30);
+      const p = resolveProblem(shapeInputsF16.q, shapeInputsF16.k, shapeInputsF16.v);
+      const c = chooseSplitKvConfig(p, (await defaultRuntime())!.caps);
+      const plan = typeof c === "string" ? null : splitKvPlan(p, c, (await defaultRuntime())!.caps);
+      line({
+        planSweep: dims(shape),
+        splits: plan?.splits,
+        chunk: plan?.chunk,
+        workgroups: plan?.workgroups,
+        ...(typeof ms === "string" ? { note: ms } : {
+          us: +(ms * 1000).toFixed(2),
+          GBps: Math.round(shapeBytes / ms / 1e6),
+        }),
+      });
+    }
+    splitKvTuning.splits = null;
+    for (const t of Object.values(shapeInputsF16)) t.buffer.destroy();
+  }
+}
+
+async function crossoverReport(dims: (s: BenchShape) => string): Promise<void> {
   // The crossover with flash: query rows per K/V head (s_q x group) growing.
   const cross: BenchShape[] = [
     ...[1, 2, 4, 8, 16, 32].map((s) => ({ name: "gqa", b: 1, n: 32, nKv: 8, s, sKv: kv(8192), d: 128 })),
@@ -198,6 +257,8 @@ async function report(): Promise<void> {
     // Where flash should win: more rows, and batches that fill the chip with flash's query tiles.
     { name: "gqa", b: 1, n: 32, nKv: 8, s: 64, sKv: kv(8192), d: 128 },
     { name: "mha", b: 1, n: 32, nKv: 32, s: 128, sKv: kv(8192), d: 128 },
+    ...[1, 4, 8].map((s) => ({ name: "batch-gqa", b: 8, n: 32, nKv: 8, s, sKv: kv(8192), d: 128 })),
+    { name: "batch-mha", b: 8, n: 32, nKv: 32, s: 8, sKv: kv(8192), d: 128 },
     { name: "batch-mha", b: 8, n: 32, nKv: 32, s: 32, sKv: kv(8192), d: 128 },
     { name: "batch-gqa", b: 8, n: 32, nKv: 8, s: 32, sKv: kv(8192), d: 128 },
     { name: "batch-mha", b: 8, n: 32, nKv: 32, s: 64, sKv: kv(8192), d: 128 },
