@@ -196,7 +196,6 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     f16: p.dtype === "f16" && caps.shaderF16,
     dV: p.dV,
     lse: io.lse !== null,
-    maxSplits: SPLITKV_MAX_SPLITS,
   });
   const [pipe, combinePipe] = await Promise.all([call.pipeline(kernel), call.pipeline(combine)]);
   const slots = plan.totalRows * plan.splits;

@@ -203,6 +203,15 @@ Deno.test({
     await tuned(null, 1, () => check(c));
     await tuned(null, 1024, () => check(c));
     await tuned({ threads: 16, unroll: 1, rows: 1 }, null, () => check(c));
+    // One key per chunk: 500 chunks, so each combine thread merges many rounds of loads (and a
+    // partial last round); d 256 leaves two merging threads per output column, and key padding
+    // leaves chunks with no key.
+    await tuned({ threads: 16, unroll: 1, rows: 1 }, 1024, () => check(c));
+    await tuned(
+      { threads: 16, unroll: 1, rows: 1 },
+      1024,
+      () => check({ b: 1, n: 2, nKv: 1, sQ: 1, sKv: 70, d: 256, keyPadding: [30] }),
+    );
   },
 });
 

@@ -14,7 +14,8 @@
  * workgroup memory and the chunk's normalised partial output (f32) and log-sum-exp go to scratch.
  *
  * Pass 2 (`splitKvCombineKernel`): one workgroup per output row merges the chunks' partials by
- * their log-sum-exp and writes the output in its layout and dtype (and the row's lse).
+ * their log-sum-exp (each thread a strided subset as an online merge, then the subsets in workgroup
+ * memory) and writes the output in its layout and dtype (and the row's lse).
  */
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, type Kernel, uniformBlock, type UniformType } from "./common.ts";
@@ -396,8 +397,6 @@ export interface SplitKvCombineConfig {
   f16: boolean;
   dV: number;
   lse: boolean;
-  /** Most splits a row may have. */
-  maxSplits: number;
 }
 
 const COMBINE_UNIFORMS: [string, UniformType][] = [
@@ -413,6 +412,9 @@ const COMBINE_UNIFORMS: [string, UniformType][] = [
 
 /** Threads of the combine kernel. */
 export const COMBINE_THREADS = 128;
+
+/** Chunks whose loads each combine thread issues together. */
+const COMBINE_IN_FLIGHT = 8;
 
 /** Generates pass 2. Bindings: partial outputs, partial lse, output, [lse]. */
 export function splitKvCombineKernel(c: SplitKvCombineConfig): Kernel {
@@ -438,58 +440,51 @@ export function splitKvCombineKernel(c: SplitKvCombineConfig): Kernel {
     bindings.push("lse");
   }
   if (c.dtype === "bf16" && !c.f16) L.push(BF16_PACK);
-  const reduce = (op: (a: string, b: string) => string) => {
-    const lines: string[] = [];
-    for (let w = T / 2; w >= 1; w /= 2) {
-      lines.push(`  if (lid < ${w}u) { red[lid] = ${op("red[lid]", `red[lid + ${w}u]`)}; }`);
-      lines.push(`  workgroupBarrier();`);
-    }
-    return lines.join("\n");
-  };
-  L.push(`var<workgroup> wt: array<f32, ${c.maxSplits}>;
-var<workgroup> red: array<f32, ${T}>;
-var<workgroup> part: array<vec4<f32>, ${subs * cw}>;
+  const G = COMBINE_IN_FLIGHT;
+  const NEG = "-3.0e38";
+  // Each thread merges its own chunks (c = sub, sub + subs, ...) as an online softmax merge, with
+  // G chunks' loads issued before their math, so a row of up to subs * G chunks costs one memory
+  // round trip; then the subs partial merges of a column meet in workgroup memory (one barrier).
+  const loads = range(G).map((g) =>
+    `      let c${g} = c0 + ${g * subs}u;
+      let ok${g} = c${g} < P.splits;
+      let cc${g} = base + min(c${g}, P.splits - 1u);
+      let x${g} = select(${NEG}, plse[cc${g}], ok${g});
+      let v${g} = po[cc${g} * ${cw}u + col];`
+  ).join("\n");
+  const merges = range(G).map((g) =>
+    `      {
+        let mn = max(m, x${g});
+        let keep = exp(m - mn);
+        let w = select(0.0, exp(x${g} - mn), x${g} > ${NEG});
+        l = l * keep + w;
+        acc = acc * keep + w * v${g};
+        m = mn;
+      }`
+  ).join("\n");
+  const terms = range(subs).map((u) => `pm[${u * cw}u + lid]`);
+  L.push(`var<workgroup> pm: array<f32, ${subs * cw}>;
+var<workgroup> pl: array<f32, ${subs * cw}>;
+var<workgroup> pacc: array<vec4<f32>, ${subs * cw}>;
 @compute @workgroup_size(${T})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let rg = wid.x + wid.y * nwg.x;
   if (rg >= P.groups) { return; }
   let base = rg * P.splits;
-  var mx = -3.0e38;
-  for (var c = lid; c < P.splits; c += ${T}u) { mx = max(mx, plse[base + c]); }
-  red[lid] = mx;
-  workgroupBarrier();
-${reduce((a, b) => `max(${a}, ${b})`)}
-  let m = red[0];
-  workgroupBarrier();
-  var total = 0.0;
-  for (var c = lid; c < P.splits; c += ${T}u) {
-    let x = plse[base + c];
-    let e = select(0.0, exp(x - m), x > -3.0e38);
-    wt[c] = e;
-    total += e;
-  }
-  red[lid] = total;
-  workgroupBarrier();
-${reduce((a, b) => `${a} + ${b}`)}
-  let sum = red[0];
   let col = lid % ${cw}u;
   let sub = lid / ${cw}u;
-  // Four independent loads in flight per step (loops are not unrolled by the compiler).
-  var acc0 = vec4<f32>(0.0);
-  var acc1 = vec4<f32>(0.0);
-  var acc2 = vec4<f32>(0.0);
-  var acc3 = vec4<f32>(0.0);
   if (sub < ${subs}u) {
-    var c = sub;
-    for (; c + ${3 * subs}u < P.splits; c += ${4 * subs}u) {
-      acc0 = fma(vec4<f32>(wt[c]), po[(base + c) * ${cw}u + col], acc0);
-      acc1 = fma(vec4<f32>(wt[c + ${subs}u]), po[(base + c + ${subs}u) * ${cw}u + col], acc1);
-      acc2 = fma(vec4<f32>(wt[c + ${2 * subs}u]), po[(base + c + ${2 * subs}u) * ${cw}u + col], acc2);
-      acc3 = fma(vec4<f32>(wt[c + ${3 * subs}u]), po[(base + c + ${3 * subs}u) * ${cw}u + col], acc3);
+    var m = ${NEG};
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var c0 = sub; c0 < P.splits; c0 += ${subs * G}u) {
+${loads}
+${merges}
     }
-    for (; c < P.splits; c += ${subs}u) { acc0 = fma(vec4<f32>(wt[c]), po[(base + c) * ${cw}u + col], acc0); }
-    part[lid] = (acc0 + acc1) + (acc2 + acc3);
+    pm[lid] = m;
+    pl[lid] = l;
+    pacc[lid] = acc;
   }
   workgroupBarrier();
   let i = rg % P.s_q;
@@ -497,16 +492,27 @@ ${reduce((a, b) => `${a} + ${b}`)}
   let h = bh % P.n;
   let b = bh / P.n;
   if (lid < ${cw}u) {
-    let inv = select(0.0, 1.0 / sum, sum > 0.0);
-    let x = ${sum(range(subs).map((s) => `part[${s * cw}u + lid]`))} * inv;
-    o[b * P.o_sb + h * P.o_sh + i * P.o_ss + lid] = ${store("x")};
+    let mx = ${terms.reduce((a, t) => (a ? `max(${a}, ${t})` : t), "")};
+    var sum = 0.0;
+    var x = vec4<f32>(0.0);
+${
+    range(subs).map((u) =>
+      `    {
+      let e = exp(pm[${u * cw}u + lid] - mx);
+      sum += pl[${u * cw}u + lid] * e;
+      x += pacc[${u * cw}u + lid] * e;
+    }`
+    ).join("\n")
   }
+    let y = x * select(0.0, 1.0 / sum, sum > 0.0);
+    o[b * P.o_sb + h * P.o_sh + i * P.o_ss + lid] = ${store("y")};
 ${
     c.lse
-      ? `  if (lid == 0u) { lse[rg] = select(bitcast<f32>(0xff800000u), m + log(sum), sum > 0.0); }\n`
+      ? `    if (lid == 0u) { lse[rg] = select(bitcast<f32>(0xff800000u), mx + log(sum), sum > 0.0); }\n`
       : ""
-  }}
+  }  }
+}
 `);
-  const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}:${c.maxSplits}`;
+  const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}`;
   return { key, label: key, code: L.join("\n"), bindings, uniforms: COMBINE_UNIFORMS };
 }
