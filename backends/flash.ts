@@ -55,10 +55,14 @@ export function chooseFlashConfig(
     if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
     for (const vc of [32, 16, 8, 4]) {
       if (vc > tiling.bc) continue;
-      const c: FlashConfig = { ...base, ...tiling, vc, ...(flashTuning.override ?? {}) };
-      const problems = flashConfigProblems(c, limits);
-      if (problems.length === 0) return c;
-      last = problems.join("; ");
+      // Row pointers first: 12% (Flux) to 15% (SD3) faster on the H200, same bits
+      // (bench/RESULTS.md, run 6); the flat layout where they do not fit.
+      for (const pointers of [true, false]) {
+        const c: FlashConfig = { ...base, ...tiling, vc, pointers, ...(flashTuning.override ?? {}) };
+        const problems = flashConfigProblems(c, limits);
+        if (problems.length === 0) return c;
+        last = problems.join("; ");
+      }
     }
   }
   return `no tile configuration fits this device (${last})`;

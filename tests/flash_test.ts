@@ -1,7 +1,7 @@
 /**
  * flash-specific cases beyond the shared conformance suite: tile parameters the software adapter
- * would not pick by itself (the 8x4 warp layout, wide thread grids, small V chunks), against the
- * float64 reference.
+ * would not pick by itself (the 8x4 warp layout, wide thread grids, small V chunks, the flat and
+ * the row-pointer layouts of workgroup memory), against the float64 reference.
  */
 import assert from "node:assert/strict";
 import { attentionForward, attentionWithLse, deviceInfo } from "../mod.ts";
@@ -14,9 +14,19 @@ const info = await deviceInfo();
 const small = { storage: info?.limits.maxComputeWorkgroupStorageSize ?? 0 };
 
 const VARIANTS: { name: string; tiles: Partial<FlashConfig> }[] = [
-  { name: "8x4 warp layout (ct 16)", tiles: { br: 16, bc: 32, rt: 4, ct: 16, vc: 8, swizzle: true } },
-  { name: "row-major warps (ct 16)", tiles: { br: 16, bc: 32, rt: 4, ct: 16, vc: 8, swizzle: false } },
-  { name: "bc 16, vc 4, dk 8", tiles: { br: 16, bc: 16, rt: 4, ct: 4, vc: 4, dk: 8 } },
+  // Flat workgroup-memory layout (pointers: false), the one the int8 mode uses.
+  {
+    name: "8x4 warp layout (ct 16)",
+    tiles: { br: 16, bc: 32, rt: 4, ct: 16, vc: 8, swizzle: true, pointers: false },
+  },
+  {
+    name: "row-major warps (ct 16)",
+    tiles: { br: 16, bc: 32, rt: 4, ct: 16, vc: 8, swizzle: false, pointers: false },
+  },
+  { name: "bc 16, vc 4, dk 8", tiles: { br: 16, bc: 16, rt: 4, ct: 4, vc: 4, dk: 8, pointers: false } },
+  { name: "row pointers (ct 16)", tiles: { br: 16, bc: 32, rt: 4, ct: 16, vc: 8, pointers: true } },
+  { name: "row pointers, vc 4, dk 8", tiles: { br: 16, bc: 16, rt: 4, ct: 4, vc: 4, dk: 8, pointers: true } },
+  { name: "row pointers, 8x8 grid", tiles: { br: 32, bc: 32, rt: 8, ct: 8, vc: 8, pointers: true } },
 ];
 const CASES = [
   { b: 1, n: 2, sQ: 33, sKv: 33, d: 64, opts: {} },

@@ -66,6 +66,18 @@ export interface FlashConfig {
    * lse, `lse_bias` in place of `q` and `k`; see {@link flashKernel}).
    */
   qk?: "f32" | "int8";
+  /**
+   * With `qk` f32: workgroup memory as 2D arrays (a row per query, key or head-dim column, V stored
+   * transposed) read through row pointers taken once per thread, and the V stages written out
+   * one by one, so every read in the math has a constant index: no per-read address arithmetic
+   * and no bounds clamp (Naga clamps every dynamic index into workgroup memory).
+   */
+  pointers?: boolean;
+}
+
+/** Whether the kernel reads workgroup memory through row pointers (see {@link FlashConfig.pointers}). */
+export function rowPointers(c: FlashConfig): boolean {
+  return c.pointers === true && c.qk !== "int8";
 }
 
 /** Derived sizes of a config. */
@@ -82,10 +94,27 @@ export function flashShape(c: FlashConfig) {
   const qStride = int8 ? dQ / 16 + 1 : c.dk / 4 + 1;
   const kStride = words + 1;
   const pStride = c.bc / 4 + 1;
-  const kvVec4 = Math.max(c.bc * kStride, c.vc * (dPad / 4));
+  // Row pointers: K rows and transposed V rows (one per vec4 column of d) share one 2D array.
+  const kvWidth = Math.max(words, c.vc) + 1, kvRows = Math.max(c.bc, dPad / 4);
+  const kvVec4 = rowPointers(c) ? kvRows * kvWidth : Math.max(c.bc * kStride, c.vc * (dPad / 4));
   const sharedBytes = 16 * (c.br * qStride + kvVec4 + c.br * pStride) +
     (c.subgroups === false ? 4 * c.br * c.ct : 0);
-  return { tm, tn, dPad, td, threads, qStride, kStride, pStride, kvVec4, sharedBytes, dQ, words };
+  return {
+    tm,
+    tn,
+    dPad,
+    td,
+    threads,
+    qStride,
+    kStride,
+    pStride,
+    kvVec4,
+    kvWidth,
+    kvRows,
+    sharedBytes,
+    dQ,
+    words,
+  };
 }
 
 /** Why a config is not valid for a device with these limits (empty when valid). */
@@ -186,7 +215,7 @@ export function flashKey(c: FlashConfig): string {
   }:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}${
       c.qk === "int8" ? ":i8" : ""
-    }`;
+    }${rowPointers(c) ? ":rp" : ""}`;
 }
 
 /** Generates the flash kernel for `c`. */
@@ -195,6 +224,7 @@ export function flashKernel(c: FlashConfig): Kernel {
   const { tm, tn, td, threads, qStride, pStride } = s;
   const d4 = c.d / 4, dPad4 = s.dPad / 4, dk4 = c.dk / 4;
   const int8 = c.qk === "int8";
+  const rp = rowPointers(c);
   const { kStride, words } = s;
   const dq4 = s.dQ / 16; // int8: vec4<u32> words per row of the packed q8/k8
   const L: string[] = [];
@@ -234,9 +264,15 @@ export function flashKernel(c: FlashConfig): Kernel {
   if (c.dtype === "bf16") emit(BF16_PACK);
   // int8: K words and V values (as bits) share kvs.
   const wv = int8 ? "vec4<u32>" : "vec4<f32>";
-  emit(`var<workgroup> qs: array<${wv}, ${c.br * qStride}>;`);
-  emit(`var<workgroup> kvs: array<${wv}, ${s.kvVec4}>;`);
-  emit(`var<workgroup> ps: array<vec4<f32>, ${c.br * pStride}>;`);
+  if (rp) {
+    emit(`var<workgroup> qs: array<array<vec4<f32>, ${qStride}>, ${c.br}>;`);
+    emit(`var<workgroup> kvs: array<array<vec4<f32>, ${s.kvWidth}>, ${s.kvRows}>;`);
+    emit(`var<workgroup> ps: array<array<vec4<f32>, ${pStride}>, ${c.br}>;`);
+  } else {
+    emit(`var<workgroup> qs: array<${wv}, ${c.br * qStride}>;`);
+    emit(`var<workgroup> kvs: array<${wv}, ${s.kvVec4}>;`);
+    emit(`var<workgroup> ps: array<vec4<f32>, ${c.br * pStride}>;`);
+  }
   if (c.subgroups === false) emit(`var<workgroup> red: array<f32, ${c.br * c.ct}>;`);
   emit(`const NEG: f32 = -3.0e38;`);
   emit(`const LN2: f32 = 0.6931471805599453;`);
@@ -265,6 +301,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let k_base = b * P.k_sb + hk * P.k_sh;
   let v_base = b * P.v_sb + hk * P.v_sh;
   let rows_here = min(P.s_q - q0, ${c.br}u);`);
+  if (rp) {
+    // The thread's rows, taken once: reads below index them with constants only.
+    for (const i of range(tm)) {
+      emit(`  let qrow${i} = &qs[ty + ${c.rt * i}u];\n  let prow${i} = &ps[ty + ${c.rt * i}u];`);
+    }
+    for (const j of range(tn)) emit(`  let krow${j} = &kvs[tx + ${c.ct * j}u];`);
+    for (const g of range(td / 4)) emit(`  let vrow${g} = &kvs[tx + ${c.ct * g}u];`);
+  }
   if (int8) {
     // Packed blocks: q8 [b, n, blocks * br, dq4], k8 [b, n_kv, k_blocks * bc, dq4] (zero padded).
     emit(`  let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
@@ -371,19 +415,27 @@ ${indent}}`);
     for (const u of range(qPer)) {
       const e = `(lid + ${u * threads}u)`;
       const guard = (u + 1) * threads > c.br * dk4 ? `if (${e} < ${c.br * dk4}u) ` : "";
-      emit(`      ${guard}{ qs[(${e} / ${dk4}u) * ${qStride}u + ${e} % ${dk4}u] = pf${u}; }`);
+      const at = rp
+        ? `[${e} / ${dk4}u][${e} % ${dk4}u]`
+        : `[(${e} / ${dk4}u) * ${qStride}u + ${e} % ${dk4}u]`;
+      emit(`      ${guard}{ qs${at} = pf${u}; }`);
     }
     for (const u of range(kPer)) {
       const e = `(lid + ${u * threads}u)`;
       const guard = (u + 1) * threads > c.bc * words ? `if (${e} < ${c.bc * words}u) ` : "";
-      emit(`      ${guard}{ kvs[(${e} / ${words}u) * ${kStride}u + ${e} % ${words}u] = pf${qPer + u}; }`);
+      const at = rp
+        ? `[${e} / ${words}u][${e} % ${words}u]`
+        : `[(${e} / ${words}u) * ${kStride}u + ${e} % ${words}u]`;
+      emit(`      ${guard}{ kvs${at} = pf${qPer + u}; }`);
     }
   };
   const storeV = () => {
     for (const u of range(vPer)) {
       const e = `(lid + ${u * threads}u)`;
       const guard = (u + 1) * threads > c.vc * dPad4 ? `if (${e} < ${c.vc * dPad4}u) ` : "";
-      emit(`      ${guard}{ kvs[${e}] = pf${u}; }`);
+      // Row pointers: V transposed, a row per vec4 column of d.
+      const at = rp ? `[${e} % ${dPad4}u][${e} / ${dPad4}u]` : `[${e}]`;
+      emit(`      ${guard}{ kvs${at} = pf${u}; }`);
     }
   };
 
@@ -455,7 +507,12 @@ ${indent}}`);
           ? `select(exp2(s${i}_${j} - mn${i}), 0.0, s${i}_${j} <= -1.0e38)`
           : `exp2(s${i}_${j} - mn${i})`;
         emit(`    let p${i}_${j} = ${p};`);
-        emit(`    ps[${pRow} + ((tx + ${c.ct * j}u) >> 2u)][(tx + ${c.ct * j}u) & 3u] = p${i}_${j};`);
+        const col = `tx + ${c.ct * j}u`;
+        emit(
+          rp
+            ? `    (*prow${i})[(${col}) >> 2u][(${col}) & 3u] = p${i}_${j};`
+            : `    ps[${pRow} + ((${col}) >> 2u)][(${col}) & 3u] = p${i}_${j};`,
+        );
         sums.push(`p${i}_${j}`);
       }
       emit(`    l${i} = l${i} * alpha${i} + ${sums.join(" + ")};`);
@@ -484,10 +541,18 @@ ${indent}}`);
   emit(`      }`);
   for (const kk of range(int8 ? 0 : dk4)) {
     for (const i of range(tm)) {
-      emit(`      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + ${kk}u];`);
+      emit(
+        rp
+          ? `      let qv${i}_${kk} = (*qrow${i})[${kk}u];`
+          : `      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + ${kk}u];`,
+      );
     }
     for (const j of range(tn)) {
-      emit(`      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${qStride}u + ${kk}u];`);
+      emit(
+        rp
+          ? `      let kv${j}_${kk} = (*krow${j})[${kk}u];`
+          : `      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${qStride}u + ${kk}u];`,
+      );
       for (const i of range(tm)) {
         const a = `qv${i}_${kk}`, b = `kv${j}_${kk}`;
         emit(
@@ -517,33 +582,60 @@ ${indent}}`);
   }
   softmax();
   // ---- O += P V, one v stage per vc keys ----
-  emit(`    for (var vc = 0u; vc < ${nV}u; vc++) {
-      workgroupBarrier();`);
-  storeV();
-  emit(`      workgroupBarrier();
-      if (vc + 1u < ${nV}u) {`);
-  fetchV("vc + 1u", "kv0", "        ");
-  emit(`      } else {`);
-  fetchQk("0u", `kv0 + ${c.bc}u`, "has_next", "        ");
-  emit(`      }`);
-  for (const jj of range(c.vc / 4)) {
-    for (const i of range(tm)) {
-      emit(`      let pv${i}_${jj} = ps[(ty + ${c.rt * i}u) * ${pStride}u + vc * ${c.vc / 4}u + ${jj}u];`);
-    }
-    for (const e of range(4)) {
-      const comp = "xyzw"[e];
-      for (const g of range(td / 4)) {
-        const vv = `vv${g}_${jj}_${e}`;
-        const read = `kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u]`;
-        emit(`      let ${vv} = ${int8 ? `bitcast<vec4<f32>>(${read})` : read};`);
-        for (const i of range(tm)) {
-          emit(`      o${i}_${g} = fma(vec4<f32>(pv${i}_${jj}.${comp}), ${vv}, o${i}_${g});`);
+  /** One V stage's math; `stage` is the stage index (a WGSL expression, or a number with rp). */
+  const pv = (stage: string | number) => {
+    for (const jj of range(c.vc / 4)) {
+      for (const i of range(tm)) {
+        emit(
+          rp
+            ? `      let pv${i}_${jj} = (*prow${i})[${(stage as number) * (c.vc / 4) + jj}u];`
+            : `      let pv${i}_${jj} = ps[(ty + ${c.rt * i}u) * ${pStride}u + ${stage} * ${
+              c.vc / 4
+            }u + ${jj}u];`,
+        );
+      }
+      for (const e of range(4)) {
+        const comp = "xyzw"[e];
+        for (const g of range(td / 4)) {
+          const vv = `vv${g}_${jj}_${e}`;
+          const read = rp
+            ? `(*vrow${g})[${4 * jj + e}u]`
+            : `kvs[${(4 * jj + e) * dPad4}u + tx + ${c.ct * g}u]`;
+          emit(`      let ${vv} = ${int8 ? `bitcast<vec4<f32>>(${read})` : read};`);
+          for (const i of range(tm)) {
+            emit(`      o${i}_${g} = fma(vec4<f32>(pv${i}_${jj}.${comp}), ${vv}, o${i}_${g});`);
+          }
         }
       }
     }
-  }
-  emit(`    }
+  };
+  if (rp) {
+    // Stages written out one by one: each reads P at constant offsets.
+    for (const stage of range(nV)) {
+      emit(`    {
+      workgroupBarrier();`);
+      storeV();
+      emit(`      workgroupBarrier();`);
+      if (stage + 1 < nV) fetchV(`${stage + 1}u`, "kv0", "      ");
+      else fetchQk("0u", `kv0 + ${c.bc}u`, "has_next", "      ");
+      pv(stage);
+      emit(`    }`);
+    }
+    emit(`  }`);
+  } else {
+    emit(`    for (var vc = 0u; vc < ${nV}u; vc++) {
+      workgroupBarrier();`);
+    storeV();
+    emit(`      workgroupBarrier();
+      if (vc + 1u < ${nV}u) {`);
+    fetchV("vc + 1u", "kv0", "        ");
+    emit(`      } else {`);
+    fetchQk("0u", `kv0 + ${c.bc}u`, "has_next", "        ");
+    emit(`      }`);
+    pv("vc");
+    emit(`    }
   }`);
+  }
 
   // ---- finish: row sums across the row's threads, normalise, store ----
   if (c.subgroups === false) {
