@@ -101,13 +101,16 @@ export function chooseSageConfig(
   let last = "no tiling fits";
   for (const tiling of TILINGS) {
     if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
-    for (const vc of [32, 16, 8, 4]) {
-      if (vc > tiling.bc) continue;
-      for (const dk of dks) {
-        const c: FlashConfig = { ...base, ...tiling, vc, dk, ...(sageTuning.override ?? {}) };
-        const problems = flashConfigProblems(c, limits);
-        if (problems.length === 0) return c;
-        last = problems.join("; ");
+    // Row pointers first where they fit (as flash; bench/RESULTS.md, run 6).
+    for (const pointers of [true, false]) {
+      for (const vc of [32, 16, 8, 4]) {
+        if (vc > tiling.bc) continue;
+        for (const dk of dks) {
+          const c: FlashConfig = { ...base, ...tiling, vc, dk, pointers, ...(sageTuning.override ?? {}) };
+          const problems = flashConfigProblems(c, limits);
+          if (problems.length === 0) return c;
+          last = problems.join("; ");
+        }
       }
     }
   }

@@ -67,7 +67,7 @@ export interface FlashConfig {
    */
   qk?: "f32" | "int8";
   /**
-   * With `qk` f32: workgroup memory as 2D arrays (a row per query, key or head-dim column, V stored
+   * Workgroup memory as 2D arrays (a row per query, key or head-dim column, V stored
    * transposed) read through row pointers taken once per thread, and the V stages written out
    * one by one, so every read in the math has a constant index: no per-read address arithmetic
    * and no bounds clamp (Naga clamps every dynamic index into workgroup memory).
@@ -77,7 +77,7 @@ export interface FlashConfig {
 
 /** Whether the kernel reads workgroup memory through row pointers (see {@link FlashConfig.pointers}). */
 export function rowPointers(c: FlashConfig): boolean {
-  return c.pointers === true && c.qk !== "int8";
+  return c.pointers === true;
 }
 
 /** Derived sizes of a config. */
@@ -265,8 +265,8 @@ export function flashKernel(c: FlashConfig): Kernel {
   // int8: K words and V values (as bits) share kvs.
   const wv = int8 ? "vec4<u32>" : "vec4<f32>";
   if (rp) {
-    emit(`var<workgroup> qs: array<array<vec4<f32>, ${qStride}>, ${c.br}>;`);
-    emit(`var<workgroup> kvs: array<array<vec4<f32>, ${s.kvWidth}>, ${s.kvRows}>;`);
+    emit(`var<workgroup> qs: array<array<${wv}, ${qStride}>, ${c.br}>;`);
+    emit(`var<workgroup> kvs: array<array<${wv}, ${s.kvWidth}>, ${s.kvRows}>;`);
     emit(`var<workgroup> ps: array<array<vec4<f32>, ${pStride}>, ${c.br}>;`);
   } else {
     emit(`var<workgroup> qs: array<${wv}, ${c.br * qStride}>;`);
@@ -321,9 +321,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       const e = `(lid + ${u * threads}u)`;
       const guard = (u + 1) * threads > c.br * dq4 ? `if (${e} < ${c.br * dq4}u) ` : "";
       emit(
-        `  ${guard}{ qs[(${e} / ${dq4}u) * ${qStride}u + ${e} % ${dq4}u] = q8[q_blk * ${
-          c.br * dq4
-        }u + ${e}]; }`,
+        `  ${guard}{ qs${
+          rp ? `[${e} / ${dq4}u][${e} % ${dq4}u]` : `[(${e} / ${dq4}u) * ${qStride}u + ${e} % ${dq4}u]`
+        } = q8[q_blk * ${c.br * dq4}u + ${e}]; }`,
       );
     }
   }
@@ -563,10 +563,20 @@ ${indent}}`);
   }
   for (const kk of range(int8 ? words : 0)) {
     for (const i of range(tm)) {
-      emit(`      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + kc * ${words}u + ${kk}u];`);
+      // One K stage (nS 1): kc is 0 and the Q word index a constant.
+      const word = nS === 1 ? `${kk}u` : `kc * ${words}u + ${kk}u`;
+      emit(
+        rp
+          ? `      let qv${i}_${kk} = (*qrow${i})[${word}];`
+          : `      let qv${i}_${kk} = qs[(ty + ${c.rt * i}u) * ${qStride}u + ${word}];`,
+      );
     }
     for (const j of range(tn)) {
-      emit(`      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${kStride}u + ${kk}u];`);
+      emit(
+        rp
+          ? `      let kv${j}_${kk} = (*krow${j})[${kk}u];`
+          : `      let kv${j}_${kk} = kvs[(tx + ${c.ct * j}u) * ${kStride}u + ${kk}u];`,
+      );
       for (const i of range(tm)) {
         const a = `qv${i}_${kk}`, b = `kv${j}_${kk}`;
         emit(
