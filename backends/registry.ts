@@ -9,11 +9,11 @@ import { splitKvBackend } from "./splitkv.ts";
 
 export const BACKENDS: readonly Backend[] = [
   splitKvBackend, // few query rows per K/V head only (unsuitedReasons); flash past that
-  // 16-bit inputs with s_q, s_kv >= 2048 only (unsuitedReasons): 1.40-1.49x flash-subgroup (f16) on the
-  // H200 there (bench/RESULTS.md, run 5); approximate, so never chosen for f32 unless named.
+  // 16-bit inputs with s_q, s_kv >= 2048 only (unsuitedReasons): 1.35-1.50x flash-subgroup (f16) on the
+  // H200 there (bench/RESULTS.md, run 7); approximate, so never chosen for f32 unless named.
   sageBackend,
-  // Subgroup reductions measured 0 to 5% faster than workgroup memory on the H200 in 10 of 12 suite
-  // rows (bench/RESULTS.md, run 4); flash serves devices without subgroups.
+  // Subgroup reductions measured 3% to 11% faster than workgroup memory on the H200 in all 12 suite
+  // rows (bench/RESULTS.md, run 7); flash serves devices without subgroups.
   flashSubgroupBackend,
   flashBackend,
   naiveBackend,

@@ -51,9 +51,9 @@ export const SAGE_UNSUITED_F32 =
 
 /**
  * When the router passes `sage` over (it is its first choice otherwise). Measured on the H200
- * (bench/RESULTS.md, run 5): 1.40x to 1.57x faster than flash-subgroup on every suite shape from
- * s = 2048 up (Flux f16 7.16 vs 10.69 ms), 0.91x at s = 128 where its quantization pre-pass does
- * not pay off. Its error (cosine similarity 0.999998, relative L1 1.9e-3 at s = 4608) is within a
+ * (bench/RESULTS.md, run 7): 1.30x to 1.56x faster than flash-subgroup on every suite shape from
+ * s = 2048 up (Flux f16 6.26 vs 9.34 ms), 0.84x to 0.87x at s = 128 where its quantization
+ * pre-pass does not pay off. Its error (cosine similarity 0.999998, relative L1 1.9e-3 at s = 4608) is within a
  * few roundings of 16-bit inputs, not of f32 ones: f32 calls keep flash unless sage is named.
  */
 function unsuitedReasons(p: AttentionProblem): string[] {
