@@ -26,7 +26,6 @@ const VARIANTS: { name: string; tiles: Partial<FlashConfig> }[] = [
   { name: "bc 16, vc 4, dk 8", tiles: { br: 16, bc: 16, rt: 4, ct: 4, vc: 4, dk: 8, pointers: false } },
   { name: "row pointers (ct 16)", tiles: { br: 16, bc: 32, rt: 4, ct: 16, vc: 8, pointers: true } },
   { name: "row pointers, vc 4, dk 8", tiles: { br: 16, bc: 16, rt: 4, ct: 4, vc: 4, dk: 8, pointers: true } },
-  { name: "row pointers, 8x8 grid", tiles: { br: 32, bc: 32, rt: 8, ct: 8, vc: 8, pointers: true } },
 ];
 const CASES = [
   { b: 1, n: 2, sQ: 33, sKv: 33, d: 64, opts: {} },
