@@ -54,7 +54,7 @@ export function chooseFlashConfig(
     // Head dims past 128 need the wider thread grid to keep outputs in registers.
     if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
     // Row pointers first, with the widest V stage that fits: 12% (Flux) to 15% (SD3) faster on the
-    // H200 than the flat layout at its widest, same bits (bench/RESULTS.md, run 6).
+    // H200 than the flat layout at its widest, same bits (bench/RESULTS.md, run 7).
     for (const pointers of [true, false]) {
       for (const vc of [32, 16, 8, 4]) {
         if (vc > tiling.bc) continue;

@@ -101,7 +101,7 @@ export function chooseSageConfig(
   let last = "no tiling fits";
   for (const tiling of TILINGS) {
     if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
-    // Row pointers first where they fit (as flash; bench/RESULTS.md, run 6).
+    // Row pointers first where they fit (as flash; bench/RESULTS.md, run 7).
     for (const pointers of [true, false]) {
       for (const vc of [32, 16, 8, 4]) {
         if (vc > tiling.bc) continue;

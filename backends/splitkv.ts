@@ -22,11 +22,13 @@ import {
 } from "../wgsl/splitkv.ts";
 
 /**
- * The router's crossover, measured on the H200 (bench/RESULTS.md, run 5): split-kv is chosen on its
- * own while the query rows sharing one K/V head (`s_q * n / n_kv`) are at most this many and s_q is
- * at most {@link SPLITKV_MAX_SQ}. There it beat flash at every size measured, 5.3x at 128 rows
- * (s_kv 8192) and 97x at 4 (decode, s_kv 32768): flash's 64-row query tile is at most half full
- * for s_q <= 32, so flash wastes half its arithmetic, while split-kv spreads the keys over the chip.
+ * The router's crossover, measured on the H200 (bench/RESULTS.md, runs 5 and 6, batch 1 and 8):
+ * split-kv is chosen on its own while the query rows sharing one K/V head (`s_q * n / n_kv`) are at
+ * most this many and s_q is at most {@link SPLITKV_MAX_SQ}. There it beat flash at every point
+ * measured, 5x at 128 rows (s_kv 8192), 1.6x at 128 rows with batch 8 and 100x at 4 (decode, s_kv
+ * 32768): flash's 64-row query tile is at most half full for s_q <= 32, so flash wastes half its
+ * arithmetic, while split-kv spreads the keys over the chip. Past it (batch 8, MHA, s_q 64) flash
+ * won: 3.0 vs 3.7 ms.
  */
 export const SPLITKV_MAX_ROWS = 128;
 
