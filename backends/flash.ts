@@ -8,7 +8,7 @@ import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
-import { type FlashConfig, flashConfigProblems, flashKernel } from "../wgsl/flash.ts";
+import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 
 /** Tile shapes tried in order; the first valid for the device and head dim wins. */
 const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
@@ -48,24 +48,22 @@ export function chooseFlashConfig(
     subgroups: subgroups ? caps.subgroupDirective : false,
     swizzle: true,
   } as const;
-  let last = "no tiling fits";
-  for (const tiling of TILINGS) {
-    if (subgroups && (caps.subgroupMinSize === 0 || tiling.ct > caps.subgroupMinSize)) continue;
-    // Head dims past 128 need the wider thread grid to keep outputs in registers.
-    if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
-    // Row pointers first, with the widest V stage that fits: 12% (Flux) to 15% (SD3) faster on the
-    // H200 than the flat layout at its widest, same bits (bench/RESULTS.md, run 7).
-    for (const pointers of [true, false]) {
-      for (const vc of [32, 16, 8, 4]) {
-        if (vc > tiling.bc) continue;
-        const c: FlashConfig = { ...base, ...tiling, vc, pointers, ...(flashTuning.override ?? {}) };
-        const problems = flashConfigProblems(c, limits);
-        if (problems.length === 0) return c;
-        last = problems.join("; ");
+  function* candidates(): Generator<FlashConfig> {
+    for (const tiling of TILINGS) {
+      if (subgroups && (caps.subgroupMinSize === 0 || tiling.ct > caps.subgroupMinSize)) continue;
+      // Head dims past 128 need the wider thread grid to keep outputs in registers.
+      if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
+      // Row pointers first, with the widest V stage that fits: 12% (Flux) to 15% (SD3) faster on
+      // the H200 than the flat layout at its widest, same bits (bench/RESULTS.md, run 7).
+      for (const pointers of [true, false]) {
+        for (const vc of [32, 16, 8, 4]) {
+          if (vc <= tiling.bc) yield { ...base, ...tiling, vc, pointers, ...(flashTuning.override ?? {}) };
+        }
       }
     }
   }
-  return `no tile configuration fits this device (${last})`;
+  const c = firstFitting(candidates(), limits);
+  return typeof c === "string" ? `no tile configuration fits this device (${c})` : c;
 }
 
 function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {

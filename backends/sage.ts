@@ -16,7 +16,7 @@ import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
-import { type FlashConfig, flashConfigProblems, flashKernel } from "../wgsl/flash.ts";
+import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
 
 /** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
@@ -53,8 +53,9 @@ export const SAGE_UNSUITED_F32 =
  * When the router passes `sage` over (it is its first choice otherwise). Measured on the H200
  * (bench/RESULTS.md, run 7): 1.30x to 1.56x faster than flash-subgroup on every suite shape from
  * s = 2048 up (Flux f16 6.26 vs 9.34 ms), 0.84x to 0.87x at s = 128 where its quantization
- * pre-pass does not pay off. Its error (cosine similarity 0.999998, relative L1 1.9e-3 at s = 4608) is within a
- * few roundings of 16-bit inputs, not of f32 ones: f32 calls keep flash unless sage is named.
+ * pre-pass does not pay off. Its error (cosine similarity 0.999998, relative L1 1.9e-3 at
+ * s = 4608) is within a few roundings of 16-bit inputs, not of f32 ones: f32 calls keep flash
+ * unless sage is named.
  */
 function unsuitedReasons(p: AttentionProblem): string[] {
   if (p.dtype === "f32") return [SAGE_UNSUITED_F32];
@@ -98,23 +99,22 @@ export function chooseSageConfig(
     swizzle: true,
     qk: "int8",
   } as const;
-  let last = "no tiling fits";
-  for (const tiling of TILINGS) {
-    if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
-    // Row pointers first where they fit (as flash; bench/RESULTS.md, run 7).
-    for (const pointers of [true, false]) {
-      for (const vc of [32, 16, 8, 4]) {
-        if (vc > tiling.bc) continue;
-        for (const dk of dks) {
-          const c: FlashConfig = { ...base, ...tiling, vc, dk, pointers, ...(sageTuning.override ?? {}) };
-          const problems = flashConfigProblems(c, limits);
-          if (problems.length === 0) return c;
-          last = problems.join("; ");
+  function* candidates(): Generator<FlashConfig> {
+    for (const tiling of TILINGS) {
+      if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
+      // Row pointers first where they fit (as flash; bench/RESULTS.md, run 7).
+      for (const pointers of [true, false]) {
+        for (const vc of [32, 16, 8, 4]) {
+          if (vc > tiling.bc) continue;
+          for (const dk of dks) {
+            yield { ...base, ...tiling, vc, dk, pointers, ...(sageTuning.override ?? {}) };
+          }
         }
       }
     }
   }
-  return `no int8 tile configuration fits this device (${last})`;
+  const c = firstFitting(candidates(), limits);
+  return typeof c === "string" ? `no int8 tile configuration fits this device (${c})` : c;
 }
 
 /** Bytes of the pre-pass's scratch buffers. */

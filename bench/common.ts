@@ -1,6 +1,7 @@
 /** Shared pieces of the benchmarks: the shape suite, GPU inputs, and GPU-timed runs. */
 import { attentionForward, type AttentionOptions, deviceInfo, getDevice, type GpuTensor } from "../mod.ts";
 import { heat } from "./heater.ts";
+import { readEnvIfGranted } from "../core/api.ts";
 import { Profiler, setProfiler } from "../core/gpu.ts";
 import { flopCount } from "../core/problem.ts";
 
@@ -109,16 +110,7 @@ export function shapeInputs(device: GPUDevice, s: BenchShape, dtype: "f32" | "f1
  * GPU time queued before each timed region to bring the chip to its working clocks
  * (`WGATTN_BENCH_HEAT_MS`, default 150; 0 on software adapters, which have no clocks to raise).
  */
-export const HEAT_MS = (() => {
-  try {
-    const granted = Deno.permissions.querySync({ name: "env", variable: "WGATTN_BENCH_HEAT_MS" }).state ===
-      "granted";
-    const v = granted ? Deno.env.get("WGATTN_BENCH_HEAT_MS") : undefined;
-    return v !== undefined ? Number(v) : 150;
-  } catch {
-    return 150;
-  }
-})();
+export const HEAT_MS = Number(readEnvIfGranted("WGATTN_BENCH_HEAT_MS") ?? 150);
 
 /**
  * Median GPU time of one call's compute pass in ms, from timestamp queries, over `reps` chained

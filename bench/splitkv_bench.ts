@@ -21,29 +21,15 @@ import {
 } from "../backends/splitkv.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { resolveProblem } from "../core/problem.ts";
+import { readEnvIfGranted } from "../core/api.ts";
 import { readBuffer } from "../core/gpu.ts";
 import { type BenchShape, shapeInputs, timeOnGpu } from "./common.ts";
 
 /** `WGATTN_BENCH_DRY=1`: every shape 16x shorter, run on any adapter (checks the script itself). */
-const DRY = (() => {
-  try {
-    return Deno.permissions.querySync({ name: "env", variable: "WGATTN_BENCH_DRY" }).state === "granted" &&
-      Deno.env.get("WGATTN_BENCH_DRY") === "1";
-  } catch {
-    return false;
-  }
-})();
+const DRY = readEnvIfGranted("WGATTN_BENCH_DRY") === "1";
 const kv = (s: number) => (DRY ? s / 16 : s);
 /** `WGATTN_BENCH_PARTS=decode,sweep,crossover` (default all): which parts of the report to run. */
-const PARTS = (() => {
-  try {
-    const granted = Deno.permissions.querySync({ name: "env", variable: "WGATTN_BENCH_PARTS" }).state ===
-      "granted";
-    return (granted ? Deno.env.get("WGATTN_BENCH_PARTS") : undefined) ?? "decode,sweep,crossover";
-  } catch {
-    return "decode,sweep,crossover";
-  }
-})().split(",");
+const PARTS = (readEnvIfGranted("WGATTN_BENCH_PARTS") ?? "decode,sweep,crossover").split(",");
 const wants = (part: "decode" | "sweep" | "crossover") => PARTS.includes(part);
 const DECODE: BenchShape = { name: "decode", b: 1, n: 32, nKv: 8, s: 1, sKv: kv(32768), d: 128 };
 /** Device-to-device copy bandwidth measured on the H200, bytes/s. */
@@ -223,15 +209,16 @@ async function sweepReport(
     [{ ...DECODE, b: 8, sKv: kv(8192) }, [4, 8, 9, 12, 16, 24, 32]],
     [{ ...DECODE, sKv: kv(131072) }, [65, 98, 130, 195, 256]],
   ];
+  const caps = (await defaultRuntime())!.caps;
   for (const [shape, counts] of planShapes) {
     const shapeInputsF16 = shapeInputs(device!, shape, "f16");
     const shapeBytes = kvBytes(shape, 2);
+    const p = resolveProblem(shapeInputsF16.q, shapeInputsF16.k, shapeInputsF16.v);
+    const c = chooseSplitKvConfig(p, caps);
     for (const splits of [null, ...counts]) {
       splitKvTuning.splits = splits;
       const ms = await gpuTime(shapeInputsF16, "split-kv", 30);
-      const p = resolveProblem(shapeInputsF16.q, shapeInputsF16.k, shapeInputsF16.v);
-      const c = chooseSplitKvConfig(p, (await defaultRuntime())!.caps);
-      const plan = typeof c === "string" ? null : splitKvPlan(p, c, (await defaultRuntime())!.caps);
+      const plan = typeof c === "string" ? null : splitKvPlan(p, c, caps);
       line({
         planSweep: dims(shape),
         splits: plan?.splits,

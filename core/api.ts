@@ -11,18 +11,25 @@ import { BACKENDS } from "../backends/registry.ts";
 /** The environment variable that picks a backend by name, as DiffSynth's `DIFFSYNTH_ATTENTION_IMPLEMENTATION`. */
 export const IMPLEMENTATION_VARIABLE = "WGATTN_IMPLEMENTATION";
 
-/** Reads the variable only if env access is already granted: never prompts, never needs --allow-env. */
-export function readImplementationVariable(): string | undefined {
+/**
+ * An environment variable, read only if env access to it is already granted: never prompts, never
+ * needs --allow-env. Empty or blank values read as undefined.
+ */
+export function readEnvIfGranted(name: string): string | undefined {
   const deno = (globalThis as { Deno?: typeof Deno }).Deno;
   if (!deno?.permissions?.querySync) return undefined;
   try {
-    const state = deno.permissions.querySync({ name: "env", variable: IMPLEMENTATION_VARIABLE }).state;
-    if (state !== "granted") return undefined;
-    const value = deno.env.get(IMPLEMENTATION_VARIABLE)?.trim();
+    if (deno.permissions.querySync({ name: "env", variable: name }).state !== "granted") return undefined;
+    const value = deno.env.get(name)?.trim();
     return value ? value : undefined;
   } catch {
     return undefined;
   }
+}
+
+/** Reads {@link IMPLEMENTATION_VARIABLE} if env access is already granted. */
+export function readImplementationVariable(): string | undefined {
+  return readEnvIfGranted(IMPLEMENTATION_VARIABLE);
 }
 
 function runtimeOf(options: AttentionOptions | undefined): Promise<GpuRuntime | null> {

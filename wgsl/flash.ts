@@ -79,11 +79,6 @@ export interface FlashConfig {
   pointers?: boolean;
 }
 
-/** Whether the kernel reads workgroup memory through row pointers (see {@link FlashConfig.pointers}). */
-export function rowPointers(c: FlashConfig): boolean {
-  return c.pointers === true;
-}
-
 /** Derived sizes of a config. */
 export function flashShape(c: FlashConfig) {
   const tm = c.br / c.rt, tn = c.bc / c.ct;
@@ -100,7 +95,7 @@ export function flashShape(c: FlashConfig) {
   const pStride = c.bc / 4 + 1;
   // Row pointers: K rows and transposed V rows (one per vec4 column of d) share one 2D array.
   const kvWidth = Math.max(words, c.vc) + 1, kvRows = Math.max(c.bc, dPad / 4);
-  const kvVec4 = rowPointers(c) ? kvRows * kvWidth : Math.max(c.bc * kStride, c.vc * (dPad / 4));
+  const kvVec4 = c.pointers ? kvRows * kvWidth : Math.max(c.bc * kStride, c.vc * (dPad / 4));
   const sharedBytes = 16 * (c.br * qStride + kvVec4 + c.br * pStride) +
     (c.subgroups === false ? 4 * c.br * c.ct : 0);
   return {
@@ -119,6 +114,23 @@ export function flashShape(c: FlashConfig) {
     dQ,
     words,
   };
+}
+
+/**
+ * The first of `candidates` valid for a device with these limits, or why none is (the last
+ * candidate's problems).
+ */
+export function firstFitting(
+  candidates: Iterable<FlashConfig>,
+  limits: { storage: number; invocations: number },
+): FlashConfig | string {
+  let last = "no tiling fits";
+  for (const c of candidates) {
+    const problems = flashConfigProblems(c, limits);
+    if (problems.length === 0) return c;
+    last = problems.join("; ");
+  }
+  return last;
 }
 
 /** Why a config is not valid for a device with these limits (empty when valid). */
@@ -219,7 +231,7 @@ export function flashKey(c: FlashConfig): string {
   }:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}${
       c.qk === "int8" ? ":i8" : ""
-    }${rowPointers(c) ? ":rp" : ""}`;
+    }${c.pointers ? ":rp" : ""}`;
 }
 
 /** Generates the flash kernel for `c`. */
@@ -228,7 +240,7 @@ export function flashKernel(c: FlashConfig): Kernel {
   const { tm, tn, td, threads, qStride, pStride } = s;
   const d4 = c.d / 4, dPad4 = s.dPad / 4, dk4 = c.dk / 4;
   const int8 = c.qk === "int8";
-  const rp = rowPointers(c);
+  const rp = c.pointers === true;
   const { kStride, words } = s;
   const dq4 = s.dQ / 16; // int8: vec4<u32> words per row of the packed q8/k8
   const L: string[] = [];

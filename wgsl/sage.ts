@@ -54,7 +54,6 @@ function element(c: SageInput): string {
   return "vec2<u32>";
 }
 
-/** WGSL `fn ld(i: u32) -> vec4<f32>` reading vec4 `i` of the input `x`. */
 const POS_INF = "bitcast<f32>(0x7f800000u)";
 
 /** `ld` (four values of x as f32) and `finite4` (false for NaN and ±Inf, by the exponent bits). */
@@ -64,6 +63,7 @@ function loader(c: SageInput): string {
     "  return (bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u);\n}\n";
 }
 
+/** WGSL `fn ld(i: u32) -> vec4<f32>` reading vec4 `i` of the input `x`. */
 function loadFn(c: SageInput): string {
   if (c.dtype === "f32") return "fn ld(i: u32) -> vec4<f32> { return x[i]; }\n";
   if (c.dtype === "f16" && c.f16) return "fn ld(i: u32) -> vec4<f32> { return vec4<f32>(x[i]); }\n";
