@@ -1,7 +1,23 @@
 import { WgattnError } from "./errors.ts";
 
+/** One matrix tile shape the device multiplies on its matrix units (WebGPU subgroup matrices). */
+export interface SubgroupMatrixConfig {
+  /** Element type of the left and right operands, e.g. "i8", "u8", "f16". */
+  componentType: string;
+  /** Element type of the result (accumulator), e.g. "i32", "u32", "f32". */
+  resultComponentType: string;
+  /** Left operand rows (result rows). */
+  M: number;
+  /** Right operand columns (result columns). */
+  N: number;
+  /** Inner dimension. */
+  K: number;
+}
+
 /** What the GPU adapter offers, probed once per device. */
 export interface Capabilities {
+  /** The WebGPU engine the device belongs to. */
+  engine: "deno" | "dawn";
   /** Adapter description, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)". */
   adapter: string;
   /** True for software adapters (lavapipe, SwiftShader, llvmpipe). */
@@ -19,6 +35,11 @@ export interface Capabilities {
   packedInt8Dot: boolean;
   /** `timestamp-query`, for timing kernels on the GPU. */
   timestamps: boolean;
+  /**
+   * Matrix tiles of `chromium-experimental-subgroup-matrix` (Dawn); empty where the device has no
+   * subgroup matrices. WGSL using them needs `enable chromium_experimental_subgroup_matrix;`.
+   */
+  subgroupMatrixConfigs: readonly SubgroupMatrixConfig[];
   limits: {
     maxStorageBufferBindingSize: number;
     maxBufferSize: number;
@@ -193,6 +214,17 @@ async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): P
     subgroupMinSize: (info as { subgroupMinSize?: number } | undefined)?.subgroupMinSize ?? 0,
     packedInt8Dot,
     timestamps: features.has("timestamp-query"),
+    engine: "deno",
+    subgroupMatrixConfigs: features.has("chromium-experimental-subgroup-matrix")
+      ? [...((info as { subgroupMatrixConfigs?: Iterable<SubgroupMatrixConfig> } | undefined)
+        ?.subgroupMatrixConfigs ?? [])].map((c) => ({
+          componentType: c.componentType,
+          resultComponentType: c.resultComponentType,
+          M: c.M,
+          N: c.N,
+          K: c.K,
+        }))
+      : [],
     limits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
       maxBufferSize: l.maxBufferSize,

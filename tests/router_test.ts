@@ -28,6 +28,8 @@ function fakeCaps(
     subgroupMinSize: 32,
     packedInt8Dot: true,
     timestamps: true,
+    engine: "deno",
+    subgroupMatrixConfigs: [],
     limits: {
       maxStorageBufferBindingSize: 2147483644,
       maxBufferSize: 4292870144,
