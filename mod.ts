@@ -28,6 +28,8 @@ export {
   setDevice,
 } from "./core/api.ts";
 export { type Stats, stats } from "./core/stats.ts";
+export { ENGINE_VARIABLE, useEngine, type UseEngineOptions } from "./engines/select.ts";
+export type { EngineName } from "./engines/engine.ts";
 export { type AttentionPart, mergeAttention, type MergedAttention, type MergeOptions } from "./core/merge.ts";
 export type { ChainEntry, DecisionSource } from "./core/router.ts";
 export { WgattnError, type WgattnErrorCode, type WgattnErrorDetails } from "./core/errors.ts";

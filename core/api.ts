@@ -1,4 +1,5 @@
 import { WgattnError } from "./errors.ts";
+import { readEnvIfGranted } from "./env.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
 import { execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
@@ -7,25 +8,13 @@ import { checkGpuOperands } from "./validate.ts";
 import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
 import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
 import { BACKENDS } from "../backends/registry.ts";
+import { chosenEngine, ENGINE_VARIABLE } from "../engines/select.ts";
+import type { EngineName } from "../engines/engine.ts";
 
 /** The environment variable that picks a backend by name, as DiffSynth's `DIFFSYNTH_ATTENTION_IMPLEMENTATION`. */
 export const IMPLEMENTATION_VARIABLE = "WGATTN_IMPLEMENTATION";
 
-/**
- * An environment variable, read only if env access to it is already granted: never prompts, never
- * needs --allow-env. Empty or blank values read as undefined.
- */
-export function readEnvIfGranted(name: string): string | undefined {
-  const deno = (globalThis as { Deno?: typeof Deno }).Deno;
-  if (!deno?.permissions?.querySync) return undefined;
-  try {
-    if (deno.permissions.querySync({ name: "env", variable: name }).state !== "granted") return undefined;
-    const value = deno.env.get(name)?.trim();
-    return value ? value : undefined;
-  } catch {
-    return undefined;
-  }
-}
+export { readEnvIfGranted };
 
 /** Reads {@link IMPLEMENTATION_VARIABLE} if env access is already granted. */
 export function readImplementationVariable(): string | undefined {
@@ -152,6 +141,11 @@ export interface Explanation {
   chain: ChainEntry[];
   /** The GPU adapter in use, or null without one. */
   adapter: string | null;
+  /**
+   * The WebGPU engine of the device in use (null without one), and why it is not the one
+   * `WGATTN_WEBGPU` asked for when Dawn could not load.
+   */
+  engine: { name: EngineName; version: string; fallback?: string } | null;
   /** The call's sizes as the router saw them. */
   shape: { b: number; n: number; nKv: number; sQ: number; sKv: number; d: number; dV: number; dtype: string };
   /**
@@ -192,9 +186,17 @@ export async function explain(
     compatibility: "compatibilityMode forces the plain path",
     priority: d.requested ? `priority order (after ${IMPLEMENTATION_VARIABLE}'s choice)` : "priority order",
   }[d.source];
+  const choice = await chosenEngine();
+  const fallback = !options?.device && choice.fallback
+    ? `${ENGINE_VARIABLE} asked for ${choice.requested}, which cannot load: ${choice.fallback}`
+    : undefined;
+  const engine = rt
+    ? { name: rt.engine.name, version: rt.engine.version, ...(fallback ? { fallback } : {}) }
+    : null;
   const lines = [
     `backend: ${d.backend.name} (${why})`,
     `adapter: ${rt?.caps.adapter ?? "none"}`,
+    ...(engine ? [`engine: ${engine.name} (${engine.version})${fallback ? `; ${fallback}` : ""}`] : []),
     ...(plan
       ? [`split: ${pieceCount(plan)} pieces by ${plan.level} (a tensor exceeds maxStorageBufferBindingSize)`]
       : []),
@@ -208,6 +210,7 @@ export async function explain(
     requested: d.requested,
     chain: d.chain,
     adapter: rt?.caps.adapter ?? null,
+    engine,
     shape,
     ...(plan ? { split: { pieces: pieceCount(plan), level: plan.level } } : {}),
     text: lines.join("\n"),
@@ -252,7 +255,8 @@ export async function availableBackends(options?: { device?: GPUDevice }): Promi
 
 /**
  * Makes wgattn use your `GPUDevice` (GPU tensors must live on it); `null` goes back to acquiring
- * one on first use.
+ * one on first use. A device of either engine is accepted: one from Deno's `navigator.gpu` or one
+ * from Dawn (the npm package `webgpu`, any copy of it); wgattn detects which.
  *
  * @example
  * ```ts
@@ -284,6 +288,10 @@ export async function getDevice(): Promise<GPUDevice | null> {
 export interface DeviceInfo {
   /** Adapter description, e.g. "NVIDIA H200" or "llvmpipe (LLVM 15.0.6, 256 bits)". */
   adapter: string;
+  /** The WebGPU engine of the device: Deno's own (wgpu) or Dawn (npm `webgpu`). */
+  engine: EngineName;
+  /** What runs the engine, e.g. `deno 2.9.6` or `webgpu@0.6.2 (dawn.node)`. */
+  engineVersion: string;
   /** True for a software adapter. */
   isFallbackAdapter: boolean;
   /** WGSL f16 arithmetic and storage (`shader-f16`). */
@@ -294,6 +302,14 @@ export interface DeviceInfo {
   packedInt8Dot: boolean;
   /** `timestamp-query`, for timing kernels on the GPU. */
   timestamps: boolean;
+  /** Matrix tiles the device multiplies on its matrix units (Dawn's subgroup matrices); empty without. */
+  subgroupMatrixConfigs: {
+    componentType: string;
+    resultComponentType: string;
+    M: number;
+    N: number;
+    K: number;
+  }[];
   /** The device limits wgattn requested (the adapter's own). */
   limits: Record<string, number>;
 }
@@ -313,11 +329,14 @@ export async function deviceInfo(options?: { device?: GPUDevice }): Promise<Devi
   const c = rt.caps;
   return {
     adapter: c.adapter,
+    engine: rt.engine.name,
+    engineVersion: rt.engine.version,
     isFallbackAdapter: c.isFallbackAdapter,
     shaderF16: c.shaderF16,
     subgroups: c.subgroups,
     packedInt8Dot: c.packedInt8Dot,
     timestamps: c.timestamps,
+    subgroupMatrixConfigs: c.subgroupMatrixConfigs.map((m) => ({ ...m })),
     limits: { ...c.limits },
   };
 }

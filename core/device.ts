@@ -1,4 +1,6 @@
 import { WgattnError } from "./errors.ts";
+import type { Engine } from "../engines/engine.ts";
+import { chosenEngine, engineFor, lockEngine } from "../engines/select.ts";
 
 /** One matrix tile shape the device multiplies on its matrix units (WebGPU subgroup matrices). */
 export interface SubgroupMatrixConfig {
@@ -54,6 +56,8 @@ export interface Capabilities {
 /** A device in use, its capabilities and its compiled pipelines. */
 export interface GpuRuntime {
   device: GPUDevice;
+  /** The engine the device belongs to: pipeline creation and waiting go through it. */
+  engine: Engine;
   caps: Capabilities;
   /** Pipelines by cache key; insertion order is recency (LRU). */
   pipelines: Map<string, Promise<GPUComputePipeline>>;
@@ -103,7 +107,7 @@ function follow(made: Promise<GpuRuntime | null>): Promise<GpuRuntime | null> {
 export function runtimeFor(device: GPUDevice, owned = false): Promise<GpuRuntime> {
   let r = runtimes.get(device);
   if (!r) {
-    r = probe(device, owned);
+    r = probe(device, engineFor(device), owned);
     runtimes.set(device, r);
   }
   return r;
@@ -136,45 +140,41 @@ export function runtimeNow(device?: GPUDevice): GpuRuntime | null {
 }
 
 async function acquire(): Promise<GpuRuntime | null> {
-  const gpu = (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
-  if (!gpu) return null;
-  let adapter: GPUAdapter | null = null;
-  try {
-    adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
-  } catch {
-    adapter = null;
-  }
+  const { engine } = await chosenEngine();
+  const adapter = await engine.requestAdapter();
   if (!adapter) return null;
-  const wanted = (["shader-f16", "timestamp-query"] as GPUFeatureName[]).filter((f) =>
-    adapter!.features.has(f)
-  );
+  lockEngine();
+  const optional = [
+    "shader-f16",
+    "timestamp-query",
+    "chromium-experimental-subgroup-matrix",
+  ] as GPUFeatureName[];
+  const wanted = optional.filter((f) => adapter.features.has(f));
   const requiredLimits: Record<string, number> = {};
   for (const key of LIMIT_KEYS) {
     requiredLimits[key] = (adapter.limits as unknown as Record<string, number>)[key];
   }
   // Subgroups work on some adapters that do not list them (see the notes in shared/gpu): try asking.
+  const withSubgroups = [...wanted, "subgroups" as GPUFeatureName];
   let device: GPUDevice;
   try {
-    device = await adapter.requestDevice({
-      requiredFeatures: [...wanted, "subgroups" as GPUFeatureName],
-      requiredLimits,
-    });
+    device = await engine.hold(adapter.requestDevice({ requiredFeatures: withSubgroups, requiredLimits }));
   } catch {
-    device = await adapter.requestDevice({ requiredFeatures: wanted, requiredLimits });
+    device = await engine.hold(adapter.requestDevice({ requiredFeatures: wanted, requiredLimits }));
   }
-  const rt = await probe(device, true, adapter);
+  const rt = await probe(device, engine, true, adapter);
   runtimes.set(device, Promise.resolve(rt));
   return rt;
 }
 
-async function compiles(device: GPUDevice, code: string): Promise<boolean> {
+async function compiles(device: GPUDevice, engine: Engine, code: string): Promise<boolean> {
   device.pushErrorScope("validation");
+  const module = device.createShaderModule({ code });
+  const diagnostics = engine.hold(device.popErrorScope().catch(() => null));
   try {
-    const module = device.createShaderModule({ code });
-    await device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: "main" } });
-    return (await device.popErrorScope()) === null;
+    await engine.createComputePipeline(device, { layout: "auto", compute: { module, entryPoint: "main" } });
+    return (await diagnostics) === null;
   } catch {
-    await device.popErrorScope().catch(() => null);
     return false;
   }
 }
@@ -185,24 +185,27 @@ const SUBGROUP_PROBE = `@group(0) @binding(0) var<storage, read_write> o: array<
 const DOT4_PROBE = `@group(0) @binding(0) var<storage, read_write> o: array<i32>;
 @compute @workgroup_size(1) fn main() { o[0] = dot4I8Packed(0x01020304u, 0x01010101u); }`;
 
-async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): Promise<GpuRuntime> {
+async function probe(
+  device: GPUDevice,
+  engine: Engine,
+  owned: boolean,
+  adapter?: GPUAdapter,
+): Promise<GpuRuntime> {
   const info = adapter?.info ?? (device as unknown as { adapterInfo?: GPUAdapterInfo }).adapterInfo;
   const features = new Set<string>(device.features);
   let subgroupDirective: "" | "enable subgroups;\n" = "";
   let subgroups = false;
   if (features.has("subgroups")) {
-    if (await compiles(device, SUBGROUP_PROBE)) subgroups = true;
-    else if (await compiles(device, "enable subgroups;\n" + SUBGROUP_PROBE)) {
+    if (await compiles(device, engine, SUBGROUP_PROBE)) subgroups = true;
+    else if (await compiles(device, engine, "enable subgroups;\n" + SUBGROUP_PROBE)) {
       subgroups = true;
       subgroupDirective = "enable subgroups;\n";
     }
   }
   if (!subgroups) features.delete("subgroups");
-  const langFeatures =
-    (globalThis.navigator as { gpu?: { wgslLanguageFeatures?: ReadonlySet<string> } } | undefined)
-      ?.gpu?.wgslLanguageFeatures;
-  const packedInt8Dot = langFeatures?.has("packed_4x8_integer_dot_product") === true &&
-    await compiles(device, DOT4_PROBE);
+  // Compiled rather than looked up: a device the caller made may come from an engine whose list of
+  // WGSL language features wgattn cannot see.
+  const packedInt8Dot = await compiles(device, engine, DOT4_PROBE);
   const l = device.limits as unknown as Record<string, number>;
   const caps: Capabilities = {
     adapter: info?.description || info?.device || info?.vendor || "unknown adapter",
@@ -214,16 +217,18 @@ async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): P
     subgroupMinSize: (info as { subgroupMinSize?: number } | undefined)?.subgroupMinSize ?? 0,
     packedInt8Dot,
     timestamps: features.has("timestamp-query"),
-    engine: "deno",
+    engine: engine.name,
     subgroupMatrixConfigs: features.has("chromium-experimental-subgroup-matrix")
-      ? [...((info as { subgroupMatrixConfigs?: Iterable<SubgroupMatrixConfig> } | undefined)
-        ?.subgroupMatrixConfigs ?? [])].map((c) => ({
-          componentType: c.componentType,
-          resultComponentType: c.resultComponentType,
-          M: c.M,
-          N: c.N,
-          K: c.K,
-        }))
+      ? [
+        ...((info as { subgroupMatrixConfigs?: Iterable<SubgroupMatrixConfig> } | undefined)
+          ?.subgroupMatrixConfigs ?? []),
+      ].map((c) => ({
+        componentType: c.componentType,
+        resultComponentType: c.resultComponentType,
+        M: c.M,
+        N: c.N,
+        K: c.K,
+      }))
       : [],
     limits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
@@ -235,7 +240,15 @@ async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): P
       maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
     },
   };
-  const rt: GpuRuntime = { device, caps, pipelines: new Map(), broken: new Map(), owned, lost: false };
+  const rt: GpuRuntime = {
+    device,
+    engine,
+    caps,
+    pipelines: new Map(),
+    broken: new Map(),
+    owned,
+    lost: false,
+  };
   device.lost.then(() => {
     rt.lost = true;
   });
@@ -277,8 +290,8 @@ export function cachedPipeline(
     rt.device.popErrorScope().catch(() => null);
     throw e;
   }
-  const diagnostics = rt.device.popErrorScope().catch(() => null);
-  const made: Promise<GPUComputePipeline> = rt.device.createComputePipelineAsync({
+  const diagnostics = rt.engine.hold(rt.device.popErrorScope().catch(() => null));
+  const made: Promise<GPUComputePipeline> = rt.engine.createComputePipeline(rt.device, {
     layout: "auto",
     label,
     compute: { module, entryPoint: "main" },

@@ -15,6 +15,8 @@ export type WgattnErrorCode =
   | "INVALID_BUFFER"
   | "OUT_OF_MEMORY"
   | "DEVICE_LOST"
+  | "ENGINE_UNAVAILABLE"
+  | "ENGINE_IN_USE"
   | "GPU_ERROR";
 
 /** Details carried by a {@link WgattnError}. */

@@ -1,6 +1,8 @@
 import { WgattnError } from "./errors.ts";
 import { cachedPipeline, type GpuRuntime } from "./device.ts";
 import { type Kernel, packUniforms } from "../wgsl/common.ts";
+import { isGpuBuffer } from "../engines/engine.ts";
+import { engineFor } from "../engines/select.ts";
 
 /** A GPU timing session: compute passes recorded while it is active get timestamps. */
 export class Profiler {
@@ -39,7 +41,7 @@ export class Profiler {
     enc.resolveQuerySet(this.querySet, 0, count, resolve, 0);
     enc.copyBufferToBuffer(resolve, 0, staging, 0, count * 8);
     this.device.queue.submit([enc.finish()]);
-    await staging.mapAsync(GPUMapMode.READ);
+    await engineFor(this.device).hold(staging.mapAsync(GPUMapMode.READ));
     const t = new BigUint64Array(staging.getMappedRange().slice(0));
     staging.unmap();
     staging.destroy();
@@ -149,7 +151,7 @@ export class GpuCall {
    */
   async errors(): Promise<RecordedErrors> {
     const found: RecordedErrors = { outOfMemory: null, validation: null };
-    for (const [filter, e] of await Promise.all(this.pending)) {
+    for (const [filter, e] of await this.rt.engine.hold(Promise.all(this.pending))) {
       if (!e) continue;
       if (filter === "out-of-memory") found.outOfMemory ??= e;
       else found.validation ??= e;
@@ -238,7 +240,7 @@ export class GpuCall {
     kernel.bindings.forEach((name, i) => {
       const b = buffers[name];
       if (!b) throw new Error(`${kernel.label}: binding ${name} has no buffer`);
-      const resource = b instanceof GPUBuffer ? this.windows?.get(b) ?? { buffer: b } : b;
+      const resource = isGpuBuffer(b) ? this.windows?.get(b) ?? { buffer: b } : b;
       const size = resource.size ?? resource.buffer.size - (resource.offset ?? 0);
       if (size > limit) {
         throw new WgattnError("GPU_ERROR", `${kernel.label}: binding ${name} exceeds one storage binding`, {
@@ -286,7 +288,7 @@ export class GpuCall {
     try {
       device.queue.submit([this.encoder.finish()]);
     } finally {
-      refused = device.popErrorScope().catch(() => null);
+      refused = this.rt.engine.hold(device.popErrorScope().catch(() => null));
       for (const b of this.temporaries) releaseBuffer(b);
       this.temporaries.length = 0;
     }
@@ -339,7 +341,7 @@ export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: numbe
     const enc = device.createCommandEncoder();
     enc.copyBufferToBuffer(src, 0, staging, 0, size);
     device.queue.submit([enc.finish()]);
-    await staging.mapAsync(GPUMapMode.READ);
+    await engineFor(device).hold(staging.mapAsync(GPUMapMode.READ));
     return staging.getMappedRange().slice(0, bytes);
   } finally {
     staging.destroy();

@@ -1,4 +1,5 @@
 import { WgattnError } from "./errors.ts";
+import { isGpuBuffer } from "../engines/engine.ts";
 import type { DType, GpuMask, HostData, MaskInput, TensorInput } from "./types.ts";
 
 /** Bytes per element of each dtype. */
@@ -30,10 +31,6 @@ function checkShape(shape: unknown, argument: string): readonly number[] {
     });
   }
   return shape;
-}
-
-function isGpuBuffer(x: unknown): x is GPUBuffer {
-  return typeof GPUBuffer !== "undefined" && x instanceof GPUBuffer;
 }
 
 function dtypeOfArray(data: unknown): DType | "u16" | undefined {

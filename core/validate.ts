@@ -79,7 +79,7 @@ export async function checkGpuOperands(p: AttentionProblem, rt: GpuRuntime | nul
       () => ({ argument, buffer, message: null }),
     );
   });
-  for (const { argument, buffer, message } of await Promise.all(checks)) {
+  for (const { argument, buffer, message } of await rt.engine.hold(Promise.all(checks))) {
     if (message === null) continue;
     const size = `a ${buffer.size}-byte buffer (${buffer.label ? `label "${buffer.label}"` : "no label"})`;
     if (/destroyed/i.test(message)) {

@@ -2,6 +2,7 @@
  * Bad input: every rejection is a WgattnError with a stable code, naming the argument at fault
  * with what was expected and what was given, from attentionForward and explain alike.
  */
+import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { defaultRuntime } from "../core/device.ts";
 import type { AttentionOptions, TensorInput } from "../core/types.ts";
@@ -257,7 +258,7 @@ Deno.test({
     const destroyed = device.createBuffer({ size: 1024, usage, label: "gone" });
     destroyed.destroy();
     const mapped = device.createBuffer({ size: 1024, usage, mappedAtCreation: true });
-    const other = await (await navigator.gpu.requestAdapter())!.requestDevice();
+    const other = await (await engineAdapter())!.requestDevice();
     const foreign = other.createBuffer({ size: 1024, usage });
     const mask = (buffer: GPUBuffer) => ({ buffer, shape: [2, 8, 8], dtype: "bool" as const });
     const gpu = (buffer: GPUBuffer) => ({ buffer, shape: [1, 2, 8, 16], dtype: "f32" as const });

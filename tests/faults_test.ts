@@ -3,6 +3,7 @@
  * compile. In each, a call either gives the right answer or rejects with a WgattnError (never a
  * wrong tensor), nothing is left allocated, and later calls work.
  */
+import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { defaultRuntime, runtimeFor } from "../core/device.ts";
 import { debug } from "../core/gpu.ts";
@@ -150,7 +151,7 @@ Deno.test({
   name: `faults: a device the caller gave is not replaced: DEVICE_LOST on each call after its loss${skip}`,
   ignore,
   fn: async () => {
-    const mine = await (await navigator.gpu.requestAdapter())!.requestDevice();
+    const mine = await (await engineAdapter())!.requestDevice();
     const ok = await attentionForward(q, k, v, { device: mine, backend: "naive" });
     mine.destroy();
     await mine.lost;
@@ -209,7 +210,7 @@ Deno.test({
 
     // A real device with the WebGPU default limits (256 MiB buffers): an output past them is
     // refused before anything is created.
-    const small = await (await navigator.gpu.requestAdapter())!.requestDevice();
+    const small = await (await engineAdapter())!.requestDevice();
     try {
       const sQ = 8192, dV = (small.limits.maxBufferSize / 4 / sQ) * 2;
       const bq = { data: new Float32Array(sQ * 16).fill(0.1), shape: [1, 1, sQ, 16] };
@@ -233,7 +234,7 @@ Deno.test({
   ignore,
   fn: async () => {
     // A device of its own: what is retired on it stays on it.
-    const device = await (await navigator.gpu.requestAdapter())!.requestDevice();
+    const device = await (await engineAdapter())!.requestDevice();
     const x = { data: new Float32Array(2 * 64 * 16).map((_, i) => Math.sin(i)), shape: [1, 2, 64, 16] };
     try {
       const first = await explain(x, x, x, { device });

@@ -10,6 +10,7 @@
  * honoured the test lowers what wgattn plans with (`restrictLimits`); every binding past the
  * lowered limit is then refused by `GpuCall.dispatch`, so a passing call kept to it.
  */
+import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { defaultRuntime, restrictLimits } from "../core/device.ts";
 import { gpuStats, readBuffer } from "../core/gpu.ts";
@@ -41,7 +42,7 @@ const BINDING = 1 << 14;
 
 /** A device of its own whose storage bindings are at most `binding` bytes. */
 async function smallDevice(limits: { maxStorageBufferBindingSize?: number; maxBufferSize?: number }) {
-  const adapter = (await navigator.gpu.requestAdapter())!;
+  const adapter = (await engineAdapter())!;
   const requiredFeatures = [...adapter.features].filter((f) => f === "shader-f16") as GPUFeatureName[];
   let device: GPUDevice;
   try {

@@ -7,6 +7,7 @@
  * Shapes are tiny and kernel configurations few (head dim 16, f32 and f16): the software adapter is
  * slow and compiles each new flash configuration in about a second.
  */
+import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { BACKENDS } from "../backends/registry.ts";
 import { cachedPipeline, defaultRuntime, PIPELINE_CACHE_LIMIT, runtimeFor } from "../core/device.ts";
@@ -309,7 +310,7 @@ Deno.test({
     `load: the pipeline cache keeps at most PIPELINE_CACHE_LIMIT pipelines, dropping the least recently used${skip}`,
   ignore,
   fn: async () => {
-    const device = await (await navigator.gpu.requestAdapter())!.requestDevice();
+    const device = await (await engineAdapter())!.requestDevice();
     try {
       const rt = await runtimeFor(device);
       const code = (i: number) => () =>

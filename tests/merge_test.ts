@@ -3,6 +3,7 @@
  * parts' log-sum-exp, equals one call over all the keys; on the host and on the GPU (with few
  * bindings per shader, so several merge passes run). Also the router's handling of lse requests.
  */
+import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import type { Backend } from "../backends/backend.ts";
 import { defaultRuntime, restrictLimits } from "../core/device.ts";
@@ -154,7 +155,7 @@ async function download(device: GPUDevice, t: GpuTensor): Promise<Float64Array> 
 
 // A device of its own with 8 storage bindings per shader: 7 parts take three merge passes.
 const device = runtime
-  ? await (await navigator.gpu.requestAdapter())!.requestDevice({
+  ? await (await engineAdapter())!.requestDevice({
     requiredFeatures: [...runtime.device.features].filter((f) => f === "shader-f16") as GPUFeatureName[],
   })
   : null;

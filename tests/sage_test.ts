@@ -6,6 +6,7 @@
  * Also: when the router picks it by itself (long 16-bit calls), and that the flash kernel's f32
  * text does not change with the int8 mode.
  */
+import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { BACKENDS } from "../backends/registry.ts";
 import {
@@ -251,7 +252,7 @@ Deno.test({
   ignore: skip !== "",
   async fn() {
     // Each key range is smoothed by its own mean: its lse must be right for the merge.
-    const adapter = (await navigator.gpu.requestAdapter())!;
+    const adapter = (await engineAdapter())!;
     const device = await adapter.requestDevice();
     await restrictLimits(device, { maxStorageBufferBindingSize: 1 << 14 });
     try {

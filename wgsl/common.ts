@@ -21,10 +21,24 @@ export interface Kernel {
   uniforms: readonly (readonly [string, UniformType])[];
 }
 
-/** WGSL text of the uniform struct `Params` bound at group 0, binding 0. */
+/**
+ * WGSL expressions for +Infinity and -Infinity. Tint rejects a constant expression whose value is
+ * an infinity (`bitcast<f32>(0x7f800000u)` does not compile on Dawn), so they are read from private
+ * variables that {@link uniformBlock} declares in every kernel.
+ */
+export const POS_INF = "bitcast<f32>(POS_INF_BITS)";
+/** See {@link POS_INF}. */
+export const NEG_INF = "bitcast<f32>(NEG_INF_BITS)";
+const INFINITY_BITS =
+  "var<private> POS_INF_BITS: u32 = 0x7f800000u;\nvar<private> NEG_INF_BITS: u32 = 0xff800000u;\n";
+
+/**
+ * WGSL text of the uniform struct `Params` bound at group 0, binding 0 (and the bits behind
+ * {@link POS_INF} and {@link NEG_INF}).
+ */
 export function uniformBlock(fields: readonly (readonly [string, UniformType])[]): string {
   const body = fields.map(([name, type]) => `  ${name}: ${type},`).join("\n");
-  return `struct Params {\n${body}\n}\n@group(0) @binding(0) var<uniform> P: Params;\n`;
+  return `struct Params {\n${body}\n}\n@group(0) @binding(0) var<uniform> P: Params;\n${INFINITY_BITS}`;
 }
 
 /** Packs uniform values (16-byte aligned block of 4-byte fields). */

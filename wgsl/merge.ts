@@ -17,6 +17,7 @@ import {
   BF16_PACK,
   type Kernel,
   LINEAR_WORKGROUP,
+  NEG_INF,
   packPair,
   scalarLoader,
   uniformBlock,
@@ -119,7 +120,7 @@ export function mergeKernel(c: MergeConfig): Kernel {
     body.push(...lses.map((_, i) => `  let w${i} = select(0.0, exp(x${i} - m), x${i} > -3.0e38);`));
     body.push(`  let total = ${lses.map((_, i) => `w${i}`).join(" + ")};`);
     body.push(`  let inv = select(0.0, 1.0 / total, live && total > 0.0);`);
-    body.push(`  let lse_row = select(bitcast<f32>(0xff800000u), m + log(total), live && total > 0.0);`);
+    body.push(`  let lse_row = select(${NEG_INF}, m + log(total), live && total > 0.0);`);
     for (let e = 0; e < per; e++) {
       const col = e === 0 ? "col" : "(col + 1u)";
       const terms = vals(col).map((v, i) => `w${i} * ${v}`);

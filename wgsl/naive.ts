@@ -10,6 +10,7 @@ import {
   BF16_PACK,
   type Kernel,
   LINEAR_WORKGROUP,
+  NEG_INF,
   packPair,
   scalarLoader,
   storageDecl,
@@ -55,8 +56,6 @@ const ROW_DECODE = `  let r = P.r0 + row;
   let b = bh / P.n;
   let hk = h / P.group;
 `;
-
-const NEG_INF = "bitcast<f32>(0xff800000u)";
 
 function header(c: NaiveConfig): string {
   return c.f16 && c.dtype === "f16" ? "enable f16;\n" : "";

@@ -17,7 +17,7 @@
  * `[b, n_kv, d]` f32, the lse bias `[b, n, s_q]` f32.
  */
 import type { DType } from "../core/types.ts";
-import { type Kernel, uniformBlock, type UniformType } from "./common.ts";
+import { type Kernel, POS_INF, uniformBlock, type UniformType } from "./common.ts";
 
 /** Threads of the pre-pass workgroups (the WebGPU minimum for maxComputeInvocationsPerWorkgroup). */
 export const SAGE_THREADS = 256;
@@ -53,8 +53,6 @@ function element(c: SageInput): string {
   if (c.dtype === "f16" && c.f16) return "vec4<f16>";
   return "vec2<u32>";
 }
-
-const POS_INF = "bitcast<f32>(0x7f800000u)";
 
 /** `ld` (four values of x as f32) and `finite4` (false for NaN and ±Inf, by the exponent bits). */
 function loader(c: SageInput): string {

@@ -18,7 +18,7 @@
  * memory) and writes the output in its layout and dtype (and the row's lse).
  */
 import type { DType } from "../core/types.ts";
-import { BF16_PACK, type Kernel, uniformBlock, type UniformType } from "./common.ts";
+import { BF16_PACK, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 
 /** Everything that changes the split-kv kernel's text. */
 export interface SplitKvConfig {
@@ -375,7 +375,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       }
     }
     emit(`      if (lane == 0u) {
-        plse[slot] = select(bitcast<f32>(0xff800000u), (mt${r} + log2(lt${r})) * LN2, lt${r} > 0.0);
+        plse[slot] = select(${NEG_INF}, (mt${r} + log2(lt${r})) * LN2, lt${r} > 0.0);
       }
     }`);
   }
@@ -506,11 +506,7 @@ ${
   }
     let y = x * select(0.0, 1.0 / sum, sum > 0.0);
     o[b * P.o_sb + h * P.o_sh + i * P.o_ss + lid] = ${store("y")};
-${
-    c.lse
-      ? `    if (lid == 0u) { lse[rg] = select(bitcast<f32>(0xff800000u), mx + log(sum), sum > 0.0); }\n`
-      : ""
-  }  }
+${c.lse ? `    if (lid == 0u) { lse[rg] = select(${NEG_INF}, mx + log(sum), sum > 0.0); }\n` : ""}  }
 }
 `);
   const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}`;

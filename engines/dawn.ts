@@ -1,0 +1,135 @@
+/**
+ * Dawn, Chrome's WebGPU engine (Tint WGSL compiler), from the npm package `webgpu` (dawn.node),
+ * loaded only when chosen. It reaches what Deno's engine hides (subgroup matrices: the tensor
+ * cores) and waits for the GPU in tens of microseconds instead of about 11 ms.
+ *
+ * Quirks of dawn.node 0.6.2 that this file works around (each has a test in tests/engine_test.ts):
+ * - `createComputePipelineAsync` segfaults: pipelines are built synchronously in an error scope.
+ * - a pending Dawn promise does not keep Deno's event loop alive: {@link Engine.hold} keeps a timer
+ *   while wgattn awaits one.
+ * - Dawn hard-codes `shader-f16` off on NVIDIA GPUs: nothing to do here, the kernels read 16-bit
+ *   tensors as u32 words where the capability is missing.
+ */
+import { createPipelineInScope, type Engine } from "./engine.ts";
+
+/** The npm package wgattn loads for Dawn unless told where an unpacked copy is. */
+export const DAWN_PACKAGE = "npm:webgpu@0.6.2";
+
+/** Dawn instance flags: subgroup matrices are behind Dawn's unsafe-API toggle. */
+const DAWN_FLAGS = [
+  (globalThis as any).Deno?.env?.get?.("XDAWN") ?? "enable-dawn-features=allow_unsafe_apis",
+];
+
+/** Why Dawn could not be loaded, in one line for explain() and errors. */
+export class DawnUnavailable extends Error {}
+
+interface DawnModule {
+  create(flags: string[]): GPU;
+}
+
+type DenoLike = {
+  permissions?: { querySync?(d: { name: string }): { state: string } };
+  cwd?(): string;
+};
+
+/** A file path or URL of the package's index.js, as an import specifier. */
+function specifierOf(module: string): string {
+  if (/^(npm|jsr|https?|file):/.test(module)) return module;
+  const deno = (globalThis as { Deno?: DenoLike }).Deno;
+  const base = `file://${deno?.cwd?.() ?? ""}/`;
+  return new URL(module, base).href;
+}
+
+/** Keeps one long timer alive while any held promise is pending (reference-counted). */
+function makeHold(): Engine["hold"] {
+  let pending = 0;
+  let timer: ReturnType<typeof setInterval> | undefined;
+  return <T>(work: Promise<T>): Promise<T> => {
+    if (pending++ === 0) timer = setInterval(() => {}, 60_000);
+    const release = () => {
+      if (--pending === 0) clearInterval(timer);
+    };
+    work.then(release, release);
+    return work;
+  };
+}
+
+/**
+ * Loads dawn.node from `module` (the npm package by default) and makes an engine of it. Rejects
+ * with {@link DawnUnavailable} saying why: no `--allow-ffi`, the package missing, or no adapter.
+ */
+export async function loadDawn(module: string = DAWN_PACKAGE): Promise<Engine> {
+  const deno = (globalThis as { Deno?: DenoLike }).Deno;
+  if (!deno) {
+    throw new DawnUnavailable("Dawn loads as a native addon in Deno; a page runs on its browser's WebGPU");
+  }
+  try {
+    if (deno.permissions?.querySync?.({ name: "ffi" }).state !== "granted") {
+      throw new DawnUnavailable("--allow-ffi is not granted (dawn.node is a native addon)");
+    }
+  } catch (e) {
+    if (e instanceof DawnUnavailable) throw e;
+  }
+  let dawn: DawnModule;
+  const specifier = specifierOf(module);
+  try {
+    dawn = await import(specifier) as DawnModule;
+    if (typeof dawn.create !== "function") throw new Error("it exports no create()");
+  } catch (e) {
+    const why = ((e as Error)?.message ?? String(e)).split("\n")[0].slice(0, 240);
+    throw new DawnUnavailable(
+      `${module} could not be loaded (${why}); offline, point WGATTN_DAWN_MODULE or ` +
+        `useEngine("dawn", { module }) at an unpacked copy's index.js`,
+    );
+  }
+  let gpu: GPU;
+  try {
+    gpu = dawn.create(DAWN_FLAGS);
+  } catch (e) {
+    throw new DawnUnavailable(`dawn.node did not start: ${(e as Error)?.message ?? e}`);
+  }
+  const hold = makeHold();
+  const adapter = await hold(gpu.requestAdapter({ powerPreference: "high-performance" })).catch(() => null);
+  if (!adapter) {
+    throw new DawnUnavailable(
+      "Dawn found no adapter (on Linux it needs Vulkan: a GPU driver, or Mesa 25's lavapipe; " +
+        "Mesa 22's lavapipe is refused)",
+    );
+  }
+  const version = module === DAWN_PACKAGE ? "webgpu@0.6.2 (dawn.node)" : `${module} (dawn.node)`;
+  return dawnEngine(gpu, adapter, version, hold);
+}
+
+/**
+ * The Dawn engine of a device the caller made with their own copy of dawn.node (`setDevice`):
+ * its quirks are the same; wgattn never acquires a device through it.
+ */
+export function adoptedDawnEngine(): Engine {
+  return dawnEngine(null, null, "dawn.node (the caller's)", makeHold());
+}
+
+function dawnEngine(
+  gpu: GPU | null,
+  adapter: GPUAdapter | null,
+  version: string,
+  hold: Engine["hold"],
+): Engine {
+  let first = adapter;
+  return {
+    name: "dawn",
+    compiler: "tint",
+    version,
+    requestAdapter() {
+      // The adapter found while loading serves the first device (an adapter gives one device).
+      const a = first;
+      first = null;
+      if (a) return Promise.resolve(a);
+      return gpu ? hold(gpu.requestAdapter({ powerPreference: "high-performance" })) : Promise.resolve(null);
+    },
+    wgslLanguageFeatures:
+      (gpu as { wgslLanguageFeatures?: ReadonlySet<string> } | null)?.wgslLanguageFeatures ??
+        new Set(),
+    createComputePipeline: (device, descriptor) => hold(createPipelineInScope(device, descriptor)),
+    hold,
+  };
+}
