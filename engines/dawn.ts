@@ -16,9 +16,7 @@ import { createPipelineInScope, type Engine } from "./engine.ts";
 export const DAWN_PACKAGE = "npm:webgpu@0.6.2";
 
 /** Dawn instance flags: subgroup matrices are behind Dawn's unsafe-API toggle. */
-const DAWN_FLAGS = [
-  (globalThis as any).Deno?.env?.get?.("XDAWN") ?? "enable-dawn-features=allow_unsafe_apis",
-];
+const DAWN_FLAGS = ["enable-dawn-features=allow_unsafe_apis"];
 
 /** Why Dawn could not be loaded, in one line for explain() and errors. */
 export class DawnUnavailable extends Error {}

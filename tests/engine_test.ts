@@ -6,8 +6,7 @@
 import assert from "node:assert/strict";
 import { cachedPipeline, runtimeFor } from "../core/device.ts";
 import { loadDawn } from "../engines/dawn.ts";
-import { denoEngine } from "../engines/deno.ts";
-import { engineOfDevice, isGpuBuffer } from "../engines/engine.ts";
+import { type Engine, engineOfDevice, isGpuBuffer } from "../engines/engine.ts";
 import { chosenEngine, engineAdapter } from "../engines/select.ts";
 import {
   attentionForward,
@@ -208,7 +207,7 @@ Deno.test({
   name: `engine (dawn): 600 pipelines built one after another, each awaiting its error scope${dawnSkip}`,
   ignore: !dawnDevice,
   fn: async () => {
-    const engine = (dawn as { engine: typeof denoEngine }).engine;
+    const engine = (dawn as { engine: Engine }).engine;
     for (let i = 0; i < 600; i++) {
       const module = dawnDevice!.createShaderModule({
         code: `@group(0) @binding(0) var<storage, read_write> o: array<u32>;
