@@ -6,6 +6,7 @@
  * milliseconds of GPU time, without waiting: the timed calls queued right after it start on a
  * warm chip.
  */
+import { engineFor } from "../engines/select.ts";
 import { Profiler } from "../core/gpu.ts";
 
 const THREADS = 256;
@@ -66,7 +67,7 @@ export async function heat(device: GPUDevice, ms: number): Promise<void> {
   let h = heaters.get(device);
   if (!h) {
     const module = device.createShaderModule({ code: CODE, label: "heater" });
-    const pipeline = await device.createComputePipelineAsync({
+    const pipeline = await engineFor(device).createComputePipeline(device, {
       layout: "auto",
       compute: { module, entryPoint: "main" },
     });
