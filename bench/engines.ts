@@ -11,6 +11,7 @@
 import { attentionForward, deviceInfo, getDevice } from "../mod.ts";
 import { BACKENDS } from "../backends/registry.ts";
 import { engineFor } from "../engines/select.ts";
+import { readBuffer } from "../core/gpu.ts";
 import { errorStats, referenceAttention } from "../tests/reference.ts";
 
 const device = await getDevice();
@@ -76,6 +77,42 @@ console.log(
     Math.min(...ends).toFixed(2)
   } ms (30 calls)`,
 );
+
+// Where the end-to-end time goes: the kernel alone on GPU tensors (one wait), an upload of q, k, v,
+// a read-back of the output.
+{
+  const gpu = (data: Float32Array) => {
+    const buffer = device.createBuffer({
+      size: data.byteLength,
+      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC,
+    });
+    device.queue.writeBuffer(buffer, 0, data);
+    return { buffer, shape: seedShape, dtype: "f32" as const };
+  };
+  const [gq, gk, gv] = [q, k, v].map((t) => gpu(t.data));
+  const kernel: number[] = [], upload: number[] = [], readback: number[] = [];
+  for (let i = 0; i < 20; i++) {
+    let t0 = performance.now();
+    const out = await attentionForward(gq, gk, gv);
+    await engine.hold(device.queue.onSubmittedWorkDone());
+    kernel.push(performance.now() - t0);
+    t0 = performance.now();
+    const up = [q, k, v].map((t) => gpu(t.data));
+    await engine.hold(device.queue.onSubmittedWorkDone());
+    upload.push(performance.now() - t0);
+    up.forEach((t) => t.buffer.destroy());
+    t0 = performance.now();
+    await readBuffer(device, out.buffer, count * 4);
+    readback.push(performance.now() - t0);
+    out.buffer.destroy();
+  }
+  console.log(
+    `seed call parts (medians of 20): GPU tensors in and out + one wait ${median(kernel).toFixed(2)} ms; ` +
+      `uploading q, k, v (12.6 MB) ${median(upload).toFixed(2)} ms; reading the output back (4.2 MB) ${
+        median(readback).toFixed(2)
+      } ms`,
+  );
+}
 
 // ---- every backend against float64 on small odd shapes
 const cases = [

@@ -350,14 +350,43 @@ export function untrackBuffer(b: GPUBuffer): void {
 /** Copies a GPU buffer to host memory (one host wait). */
 export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
   const size = Math.ceil(bytes / 4) * 4;
-  const staging = device.createBuffer({ size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const staging = takeStaging(device, size);
+  let reusable = false;
   try {
     const enc = device.createCommandEncoder();
     enc.copyBufferToBuffer(src, 0, staging, 0, size);
     device.queue.submit([enc.finish()]);
-    await engineFor(device).hold(staging.mapAsync(GPUMapMode.READ));
-    return staging.getMappedRange().slice(0, bytes);
+    await engineFor(device).hold(staging.mapAsync(GPUMapMode.READ, 0, size));
+    const data = staging.getMappedRange(0, size).slice(0, bytes);
+    staging.unmap();
+    reusable = true;
+    return data;
   } finally {
-    staging.destroy();
+    if (reusable) giveStaging(device, staging);
+    else staging.destroy();
   }
+}
+
+/**
+ * Read-back buffers kept per device for the next host call: a new mappable buffer per call cost an
+ * allocation each time (the seed call reads 4 MB back). At most {@link STAGING_KEPT} are kept, of at
+ * most {@link STAGING_KEPT_BYTES} each; concurrent reads take different ones.
+ */
+const stagingFree = new WeakMap<GPUDevice, GPUBuffer[]>();
+const STAGING_KEPT = 4;
+const STAGING_KEPT_BYTES = 64 << 20;
+
+function takeStaging(device: GPUDevice, size: number): GPUBuffer {
+  const free = stagingFree.get(device) ?? [];
+  const i = free.findIndex((b) => b.size >= size && b.size <= 2 * size + 65536);
+  if (i >= 0) return free.splice(i, 1)[0];
+  return device.createBuffer({ size, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+}
+
+function giveStaging(device: GPUDevice, buffer: GPUBuffer): void {
+  let free = stagingFree.get(device);
+  if (!free) stagingFree.set(device, free = []);
+  if (buffer.size > STAGING_KEPT_BYTES) return buffer.destroy();
+  free.push(buffer);
+  while (free.length > STAGING_KEPT) free.shift()!.destroy();
 }
