@@ -81,7 +81,7 @@ console.log(
 // Where the end-to-end time goes: the kernel alone on GPU tensors (one wait), an upload of q, k, v,
 // a read-back of the output.
 {
-  const gpu = (data: Float32Array) => {
+  const gpu = (data: Float32Array<ArrayBuffer>) => {
     const buffer = device.createBuffer({
       size: data.byteLength,
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC,
