@@ -216,14 +216,16 @@ async function probe(device: GPUDevice, owned: boolean, adapter?: GPUAdapter): P
     timestamps: features.has("timestamp-query"),
     engine: "deno",
     subgroupMatrixConfigs: features.has("chromium-experimental-subgroup-matrix")
-      ? [...((info as { subgroupMatrixConfigs?: Iterable<SubgroupMatrixConfig> } | undefined)
-        ?.subgroupMatrixConfigs ?? [])].map((c) => ({
-          componentType: c.componentType,
-          resultComponentType: c.resultComponentType,
-          M: c.M,
-          N: c.N,
-          K: c.K,
-        }))
+      ? [
+        ...((info as { subgroupMatrixConfigs?: Iterable<SubgroupMatrixConfig> } | undefined)
+          ?.subgroupMatrixConfigs ?? []),
+      ].map((c) => ({
+        componentType: c.componentType,
+        resultComponentType: c.resultComponentType,
+        M: c.M,
+        N: c.N,
+        K: c.K,
+      }))
       : [],
     limits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
