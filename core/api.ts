@@ -4,6 +4,7 @@ import { execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { checkGpuOperands } from "./validate.ts";
+import { checkOptions, GPU_DEVICE_RULE } from "./options.ts";
 import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
 import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
 import { BACKENDS } from "../backends/registry.ts";
@@ -214,6 +215,8 @@ export async function explain(
   };
 }
 
+const DEVICE_OPTION = { device: GPU_DEVICE_RULE };
+
 /** One backend as {@link availableBackends} lists it. */
 export interface BackendInfo {
   /** Canonical name, as `options.backend` and `WGATTN_IMPLEMENTATION` take it. */
@@ -238,6 +241,7 @@ export interface BackendInfo {
  * ```
  */
 export async function availableBackends(options?: { device?: GPUDevice }): Promise<BackendInfo[]> {
+  checkOptions(options, DEVICE_OPTION);
   const rt = await runtimeOf(options);
   // A small, plain call: what a backend rejects for it, it cannot do here at all.
   const t = { data: new Float32Array(64), shape: [1, 1, 1, 64] };
@@ -308,6 +312,7 @@ export interface DeviceInfo {
  * ```
  */
 export async function deviceInfo(options?: { device?: GPUDevice }): Promise<DeviceInfo | null> {
+  checkOptions(options, DEVICE_OPTION);
   const rt = await runtimeOf(options);
   if (!rt) return null;
   const c = rt.caps;
