@@ -1,6 +1,6 @@
 import { WgattnError } from "./errors.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
-import { execute, splitFor } from "./execute.ts";
+import { checkMemory, execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { checkGpuOperands } from "./validate.ts";
@@ -167,6 +167,8 @@ export interface Explanation {
 /**
  * Which backend {@link attentionForward} would run for these arguments, and why: the variable or
  * option that chose it, and each backend passed over with its reasons. Runs nothing on the GPU.
+ * A call that attentionForward would refuse (bad input, no backend, buffers over the device's
+ * `maxBufferSize`: `OUT_OF_MEMORY`) makes explain() throw the same {@link WgattnError}.
  *
  * @example
  * ```ts
@@ -186,6 +188,8 @@ export async function explain(
   await checkGpuOperands(p, rt);
   const plan = splitFor(p, rt, false);
   const d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
+  // The same admission checks as the call: what it would refuse, explain() refuses alike.
+  if (d.backend.kind === "gpu" && rt) checkMemory(p, rt, false);
   const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };
   const why = {
     option: `options.backend = ${JSON.stringify(d.requested)}`,
