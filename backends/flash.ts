@@ -22,6 +22,9 @@ const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
   { br: 16, bc: 16, rt: 4, ct: 4 },
 ];
 
+/** Calls of at most this many query rows get the smallest tile (see {@link chooseFlashConfig}). */
+export const SMALL_CALL_ROWS = 16;
+
 /** Test and benchmark hook: force tile parameters (merged over the chosen config). */
 export const flashTuning: { override: Partial<FlashConfig> | null } = { override: null };
 
@@ -48,7 +51,19 @@ export function chooseFlashConfig(
     subgroups: subgroups ? caps.subgroupDirective : false,
     swizzle: true,
   } as const;
+  // A call of few query rows gets the smallest tile, flat, Q and K staged 8 columns and V 4 keys at a
+  // time: the 64-row tiles
+  // would run at most a quarter full, and their code compiles for 10 to 30 s on a CPU adapter
+  // (lavapipe, cold cache) against 3 s for this one (tests/codesize_test.ts bounds it).
+  const small = p.sQ <= SMALL_CALL_ROWS;
   function* candidates(): Generator<FlashConfig> {
+    if (small) {
+      for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {
+        if (subgroups && (caps.subgroupMinSize === 0 || tiling.ct > caps.subgroupMinSize)) continue;
+        const dkSmall = [8, 4].find((x) => p.d % x === 0) ?? 4;
+        yield { ...base, ...tiling, dk: dkSmall, vc: 4, pointers: false, ...(flashTuning.override ?? {}) };
+      }
+    }
     for (const tiling of TILINGS) {
       if (subgroups && (caps.subgroupMinSize === 0 || tiling.ct > caps.subgroupMinSize)) continue;
       // Head dims past 128 need the wider thread grid to keep outputs in registers.

@@ -17,6 +17,7 @@ import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
+import { SMALL_CALL_ROWS } from "./flash.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
 
 /** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
@@ -100,6 +101,12 @@ export function chooseSageConfig(
     qk: "int8",
   } as const;
   function* candidates(): Generator<FlashConfig> {
+    // Few query rows: the smallest tile, flat, as flash does (backends/flash.ts, SMALL_CALL_ROWS).
+    if (p.sQ <= SMALL_CALL_ROWS) {
+      for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {
+        yield { ...base, ...tiling, vc: 4, dk: 16, pointers: false, ...(sageTuning.override ?? {}) };
+      }
+    }
     for (const tiling of TILINGS) {
       if (p.d > 128 && tiling.ct < 16 && limits.storage >= 32768) continue;
       // Row pointers first where they fit (as flash; bench/RESULTS.md, run 7).

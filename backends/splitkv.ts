@@ -68,6 +68,17 @@ export const splitKvTuning: SplitKvTuning = {
 };
 
 const pow2Floor = (x: number) => 2 ** Math.floor(Math.log2(Math.max(1, x)));
+const pow2Ceil = (x: number) => 2 ** Math.ceil(Math.log2(Math.max(1, x)));
+
+/** Threads per workgroup of pass 1, at most. */
+const MAX_THREADS = 128;
+
+/**
+ * Key groups per workgroup of pass 1, at most. Their partials are combined in workgroup memory in
+ * log2(groups) rounds, so many small groups (tiny head dims: one lane each) cost more code and
+ * compile time than they save; the H200's configs for d >= 32 have 8 or 16 (bench/RESULTS.md).
+ */
+const MAX_KEY_GROUPS = 16;
 
 /** The pass-1 config for a call on a device, or the reason there is none. */
 export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): SplitKvConfig | string {
@@ -89,9 +100,15 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
     invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
     subgroupSize: caps.subgroupMinSize,
   };
+  const unroll = rows > 4 ? 2 : 4;
+  // No more key groups than the keys need (s_kv 5: 4 groups of 2 keys, not 128 threads of which
+  // 3 work) and at most MAX_KEY_GROUPS.
+  const [lo, hi] = keyRange(p);
+  const keyGroups = Math.min(MAX_KEY_GROUPS, pow2Ceil(Math.ceil(Math.max(1, hi - lo) / unroll)));
   let last = "no configuration fits";
-  for (const threads of [128, 64, 32, 16, 8, 4]) {
-    if (threads < lanes) break;
+  for (let kg = keyGroups; kg >= 1; kg /= 2) {
+    const threads = kg * lanes;
+    if (threads > MAX_THREADS) continue;
     const c: SplitKvConfig = {
       dtype: p.dtype,
       f16,
@@ -101,7 +118,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       rows,
       lanes,
       threads,
-      unroll: rows > 4 ? 2 : 4,
+      unroll,
       band: hasBand(p),
       keyPadding: p.mask !== null,
       subgroups,

@@ -1,10 +1,11 @@
 import { WgattnError } from "./errors.ts";
 import { readEnvIfGranted } from "./env.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
-import { execute, splitFor } from "./execute.ts";
+import { checkMemory, execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { checkGpuOperands } from "./validate.ts";
+import { checkOptions, GPU_DEVICE_RULE } from "./options.ts";
 import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
 import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
 import { BACKENDS } from "../backends/registry.ts";
@@ -160,6 +161,8 @@ export interface Explanation {
 /**
  * Which backend {@link attentionForward} would run for these arguments, and why: the variable or
  * option that chose it, and each backend passed over with its reasons. Runs nothing on the GPU.
+ * A call that attentionForward would refuse (bad input, no backend, buffers over the device's
+ * `maxBufferSize`: `OUT_OF_MEMORY`) makes explain() throw the same {@link WgattnError}.
  *
  * @example
  * ```ts
@@ -179,6 +182,8 @@ export async function explain(
   await checkGpuOperands(p, rt);
   const plan = splitFor(p, rt, false);
   const d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
+  // The same admission checks as the call: what it would refuse, explain() refuses alike.
+  if (d.backend.kind === "gpu" && rt) checkMemory(p, rt, false);
   const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };
   const why = {
     option: `options.backend = ${JSON.stringify(d.requested)}`,
@@ -217,6 +222,8 @@ export async function explain(
   };
 }
 
+const DEVICE_OPTION = { device: GPU_DEVICE_RULE };
+
 /** One backend as {@link availableBackends} lists it. */
 export interface BackendInfo {
   /** Canonical name, as `options.backend` and `WGATTN_IMPLEMENTATION` take it. */
@@ -241,6 +248,7 @@ export interface BackendInfo {
  * ```
  */
 export async function availableBackends(options?: { device?: GPUDevice }): Promise<BackendInfo[]> {
+  checkOptions(options, DEVICE_OPTION);
   const rt = await runtimeOf(options);
   // A small, plain call: what a backend rejects for it, it cannot do here at all.
   const t = { data: new Float32Array(64), shape: [1, 1, 1, 64] };
@@ -324,6 +332,7 @@ export interface DeviceInfo {
  * ```
  */
 export async function deviceInfo(options?: { device?: GPUDevice }): Promise<DeviceInfo | null> {
+  checkOptions(options, DEVICE_OPTION);
   const rt = await runtimeOf(options);
   if (!rt) return null;
   const c = rt.caps;

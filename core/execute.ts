@@ -51,8 +51,11 @@ export function execute(
   return executeGpu(p, plan ? null : backend, plan, choose, rt, wantLse);
 }
 
-/** Refuses, before anything is created or queued, a call whose buffers cannot exist on the device. */
-function checkMemory(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): void {
+/**
+ * Refuses, before anything is created or queued, a call whose buffers cannot exist on the device
+ * (OUT_OF_MEMORY). `explain()` runs it too, so it refuses what the call would.
+ */
+export function checkMemory(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): void {
   const max = rt.caps.limits.maxBufferSize;
   const bytes = DTYPE_BYTES[p.dtype];
   const needs: [string, number][] = [];

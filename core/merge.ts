@@ -4,6 +4,7 @@
  * for GPU tensors.
  */
 import { WgattnError } from "./errors.ts";
+import { checkOptions, GPU_DEVICE_RULE } from "./options.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor } from "./device.ts";
 import { GpuCall, releaseBuffer, untrackBuffer } from "./gpu.ts";
 import { type AxisRecord, resolveLayout } from "./layout.ts";
@@ -341,6 +342,7 @@ export async function mergeAttention<T extends TensorInput>(
   parts: readonly AttentionPart<T>[],
   options: MergeOptions = {},
 ): Promise<MergedAttention<T extends GpuTensor ? GpuTensor : HostTensor>> {
+  checkOptions(options, { outPattern: "string", device: GPU_DEVICE_RULE });
   const v = validate(parts, options ?? {});
   type R = MergedAttention<T extends GpuTensor ? GpuTensor : HostTensor>;
   if (v.residency === "host") return mergeOnHost(v) as R;

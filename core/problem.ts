@@ -1,4 +1,5 @@
 import { WgattnError } from "./errors.ts";
+import { checkOptions, closestKey, describeValue, GPU_DEVICE_RULE, type OptionSchema } from "./options.ts";
 import { type Axis, type AxisRecord, type KnownSize, resolveLayout, shapeFor } from "./layout.ts";
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
 import type { AttentionOptions, DType, TensorInput } from "./types.ts";
@@ -87,6 +88,33 @@ export function flopCount(
 
 const DEFAULT_PATTERN = "b n s d";
 
+const objectOrNull = (expected: string) => ({
+  test: (x: unknown) => typeof x === "object" && !Array.isArray(x),
+  expected,
+});
+
+/** Every key of {@link AttentionOptions} and what its value must be (deeper checks follow). */
+const ATTENTION_OPTIONS: OptionSchema = {
+  qPattern: "string",
+  kPattern: "string",
+  vPattern: "string",
+  outPattern: "string",
+  dims: "object",
+  scale: "number",
+  isCausal: "boolean",
+  windowSize: {
+    test: (x) => x === null || typeof x === "number" || Array.isArray(x),
+    expected: "an integer >= 0, or [left, right] of integers >= 0 (-1 = unbounded)",
+  },
+  attnMask: objectOrNull("a mask { data, shape, dtype? }, { buffer, shape, dtype } or null"),
+  keyPaddingMask: objectOrNull("a bool mask [b, s_kv] or null"),
+  compatibilityMode: "boolean",
+  backend: "string",
+  device: GPU_DEVICE_RULE,
+};
+
+const DIMS_KEYS = ["b", "n", "s", "d", "nKv"];
+
 /** Validates q, k, v and options into an {@link AttentionProblem}. Throws {@link WgattnError}. */
 export function resolveProblem(
   qIn: TensorInput,
@@ -94,13 +122,7 @@ export function resolveProblem(
   vIn: TensorInput,
   options: AttentionOptions = {},
 ): AttentionProblem {
-  if (options === null || typeof options !== "object") {
-    throw new WgattnError("INVALID_OPTION", "options must be an object", {
-      argument: "options",
-      expected: "an object or undefined",
-      actual: String(options),
-    });
-  }
+  checkOptions(options, ATTENTION_OPTIONS);
   const q = toOperand(qIn, "q");
   const k = toOperand(kIn, "k");
   const v = toOperand(vIn, "v");
@@ -115,18 +137,23 @@ export function resolveProblem(
   }
   const dims = options.dims ?? {};
   for (const [key, value] of Object.entries(dims)) {
-    if (!["b", "n", "s", "d", "nKv"].includes(key)) {
-      throw new WgattnError("INVALID_DIMS", `options.dims has an unknown key`, {
-        argument: `options.dims.${key}`,
-        expected: "b, n, s, d or nKv",
-        actual: key,
-      });
+    if (!DIMS_KEYS.includes(key)) {
+      const near = closestKey(key, DIMS_KEYS);
+      throw new WgattnError(
+        "INVALID_DIMS",
+        `options.dims has an unknown key${near ? ` (did you mean ${near}?)` : ""}`,
+        {
+          argument: `options.dims.${key}`,
+          expected: near ? `${near}, or one of b, n, s, d, nKv` : "b, n, s, d or nKv",
+          actual: JSON.stringify(key),
+        },
+      );
     }
     if (value !== undefined && (!Number.isInteger(value) || value < 1)) {
       throw new WgattnError("INVALID_DIMS", `options.dims.${key} must be a positive integer`, {
         argument: `options.dims.${key}`,
         expected: "an integer >= 1",
-        actual: String(value),
+        actual: describeValue(value),
       });
     }
   }
@@ -201,7 +228,7 @@ export function resolveProblem(
     throw new WgattnError("INVALID_OPTION", "options.scale must be a finite number", {
       argument: "options.scale",
       expected: "a finite number",
-      actual: String(scale),
+      actual: describeValue(scale),
     });
   }
   let left = Infinity, right = Infinity;
@@ -260,13 +287,6 @@ export function resolveProblem(
       keyPadding: true,
       argument: "options.keyPaddingMask",
     };
-  }
-  if (options.backend !== undefined && typeof options.backend !== "string") {
-    throw new WgattnError("INVALID_OPTION", "options.backend must be a backend name", {
-      argument: "options.backend",
-      expected: "a string",
-      actual: typeof options.backend,
-    });
   }
   return {
     b,

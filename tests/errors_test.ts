@@ -6,7 +6,16 @@ import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { defaultRuntime } from "../core/device.ts";
 import type { AttentionOptions, TensorInput } from "../core/types.ts";
-import { attentionForward, explain, stats, WgattnError, type WgattnErrorCode } from "../mod.ts";
+import {
+  attentionForward,
+  availableBackends,
+  deviceInfo,
+  explain,
+  mergeAttention,
+  stats,
+  WgattnError,
+  type WgattnErrorCode,
+} from "../mod.ts";
 
 /** Counts what is queued on `device` (submissions and buffer writes) until `restore()`. */
 function spyQueue(device: GPUDevice): { queued: () => number; restore: () => void } {
@@ -185,6 +194,58 @@ Deno.test("errors: masks that do not broadcast or are malformed", async () => {
 Deno.test("errors: a scale that is not a finite number", async () => {
   for (const scale of [NaN, Infinity, -Infinity, "0.5" as unknown as number]) {
     await rejects([Q, Q, Q, { scale }], "INVALID_OPTION", "options.scale");
+  }
+});
+
+Deno.test("errors: options of the wrong type are refused, naming the key", async () => {
+  const wrong: [keyof AttentionOptions, unknown[]][] = [
+    ["isCausal", [1, "yes", null, 0]],
+    ["compatibilityMode", [1, "true", null]],
+    ["qPattern", [3, null]],
+    ["dims", [4, "n=2"]],
+    ["backend", [3, true]],
+    ["device", [{}, "gpu"]],
+    ["attnMask", ["mask", 1]],
+  ];
+  for (const [key, values] of wrong) {
+    for (const value of values) {
+      await rejects([Q, Q, Q, { [key]: value }], "INVALID_OPTION", `options.${key}`);
+    }
+  }
+  // A string prints quoted, so "0.5" is not read as the number 0.5.
+  const e = await rejects([Q, Q, Q, { scale: "0.5" as never }], "INVALID_OPTION", "options.scale");
+  assert.match(e.message, /actual: "0\.5"/);
+});
+
+Deno.test("errors: an unknown option is refused, naming the key it resembles", async () => {
+  const near: [string, string][] = [
+    ["isCasual", "isCausal"],
+    ["is_causal", "isCausal"],
+    ["attn_mask", "attnMask"],
+    ["compatibility_mode", "compatibilityMode"],
+    ["windowsize", "windowSize"],
+    ["keyPadingMask", "keyPaddingMask"],
+    ["backends", "backend"],
+  ];
+  for (const [key, meant] of near) {
+    const e = await rejects([Q, Q, Q, { [key]: true }], "INVALID_OPTION", `options.${key}`);
+    assert.match(e.message, new RegExp(`did you mean ${meant}\\?`), e.message);
+  }
+  const e = await rejects([Q, Q, Q, { turbo: true }], "INVALID_OPTION", "options.turbo");
+  assert.doesNotMatch(e.message, /did you mean/);
+  assert.match(e.expected!, /isCausal/);
+  // dims keys likewise.
+  const d = await rejects([Q, Q, Q, { dims: { nkv: 2 } as never }], "INVALID_DIMS", "options.dims.nkv");
+  assert.match(d.message, /did you mean nKv\?/);
+  // The other functions that take options check them the same way.
+  for (
+    const call of [
+      () => availableBackends({ devise: null } as never),
+      () => deviceInfo({ device: "gpu" } as never),
+      () => mergeAttention([{ out: Q, lse: t([1, 2, 8]) }], { outpattern: "b s n d" } as never),
+    ]
+  ) {
+    await assert.rejects(call, (err: unknown) => err instanceof WgattnError && err.code === "INVALID_OPTION");
   }
 });
 

@@ -101,6 +101,20 @@ export function packPair(dtype: DType, a: string, b: string): string {
   return dtype === "bf16" ? `pack_bf16(${a}, ${b})` : `pack2x16float(vec2<f32>(${a}, ${b}))`;
 }
 
+/**
+ * A WGSL expression: whether the f32 `x` is NaN, by its bits. Comparisons with NaN are not reliable
+ * across compilers (Mesa rewrites `!(x <= y)` as `x > y`), so a NaN must never be told apart from
+ * an empty row (log-sum-exp `-inf`, weight 0) by a float comparison.
+ */
+export function isNanExpr(x: string): string {
+  return `((bitcast<u32>(${x}) & 0x7fffffffu) > 0x7f800000u)`;
+}
+
+/** A WGSL expression: whether the f32 `x` is exactly `-inf` (an empty row's log-sum-exp), by its bits. */
+export function isMinusInfExpr(x: string): string {
+  return `(bitcast<u32>(${x}) == 0xff800000u)`;
+}
+
 /** The linear workgroup index of a dispatch split over x and y (see GpuCall.dispatch). */
 export const LINEAR_WORKGROUP = `let wg = wid.x + wid.y * nwg.x;\n  if (wg >= P.groups) { return; }\n`;
 

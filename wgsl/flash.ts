@@ -28,7 +28,7 @@
  * carries the softmax scale and log2 e, times k scale). Softmax and P V are as in f32 mode.
  */
 import type { DType } from "../core/types.ts";
-import { BF16_PACK, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
+import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 
 /** Everything that changes the flash kernel's text. */
 export interface FlashConfig {
@@ -692,11 +692,15 @@ ${indent}}`);
       // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k).
       emit(`      if (tx == 0u) {
         let li = (b * P.n + h) * P.s_q + r;
-        lse[li] = select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2 + lse_bias[li], !(lt${i} <= 0.0));
+        lse[li] = select(select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2 + lse_bias[li], lt${i} > 0.0), lt${i}, ${
+        isNanExpr(`lt${i}`)
+      });
       }`);
     } else if (c.lse) {
       emit(`      if (tx == 0u) {
-        lse[(b * P.n + h) * P.s_q + r] = select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2, !(lt${i} <= 0.0));
+        lse[(b * P.n + h) * P.s_q + r] = select(select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2, lt${i} > 0.0), lt${i}, ${
+        isNanExpr(`lt${i}`)
+      });
       }`);
     }
     emit(`    }

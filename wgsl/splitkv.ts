@@ -18,7 +18,15 @@
  * memory) and writes the output in its layout and dtype (and the row's lse).
  */
 import type { DType } from "../core/types.ts";
-import { BF16_PACK, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
+import {
+  BF16_PACK,
+  isMinusInfExpr,
+  isNanExpr,
+  type Kernel,
+  NEG_INF,
+  uniformBlock,
+  type UniformType,
+} from "./common.ts";
 
 /** Everything that changes the split-kv kernel's text. */
 export interface SplitKvConfig {
@@ -284,7 +292,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       emit(`    workgroupBarrier();`);
     }
   }
-  // Masks: keys past the range, key padding, the causal/window band.
+  // Masks: keys past the range, key padding, the causal/window band. Whether row r attends key u
+  // is the boolean a{r}_{u}, never a comparison of the score: a NaN score must stay NaN (a NaN q
+  // row gives a NaN output row), while a masked key weighs exactly 0 and its v (clamped or padded,
+  // maybe NaN) is replaced by zeros, since 0 * NaN would leak it into rows that do not attend it.
   for (const u of range(U)) {
     emit(`    let ok${u} = key${u} < k_hi${c.keyPadding ? ` && mk${u}` : ""};`);
   }
@@ -292,13 +303,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (c.band) emit(`    let d${r} = i32(i${r}) + P.offset;`);
     for (const u of range(U)) {
       const band = c.band ? ` && key${u} - d${r} >= -P.left && key${u} - d${r} <= P.right` : "";
-      emit(`    s${r}_${u} = select(NEG, s${r}_${u}, ok${u}${band});`);
+      emit(`    let a${r}_${u} = ok${u}${band};`);
+      emit(`    s${r}_${u} = select(NEG, s${r}_${u}, a${r}_${u});`);
     }
   }
   // Online softmax.
   for (const u of range(U)) {
     for (const g of range(GV)) {
-      quads(c, `vr${u}_${g}`).forEach((e, w) => emit(`    let v${u}_${g}_${w} = ${e};`));
+      quads(c, `vr${u}_${g}`).forEach((e, w) =>
+        emit(`    let v${u}_${g}_${w} = select(vec4<f32>(0.0), ${e}, ok${u});`)
+      );
     }
   }
   for (const r of range(R)) {
@@ -308,13 +322,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let al${r} = exp2(m${r} - mn${r});
     m${r} = mn${r};`);
     for (const u of range(U)) {
-      emit(`    let p${r}_${u} = select(0.0, exp2(s${r}_${u} - mn${r}), s${r}_${u} > -1.0e38);`);
+      emit(`    let p${r}_${u} = select(0.0, exp2(s${r}_${u} - mn${r}), a${r}_${u});`);
     }
     emit(`    l${r} = l${r} * al${r} + ${sum(range(U).map((u) => `p${r}_${u}`))};`);
     for (const g of range(GV)) {
       for (const w of range(qw)) {
         let e = `o${r}_${g}_${w} * al${r}`;
-        for (const u of range(U)) e = `fma(vec4<f32>(p${r}_${u}), v${u}_${g}_${w}, ${e})`;
+        for (const u of range(U)) {
+          // Keys outside row r's band (the same key may be inside another row's) add nothing.
+          const vv = c.band ? `select(vec4<f32>(0.0), v${u}_${g}_${w}, a${r}_${u})` : `v${u}_${g}_${w}`;
+          e = `fma(vec4<f32>(p${r}_${u}), ${vv}, ${e})`;
+        }
         emit(`    o${r}_${g}_${w} = ${e};`);
       }
     }
@@ -327,35 +345,44 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (const r of range(R)) emit(`    sm_ml[kg * ${R}u + ${r}u] = vec2<f32>(m${r}, l${r});`);
     emit(`  }
   workgroupBarrier();`);
+    // Loops over the key groups, not straight-line code: they run once per workgroup, and spelled
+    // out they grew as rows x key groups (3,000 terms at d = 4: a minute of compiling on lavapipe).
+    for (const r of range(R)) emit(`  var mt${r} = NEG;\n  var lt${r} = 0.0;`);
+    emit(`  for (var x = 0u; x < ${KG}u; x++) {`);
+    for (const r of range(R)) emit(`    mt${r} = max(mt${r}, sm_ml[x * ${R}u + ${r}u].x);`);
+    emit(`  }
+  for (var x = 0u; x < ${KG}u; x++) {`);
     for (const r of range(R)) {
-      const ms = range(KG).map((x) => `sm_ml[${x * R + r}u]`);
-      let mx = `${ms[0]}.x`;
-      for (const m of ms.slice(1)) mx = `max(${mx}, ${m}.x)`;
-      emit(`  let mt${r} = ${mx};`);
-      emit(`  let lt${r} = ${sum(ms.map((m) => `${m}.y * exp2(${m}.x - mt${r})`))};`);
+      emit(`    let e${r} = sm_ml[x * ${R}u + ${r}u];\n    lt${r} += e${r}.y * exp2(e${r}.x - mt${r});`);
+    }
+    emit(`  }`);
+    for (const r of range(R)) {
       emit(`  let f${r} = exp2(m${r} - mt${r});`);
       for (const g of range(GV)) for (const w of range(qw)) emit(`  o${r}_${g}_${w} *= f${r};`);
     }
     const slot = (base: string, r: number, g: number, w: number) =>
       `sm_acc[(${base} * ${R}u + ${r}u) * ${dq}u + (lane + ${L * g}u) * ${qw}u + ${w}u]`;
-    for (let half = KG / 2; half >= 1; half /= 2) {
-      emit(`  if (kg >= ${half}u && kg < ${2 * half}u) {`);
-      for (const r of range(R)) {
-        for (const g of range(GV)) {
-          for (const w of range(qw)) emit(`    ${slot(`(kg - ${half}u)`, r, g, w)} = o${r}_${g}_${w};`);
-        }
+    // A loop of halving rounds, not one spelled out per round: each barrier is a suspension point
+    // on CPU adapters (lavapipe), where every one spelled out costs compile time in proportion to
+    // the live accumulators (16 key groups, 8 rows: 7 s to compile, against 1 s without).
+    emit(`  for (var half = ${KG / 2}u; half >= 1u; half = half >> 1u) {
+    if (kg >= half && kg < 2u * half) {`);
+    for (const r of range(R)) {
+      for (const g of range(GV)) {
+        for (const w of range(qw)) emit(`      ${slot("(kg - half)", r, g, w)} = o${r}_${g}_${w};`);
       }
-      emit(`  }
-  workgroupBarrier();
-  if (kg < ${half}u) {`);
-      for (const r of range(R)) {
-        for (const g of range(GV)) {
-          for (const w of range(qw)) emit(`    o${r}_${g}_${w} += ${slot("kg", r, g, w)};`);
-        }
-      }
-      emit(`  }
-  workgroupBarrier();`);
     }
+    emit(`    }
+    workgroupBarrier();
+    if (kg < half) {`);
+    for (const r of range(R)) {
+      for (const g of range(GV)) {
+        for (const w of range(qw)) emit(`      o${r}_${g}_${w} += ${slot("kg", r, g, w)};`);
+      }
+    }
+    emit(`    }
+    workgroupBarrier();
+  }`);
   } else {
     for (const r of range(R)) emit(`  let mt${r} = m${r};\n  let lt${r} = l${r};`);
   }
@@ -375,7 +402,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       }
     }
     emit(`      if (lane == 0u) {
-        plse[slot] = select(${NEG_INF}, (mt${r} + log2(lt${r})) * LN2, lt${r} > 0.0);
+        plse[slot] = select(select(${NEG_INF}, (mt${r} + log2(lt${r})) * LN2, lt${r} > 0.0), lt${r}, ${
+      isNanExpr(`lt${r}`)
+    });
       }
     }`);
   }
@@ -456,13 +485,12 @@ export function splitKvCombineKernel(c: SplitKvCombineConfig): Kernel {
     `      {
         let mn = max(m, x${g});
         let keep = exp(m - mn);
-        let w = select(0.0, exp(x${g} - mn), x${g} > ${NEG});
+        let w = select(0.0, exp(x${g} - mn), ok${g} && !${isMinusInfExpr(`x${g}`)});
         l = l * keep + w;
         acc = acc * keep + w * v${g};
         m = mn;
       }`
   ).join("\n");
-  const terms = range(subs).map((u) => `pm[${u * cw}u + lid]`);
   L.push(`var<workgroup> pm: array<f32, ${subs * cw}>;
 var<workgroup> pl: array<f32, ${subs * cw}>;
 var<workgroup> pacc: array<vec4<f32>, ${subs * cw}>;
@@ -492,21 +520,26 @@ ${merges}
   let h = bh % P.n;
   let b = bh / P.n;
   if (lid < ${cw}u) {
-    let mx = ${terms.reduce((a, t) => (a ? `max(${a}, ${t})` : t), "")};
+    // Loops over the subsets (once per row), not straight-line code: spelled out they grew as
+    // 128 / (d / 4) blocks, 128 at d = 4.
+    var mx = ${NEG};
+    for (var u = 0u; u < ${subs}u; u++) { mx = max(mx, pm[u * ${cw}u + lid]); }
     var sum = 0.0;
     var x = vec4<f32>(0.0);
-${
-    range(subs).map((u) =>
-      `    {
-      let e = exp(pm[${u * cw}u + lid] - mx);
-      sum += pl[${u * cw}u + lid] * e;
-      x += pacc[${u * cw}u + lid] * e;
-    }`
-    ).join("\n")
-  }
+    for (var u = 0u; u < ${subs}u; u++) {
+      let e = exp(pm[u * ${cw}u + lid] - mx);
+      sum += pl[u * ${cw}u + lid] * e;
+      x += pacc[u * ${cw}u + lid] * e;
+    }
     let y = x * select(0.0, 1.0 / sum, sum > 0.0);
     o[b * P.o_sb + h * P.o_sh + i * P.o_ss + lid] = ${store("y")};
-${c.lse ? `    if (lid == 0u) { lse[rg] = select(${NEG_INF}, mx + log(sum), sum > 0.0); }\n` : ""}  }
+${
+    c.lse
+      ? `    if (lid == 0u) { lse[rg] = select(select(${NEG_INF}, mx + log(sum), sum > 0.0), sum, ${
+        isNanExpr("sum")
+      }); }\n`
+      : ""
+  }  }
 }
 `);
   const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}`;
