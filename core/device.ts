@@ -308,8 +308,8 @@ export function cachedPipeline(
       const lines = ((await diagnostics)?.message ?? message).split("\n").map((l) => l.trim())
         .filter((l) => l && !/^(\d+\s*)?[│┌└─^=]/.test(l));
       // Tint lists warnings (e.g. deprecated builtins) before the error: lead with the error.
-      const at = lines.findIndex((l) => /\berror\b/i.test(l) && !/^Error while parsing WGSL:?$/i.test(l));
-      const detail = (at > 0 ? [lines[at], ...lines.slice(at + 1, at + 2)] : lines.slice(0, 2)).join(" ")
+      const at = lines.findIndex((l) => /\d+:\d+ error:/.test(l));
+      const detail = (at >= 0 ? [lines[at], ...lines.slice(at + 1, at + 2)] : lines.slice(0, 2)).join(" ")
         .slice(0, 300);
       throw new WgattnError("GPU_ERROR", `kernel ${label} failed to compile: ${detail}`);
     });
