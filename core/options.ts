@@ -113,6 +113,9 @@ export function checkOptions(options: unknown, schema: OptionSchema, prefix = "o
 /** A `GPUDevice` (where WebGPU exists; elsewhere any object). */
 export const GPU_DEVICE_RULE: OptionRule = {
   test: (x) =>
-    typeof GPUDevice !== "undefined" ? x instanceof GPUDevice : typeof x === "object" && x !== null,
+    // Duck-typed: a Dawn device is no instance of Deno's GPUDevice class (engines/engine.ts).
+    typeof x === "object" && x !== null && typeof (x as GPUDevice).createBuffer === "function" &&
+    typeof (x as GPUDevice).createComputePipeline === "function" &&
+    typeof (x as GPUDevice).queue === "object",
   expected: "a GPUDevice",
 };

@@ -9,6 +9,8 @@ import type { GpuRuntime } from "./device.ts";
 import type { AttentionProblem } from "./problem.ts";
 import type { MaskOperand, Operand } from "./tensor.ts";
 
+const EMPTY = new Uint8Array(0);
+
 const probeLayouts = new WeakMap<GPUDevice, GPUBindGroupLayout>();
 
 /** A one-binding layout that a caller's buffer must bind to. */
@@ -79,13 +81,29 @@ export async function checkGpuOperands(p: AttentionProblem, rt: GpuRuntime | nul
       () => ({ argument, buffer, message: null }),
     );
   });
+  // Dawn validates a destroyed buffer only where it is used on the queue, not in createBindGroup: an
+  // empty write (it queues nothing) asks the queue. Only its "destroyed" answer counts here.
+  if (rt.engine.name === "dawn") {
+    for (const [argument, buffer] of operands) {
+      device.pushErrorScope("validation");
+      device.queue.writeBuffer(buffer, 0, EMPTY);
+      checks.push(
+        device.popErrorScope().then(
+          (e) => ({ argument, buffer, message: e && /destroyed/i.test(e.message) ? e.message : null }),
+          () => ({ argument, buffer, message: null }),
+        ),
+      );
+    }
+  }
   for (const { argument, buffer, message } of await rt.engine.hold(Promise.all(checks))) {
     if (message === null) continue;
     const size = `a ${buffer.size}-byte buffer (${buffer.label ? `label "${buffer.label}"` : "no label"})`;
     if (/destroyed/i.test(message)) {
       refuse(argument, "was destroyed", "a live GPUBuffer", size);
     }
-    if (/device/i.test(message) && /match/i.test(message)) {
+    // Naga: "... device ... does not match"; Dawn: "[Buffer] is associated with [Device], and cannot be
+    // used with [Device]".
+    if ((/device/i.test(message) && /match/i.test(message)) || /associated with \[Device/i.test(message)) {
       refuse(
         argument,
         "belongs to another GPUDevice",
