@@ -3,6 +3,7 @@
  * refused with INVALID_OPTION naming the key (and, for a misspelling, the key it resembles), so an
  * `isCasual: true` or an `isCausal: "yes"` never runs as something else silently.
  */
+import { isGpuDevice } from "../engines/engine.ts";
 import { WgattnError } from "./errors.ts";
 
 /** What a value of an option must be: a JavaScript type, or a test with its description. */
@@ -110,12 +111,8 @@ export function checkOptions(options: unknown, schema: OptionSchema, prefix = "o
   }
 }
 
-/** A `GPUDevice` (where WebGPU exists; elsewhere any object). */
+/** A `GPUDevice` of either engine. */
 export const GPU_DEVICE_RULE: OptionRule = {
-  test: (x) =>
-    // Duck-typed: a Dawn device is no instance of Deno's GPUDevice class (engines/engine.ts).
-    typeof x === "object" && x !== null && typeof (x as GPUDevice).createBuffer === "function" &&
-    typeof (x as GPUDevice).createComputePipeline === "function" &&
-    typeof (x as GPUDevice).queue === "object",
+  test: isGpuDevice,
   expected: "a GPUDevice",
 };

@@ -44,6 +44,14 @@ export function isGpuBuffer(x: unknown): x is GPUBuffer {
     typeof b.size === "number" && typeof b.usage === "number";
 }
 
+/** Whether `x` is a GPU device of any engine (duck-typed, for the reason {@link isGpuBuffer} is). */
+export function isGpuDevice(x: unknown): x is GPUDevice {
+  if (x === null || typeof x !== "object") return false;
+  const d = x as Partial<GPUDevice>;
+  return typeof d.createBuffer === "function" && typeof d.createComputePipeline === "function" &&
+    typeof d.queue === "object";
+}
+
 /**
  * The marker the npm package `webgpu` (dawn.node) puts on its `GPUDevice` prototype: a device from
  * any copy of the package carries it, also one wgattn did not load itself.
