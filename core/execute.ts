@@ -2,6 +2,7 @@ import { WgattnError } from "./errors.ts";
 import { confirmLost, type GpuRuntime } from "./device.ts";
 import { debug, GpuCall, readBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
 import type { AttentionProblem } from "./problem.ts";
+import { engineFor } from "../engines/select.ts";
 import {
   DTYPE_BYTES,
   elementCount,
@@ -307,9 +308,11 @@ async function executeCpu(
       size: Math.max(16, Math.ceil(data.byteLength / 16) * 16),
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
     });
-    const padded = new Uint8Array(Math.ceil(data.byteLength / 4) * 4);
-    padded.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
-    device.queue.writeBuffer(buffer, 0, padded);
+    engineFor(device).writeBuffer(
+      device,
+      buffer,
+      new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength),
+    );
     return { buffer, shape, dtype };
   };
   return {
