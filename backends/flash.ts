@@ -52,10 +52,12 @@ export function chooseFlashConfig(
     swizzle: true,
   } as const;
   // A call of few query rows gets the smallest tile, flat, Q and K staged 8 columns and V 4 keys at a
-  // time: the 64-row tiles
-  // would run at most a quarter full, and their code compiles for 10 to 30 s on a CPU adapter
-  // (lavapipe, cold cache) against 3 s for this one (tests/codesize_test.ts bounds it).
-  const small = p.sQ <= SMALL_CALL_ROWS;
+  // time: the 64-row tiles would run at most a quarter full, and their code compiles for 10 to 30 s
+  // on a CPU adapter (lavapipe, cold cache) against 3 s for this one (tests/codesize_test.ts bounds
+  // it). A software adapter gets it for every call: a CPU gains nothing from the wide tiles, whose
+  // code is twice the size and compiled 4x longer (Mesa 25 lavapipe: 142 s against 37 s for one
+  // d 64 case); tests/flash_test.ts forces the wide tiles there.
+  const small = p.sQ <= SMALL_CALL_ROWS || caps.isFallbackAdapter;
   function* candidates(): Generator<FlashConfig> {
     if (small) {
       for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {

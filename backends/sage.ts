@@ -101,8 +101,8 @@ export function chooseSageConfig(
     qk: "int8",
   } as const;
   function* candidates(): Generator<FlashConfig> {
-    // Few query rows: the smallest tile, flat, as flash does (backends/flash.ts, SMALL_CALL_ROWS).
-    if (p.sQ <= SMALL_CALL_ROWS) {
+    // Few query rows or a software adapter: the smallest tile, flat, as flash does (backends/flash.ts).
+    if (p.sQ <= SMALL_CALL_ROWS || caps.isFallbackAdapter) {
       for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {
         yield { ...base, ...tiling, vc: 4, dk: 16, pointers: false, ...(sageTuning.override ?? {}) };
       }
