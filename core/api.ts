@@ -6,7 +6,8 @@ import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { checkGpuOperands } from "./validate.ts";
 import { checkOptions, GPU_DEVICE_RULE } from "./options.ts";
-import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
+import { type ChainEntry, decide, type Decision, type DecisionSource, lookupBackend } from "./router.ts";
+import { describeEmptyWork, emptyResultOnGpu, emptyResultOnHost, isEmptyWork } from "./empty.ts";
 import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
 import { BACKENDS } from "../backends/registry.ts";
 import { chosenEngine, ENGINE_VARIABLE } from "../engines/select.ts";
@@ -41,6 +42,18 @@ function decideFor(
   });
 }
 
+/**
+ * An empty call runs no backend, so none is refused for it; a name that names no backend is still
+ * an error, as for any call.
+ */
+function checkBackendNames(options: AttentionOptions | undefined): void {
+  if (options?.backend !== undefined) lookupBackend(BACKENDS, options.backend, "options.backend");
+  else if (!options?.compatibilityMode) {
+    const variable = readImplementationVariable(); // as decide() reads it: after the option and compatibility
+    if (variable !== undefined) lookupBackend(BACKENDS, variable, IMPLEMENTATION_VARIABLE);
+  }
+}
+
 async function run(
   q: TensorInput,
   k: TensorInput,
@@ -51,6 +64,10 @@ async function run(
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
   await checkGpuOperands(p, rt); // before anything is created or queued
+  if (isEmptyWork(p)) {
+    checkBackendNames(options);
+    return p.residency === "host" ? emptyResultOnHost(p, wantLse) : await emptyResultOnGpu(p, rt!, wantLse);
+  }
   for (;;) {
     // The router decides per piece when the call is split past the binding limits.
     let last: Decision | null = null;
@@ -132,10 +149,13 @@ export async function attentionWithLse<Q extends TensorInput>(
 
 /** What {@link explain} reports. */
 export interface Explanation {
-  /** The backend that would run. */
+  /** The backend that would run; `none` for an empty call (b, n, s_q or s_kv of 0), which runs none. */
   backend: string;
-  /** `option`, `variable` (WGATTN_IMPLEMENTATION), `compatibility` or `priority`. */
-  source: DecisionSource;
+  /**
+   * `option`, `variable` (WGATTN_IMPLEMENTATION), `compatibility` or `priority`; `empty` for an
+   * empty call, whose output (empty, or zeros for rows that see no key) needs no kernel.
+   */
+  source: DecisionSource | "empty";
   /** The name the option or the variable asked for, if any. */
   requested?: string;
   /** Every backend the router considered, in order, with why it was passed over. */
@@ -180,17 +200,27 @@ export async function explain(
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
   await checkGpuOperands(p, rt);
-  const plan = splitFor(p, rt, false);
-  const d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
-  // The same admission checks as the call: what it would refuse, explain() refuses alike.
-  if (d.backend.kind === "gpu" && rt) checkMemory(p, rt, false);
+  const empty = isEmptyWork(p);
+  const plan = empty ? null : splitFor(p, rt, false);
+  let d: Decision | null = null;
+  if (empty) {
+    checkBackendNames(options);
+    // The same admission checks as the call: GPU tensors in, output buffers made on the device.
+    if (p.residency === "gpu" && rt) checkMemory(p, rt, false);
+  } else {
+    d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
+    // The same admission checks as the call: what it would refuse, explain() refuses alike.
+    if (d.backend.kind === "gpu" && rt) checkMemory(p, rt, false);
+  }
   const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };
-  const why = {
-    option: `options.backend = ${JSON.stringify(d.requested)}`,
-    variable: `${IMPLEMENTATION_VARIABLE} = ${JSON.stringify(d.requested)}`,
-    compatibility: "compatibilityMode forces the plain path",
-    priority: d.requested ? `priority order (after ${IMPLEMENTATION_VARIABLE}'s choice)` : "priority order",
-  }[d.source];
+  const why = d
+    ? {
+      option: `options.backend = ${JSON.stringify(d.requested)}`,
+      variable: `${IMPLEMENTATION_VARIABLE} = ${JSON.stringify(d.requested)}`,
+      compatibility: "compatibilityMode forces the plain path",
+      priority: d.requested ? `priority order (after ${IMPLEMENTATION_VARIABLE}'s choice)` : "priority order",
+    }[d.source]
+    : describeEmptyWork(p);
   const choice = await chosenEngine();
   const fallback = !options?.device && choice.fallback
     ? `${ENGINE_VARIABLE} asked for ${choice.requested}, which cannot load: ${choice.fallback}`
@@ -198,22 +228,23 @@ export async function explain(
   const engine = rt
     ? { name: rt.engine.name, version: rt.engine.version, ...(fallback ? { fallback } : {}) }
     : null;
+  const chain = d?.chain ?? [];
   const lines = [
-    `backend: ${d.backend.name} (${why})`,
+    `backend: ${d?.backend.name ?? "none"} (${why})`,
     `adapter: ${rt?.caps.adapter ?? "none"}`,
     ...(engine ? [`engine: ${engine.name} (${engine.version})${fallback ? `; ${fallback}` : ""}`] : []),
     ...(plan
       ? [`split: ${pieceCount(plan)} pieces by ${plan.level} (a tensor exceeds maxStorageBufferBindingSize)`]
       : []),
-    ...d.chain.map((c) =>
+    ...chain.map((c) =>
       `  ${c.chosen ? "->" : "  "} ${c.backend}${c.reasons.length ? `: ${c.reasons.join("; ")}` : ""}`
     ),
   ];
   return {
-    backend: d.backend.name,
-    source: d.source,
-    requested: d.requested,
-    chain: d.chain,
+    backend: d?.backend.name ?? "none",
+    source: d?.source ?? "empty",
+    requested: d?.requested,
+    chain,
     adapter: rt?.caps.adapter ?? null,
     engine,
     shape,

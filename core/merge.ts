@@ -125,6 +125,13 @@ function validate(parts: readonly AttentionPart[], options: MergeOptions): Valid
     "parts[0].out",
     "options.outPattern",
   );
+  if (layout.sizes.d === 0) {
+    throw new WgattnError("INVALID_SHAPE", "a part's head dim must be at least 1", {
+      argument: "parts[0].out",
+      expected: "d >= 1 (b, n and s_q may be 0)",
+      actual: `d = 0 in shape [${first.shape}]`,
+    });
+  }
   return {
     outs,
     lses,
@@ -176,7 +183,34 @@ function mergeOnHost(v: Validated): MergedAttention<HostTensor> {
   };
 }
 
+/**
+ * No rows (b, n or s_q of 0): empty buffers (WebGPU allows size 0; they are never bound), no
+ * dispatch, nothing queued.
+ */
+function emptyMerge(v: Validated, rt: GpuRuntime): MergedAttention<GpuTensor> {
+  if (rt.lost) {
+    throw new WgattnError("DEVICE_LOST", "the GPU device was lost before mergeAttention", {
+      expected: "a live device",
+      actual: "lost",
+    });
+  }
+  const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+  return {
+    out: {
+      buffer: rt.device.createBuffer({ size: 0, usage, label: "wgattn merged output (empty)" }),
+      shape: [...v.shape],
+      dtype: v.dtype,
+    },
+    lse: {
+      buffer: rt.device.createBuffer({ size: 0, usage, label: "wgattn merged lse (empty)" }),
+      shape: [v.b, v.n, v.sQ],
+      dtype: "f32",
+    },
+  };
+}
+
 async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention<GpuTensor>> {
+  if (v.b * v.n * v.sQ === 0) return emptyMerge(v, rt);
   const caps = rt.caps;
   const f16 = v.dtype === "f16" && caps.shaderF16;
   const pairs = v.dtype !== "f32" && !f16;

@@ -23,10 +23,11 @@ export function elementCount(shape: readonly number[]): number {
 }
 
 function checkShape(shape: unknown, argument: string): readonly number[] {
-  if (!Array.isArray(shape) || shape.some((x) => !Number.isInteger(x) || x < 1)) {
-    throw new WgattnError("INVALID_SHAPE", `${argument}.shape must list positive integer sizes`, {
+  // A size may be 0 (an empty axis, as PyTorch takes it); the call then computes no score.
+  if (!Array.isArray(shape) || shape.some((x) => !Number.isInteger(x) || x < 0)) {
+    throw new WgattnError("INVALID_SHAPE", `${argument}.shape must list integer sizes >= 0`, {
       argument,
-      expected: "an array of integers >= 1",
+      expected: "an array of integers >= 0",
       actual: JSON.stringify(shape),
     });
   }

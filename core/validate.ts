@@ -66,6 +66,9 @@ export async function checkGpuOperands(p: AttentionProblem, rt: GpuRuntime | nul
   const layout = probeLayout(device);
   // One scope per buffer, pushed and popped with no await between: concurrent calls stay apart.
   const checks = operands.map(([argument, buffer]) => {
+    // A binding cannot be empty: a buffer under 4 bytes (an empty tensor's) cannot be probed this
+    // way. It holds no element and is never bound or read, so it can do no harm.
+    if (buffer.size < 4) return Promise.resolve({ argument, buffer, message: null as string | null });
     device.pushErrorScope("validation");
     try {
       device.createBindGroup({
