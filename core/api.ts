@@ -1,5 +1,5 @@
 import { WgattnError } from "./errors.ts";
-import { readEnvIfGranted } from "./env.ts";
+import { envAccess, readEnvIfGranted } from "./env.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
 import { checkMemory, execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
@@ -174,6 +174,13 @@ export interface Explanation {
    * this axis, and `backend` is the choice for the first piece.
    */
   split?: { pieces: number; level: "batch" | "head" | "query" | "key" };
+  /**
+   * Variables that would steer this call but that wgattn could not read, for want of env permission
+   * (`WGATTN_IMPLEMENTATION`; `WGATTN_WEBGPU` while it would pick the engine). Whether they are set
+   * cannot be known without that permission, and wgattn never prompts for it: grant it with
+   * `--allow-env=WGATTN_IMPLEMENTATION,WGATTN_WEBGPU`.
+   */
+  unreadVariables: string[];
   /** The same, as a few lines of text. */
   text: string;
 }
@@ -229,6 +236,12 @@ export async function explain(
     ? { name: rt.engine.name, version: rt.engine.version, ...(fallback ? { fallback } : {}) }
     : null;
   const chain = d?.chain ?? [];
+  // The engine variable counts only while it picks the engine: no device given, none chosen in code.
+  const steering = [
+    IMPLEMENTATION_VARIABLE,
+    ...(options?.device || choice.source === "code" ? [] : [ENGINE_VARIABLE]),
+  ];
+  const unreadVariables = steering.filter((name) => envAccess(name) === "no-permission");
   const lines = [
     `backend: ${d?.backend.name ?? "none"} (${why})`,
     `adapter: ${rt?.caps.adapter ?? "none"}`,
@@ -238,6 +251,9 @@ export async function explain(
       : []),
     ...chain.map((c) =>
       `  ${c.chosen ? "->" : "  "} ${c.backend}${c.reasons.length ? `: ${c.reasons.join("; ")}` : ""}`
+    ),
+    ...unreadVariables.map((name) =>
+      `${name}: not read: no env permission (whether it is set is unknown; --allow-env=${name} reads it)`
     ),
   ];
   return {
@@ -249,6 +265,7 @@ export async function explain(
     engine,
     shape,
     ...(plan ? { split: { pieces: pieceCount(plan), level: plan.level } } : {}),
+    unreadVariables,
     text: lines.join("\n"),
   };
 }

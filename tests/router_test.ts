@@ -315,6 +315,8 @@ interface ProbeResult {
   source?: string;
   requested?: string | null;
   chain?: { backend: string; chosen: boolean; reasons: string[] }[];
+  unreadVariables?: string[];
+  text?: string;
   ok?: boolean;
   error?: string;
   argument?: string;
@@ -370,7 +372,17 @@ Deno.test("variable: without env permission it is ignored, and the module import
     assert.equal(r.source, "priority");
     assert.equal(r.requested, null);
     assert.equal(r.ok, true);
+    // explain() says so: without the permission wgattn cannot even tell whether it is set.
+    assert.deepEqual(r.unreadVariables, ["WGATTN_IMPLEMENTATION", "WGATTN_WEBGPU"]);
+    assert.match(r.text!, /^WGATTN_IMPLEMENTATION: not read: no env permission/m);
+    assert.match(r.text!, /^WGATTN_WEBGPU: not read: no env permission/m);
   }
+  const one = await probe("naive", ALLOW);
+  assert.deepEqual(one.unreadVariables, ["WGATTN_WEBGPU"]);
+  assert.doesNotMatch(one.text!, /WGATTN_IMPLEMENTATION: not read/);
+  const both = await probe("naive", ["--allow-env=WGATTN_IMPLEMENTATION,WGATTN_WEBGPU"]);
+  assert.deepEqual(both.unreadVariables, []);
+  assert.doesNotMatch(both.text!, /not read/);
 });
 
 // A backend the variable names but that cannot serve the call: found on this machine, if any.
