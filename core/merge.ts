@@ -220,7 +220,9 @@ async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention
       `merging ${v.dtype} parts on this device needs a contiguous even d`,
       {
         argument: "parts",
-        expected: "shader-f16, or an out layout whose head dim is contiguous and even",
+        expected: v.dtype === "bf16"
+          ? "an out layout whose head dim is contiguous and even (bf16 is written in pairs: WGSL has no bf16 type)"
+          : "shader-f16, or an out layout whose head dim is contiguous and even",
         actual: `d = ${v.dV}, stride ${v.strides.d}`,
       },
     );
