@@ -8,7 +8,8 @@ import { checkGpuOperands } from "./validate.ts";
 import { checkOptions, GPU_DEVICE_RULE } from "./options.ts";
 import { type ChainEntry, decide, type Decision, type DecisionSource, lookupBackend } from "./router.ts";
 import { describeEmptyWork, emptyResultOnGpu, emptyResultOnHost, isEmptyWork } from "./empty.ts";
-import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
+import type { AttentionOptions, AttentionOutput, LseOutput, TensorInput } from "./types.ts";
+import { inFormOf } from "./tensor.ts";
 import { BACKENDS } from "../backends/registry.ts";
 import { chosenEngine, ENGINE_VARIABLE } from "../engines/select.ts";
 import type { EngineName } from "../engines/engine.ts";
@@ -92,10 +93,13 @@ async function run(
 /**
  * Scaled-dot-product attention, `softmax(q @ kᵀ · scale) @ v`, on the fastest backend that can
  * serve the call. Host tensors in, host tensor out (one GPU round trip); GPU tensors in, a new GPU
- * tensor out, queued without waiting.
+ * tensor out, queued without waiting. The output has q's form and dtype, in its type too (see
+ * {@link AttentionOutput}): f32 in, `Float32Array` out; ONNX-style `{ data, dims, type }` in, the
+ * same out.
  *
  * Causal and window limits are aligned bottom-right when `s_q != s_kv`. A query row with no key
- * to attend (all masked) gives zeros, not NaN.
+ * to attend (all masked) gives zeros, not NaN. b, n, s_q or s_kv may be 0: no kernel runs, and the
+ * output is empty, or zeros when `s_kv = 0`.
  *
  * @example
  * ```ts
@@ -111,17 +115,17 @@ export async function attentionForward<Q extends TensorInput>(
   k: TensorInput,
   v: TensorInput,
   options?: AttentionOptions,
-): Promise<Q extends GpuTensor ? GpuTensor : HostTensor> {
+): Promise<AttentionOutput<Q>> {
   const { out } = await run(q, k, v, options, false);
-  return out as Q extends GpuTensor ? GpuTensor : HostTensor;
+  return inFormOf(q, out) as AttentionOutput<Q>;
 }
 
 /** Output and per-row log-sum-exp of {@link attentionWithLse}. */
-export interface AttentionWithLse<T> {
+export interface AttentionWithLse<T, L = T> {
   /** The attention output, as {@link attentionForward} returns it. */
   out: T;
   /** f32 `[b, n, s_q]`: `log(sum_j exp(scale · q·k_j + mask))`; `-Infinity` for a fully masked row. */
-  lse: T;
+  lse: L;
 }
 
 /**
@@ -142,9 +146,12 @@ export async function attentionWithLse<Q extends TensorInput>(
   k: TensorInput,
   v: TensorInput,
   options?: AttentionOptions,
-): Promise<AttentionWithLse<Q extends GpuTensor ? GpuTensor : HostTensor>> {
+): Promise<AttentionWithLse<AttentionOutput<Q>, LseOutput<Q>>> {
   const { out, lse } = await run(q, k, v, options, true);
-  return { out, lse: lse! } as AttentionWithLse<Q extends GpuTensor ? GpuTensor : HostTensor>;
+  return { out: inFormOf(q, out), lse: inFormOf(q, lse!) } as AttentionWithLse<
+    AttentionOutput<Q>,
+    LseOutput<Q>
+  >;
 }
 
 /** What {@link explain} reports. */

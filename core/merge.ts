@@ -13,18 +13,19 @@ import {
   elementCount,
   float64ToHost,
   hostToFloat64,
+  inFormOf,
   type Operand,
   toOperand,
 } from "./tensor.ts";
-import type { DType, GpuTensor, HostTensor, TensorInput } from "./types.ts";
+import type { AttentionOutput, DType, GpuTensor, HostTensor, LseOutput, TensorInput } from "./types.ts";
 import { MERGE_THREADS, type MergeConfig, mergeKernel } from "../wgsl/merge.ts";
 
 /** One part of {@link mergeAttention}: attention over one key set, with its log-sum-exp. */
-export interface AttentionPart<T extends TensorInput = TensorInput> {
+export interface AttentionPart<T extends TensorInput = TensorInput, L extends TensorInput = TensorInput> {
   /** Output over this part's keys, in the layout of `options.outPattern`. */
   out: T;
   /** f32 `[b, n, s_q]` log-sum-exp of each row over this part's keys (`-Infinity`: none seen). */
-  lse: T;
+  lse: L;
 }
 
 /** Options of {@link mergeAttention}. */
@@ -36,11 +37,11 @@ export interface MergeOptions {
 }
 
 /** Output and log-sum-exp over the union of the parts' keys. */
-export interface MergedAttention<T> {
-  /** In the parts' layout and dtype. */
+export interface MergedAttention<T, L = T> {
+  /** In the parts' layout, dtype and form. */
   out: T;
   /** f32 `[b, n, s_q]`. */
-  lse: T;
+  lse: L;
 }
 
 interface Validated {
@@ -377,11 +378,14 @@ async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention
 export async function mergeAttention<T extends TensorInput>(
   parts: readonly AttentionPart<T>[],
   options: MergeOptions = {},
-): Promise<MergedAttention<T extends GpuTensor ? GpuTensor : HostTensor>> {
+): Promise<MergedAttention<AttentionOutput<T>, LseOutput<T>>> {
   checkOptions(options, { outPattern: "string", device: GPU_DEVICE_RULE });
   const v = validate(parts, options ?? {});
-  type R = MergedAttention<T extends GpuTensor ? GpuTensor : HostTensor>;
-  if (v.residency === "host") return mergeOnHost(v) as R;
+  type R = MergedAttention<AttentionOutput<T>, LseOutput<T>>;
+  // The result in the form of parts[0].out (ONNX-style in, ONNX-style out; a Uint16Array of f16 stays one).
+  const like = (m: MergedAttention<HostTensor | GpuTensor>) =>
+    ({ out: inFormOf(parts[0].out, m.out), lse: inFormOf(parts[0].out, m.lse) }) as R;
+  if (v.residency === "host") return like(mergeOnHost(v));
   const rt = options?.device ? await runtimeFor(options.device) : await defaultRuntime();
   if (!rt) {
     throw new WgattnError("INVALID_BUFFER", "GPU parts but no device is in use", {
@@ -390,5 +394,5 @@ export async function mergeAttention<T extends TensorInput>(
       actual: "no WebGPU device",
     });
   }
-  return await mergeOnGpu(v, rt) as R;
+  return like(await mergeOnGpu(v, rt));
 }
