@@ -25,7 +25,7 @@ export function describeEmptyWork(p: AttentionProblem): string {
   const result = outCount === 0
     ? `the output [${p.out.shape}] is empty`
     : `no query row has a key to attend: the output [${p.out.shape}] is zeros, its log-sum-exp -Infinity`;
-  return `empty call (${zero}): ${result}; no kernel runs`;
+  return `empty call, ${zero}: ${result}; no kernel runs`;
 }
 
 function zeros(dtype: AttentionProblem["dtype"], count: number): HostData {
