@@ -24,8 +24,14 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   const reasons = gpuBaseReasons(p, caps);
   if (!caps) return reasons;
   if (p.dtype !== "f32" && !(p.dtype === "f16" && caps.shaderF16)) {
+    // 16-bit elements without a WGSL type of their own are written two to a u32 word. For bf16
+    // that is always so (WGSL has no bf16), for f16 only without shader-f16.
     if (p.out.strides.d !== 1 || p.dV % 2 !== 0) {
-      reasons.push(`${p.dtype} output needs shader-f16, or a contiguous even head dim (d_v = ${p.dV})`);
+      reasons.push(
+        p.dtype === "bf16"
+          ? `bf16 output is written in pairs of 16-bit values (WGSL has no bf16 type): it needs a contiguous even head dim (d_v = ${p.dV})`
+          : `f16 output without shader-f16 is written in pairs of 16-bit values: it needs shader-f16, or a contiguous even head dim (d_v = ${p.dV})`,
+      );
     }
   }
   if (p.sKv * 4 > Math.min(caps.limits.maxStorageBufferBindingSize, SCORE_BUDGET_BYTES)) {

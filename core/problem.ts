@@ -1,6 +1,13 @@
 import { WgattnError } from "./errors.ts";
 import { checkOptions, closestKey, describeValue, GPU_DEVICE_RULE, type OptionSchema } from "./options.ts";
-import { type Axis, type AxisRecord, type KnownSize, resolveLayout, shapeFor } from "./layout.ts";
+import {
+  type Axis,
+  type AxisRecord,
+  type KnownSize,
+  resolveLayout,
+  shapeFor,
+  type SizeHelp,
+} from "./layout.ts";
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
 import type { AttentionOptions, DType, TensorInput } from "./types.ts";
 
@@ -160,6 +167,27 @@ export function resolveProblem(
   const fromDims = (value: number | undefined): KnownSize | undefined =>
     value === undefined ? undefined : { value, from: "dims" };
 
+  const given = `options.dims = ${JSON.stringify(dims)}`;
+  const dimsWay = (key: string, what: string) => ({
+    option: `options.dims.${key}`,
+    text: `options.dims.${key} (${what})`,
+  });
+  const qHelp: SizeHelp = {
+    ways: {
+      b: dimsWay("b", "the batch"),
+      n: dimsWay("n", "q's head count"),
+      s: dimsWay("s", "q's sequence length"),
+      d: dimsWay("d", "the head dim of q and k"),
+    },
+    given,
+  };
+  const kHelp: SizeHelp = {
+    ways: {
+      n: dimsWay("nKv", "k and v's head count; options.dims.n sets q's only"),
+      s: { text: "k's sequence length, which no option sets: keep s outside the group in options.kPattern" },
+    },
+    given,
+  };
   const qPattern = options.qPattern ?? DEFAULT_PATTERN;
   const kPattern = options.kPattern ?? DEFAULT_PATTERN;
   const vPattern = options.vPattern ?? DEFAULT_PATTERN;
@@ -175,6 +203,7 @@ export function resolveProblem(
     },
     "q",
     "options.qPattern",
+    qHelp,
   );
   const kl = resolveLayout(
     kPattern,
@@ -186,6 +215,7 @@ export function resolveProblem(
     },
     "k",
     "options.kPattern",
+    kHelp,
   );
   const vl = resolveLayout(
     vPattern,
@@ -199,8 +229,19 @@ export function resolveProblem(
     "options.vPattern",
   );
 
+  for (const [name, size, layout] of [["q", ql.sizes.d, qPattern], ["v", vl.sizes.d, vPattern]] as const) {
+    // An empty b, n or s is an empty call; an empty head dim is not (q·k over nothing).
+    if (size === 0) {
+      throw new WgattnError("INVALID_SHAPE", `${name}'s head dim must be at least 1`, {
+        argument: name,
+        expected: "d >= 1 (b, n, s_q and s_kv may be 0)",
+        actual: `d = 0 in ${name} of shape [${(name === "q" ? q : v).shape}] with pattern "${layout}"`,
+      });
+    }
+  }
   const n = ql.sizes.n, nKv = kl.sizes.n;
-  if (n % nKv !== 0) {
+  // n = 0 query heads over any k/v heads (0 included) is an empty call.
+  if (n > 0 && (nKv === 0 || n % nKv !== 0)) {
     throw new WgattnError(
       "HEAD_COUNT",
       "k/v head count must divide q's head count (grouped-query attention)",

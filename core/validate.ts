@@ -7,7 +7,7 @@
 import { WgattnError } from "./errors.ts";
 import type { GpuRuntime } from "./device.ts";
 import type { AttentionProblem } from "./problem.ts";
-import type { MaskOperand, Operand } from "./tensor.ts";
+import { elementCount, type MaskOperand, type Operand } from "./tensor.ts";
 
 const EMPTY = new Uint8Array(0);
 
@@ -42,6 +42,15 @@ function gpuOperands(p: AttentionProblem): [string, GPUBuffer][] {
   return found;
 }
 
+/** The buffers of the call's GPU tensors that hold no element. */
+function emptyBuffers(p: AttentionProblem): Set<GPUBuffer> {
+  const found = new Set<GPUBuffer>();
+  for (const o of [p.q.operand, p.k.operand, p.v.operand, p.mask?.operand]) {
+    if (o?.residency === "gpu" && elementCount(o.shape) === 0) found.add(o.buffer);
+  }
+  return found;
+}
+
 function refuse(argument: string, message: string, expected: string, actual: string): never {
   throw new WgattnError("INVALID_BUFFER", `${argument}.buffer ${message}`, { argument, expected, actual });
 }
@@ -64,8 +73,14 @@ export async function checkGpuOperands(p: AttentionProblem, rt: GpuRuntime | nul
   }
   const device = rt.device;
   const layout = probeLayout(device);
+  const empty = emptyBuffers(p);
   // One scope per buffer, pushed and popped with no await between: concurrent calls stay apart.
   const checks = operands.map(([argument, buffer]) => {
+    // A binding cannot be empty: an empty tensor's buffer under 4 bytes cannot be probed this way.
+    // It holds no element and is never bound or read (an empty call runs no kernel): no harm.
+    if (buffer.size < 4 && empty.has(buffer)) {
+      return Promise.resolve({ argument, buffer, message: null as string | null });
+    }
     device.pushErrorScope("validation");
     try {
       device.createBindGroup({
