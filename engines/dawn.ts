@@ -12,16 +12,26 @@
  * - Dawn hard-codes `shader-f16` off on NVIDIA GPUs: nothing to do here, the kernels read 16-bit
  *   tensors as u32 words where the capability is missing.
  */
-import { createPipelineInScope, type Engine } from "./engine.ts";
+import { createPipelineInScope, type Engine, queueWrite } from "./engine.ts";
 
 /** The npm package wgattn loads for Dawn unless told where an unpacked copy is. */
 export const DAWN_PACKAGE = "npm:webgpu@0.6.2";
 
 /**
+ * Benchmark hook: more Dawn toggles to turn on or off when Dawn is loaded (e.g. `disable_robustness`,
+ * to measure what Tint's bounds checks cost). Set before the first device.
+ */
+export const dawnTuning: { enable: string[]; disable: string[] } = { enable: [], disable: [] };
+
+/**
  * Dawn instance flags: subgroup matrices are behind Dawn's unsafe-API toggle; timestamps are
  * quantized by default (to 65.5 µs on the H200, measured), which would blur every kernel timing.
  */
-const DAWN_FLAGS = ["enable-dawn-features=allow_unsafe_apis", "disable-dawn-features=timestamp_quantization"];
+function dawnFlags(): string[] {
+  const enable = ["allow_unsafe_apis", ...dawnTuning.enable];
+  const disable = ["timestamp_quantization", ...dawnTuning.disable];
+  return [`enable-dawn-features=${enable.join(",")}`, `disable-dawn-features=${disable.join(",")}`];
+}
 
 /** Why Dawn could not be loaded, in one line for explain() and errors. */
 export class DawnUnavailable extends Error {}
@@ -87,7 +97,7 @@ export async function loadDawn(module: string = DAWN_PACKAGE): Promise<Engine> {
   }
   let gpu: GPU;
   try {
-    gpu = dawn.create(DAWN_FLAGS);
+    gpu = dawn.create(dawnFlags());
   } catch (e) {
     throw new DawnUnavailable(`dawn.node did not start: ${(e as Error)?.message ?? e}`);
   }
@@ -120,6 +130,8 @@ export function adoptedDawnEngine(): Engine {
 export function stagedWrite(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): void {
   const size = Math.ceil(bytes.byteLength / 4) * 4;
   if (size === 0) return;
+  // Small writes (uniforms, masks) cost less through Dawn's own ring buffer than a submit of their own.
+  if (size < STAGED_MIN) return queueWrite(device, buffer, bytes);
   const staging = takeStaging(device, size);
   new Uint8Array(staging.getMappedRange(0, size)).set(bytes);
   staging.unmap();
@@ -129,6 +141,8 @@ export function stagedWrite(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Ar
   returnStaging(device, staging);
 }
 
+/** Writes from this size go through the staging pool. */
+const STAGED_MIN = 256 << 10;
 /** Staging buffers of an upload pool are powers of two from 64 KiB; larger uploads are not pooled. */
 const POOLED_MIN = 64 << 10, POOLED_MAX = 64 << 20;
 /** Most bytes of mapped staging memory kept per device. */
