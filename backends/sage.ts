@@ -143,6 +143,12 @@ function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Smoothing shifts each row's scores by q·mean(k): harmless to a softmax, not to a score_mod.
+  if (p.flex) {
+    reasons.push(
+      "flex options are not wired into its int8 mode (K smoothing shifts the scores score_mod sees)",
+    );
+  }
   if (!caps.packedInt8Dot) {
     reasons.push("the device has no dot4I8Packed (WGSL packed_4x8_integer_dot_product)");
   }

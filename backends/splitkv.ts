@@ -168,6 +168,11 @@ export function splitKvPlan(p: AttentionProblem, c: SplitKvConfig, caps: Capabil
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = gpuBaseReasons(p, caps);
   if (!caps) return reasons;
+  if (p.flex) {
+    reasons.push(
+      "flex options (scoreMod, maskMod, blockMask) are not in its generator yet; flash serves them",
+    );
+  }
   if (p.d % 4 !== 0 || p.dV % 4 !== 0 || p.d > 256 || p.dV > 256) {
     reasons.push(`head dims ${p.d}/${p.dV} are not multiples of 4 up to 256`);
   }
