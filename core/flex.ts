@@ -310,11 +310,25 @@ export function compilerError(message: string): { line?: number; column?: number
     const m = /(\d+):(\d+) error:\s*(.*)$/.exec(tint)!;
     return { line: Number(m[1]), column: Number(m[2]), text: m[3] };
   }
-  // Naga: "Shader '' parsing error: no definition ...", then "┌─ wgsl:2:18".
-  const at = lines.map((l) => /wgsl:(\d+):(\d+)/.exec(l)).find((m) => m);
-  const text = (lines.find((l) => /error/i.test(l)) ?? lines[0] ?? message)
+  // Naga: "Shader '' parsing error: no definition ..." or "Shader validation error: Function [0]
+  // 'mask_mod' is invalid", a "┌─ wgsl:2:18" location, the source lines with "^^" under the
+  // culprit, and for validation errors a "= why" note.
+  const span = lines.map((l) => /┌─\s*[^:\s]*:(\d+):(\d+)/.exec(l)).find((m) => m);
+  let line = span ? Number(span[1]) : undefined, column = span ? Number(span[2]) : undefined;
+  let numbered: number | null = null;
+  for (const raw of message.split("\n")) {
+    const n = /^\s*(\d+)\s*│/.exec(raw);
+    if (n) numbered = Number(n[1]);
+    else if (numbered !== null && /│[\s│]*\^/.test(raw) && !raw.includes("╰")) {
+      // The source line above the first "^^" marker (its column is hard to read past nested gutters).
+      if (numbered !== line) [line, column] = [numbered, undefined];
+      break;
+    }
+  }
+  const note = lines.find((l) => l.startsWith("= "))?.slice(2);
+  const text = note ?? (lines.find((l) => /error/i.test(l)) ?? lines[0] ?? message)
     .replace(/^Shader '[^']*' (parsing|validation) error:\s*/i, "");
-  return at ? { line: Number(at[1]), column: Number(at[2]), text } : { text };
+  return { line, column, text };
 }
 
 const compiled = new WeakMap<GpuRuntime, Map<string, Promise<void>>>();
