@@ -122,6 +122,14 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       band: hasBand(p),
       keyPadding: p.mask !== null,
       subgroups,
+      flex: p.flex
+        ? {
+          scoreMod: p.flex.scoreMod?.wgsl ?? null,
+          maskMod: p.flex.maskMod?.wgsl ?? null,
+          buffers: p.flex.buffers,
+          blockMap: false,
+        }
+        : undefined,
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);
@@ -168,11 +176,6 @@ export function splitKvPlan(p: AttentionProblem, c: SplitKvConfig, caps: Capabil
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = gpuBaseReasons(p, caps);
   if (!caps) return reasons;
-  if (p.flex) {
-    reasons.push(
-      "flex options (scoreMod, maskMod, blockMask) are not in its generator yet; flash serves them",
-    );
-  }
   if (p.d % 4 !== 0 || p.dV % 4 !== 0 || p.d > 256 || p.dV > 256) {
     reasons.push(`head dims ${p.d}/${p.dV} are not multiples of 4 up to 256`);
   }
@@ -229,6 +232,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, po, plse };
   if (io.mask) buffers.mask = io.mask;
+  if (io.flex) Object.assign(buffers, io.flex);
   call.dispatch(pipe, kernel, buffers, {
     n: p.n,
     n_kv: p.nKv,

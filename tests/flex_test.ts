@@ -267,6 +267,30 @@ for (const c of FUSED_CASES) {
 }
 
 Deno.test({
+  name: `flex split-kv (decode): alibi + document mask, GQA, causal${NO_GPU}`,
+  ignore: !info,
+  async fn() {
+    const z: Sizes = { ...FZ, sQ: 3 };
+    const { q, k, v } = inputs(z, 31);
+    const ref = referenceAttention(q, k, v, { isCausal: true, ...refFlex(FUSED) });
+    debug.poisonOutputs = true;
+    const why = await explain(host(q), host(k), host(v), { ...FUSED, isCausal: true });
+    assert.equal(why.backend, "split-kv", why.text);
+    const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
+      ...FUSED,
+      isCausal: true,
+      backend: "split-kv",
+    });
+    assertClose(out.data as Float32Array, ref.out, 2e-5, "output");
+    const l = Float64Array.from(lse.data as Float32Array);
+    for (let i = 0; i < l.length; i++) {
+      if (ref.lse[i] === -Infinity) assert.equal(l[i], -Infinity, `lse ${i} of an empty row`);
+      else assert.ok(Math.abs(l[i] - ref.lse[i]) < 1e-4, `lse ${i}: ${l[i]} vs ${ref.lse[i]}`);
+    }
+  },
+});
+
+Deno.test({
   name: `flex createBlockMask: states per block, broadcast and per head${NO_GPU}`,
   ignore: !info,
   async fn() {
