@@ -30,6 +30,7 @@ export {
 export { type Stats, stats } from "./core/stats.ts";
 export {
   BlockMask,
+  type FlexBuffer,
   type FlexOptions,
   type GpuModBuffer,
   type MaskMod,

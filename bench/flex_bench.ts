@@ -127,7 +127,7 @@ for (const c of cases) {
     shape: [b, n, s, d],
     dtype: "f32",
     ms: Number(ms.toFixed(4)),
-    tflops: Number((flops / ms / 1e9).toFixed(2)),
+    tflops: Number((flops / ms / 1e9).toPrecision(4)),
   };
   if (c.name.startsWith("documents")) line.speedupVsPlain = Number((plainMs / ms).toFixed(2));
   else if (c.name !== "plain") line.ratioVsPlain = Number((ms / plainMs).toFixed(3));

@@ -34,13 +34,17 @@ export type ModBufferData = Readonly<Record<string, Float32Array | Int32Array | 
  * backend serve the call.
  */
 export interface ScoreModFunction {
+  /** WGSL defining `score_mod` (and any helpers it calls). */
   wgsl: string;
+  /** The same function in TypeScript, for the `cpu` backend. */
   ts?: (score: number, b: number, h: number, q: number, kv: number, buffers: ModBufferData) => number;
 }
 
 /** A mask function: `wgsl` defines `fn mask_mod(b: u32, h: u32, q: u32, kv: u32) -> bool` (true = attend). */
 export interface MaskModFunction {
+  /** WGSL defining `mask_mod` (and any helpers it calls). */
   wgsl: string;
+  /** The same function in TypeScript, for the `cpu` backend. */
   ts?: (b: number, h: number, q: number, kv: number, buffers: ModBufferData) => boolean;
 }
 
@@ -64,7 +68,7 @@ export interface FlexOptions {
 /** Keys of {@link FlexOptions}, for the strict option check. */
 export const FLEX_OPTION_KEYS = ["scoreMod", "maskMod", "modBuffers", "blockMask"] as const;
 
-/** One validated mod buffer. */
+/** One validated mod buffer: its name, element type, length, and host data or GPU buffer. */
 export type FlexBuffer =
   & { name: string; dtype: ModBufferDType; length: number }
   & ({ residency: "host"; data: Float32Array | Int32Array | Uint32Array } | {
@@ -415,7 +419,9 @@ export class BlockMask {
   readonly b: number;
   /** Query heads, or 1 (broadcast). */
   readonly n: number;
+  /** Query sequence length. */
   readonly sQ: number;
+  /** Key sequence length. */
   readonly sKv: number;
   /** Query rows per block. */
   readonly blockQ: number;

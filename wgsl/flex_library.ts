@@ -8,13 +8,17 @@ import type { MaskModFunction, ModBufferInput, ScoreModFunction } from "../core/
 
 /** A score function with the buffers it reads. */
 export interface ScoreModBundle {
+  /** The function, as WGSL and TypeScript. */
   scoreMod: ScoreModFunction;
+  /** The buffers it reads, by name. */
   modBuffers?: Record<string, ModBufferInput>;
 }
 
 /** A mask function with the buffers it reads. */
 export interface MaskModBundle {
+  /** The function, as WGSL and TypeScript. */
   maskMod: MaskModFunction;
+  /** The buffers it reads, by name. */
   modBuffers?: Record<string, ModBufferInput>;
 }
 

@@ -94,8 +94,8 @@ export function naiveScoresKernel(c: NaiveConfig): Kernel {
     code += decls.code;
     bindings.push(...decls.bindings);
     const args = { b: "b", h: "h", q: "i", kv: "j" };
-    flexScore = flexScoreStatements({ ...c.flex, maskMod: null }, "s", args, NEG_INF);
-    flexMask = flexScoreStatements({ ...c.flex, scoreMod: null }, "s", args, NEG_INF);
+    flexScore = `    ${flexScoreStatements({ ...c.flex, maskMod: null }, "s", args, NEG_INF)}\n`;
+    flexMask = `    ${flexScoreStatements({ ...c.flex, scoreMod: null }, "s", args, NEG_INF)}\n`;
   }
   code += `
 @compute @workgroup_size(256)
@@ -116,8 +116,7 @@ ${ROW_DECODE}
       dot += ld_q(qb + c * P.q_sd) * ld_k(kb + c * P.k_sd);
     }
     s = dot * P.scale;
-    ${flexScore}
-${
+${flexScore}${
     c.mask === "none" ? "" : `    let mi = b * P.m_sb + h * P.m_sh + i * P.m_si + j * P.m_sj;
 ${
       c.mask === "bool"
@@ -125,8 +124,7 @@ ${
         : `    s += mask[mi];`
     }
 `
-  }    ${flexMask}
-  }
+  }${flexMask}  }
   scores[e] = s;
 }
 `;
