@@ -65,9 +65,6 @@ export interface FlexOptions {
   blockMask?: BlockMask;
 }
 
-/** Keys of {@link FlexOptions}, for the strict option check. */
-export const FLEX_OPTION_KEYS = ["scoreMod", "maskMod", "modBuffers", "blockMask"] as const;
-
 /** One validated mod buffer: its name, element type, length, and host data or GPU buffer. */
 export type FlexBuffer =
   & { name: string; dtype: ModBufferDType; length: number }

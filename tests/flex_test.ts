@@ -291,6 +291,45 @@ Deno.test({
 });
 
 Deno.test({
+  name: `flex sage (int8 Q·Kᵀ): a document mask with a block mask handle; scoreMod refused${
+    info && !info.packedInt8Dot ? " [skipped: no dot4I8Packed]" : NO_GPU
+  }`,
+  ignore: !info || !info.packedInt8Dot,
+  async fn() {
+    const { q, k, v } = inputs(FZ, 41);
+    const doc = documentMask(qIds, kvIds);
+    const ref = referenceAttention(q, k, v, { isCausal: true, ...refFlex(doc) });
+    const blockMask = await createBlockMask(doc.maskMod, {
+      sQ: FZ.sQ,
+      sKv: FZ.sKv,
+      modBuffers: doc.modBuffers,
+    });
+    debug.poisonOutputs = true;
+    try {
+      for (const handle of [undefined, blockMask]) {
+        const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
+          ...doc,
+          blockMask: handle,
+          isCausal: true,
+          backend: "sage",
+        });
+        // SageAttention's bar (int8 Q·Kᵀ is approximate): relative L2 well under 0.03.
+        const e = errorStats(out.data as Float32Array, ref.out);
+        assert.equal(e.bad, 0, "NaN in sage's output");
+        assert.ok(e.rel < 0.03, `relative error ${e.rel}`);
+        const l = Float64Array.from(lse.data as Float32Array);
+        for (let i = 0; i < l.length; i++) {
+          if (ref.lse[i] === -Infinity) assert.equal(l[i], -Infinity, `lse ${i} of an empty row`);
+        }
+      }
+    } finally {
+      blockMask.destroy();
+    }
+    await refuses({ ...FUSED, backend: "sage" }, "BACKEND_UNSUPPORTED", "options.backend", /K smoothing/);
+  },
+});
+
+Deno.test({
   name: `flex createBlockMask: states per block, broadcast and per head${NO_GPU}`,
   ignore: !info,
   async fn() {

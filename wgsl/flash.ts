@@ -79,8 +79,8 @@ export interface FlashConfig {
    */
   pointers?: boolean;
   /**
-   * Flex attention: score_mod on every score, mask_mod on the scores of partial tiles, and with a
-   * block map (binding `flex_blocks`) empty key tiles skipped (f32 Q·Kᵀ only).
+   * Flex attention: score_mod on every score (f32 Q·Kᵀ only), mask_mod on the scores of partial
+   * tiles, and with a block map (binding `flex_blocks`) empty key tiles skipped.
    */
   flex?: FlexKernelConfig;
 }
@@ -252,7 +252,8 @@ export function flashKernel(c: FlashConfig): Kernel {
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
   const flex = c.flex ?? null;
-  if (flex && int8) throw new Error("flex functions need the f32 Q·Kᵀ of the flash kernel");
+  // int8 (sage): K smoothing shifts the scores, so only mask functions apply there.
+  if (flex?.scoreMod && int8) throw new Error("score_mod needs the f32 Q·Kᵀ of the flash kernel");
   const blockMap = flex?.blockMap === true;
   const uniforms: [string, UniformType][] = flex
     ? [...UNIFORMS, ["flex_scale", "f32"], ...(blockMap ? BLOCK_MAP_UNIFORMS : [])]
