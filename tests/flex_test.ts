@@ -2,7 +2,8 @@
  * Flex attention (scoreMod, maskMod, modBuffers, createBlockMask, the ready-made functions) on every
  * backend that serves it, against the float64 reference given the same functions in TypeScript.
  * Few distinct fused kernels (each flex text is a new kernel, 10 to 60 s to compile cold on a
- * software adapter): the fused cases share two texts; the library's functions run on naive and cpu.
+ * software adapter): the fused cases share one pair of texts (alibi + a document mask) over flash,
+ * flash-subgroup, split-kv and sage (its mask only); the library's functions run on naive and cpu.
  */
 import assert from "node:assert/strict";
 import {
