@@ -165,6 +165,15 @@ Deno.test({
     });
     device.queue.writeBuffer(buffer, 0, new Float32Array(slopes));
     try {
+      // A GPU mod buffer is checked as q, k and v are.
+      const dead = device.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE });
+      dead.destroy();
+      await refuses(
+        { ...a, modBuffers: { alibi_slopes: { buffer: dead, dtype: "f32" } }, backend: "naive" },
+        "INVALID_BUFFER",
+        "options.modBuffers.alibi_slopes",
+        /destroyed/,
+      );
       for (const backend of ["naive", "cpu"]) {
         const out = await attentionForward(host(q), host(k), host(v), {
           attnMask: { data: Float32Array.from(bias), shape: [Z.sQ, Z.sKv] },
