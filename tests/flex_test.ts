@@ -27,6 +27,7 @@ import {
   WgattnError,
 } from "../mod.ts";
 import { debug } from "../core/gpu.ts";
+import { flashTuning } from "../backends/flash.ts";
 import {
   errorStats,
   layOut,
@@ -279,6 +280,38 @@ for (const c of FUSED_CASES) {
     },
   });
 }
+
+Deno.test({
+  name:
+    `flex fused flash, row-pointer layout (the large tiles' form): alibi + document mask, causal${NO_GPU}`,
+  ignore: !info,
+  async fn() {
+    const { q, k, v } = inputs(FZ, 22);
+    const ref = referenceAttention(q, k, v, { isCausal: true, ...refFlex(FUSED) });
+    const blockMask = await createBlockMask(FUSED.maskMod!, {
+      sQ: FZ.sQ,
+      sKv: FZ.sKv,
+      modBuffers: FUSED.modBuffers,
+      blockSize: [16, 40],
+    });
+    debug.poisonOutputs = true;
+    flashTuning.override = { br: 16, bc: 16, rt: 4, ct: 4, vc: 4, dk: 8, pointers: true };
+    try {
+      for (const handle of [undefined, blockMask]) {
+        const out = await attentionForward(host(q), host(k), host(v), {
+          ...FUSED,
+          blockMask: handle,
+          isCausal: true,
+          backend: "flash",
+        });
+        assertClose(out.data as Float32Array, ref.out, 2e-5, handle ? "with a handle" : "per-call map");
+      }
+    } finally {
+      flashTuning.override = null;
+      blockMask.destroy();
+    }
+  },
+});
 
 Deno.test({
   name: `flex split-kv (decode): alibi + document mask, GQA, causal${NO_GPU}`,
