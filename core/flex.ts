@@ -267,9 +267,6 @@ export function resolveFlex(
     const own = new Set(buffers.map((x) => x.name));
     buffers = [...buffers, ...handle.buffers.filter((x) => !own.has(x.name))]
       .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-    const want = `[${handle.b === 1 ? `1 or ${sizes.b}` : sizes.b}, ${
-      handle.n === 1 ? `1 or ${sizes.n}` : sizes.n
-    }, ${sizes.sQ}, ${sizes.sKv}]`;
     if (
       (handle.b !== 1 && handle.b !== sizes.b) || (handle.n !== 1 && handle.n !== sizes.n) ||
       handle.sQ !== sizes.sQ || handle.sKv !== sizes.sKv
@@ -281,18 +278,8 @@ export function resolveFlex(
         actual: `[${handle.b}, ${handle.n}, ${handle.sQ}, ${handle.sKv}]`,
       });
     }
-    void want;
   }
   return { scoreMod: score, maskMod: mask, buffers, blockMask: handle };
-}
-
-/** The key of a flex view for pipeline caches: every text and buffer declaration. */
-export function flexTextKey(f: FlexView): string {
-  return JSON.stringify([
-    f.scoreMod?.wgsl ?? null,
-    f.maskMod?.wgsl ?? null,
-    f.buffers.map((x) => `${x.name}:${x.dtype}`),
-  ]);
 }
 
 /** The storage declarations of mod buffers, from binding `first` on. */
