@@ -167,7 +167,7 @@ Deno.test({
     device.queue.writeBuffer(buffer, 0, new Float32Array(slopes));
     try {
       // A GPU mod buffer is checked as q, k and v are.
-      const dead = device.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE });
+      const dead = device.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST });
       dead.destroy();
       await refuses(
         { ...a, modBuffers: { alibi_slopes: { buffer: dead, dtype: "f32" } }, backend: "naive" },
