@@ -1,8 +1,9 @@
 /**
  * `flash`: fused FlashAttention-2 (online softmax, tiles in workgroup memory, no score matrix in
  * memory). Serves any s_q/s_kv, head dims up to 256 (multiples of 4), GQA, causal and window
- * (tiles outside the band skipped), key-padding masks and every layout whose head dim is
- * contiguous. Other masks fall back to `naive`.
+ * (tiles outside the band skipped), key-padding masks, flex functions (scoreMod, maskMod; the empty
+ * tiles of a block map skipped) and every layout whose head dim is contiguous. Other masks fall
+ * back to `naive`.
  */
 import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
