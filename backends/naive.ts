@@ -17,6 +17,14 @@ function config(p: AttentionProblem, caps: Capabilities, lse: boolean): NaiveCon
     band: hasBand(p),
     lse,
     packedOut: p.dtype !== "f32" && !f16,
+    flex: p.flex
+      ? {
+        scoreMod: p.flex.scoreMod?.wgsl ?? null,
+        maskMod: p.flex.maskMod?.wgsl ?? null,
+        buffers: p.flex.buffers,
+        blockMap: false,
+      }
+      : undefined,
   };
 }
 
@@ -63,7 +71,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     call.dispatch(
       scoresPipe,
       kernels[0],
-      { q: io.q, k: io.k, scores, ...(io.mask ? { mask: io.mask } : {}) },
+      { q: io.q, k: io.k, scores, ...(io.mask ? { mask: io.mask } : {}), ...(io.flex ?? {}) },
       {
         ...common,
         d: p.d,

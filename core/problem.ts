@@ -10,6 +10,7 @@ import {
 } from "./layout.ts";
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
 import type { AttentionOptions, DType, TensorInput } from "./types.ts";
+import { type FlexView, resolveFlex } from "./flex.ts";
 
 /** Element strides of a mask over [b, n, s_q, s_kv]; 0 where the mask broadcasts. */
 export interface MaskStrides {
@@ -74,6 +75,8 @@ export interface AttentionProblem {
   out: { pattern: string; shape: number[]; strides: AxisRecord };
   residency: "host" | "gpu";
   compatibilityMode: boolean;
+  /** scoreMod / maskMod / modBuffers / blockMask, validated; null when the call uses none. */
+  flex: FlexView | null;
 }
 
 /** Diagonal offset used by causal and window masks. */
@@ -118,6 +121,16 @@ const ATTENTION_OPTIONS: OptionSchema = {
   compatibilityMode: "boolean",
   backend: "string",
   device: GPU_DEVICE_RULE,
+  scoreMod: {
+    test: (x) => typeof x === "string" || (typeof x === "object" && x !== null && !Array.isArray(x)),
+    expected: "WGSL text defining fn score_mod, or { wgsl, ts? }",
+  },
+  maskMod: {
+    test: (x) => typeof x === "string" || (typeof x === "object" && x !== null && !Array.isArray(x)),
+    expected: "WGSL text defining fn mask_mod, or { wgsl, ts? }",
+  },
+  modBuffers: "object",
+  blockMask: "object",
 };
 
 const DIMS_KEYS = ["b", "n", "s", "d", "nKv"];
@@ -350,6 +363,7 @@ export function resolveProblem(
     out: { pattern: outPattern, shape: outShape, strides: outLayout.strides },
     residency: q.residency,
     compatibilityMode: options.compatibilityMode === true,
+    flex: resolveFlex(options, { b, n, sQ, sKv }),
   };
 }
 

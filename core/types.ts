@@ -1,3 +1,5 @@
+import type { FlexOptions } from "./flex.ts";
+
 /** Element types wgattn computes with. bf16 travels as the upper 16 bits of an f32 in a `Uint16Array`. */
 export type DType = "f32" | "f16" | "bf16";
 
@@ -74,9 +76,10 @@ export interface OrtMaskLike {
 export type MaskInput = HostMask | GpuMask | OrtMaskLike;
 
 /**
- * Options of {@link attentionForward}, named after DiffSynth's `attention_forward`.
+ * Options of {@link attentionForward}, named after DiffSynth's `attention_forward`; the flex options
+ * (`scoreMod`, `maskMod`, `modBuffers`, `blockMask`) are PyTorch FlexAttention's.
  */
-export interface AttentionOptions {
+export interface AttentionOptions extends FlexOptions {
   /** Axis order of q, einops style over `b n s d` with at most one group: `"b s (n d)"`. Default `"b n s d"`. */
   qPattern?: string;
   /** Axis order of k. Default `"b n s d"`. */

@@ -39,6 +39,11 @@ function gpuOperands(p: AttentionProblem): [string, GPUBuffer][] {
   add("k", p.k.operand);
   add("v", p.v.operand);
   if (p.mask) add(p.mask.argument ?? "options.attnMask", p.mask.operand);
+  for (const x of p.flex?.buffers ?? []) {
+    if (x.residency !== "gpu" || seen.has(x.buffer)) continue;
+    seen.add(x.buffer);
+    found.push([`options.modBuffers.${x.name}`, x.buffer]);
+  }
   return found;
 }
 
