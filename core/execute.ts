@@ -1,6 +1,6 @@
 import { WgattnError } from "./errors.ts";
 import { confirmLost, type GpuRuntime } from "./device.ts";
-import { debug, GpuCall, readBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
+import { debug, GpuCall, readBuffer, recycleBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
 import type { AttentionProblem } from "./problem.ts";
 import { engineFor } from "../engines/select.ts";
 import {
@@ -169,11 +169,9 @@ async function executeGpu(
       k: bind(p.k.operand, "k"),
       v: bind(p.v.operand, "v"),
       mask: p.mask ? bindMask(call, p.mask.operand) : null,
-      out: out = call.createBuffer(
-        outBytes,
-        GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
-        "wgattn output",
-      ),
+      // A host call's output is read back and dropped: it may be a kept buffer of an earlier call.
+      out: out = (p.residency === "host" ? call.reused(outBytes, OUT_USAGE, "wgattn output") : null) ??
+        call.createBuffer(outBytes, OUT_USAGE, "wgattn output"),
       flex: p.flex ? bindFlex(call, p.flex) : undefined,
       lse: wantLse
         ? (lse = call.createBuffer(
@@ -252,10 +250,13 @@ async function executeGpu(
     if (await confirmLost(rt)) throw lostError("while its result was read back", e);
     throw e;
   } finally {
-    releaseBuffer(out);
+    recycleBuffer(rt.device, out);
     if (lse) releaseBuffer(lse);
   }
 }
+
+/** Usage of output buffers: bound as storage, read back, poisoned by tests. */
+const OUT_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
 /** The mod buffers of a flex call by name: GPU ones as given, host ones uploaded. */
 function bindFlex(call: GpuCall, f: FlexView): Record<string, GPUBuffer> {

@@ -100,6 +100,8 @@ export class GpuCall {
   readonly encoder: GPUCommandEncoder;
   private pass: GPUComputePassEncoder | null = null;
   private readonly temporaries: GPUBuffer[] = [];
+  /** Temporaries that may be kept for a later call (see {@link recycleBuffer}). */
+  private readonly recyclable = new Set<GPUBuffer>();
   private readonly label: string;
   /** Error scopes of each allocation and bind group, popped right away (see {@link capture}). */
   private readonly pending: Promise<[GPUErrorFilter, GPUError | null]>[] = [];
@@ -199,15 +201,25 @@ export class GpuCall {
     return b;
   }
 
-  /** Uploads host data into a temporary storage buffer. */
+  /** Uploads host data into a temporary storage buffer (one kept from an earlier call when it fits). */
   upload(data: ArrayBufferView, label: string): GPUBuffer {
-    const b = this.createBuffer(
-      data.byteLength,
-      GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC,
-      label,
-      data,
-    );
+    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+    const kept = this.reused(data.byteLength, usage, label);
+    if (kept) this.capture(() => engineFor(this.device).writeBuffer(this.device, kept, bytesOf(data)));
+    const b = kept ?? this.createBuffer(data.byteLength, usage, label, data);
     this.temporaries.push(b);
+    this.recyclable.add(b);
+    return b;
+  }
+
+  /**
+   * A buffer of an earlier call kept by {@link recycleBuffer}, of this size and usage, or null. Its
+   * contents are stale: only for buffers the call overwrites whole (uploads, host-call outputs).
+   */
+  reused(bytes: number, usage: number, label: string): GPUBuffer | null {
+    if (debug.failAllocations?.test(label)) return null;
+    const b = takeKept(this.device, Math.max(16, Math.ceil(bytes / 16) * 16), usage);
+    if (b) trackBuffer(b);
     return b;
   }
 
@@ -291,7 +303,10 @@ export class GpuCall {
       device.queue.submit([this.encoder.finish()]);
     } finally {
       refused = this.rt.engine.hold(device.popErrorScope().catch(() => null));
-      for (const b of this.temporaries) releaseBuffer(b);
+      for (const b of this.temporaries) {
+        if (this.recyclable.has(b)) recycleBuffer(device, b);
+        else releaseBuffer(b);
+      }
       this.temporaries.length = 0;
     }
     return refused;
@@ -329,6 +344,37 @@ export function releaseBuffer(b: GPUBuffer): void {
     gpuStats.liveBytes -= b.size;
   }
   b.destroy();
+}
+
+/**
+ * Large temporaries of finished calls, kept per device for the next call of the same sizes (a serving
+ * loop's): a buffer of megabytes costs about 0.47 ms to create on Dawn (H200) and is zero-filled on its
+ * first use. Reuse is safe because queue order puts the next call's writes after this call's reads.
+ * Kept buffers are not live in {@link gpuStats}.
+ */
+const kept = new WeakMap<GPUDevice, GPUBuffer[]>();
+/** Buffers from this size are kept; smaller ones cost little to make. */
+const KEPT_MIN_BYTES = 1 << 20;
+/** Most buffers and bytes kept per device. */
+const KEPT_MAX = 8, KEPT_MAX_BYTES = 256 << 20;
+
+function takeKept(device: GPUDevice, size: number, usage: number): GPUBuffer | null {
+  const list = kept.get(device);
+  const i = list ? list.findIndex((b) => b.size === size && b.usage === usage) : -1;
+  return i >= 0 ? list!.splice(i, 1)[0] : null;
+}
+
+/** Keeps a temporary for a later call when it is large and the pool has room; destroys it otherwise. */
+export function recycleBuffer(device: GPUDevice, b: GPUBuffer): void {
+  let list = kept.get(device);
+  if (!list) kept.set(device, list = []);
+  const bytes = list.reduce((sum, x) => sum + x.size, 0);
+  if (b.size < KEPT_MIN_BYTES || list.length >= KEPT_MAX || bytes + b.size > KEPT_MAX_BYTES) {
+    releaseBuffer(b);
+    return;
+  }
+  untrackBuffer(b);
+  list.push(b);
 }
 
 /** Forgets a buffer handed to the caller (it is theirs to destroy). */
