@@ -224,8 +224,13 @@ Deno.test("sage-mma: the real form uses the subgroup-matrix builtins, the emulat
 
 Deno.test("sage-mma: the router picks it only for long 16-bit calls on devices with int8 tiles", () => {
   const shape = [1, 2, SAGE_MMA_MIN_SEQ, 64];
+  const count = shape.reduce((a, b) => a * b, 1);
   const t = (dtype: DType): HostTensor => ({
-    data: dtype === "f32" ? new Float32Array(0) : new Uint16Array(0),
+    data: dtype === "f32"
+      ? new Float32Array(count)
+      : dtype === "f16"
+      ? new Float16Array(count)
+      : new Uint16Array(count),
     shape,
     dtype,
   });

@@ -113,6 +113,11 @@ export class MmaEmitter {
     return `var ${name} = ${this.#resultType}();`;
   }
 
+  /** `var name: array<result, count>` of zero results (emulated form: an array of fragments). */
+  zeroArray(name: string, count: number): string {
+    return `var ${name} = array<${this.#resultType}, ${count}>();`;
+  }
+
   /** `let name = <left M x K matrix at offset>`. */
   loadLeft(name: string, at: MmaPlace, offset: string): string {
     const { component, M, K } = this.shape;

@@ -130,6 +130,20 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  // Matrix steps: written out one by one in the real form (each tile a register variable); loops
+  // over arrays of fragments in the emulated form, whose multiplies are loops themselves: written
+  // out, lavapipe's compiler unrolls every call site and a d 256 kernel takes minutes to build.
+  const forEach = (v: string, n: number, body: (i: string) => void) => {
+    if (!c.emulate) return range(n).forEach((i) => body(`${i}u`));
+    emit(`    for (var ${v} = 0u; ${v} < ${n}u; ${v}++) {`);
+    body(v);
+    emit(`    }`);
+  };
+  const tile = (name: string, i: string) => c.emulate ? `${name}[${i}]` : `${name}${parseInt(i)}`;
+  const tiles = (name: string, n: number, zero: (v: string) => void) => {
+    if (c.emulate) emit(`    ${mma.zeroArray(name, n)}`);
+    else range(n).forEach((i) => zero(`${name}${i}`));
+  };
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   emit(mma.header() + uniformBlock(UNIFORMS));
@@ -196,8 +210,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let ws = warp * ${R * ss}u;
   let wo = warp * ${R * so}u;
   let wp = warp * ${R * c.bc}u;`);
-  // Q tiles stay in registers for the whole key loop.
-  for (const k of range(dQ / 32)) emit("  " + mma.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
+  // Real form: the Q tiles stay in registers for the whole key loop (the emulated form reads them
+  // at each multiply).
+  if (!c.emulate) {
+    for (const k of range(dQ / 32)) emit("  " + mma.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
+  }
   emit(`  var j_lo = 0i;
   var j_hi = i32(P.s_kv);`);
   if (c.band) {
@@ -212,16 +229,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`  for (var t = t_lo; t < t_hi; t++) {
     let kv0 = t * ${c.bc}u;`);
   // ---- 1. S = Q Kᵀ ----
-  for (const j of range(c.bc / N)) emit("    " + mma.zero(`s${j}`));
-  for (const k of range(dQ / 32)) {
-    for (const j of range(c.bc / N)) {
+  tiles("s", c.bc / N, (j) => emit("    " + mma.zero(j)));
+  forEach("k", dQ / 32, (k) => {
+    if (c.emulate) emit("    " + mma.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+    forEach("j", c.bc / N, (j) => {
       emit("    {");
-      emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j * N}u) * ${dQ}u + ${k * 32}u`));
-      emit("      " + mma.mma(`s${j}`, `qa${k}`, qAt, "kb", kAt));
+      emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
+      emit("      " + mma.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
       emit("    }");
-    }
-  }
-  for (const j of range(c.bc / N)) emit("    " + mma.store(sAt, `ws + ${j * N}u`, `s${j}`));
+    });
+  });
+  forEach("j", c.bc / N, (j) => emit("    " + mma.store(sAt, `ws + ${j} * ${N}u`, tile("s", j))));
   emit(`    workgroupBarrier();`);
   // ---- 2. softmax of the row half, P to i8 ----
   emit(`    let dq = q_sc * k_scale[ks_base + t];
@@ -274,19 +292,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`    l = l * alpha + f32(${range(half).map((e) => `p${e}`).join(" + ")}) * beta;
     workgroupBarrier();`);
   // ---- 3. O_tile = P V ----
-  for (const g of range(dV / N)) emit("    " + mma.zero(`a${g}`));
-  for (const kk of range(c.bc / 32)) {
+  tiles("a", dV / N, (g) => emit("    " + mma.zero(g)));
+  forEach("kk", c.bc / 32, (kk) => {
     emit("    {");
-    emit("      " + mma.loadLeft("pa", pAt, `wp + ${kk * 32}u`));
-    for (const g of range(dV / N)) {
+    emit("      " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
+    forEach("g", dV / N, (g) => {
       emit("      {");
-      emit("        " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk * 32}u) * ${dV}u + ${g * N}u`));
-      emit("        " + mma.mma(`a${g}`, "pa", pAt, "vb", vAt));
+      emit("        " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`));
+      emit("        " + mma.mma(tile("a", g), "pa", pAt, "vb", vAt));
       emit("      }");
-    }
+    });
     emit("    }");
-  }
-  for (const g of range(dV / N)) emit("    " + mma.store(oAt, `wo + ${g * N}u`, `a${g}`));
+  });
+  forEach("g", dV / N, (g) => emit("    " + mma.store(oAt, `wo + ${g} * ${N}u`, tile("a", g))));
   emit(`    workgroupBarrier();
     let ob = wo + r * ${so}u + hh * ${halfV}u;`);
   for (const e of range(halfV)) emit(`    o${e} = o${e} * alpha + f32(so[ob + ${e}u]) * beta;`);
