@@ -51,6 +51,11 @@ export interface SageMmaConfig {
   lse: boolean;
   /** Plain-WGSL matrix steps (any adapter) instead of subgroup matrices. */
   emulate: boolean;
+  /**
+   * One result tile live at a time (each stored as soon as it is complete) instead of all the S
+   * tiles, then all the O tiles, accumulated together: fewer registers, less independent work.
+   */
+  oneTile?: boolean;
 }
 
 /** Rows of a Q block and of a subgroup's tile. */
@@ -96,7 +101,7 @@ export function sageMmaConfigProblems(
 export function sageMmaKey(c: SageMmaConfig): string {
   const t = c.shape;
   return `sage-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
-    `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}`;
+    `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}`;
 }
 
 const UNIFORMS: [string, UniformType][] = [
@@ -229,17 +234,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`  for (var t = t_lo; t < t_hi; t++) {
     let kv0 = t * ${c.bc}u;`);
   // ---- 1. S = Q Kᵀ ----
-  tiles("s", c.bc / N, (j) => emit("    " + mma.zero(j)));
-  forEach("k", dQ / 32, (k) => {
-    if (c.emulate) emit("    " + mma.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+  if (c.oneTile) {
+    // One S tile at a time, stored as soon as its d/32 multiplies are done (fewer live registers).
     forEach("j", c.bc / N, (j) => {
       emit("    {");
-      emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
-      emit("      " + mma.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+      emit("    " + mma.zero("s"));
+      forEach("k", dQ / 32, (k) => {
+        if (c.emulate) emit("    " + mma.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+        emit("      {");
+        emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
+        emit("      " + mma.mma("s", c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+        emit("      }");
+      });
+      emit("    " + mma.store(sAt, `ws + ${j} * ${N}u`, "s"));
       emit("    }");
     });
-  });
-  forEach("j", c.bc / N, (j) => emit("    " + mma.store(sAt, `ws + ${j} * ${N}u`, tile("s", j))));
+  } else {
+    tiles("s", c.bc / N, (j) => emit("    " + mma.zero(j)));
+    forEach("k", dQ / 32, (k) => {
+      if (c.emulate) emit("    " + mma.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+      forEach("j", c.bc / N, (j) => {
+        emit("    {");
+        emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
+        emit("      " + mma.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+        emit("    }");
+      });
+    });
+    forEach("j", c.bc / N, (j) => emit("    " + mma.store(sAt, `ws + ${j} * ${N}u`, tile("s", j))));
+  }
   emit(`    workgroupBarrier();`);
   // ---- 2. softmax of the row half, P to i8 ----
   emit(`    let dq = q_sc * k_scale[ks_base + t];
@@ -292,19 +314,39 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`    l = l * alpha + f32(${range(half).map((e) => `p${e}`).join(" + ")}) * beta;
     workgroupBarrier();`);
   // ---- 3. O_tile = P V ----
-  tiles("a", dV / N, (g) => emit("    " + mma.zero(g)));
-  forEach("kk", c.bc / 32, (kk) => {
-    emit("    {");
-    emit("      " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
+  if (c.oneTile) {
+    // P's tiles loaded once; one O tile at a time, stored as soon as its bc/32 multiplies are done.
+    if (!c.emulate) {
+      for (const kk of range(c.bc / 32)) emit("    " + mma.loadLeft(`pa${kk}`, pAt, `wp + ${kk * 32}u`));
+    }
     forEach("g", dV / N, (g) => {
-      emit("      {");
-      emit("        " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`));
-      emit("        " + mma.mma(tile("a", g), "pa", pAt, "vb", vAt));
-      emit("      }");
+      emit("    {");
+      emit("    " + mma.zero("a"));
+      forEach("kk", c.bc / 32, (kk) => {
+        if (c.emulate) emit("    " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
+        emit("      {");
+        emit("      " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`));
+        emit("      " + mma.mma("a", c.emulate ? "pa" : `pa${parseInt(kk)}`, pAt, "vb", vAt));
+        emit("      }");
+      });
+      emit("    " + mma.store(oAt, `wo + ${g} * ${N}u`, "a"));
+      emit("    }");
     });
-    emit("    }");
-  });
-  forEach("g", dV / N, (g) => emit("    " + mma.store(oAt, `wo + ${g} * ${N}u`, tile("a", g))));
+  } else {
+    tiles("a", dV / N, (g) => emit("    " + mma.zero(g)));
+    forEach("kk", c.bc / 32, (kk) => {
+      emit("    {");
+      emit("      " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
+      forEach("g", dV / N, (g) => {
+        emit("      {");
+        emit("        " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`));
+        emit("        " + mma.mma(tile("a", g), "pa", pAt, "vb", vAt));
+        emit("      }");
+      });
+      emit("    }");
+    });
+    forEach("g", dV / N, (g) => emit("    " + mma.store(oAt, `wo + ${g} * ${N}u`, tile("a", g))));
+  }
   emit(`    workgroupBarrier();
     let ob = wo + r * ${so}u + hh * ${halfV}u;`);
   for (const e of range(halfV)) emit(`    o${e} = o${e} * alpha + f32(so[ob + ${e}u]) * beta;`);
