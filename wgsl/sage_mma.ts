@@ -56,6 +56,8 @@ export interface SageMmaConfig {
    * tiles, then all the O tiles, accumulated together: fewer registers, less independent work.
    */
   oneTile?: boolean;
+  /** Row maxima and sums exchanged by subgroup shuffles (real form only): one barrier less per tile. */
+  shuffle?: boolean;
 }
 
 /** Rows of a Q block and of a subgroup's tile. */
@@ -101,7 +103,9 @@ export function sageMmaConfigProblems(
 export function sageMmaKey(c: SageMmaConfig): string {
   const t = c.shape;
   return `sage-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
-    `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}`;
+    `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}${
+      c.shuffle && !c.emulate ? ":shfl" : ""
+    }`;
 }
 
 const UNIFORMS: [string, UniformType][] = [
@@ -294,10 +298,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`    }`);
   let mx = "x0";
   for (const e of range(half).slice(1)) mx = `max(${mx}, x${e})`;
-  emit(`    red[warp * ${MMA_SUBGROUP}u + lane] = ${mx};
+  // The row's two invocations exchange partial maxima: by a subgroup shuffle in the real form with
+  // `shuffle` (a hardware subgroup is the tile's 32 invocations there), else through workgroup memory.
+  const shuffle = c.shuffle === true && !c.emulate;
+  emit(
+    shuffle
+      ? `    let mx = ${mx};
+    let mt = max(mx, subgroupShuffleXor(mx, ${R}u));`
+      : `    red[warp * ${MMA_SUBGROUP}u + lane] = ${mx};
     workgroupBarrier();
-    let mt = max(red[warp * ${MMA_SUBGROUP}u + lane], red[warp * ${MMA_SUBGROUP}u + (lane ^ ${R}u)]);
-    let mn = max(m, mt);
+    let mt = max(red[warp * ${MMA_SUBGROUP}u + lane], red[warp * ${MMA_SUBGROUP}u + (lane ^ ${R}u)]);`,
+  );
+  emit(`    let mn = max(m, mt);
     let alpha = exp2(m - mn);
     let beta = exp2(mt - mn);
     m = mn;`);
@@ -353,11 +365,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`  }`);
 
   // ---- finish: the row sum over both halves, V's scale and mean; zero rows stay zero ----
-  emit(`  workgroupBarrier();
+  emit(
+    shuffle ? `  l += subgroupShuffleXor(l, ${R}u);` : `  workgroupBarrier();
   red[warp * ${MMA_SUBGROUP}u + lane] = l;
   workgroupBarrier();
-  l = red[warp * ${MMA_SUBGROUP}u + lane] + red[warp * ${MMA_SUBGROUP}u + (lane ^ ${R}u)];
-  if (row < P.s_q) {
+  l = red[warp * ${MMA_SUBGROUP}u + lane] + red[warp * ${MMA_SUBGROUP}u + (lane ^ ${R}u)];`,
+  );
+  emit(`  if (row < P.s_q) {
     let inv = select(0.0, 1.0 / l, l > 0.0);
     let vs = bhk * ${2 * dV}u + hh * ${halfV}u;
     let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss + hh * ${halfV / 4}u;`);
