@@ -102,6 +102,7 @@ export function chooseSageMmaConfig(
         keyPadding: p.mask !== null,
         lse,
         emulate,
+        vTransposed: true,
         ...(sageMmaTuning.override ?? {}),
       };
       const problems = sageMmaConfigProblems(c, limits);
@@ -198,7 +199,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const meanK = sageMeanKernel(input);
   const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
   const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias: lse, pad: 32 });
-  const quantV = sageMmaVKernel(input);
+  const quantV = sageMmaVKernel({ ...input, bc: c.bc, transposed: c.vTransposed === true });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
     [main, meanK, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
   );

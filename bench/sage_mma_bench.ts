@@ -4,7 +4,7 @@
  * queries beside other backends, in TFLOP/s (4·b·n·s_q·s_kv·d, halved for causal).
  *
  *     deno run -A bench/sage_mma_bench.ts --shapes flux,seed --dtypes f16 --backends sage-mma,sage
- *       [--accuracy 256] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"bc":32}]'] [--reps 10]
+ *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"bc":32}]'] [--reps 10]
  *
  * Each step reports its own failure (e.g. a kernel that does not compile) and the run goes on.
  */
@@ -26,6 +26,8 @@ const accuracyRows = Number(arg("accuracy", "256"));
 const reps = Number(arg("reps", "10"));
 const crossover = arg("crossover", "").split(",").filter((x) => x).map(Number);
 const sweep = JSON.parse(arg("sweep", "[]")) as Partial<SageMmaConfig>[];
+// Accuracy inputs: random, K outliers, causal.
+const accuracyCases = arg("accuracy-cases", "random,outliers,causal").split(",");
 
 const rt = await defaultRuntime();
 if (!rt) throw new Error("no WebGPU adapter");
@@ -60,7 +62,12 @@ const shapes = shapeNames.map((name) => {
 if (accuracyRows > 0) {
   for (const s of shapes) {
     for (const dtype of dtypes) {
-      for (const [outliers, causal] of [[false, false], [true, false], [false, true]]) {
+      const all: [string, boolean, boolean][] = [["random", false, false], ["outliers", true, false], [
+        "causal",
+        false,
+        true,
+      ]];
+      for (const [, outliers, causal] of all.filter(([name]) => accuracyCases.includes(name))) {
         await step(`accuracy ${s.name} ${dtype}`, async () => {
           const r = await sageAccuracy({
             b: s.b,

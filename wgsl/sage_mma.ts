@@ -56,6 +56,11 @@ export interface SageMmaConfig {
    * tiles, then all the O tiles, accumulated together: fewer registers, less independent work.
    */
   oneTile?: boolean;
+  /**
+   * V quantized per key tile as [channels, bc keys] (keys contiguous: the K-major layout int8
+   * tensor-core operands want) instead of [keys, channels]; {@link sageMmaVKernel} must match.
+   */
+  vTransposed?: boolean;
   /** Row maxima and sums exchanged by subgroup shuffles (real form only): one barrier less per tile. */
   shuffle?: boolean;
 }
@@ -186,7 +191,14 @@ const LN2: f32 = 0.6931471805599453;`);
   const kAt: MmaPlace = { array: "k8", colMajor: true, stride: dQ }; // Kᵀ: key j's column is its row
   const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
   const pAt: MmaPlace = { array: "sp", colMajor: false, stride: c.bc };
-  const vAt: MmaPlace = { array: "v8", colMajor: false, stride: dV };
+  // V: [keys, channels] row-major, or per key tile [channels, bc keys] (column-major for the tile).
+  const vAt: MmaPlace = c.vTransposed
+    ? { array: "v8", colMajor: true, stride: c.bc }
+    : { array: "v8", colMajor: false, stride: dV };
+  const vOffset = (kk: string, g: string) =>
+    c.vTransposed
+      ? `v8_base + kv0 * ${dV}u + ${g} * ${N * c.bc}u + ${kk} * 32u`
+      : `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`;
   const oAt: MmaPlace = { array: "so", colMajor: false, stride: so };
 
   emit(`@compute @workgroup_size(${s.threads})
@@ -337,7 +349,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       forEach("kk", c.bc / 32, (kk) => {
         if (c.emulate) emit("    " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
         emit("      {");
-        emit("      " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`));
+        emit("      " + mma.loadRight("vb", vAt, vOffset(kk, g)));
         emit("      " + mma.mma("a", c.emulate ? "pa" : `pa${parseInt(kk)}`, pAt, "vb", vAt));
         emit("      }");
       });
@@ -351,7 +363,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       emit("      " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
       forEach("g", dV / N, (g) => {
         emit("      {");
-        emit("        " + mma.loadRight("vb", vAt, `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`));
+        emit("        " + mma.loadRight("vb", vAt, vOffset(kk, g)));
         emit("        " + mma.mma(tile("a", g), "pa", pAt, "vb", vAt));
         emit("      }");
       });
@@ -421,7 +433,7 @@ const V_UNIFORMS: [string, UniformType][] = [
  * the head are NaN. Bindings: v, v8 (packed `[b, n_kv, rows, dV/4]`), v_stat (`[b, n_kv, 2, dV]`).
  * Dispatch `b * n_kv * cgroups` workgroups, `cgroups = ceil(dV / 4 / SAGE_MEAN_COLUMNS)`.
  */
-export function sageMmaVKernel(c: SageInput): Kernel {
+export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean }): Kernel {
   const { dV } = sageMmaDims(c.d);
   const d4 = c.d / 4, w4 = dV / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
   const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
@@ -432,7 +444,40 @@ export function sageMmaVKernel(c: SageInput): Kernel {
     : c.dtype === "f16"
     ? "vec4<f32>(unpack2x16float(x[i].x), unpack2x16float(x[i].y))"
     : "vec4<f32>(bitcast<f32>(x[i].x << 16u), bitcast<f32>(x[i].x & 0xffff0000u), bitcast<f32>(x[i].y << 16u), bitcast<f32>(x[i].y & 0xffff0000u))";
-  const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}`;
+  const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}${c.transposed ? `:t${c.bc}` : ""}`;
+  const quantize = `let x = ld(base + r * P.ss) - mean;
+        let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));`;
+  const rowStore = `  if (col < ${w4}u) {
+    for (var r = lane; r < P.rows; r += ${lanes}u) {
+      var word = 0u;
+      if (live && r < P.s) {
+        ${quantize}
+        word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) | (u32(iv.w) << 24u);
+      }
+      v8[(bh * P.rows + r) * ${w4}u + col] = word;
+    }
+  }
+`;
+  // Per key tile [channels, bc keys]: four keys of one channel per word.
+  const bw = c.bc / 4;
+  const transposedStore = `  if (col < ${w4}u) {
+    for (var r4 = lane; r4 < P.rows / 4u; r4 += ${lanes}u) {
+      var w = vec4<u32>(0u);
+      for (var i = 0u; i < 4u; i++) {
+        let r = r4 * 4u + i;
+        if (live && r < P.s) {
+          ${quantize}
+          w |= (bitcast<vec4<u32>>(iv) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);
+        }
+      }
+      let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
+      v8[at] = w.x;
+      v8[at + ${bw}u] = w.y;
+      v8[at + ${2 * bw}u] = w.z;
+      v8[at + ${3 * bw}u] = w.w;
+    }
+  }
+`;
   const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
     `@group(0) @binding(1) var<storage, read> x: array<${el}>;
 @group(0) @binding(2) var<storage, read_write> v8: array<u32>;
@@ -486,18 +531,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     v_stat[bh * ${2 * w4}u + col] = select(vec4<f32>(0.0), amax / 127.0, vec4<bool>(live));
     v_stat[bh * ${2 * w4}u + ${w4}u + col] = select(vec4<f32>(0.0), mean, vec4<bool>(live));
   }
-  if (col < ${w4}u) {
-    for (var r = lane; r < P.rows; r += ${lanes}u) {
-      var word = 0u;
-      if (live && r < P.s) {
-        let x = ld(base + r * P.ss) - mean;
-        let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));
-        word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) | (u32(iv.w) << 24u);
-      }
-      v8[(bh * P.rows + r) * ${w4}u + col] = word;
-    }
-  }
-}
+${c.transposed ? transposedStore : rowStore}}
 `;
   return { key, label: key, code, bindings: ["x", "v8", "v_stat"], uniforms: V_UNIFORMS };
 }
