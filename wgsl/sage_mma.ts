@@ -110,7 +110,7 @@ export function sageMmaKey(c: SageMmaConfig): string {
   return `sage-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}${
       c.shuffle && !c.emulate ? ":shfl" : ""
-    }`;
+    }${c.vTransposed ? ":vt" : ""}`;
 }
 
 const UNIFORMS: [string, UniformType][] = [
