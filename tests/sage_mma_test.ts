@@ -110,7 +110,7 @@ const CASES: Case[] = [
     lse: true,
   },
   {
-    name: "random, N8 tile, 1 subgroup, 32-key tiles",
+    name: "random, N8 tile, 1 subgroup, 32-key tiles, V as [keys, channels]",
     b: 1,
     n: 1,
     sQ: 45,
@@ -120,7 +120,7 @@ const CASES: Case[] = [
     outliers: false,
     isCausal: true,
     lse: true,
-    tiles: { shape: N8, warps: 1, bc: 32 },
+    tiles: { shape: N8, warps: 1, bc: 32, vTransposed: false },
   },
 ];
 
