@@ -298,6 +298,7 @@ Deno.test("sage-mma: every option that changes the kernel text changes its cache
     { oneTile: true },
     { shuffle: true },
     { vTransposed: true },
+    { alias: true },
     { warps: 2 },
     { bc: 32 },
     { shape: N8 },

@@ -61,6 +61,11 @@ export interface SageMmaConfig {
    * tensor-core operands want) instead of [keys, channels]; {@link sageMmaVKernel} must match.
    */
   vTransposed?: boolean;
+  /**
+   * The S and O tiles share one workgroup-memory region per subgroup (one barrier more per tile),
+   * so that more subgroups fit a workgroup.
+   */
+  alias?: boolean;
   /** Row maxima and sums exchanged by subgroup shuffles (real form only): one barrier less per tile. */
   shuffle?: boolean;
 }
@@ -78,7 +83,9 @@ export function sageMmaShape(c: SageMmaConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
   const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
   const ss = c.bc + 4, so = dV + 4; // i32 strides of the S and O tiles (+4 against bank conflicts)
-  const perWarp = MMA_ROWS * ss + MMA_ROWS * so + (MMA_ROWS * c.bc) / 4 + MMA_SUBGROUP;
+  // With `alias` the S and O tiles share one region per subgroup.
+  const tilesWords = c.alias ? MMA_ROWS * Math.max(ss, so) : MMA_ROWS * (ss + so);
+  const perWarp = tilesWords + (MMA_ROWS * c.bc) / 4 + MMA_SUBGROUP;
   return { dQ, dV, br, threads, ss, so, sharedBytes: 4 * perWarp * c.warps };
 }
 
@@ -110,7 +117,7 @@ export function sageMmaKey(c: SageMmaConfig): string {
   return `sage-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}${
       c.shuffle && !c.emulate ? ":shfl" : ""
-    }${c.vTransposed ? ":vt" : ""}`;
+    }${c.vTransposed ? ":vt" : ""}${c.alias ? ":alias" : ""}`;
 }
 
 const UNIFORMS: [string, UniformType][] = [
@@ -180,8 +187,15 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   if (c.lse) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
-  emit(`var<workgroup> ss: array<i32, ${c.warps * R * ss}>;
-var<workgroup> so: array<i32, ${c.warps * R * so}>;
+  const sArr = c.alias ? "sso" : "ss", oArr = c.alias ? "sso" : "so";
+  const region = c.alias ? R * Math.max(ss, so) : 0;
+  emit(
+    c.alias
+      ? `var<workgroup> sso: array<i32, ${c.warps * region}>;`
+      : `var<workgroup> ss: array<i32, ${c.warps * R * ss}>;
+var<workgroup> so: array<i32, ${c.warps * R * so}>;`,
+  );
+  emit(`
 var<workgroup> sp: array<i32, ${(c.warps * R * c.bc) / 4}>;
 var<workgroup> red: array<f32, ${c.warps * MMA_SUBGROUP}>;
 const NEG: f32 = -3.0e38;
@@ -189,7 +203,7 @@ const LN2: f32 = 0.6931471805599453;`);
   // Operand places (strides in elements of the component type: i8 bytes, i32 words).
   const qAt: MmaPlace = { array: "q8", colMajor: false, stride: dQ };
   const kAt: MmaPlace = { array: "k8", colMajor: true, stride: dQ }; // Kᵀ: key j's column is its row
-  const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
+  const sAt: MmaPlace = { array: sArr, colMajor: false, stride: ss };
   const pAt: MmaPlace = { array: "sp", colMajor: false, stride: c.bc };
   // V: [keys, channels] row-major, or per key tile [channels, bc keys] (column-major for the tile).
   const vAt: MmaPlace = c.vTransposed
@@ -199,7 +213,7 @@ const LN2: f32 = 0.6931471805599453;`);
     c.vTransposed
       ? `v8_base + kv0 * ${dV}u + ${g} * ${N * c.bc}u + ${kk} * 32u`
       : `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`;
-  const oAt: MmaPlace = { array: "so", colMajor: false, stride: so };
+  const oAt: MmaPlace = { array: oArr, colMajor: false, stride: so };
 
   emit(`@compute @workgroup_size(${s.threads})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -228,8 +242,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
   let q_sc = q_scale[qb];
   let q8_base = qb * ${R * dQ}u;
-  let ws = warp * ${R * ss}u;
-  let wo = warp * ${R * so}u;
+  let ws = warp * ${c.alias ? region : R * ss}u;
+  let wo = warp * ${c.alias ? region : R * so}u;
   let wp = warp * ${R * c.bc}u;`);
   // Real form: the Q tiles stay in registers for the whole key loop (the emulated form reads them
   // at each multiply).
@@ -249,6 +263,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   for (const e of range(halfV)) emit(`  var o${e} = 0.0;`);
   emit(`  for (var t = t_lo; t < t_hi; t++) {
     let kv0 = t * ${c.bc}u;`);
+  // Aliased: the previous tile's O reads end before this tile's S store.
+  if (c.alias) emit(`    workgroupBarrier();`);
   // ---- 1. S = Q Kᵀ ----
   if (c.oneTile) {
     // One S tile at a time, stored as soon as its d/32 multiplies are done (fewer live registers).
@@ -282,7 +298,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // ---- 2. softmax of the row half, P to i8 ----
   emit(`    let dq = q_sc * k_scale[ks_base + t];
     let sb = ws + r * ${ss}u + hh * ${half}u;`);
-  for (const e of range(half)) emit(`    var x${e} = f32(ss[sb + ${e}u]) * dq;`);
+  for (const e of range(half)) emit(`    var x${e} = f32(${sArr}[sb + ${e}u]) * dq;`);
   const masked = c.band || c.keyPadding;
   emit(
     `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
@@ -373,7 +389,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   emit(`    workgroupBarrier();
     let ob = wo + r * ${so}u + hh * ${halfV}u;`);
-  for (const e of range(halfV)) emit(`    o${e} = o${e} * alpha + f32(so[ob + ${e}u]) * beta;`);
+  for (const e of range(halfV)) emit(`    o${e} = o${e} * alpha + f32(${oArr}[ob + ${e}u]) * beta;`);
   emit(`  }`);
 
   // ---- finish: the row sum over both halves, V's scale and mean; zero rows stay zero ----
