@@ -89,13 +89,20 @@ export function chooseSageMmaConfig(
   const small = p.sQ <= MMA_ROWS;
   const bcs = p.sKv <= 32 ? [32] : [64, 32];
   let last = "no tile fits";
-  for (const warps of small ? [1] : [4, 2, 1]) {
-    for (const bc of bcs) {
+  // Most subgroups per workgroup first, 64-key tiles first: on the H200 at the Flux shape 4 subgroups
+  // with aliased S and O tiles ran 10.3 ms, 3 subgroups 10.7 to 11.0, 2 subgroups 12.6 to 13.2, and
+  // 4 subgroups of 32-key tiles 12.8 to 29.5 (bench/RESULTS.md, runs 9 and 10).
+  const layouts = (small ? [1] : [4, 3, 2, 1]).flatMap((warps) => [
+    { warps, alias: false },
+    { warps, alias: true },
+  ]);
+  for (const bc of bcs) {
+    for (const layout of layouts) {
       const c: SageMmaConfig = {
         dtype: p.dtype,
         f16: caps.shaderF16,
         d: p.d,
-        warps,
+        ...layout,
         bc,
         shape,
         band: hasBand(p),
@@ -166,8 +173,8 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
  * what explain() shows; when a version of the kernel beats `sage`, this becomes a length bound.
  */
 export const SAGE_MMA_SLOWER =
-  "measured slower than sage on the H200 (Flux [1, 24, 4608, 128] f16: 10.6 to 12.8 ms against 5.7 ms; " +
-  "s 1024 and 2048 alike; bench/RESULTS.md, run 9): by name only (backend: 'sage-mma')";
+  "measured slower than sage on the H200 (Flux [1, 24, 4608, 128] f16: 10.3 ms at best against 5.75 ms; " +
+  "s 1024 and 2048 alike; bench/RESULTS.md, runs 9 and 10): by name only (backend: 'sage-mma')";
 
 function unsuitedReasons(p: AttentionProblem): string[] {
   if (emulatingMma()) {
