@@ -91,7 +91,7 @@ export function chooseSageMmaConfig(
   let last = "no tile fits";
   // Most subgroups per workgroup first, 64-key tiles first: on the H200 at the Flux shape 4 subgroups
   // with aliased S and O tiles ran 10.3 ms, 3 subgroups 10.7 to 11.0, 2 subgroups 12.6 to 13.2, and
-  // 4 subgroups of 32-key tiles 12.8 to 29.5 (bench/RESULTS.md, runs 9 and 10).
+  // 4 subgroups of 32-key tiles 12.8 to 29.5 (bench/RESULTS.md, runs 10 and 11).
   const layouts = (small ? [1] : [4, 3, 2, 1]).flatMap((warps) => [
     { warps, alias: false },
     { warps, alias: true },
@@ -168,13 +168,13 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
 
 /**
  * Why the router does not pick `sage-mma` by itself on a device that runs its real form: on the
- * H200 it measured slower than `sage` at every sequence length tried (bench/RESULTS.md, run 9),
+ * H200 it measured slower than `sage` at every sequence length tried (bench/RESULTS.md, runs 10 and 11),
  * so there is no crossover yet. It stays ahead of `sage` in the registry so that this reason is
  * what explain() shows; when a version of the kernel beats `sage`, this becomes a length bound.
  */
 export const SAGE_MMA_SLOWER =
   "measured slower than sage on the H200 (Flux [1, 24, 4608, 128] f16: 10.3 ms at best against 5.75 ms; " +
-  "s 1024 and 2048 alike; bench/RESULTS.md, runs 9 and 10): by name only (backend: 'sage-mma')";
+  "s 1024 and 2048 alike; bench/RESULTS.md, runs 10 and 11): by name only (backend: 'sage-mma')";
 
 function unsuitedReasons(p: AttentionProblem): string[] {
   if (emulatingMma()) {
