@@ -28,6 +28,32 @@ export {
   setDevice,
 } from "./core/api.ts";
 export { type Stats, stats } from "./core/stats.ts";
+export {
+  BlockMask,
+  type FlexBuffer,
+  type FlexOptions,
+  type GpuModBuffer,
+  type MaskMod,
+  type MaskModFunction,
+  type ModBufferData,
+  type ModBufferDType,
+  type ModBufferInput,
+  type ScoreMod,
+  type ScoreModFunction,
+} from "./core/flex.ts";
+export { type BlockMaskOptions, createBlockMask } from "./core/flex_gpu.ts";
+export {
+  alibi,
+  alibiSlopes,
+  documentMask,
+  type MaskModBundle,
+  prefixLm,
+  referenceLogScale,
+  relativePositionBias,
+  type ScoreModBundle,
+  slidingWindow,
+  softCap,
+} from "./wgsl/flex_library.ts";
 export { ENGINE_VARIABLE, useEngine, type UseEngineOptions } from "./engines/select.ts";
 export type { EngineName } from "./engines/engine.ts";
 export { type AttentionPart, mergeAttention, type MergedAttention, type MergeOptions } from "./core/merge.ts";
@@ -37,14 +63,18 @@ export type {
   AttentionOptions,
   AttentionOutput,
   DType,
+  DTypeOf,
   GpuMask,
   GpuTensor,
   HostData,
+  HostDataOf,
   HostMask,
   HostTensor,
+  LseOutput,
   MaskDType,
   MaskInput,
   OrtMaskLike,
   OrtTensorLike,
+  OrtTypeOf,
   TensorInput,
 } from "./core/types.ts";

@@ -5,6 +5,7 @@
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import type { AttentionProblem } from "../core/problem.ts";
+import type { ModBufferData } from "../core/flex.ts";
 
 /** GPU buffers of one call; strides and sizes are in the problem. */
 export interface GpuIO {
@@ -17,6 +18,8 @@ export interface GpuIO {
   mask: GPUBuffer | null;
   /** f32 [b, n, s_q] natural-log log-sum-exp of each row, when asked for. */
   lse: GPUBuffer | null;
+  /** The call's mod buffers by name (flex calls), uploaded when they came from the host. */
+  flex?: Record<string, GPUBuffer>;
 }
 
 /** Host arrays of one call, as float64, in the problem's layouts. */
@@ -27,6 +30,8 @@ export interface HostIO {
   mask: Float64Array | null;
   out: Float64Array;
   lse: Float64Array | null;
+  /** The call's mod buffers by name (flex calls), read back when they were on the GPU. */
+  flex?: ModBufferData;
 }
 
 interface BackendCommon {

@@ -2,8 +2,24 @@
 import type { CpuBackend, HostIO } from "./backend.ts";
 import { type AttentionProblem, diagonalOffset } from "../core/problem.ts";
 
+/** Why cpu cannot serve a flex call: a function given as WGSL only. */
+function unsupportedReasons(p: AttentionProblem): string[] {
+  const f = p.flex;
+  if (!f) return [];
+  const reasons: string[] = [];
+  if (f.scoreMod && !f.scoreMod.ts) {
+    reasons.push("options.scoreMod has no TypeScript form ({ wgsl, ts }) for the host");
+  }
+  if (f.maskMod && !f.maskMod.ts) {
+    reasons.push("options.maskMod has no TypeScript form ({ wgsl, ts }) for the host");
+  }
+  return reasons;
+}
+
 function compute(p: AttentionProblem, io: HostIO): void {
   const { q, k, v, out, mask, lse } = io;
+  const scoreMod = p.flex?.scoreMod?.ts, maskMod = p.flex?.maskMod?.ts;
+  const buffers = io.flex ?? {};
   const qs = p.q.strides, ks = p.k.strides, vs = p.v.strides, os = p.out.strides;
   const ms = p.mask?.strides;
   const additive = p.mask?.kind === "additive";
@@ -26,11 +42,14 @@ function compute(p: AttentionProblem, io: HostIO): void {
             let dot = 0;
             for (let c = 0; c < p.d; c++) dot += q[qBase + c * qs.d] * k[kBase + c * ks.d];
             s = dot * p.scale;
+            // score_mod sees the scaled score (natural-log units), as on the GPU; mask_mod comes last.
+            if (scoreMod) s = scoreMod(s, b, h, i, j, buffers);
             if (mask && ms) {
               const m = mask[b * ms.b + h * ms.n + i * ms.i + j * ms.j];
               if (additive) s += m;
               else if (m === 0) s = -Infinity;
             }
+            if (maskMod && !maskMod(b, h, i, j, buffers)) s = -Infinity;
           }
           scores[j] = s;
           if (s > max || Number.isNaN(s)) max = Number.isNaN(max) ? max : (Number.isNaN(s) ? NaN : s);
@@ -67,6 +86,6 @@ export const cpuBackend: CpuBackend = {
   aliases: ["reference", "host"],
   summary: "float64 on the host; exact reference and the fallback without a GPU",
   producesLse: true,
-  unsupportedReasons: () => [],
+  unsupportedReasons,
   compute,
 };

@@ -1,14 +1,16 @@
 /**
  * `flash`: fused FlashAttention-2 (online softmax, tiles in workgroup memory, no score matrix in
  * memory). Serves any s_q/s_kv, head dims up to 256 (multiples of 4), GQA, causal and window
- * (tiles outside the band skipped), key-padding masks and every layout whose head dim is
- * contiguous. Other masks fall back to `naive`.
+ * (tiles outside the band skipped), key-padding masks, flex functions (scoreMod, maskMod; the empty
+ * tiles of a block map skipped) and every layout whose head dim is contiguous. Other masks fall
+ * back to `naive`.
  */
 import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
+import { blockMapFor } from "../core/flex_gpu.ts";
 
 /** Tile shapes tried in order; the first valid for the device and head dim wins. */
 const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
@@ -50,12 +52,22 @@ export function chooseFlashConfig(
     lse,
     subgroups: subgroups ? caps.subgroupDirective : false,
     swizzle: true,
+    flex: p.flex
+      ? {
+        scoreMod: p.flex.scoreMod?.wgsl ?? null,
+        maskMod: p.flex.maskMod?.wgsl ?? null,
+        buffers: p.flex.buffers,
+        blockMap: p.flex.maskMod !== null,
+      }
+      : undefined,
   } as const;
   // A call of few query rows gets the smallest tile, flat, Q and K staged 8 columns and V 4 keys at a
-  // time: the 64-row tiles
-  // would run at most a quarter full, and their code compiles for 10 to 30 s on a CPU adapter
-  // (lavapipe, cold cache) against 3 s for this one (tests/codesize_test.ts bounds it).
-  const small = p.sQ <= SMALL_CALL_ROWS;
+  // time: the 64-row tiles would run at most a quarter full, and their code compiles for 10 to 30 s
+  // on a CPU adapter (lavapipe, cold cache) against 3 s for this one (tests/codesize_test.ts bounds
+  // it). A software adapter gets it for every call: a CPU gains nothing from the wide tiles, whose
+  // code is twice the size and compiled 4x longer (Mesa 25 lavapipe: 142 s against 37 s for one
+  // d 64 case); tests/flash_test.ts forces the wide tiles there.
+  const small = p.sQ <= SMALL_CALL_ROWS || caps.isFallbackAdapter;
   function* candidates(): Generator<FlashConfig> {
     if (small) {
       for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {
@@ -120,13 +132,19 @@ export async function encodeFlash(
   if (typeof c === "string") throw new Error(c);
   const kernel = flashKernel(c);
   const pipeline = await call.pipeline(kernel);
+  // A mask function comes with a block map: the call's blockMask, or one built now per tile.
+  const map = c.flex?.blockMap ? await blockMapFor(call, p, io, c.br, c.bc) : null;
   const blocks = Math.ceil(p.sQ / c.br);
   const v4 = (x: number) => x / 4;
   const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, o: io.out };
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
+  if (io.flex) Object.assign(buffers, io.flex);
+  if (map) buffers.flex_blocks = map.buffer;
   call.dispatch(pipeline, kernel, buffers, {
+    ...(map?.uniforms ?? {}),
+    flex_scale: p.scale,
     n: p.n,
     group: p.n / p.nKv,
     s_q: p.sQ,

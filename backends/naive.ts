@@ -17,6 +17,14 @@ function config(p: AttentionProblem, caps: Capabilities, lse: boolean): NaiveCon
     band: hasBand(p),
     lse,
     packedOut: p.dtype !== "f32" && !f16,
+    flex: p.flex
+      ? {
+        scoreMod: p.flex.scoreMod?.wgsl ?? null,
+        maskMod: p.flex.maskMod?.wgsl ?? null,
+        buffers: p.flex.buffers,
+        blockMap: false,
+      }
+      : undefined,
   };
 }
 
@@ -24,8 +32,14 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   const reasons = gpuBaseReasons(p, caps);
   if (!caps) return reasons;
   if (p.dtype !== "f32" && !(p.dtype === "f16" && caps.shaderF16)) {
+    // 16-bit elements without a WGSL type of their own are written two to a u32 word. For bf16
+    // that is always so (WGSL has no bf16), for f16 only without shader-f16.
     if (p.out.strides.d !== 1 || p.dV % 2 !== 0) {
-      reasons.push(`${p.dtype} output needs shader-f16, or a contiguous even head dim (d_v = ${p.dV})`);
+      reasons.push(
+        p.dtype === "bf16"
+          ? `bf16 output is written in pairs of 16-bit values (WGSL has no bf16 type): it needs a contiguous even head dim (d_v = ${p.dV})`
+          : `f16 output without shader-f16 is written in pairs of 16-bit values: it needs shader-f16, or a contiguous even head dim (d_v = ${p.dV})`,
+      );
     }
   }
   if (p.sKv * 4 > Math.min(caps.limits.maxStorageBufferBindingSize, SCORE_BUDGET_BYTES)) {
@@ -57,7 +71,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     call.dispatch(
       scoresPipe,
       kernels[0],
-      { q: io.q, k: io.k, scores, ...(io.mask ? { mask: io.mask } : {}) },
+      { q: io.q, k: io.k, scores, ...(io.mask ? { mask: io.mask } : {}), ...(io.flex ?? {}) },
       {
         ...common,
         d: p.d,

@@ -18,6 +18,7 @@ import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SMALL_CALL_ROWS } from "./flash.ts";
+import { blockMapFor } from "../core/flex_gpu.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
 
 /** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
@@ -99,10 +100,14 @@ export function chooseSageConfig(
     subgroups: false,
     swizzle: true,
     qk: "int8",
+    // A mask function only (scoreMod is refused): smoothing leaves the mask alone.
+    flex: p.flex?.maskMod
+      ? { scoreMod: null, maskMod: p.flex.maskMod.wgsl, buffers: p.flex.buffers, blockMap: true }
+      : undefined,
   } as const;
   function* candidates(): Generator<FlashConfig> {
-    // Few query rows: the smallest tile, flat, as flash does (backends/flash.ts, SMALL_CALL_ROWS).
-    if (p.sQ <= SMALL_CALL_ROWS) {
+    // Few query rows or a software adapter: the smallest tile, flat, as flash does (backends/flash.ts).
+    if (p.sQ <= SMALL_CALL_ROWS || caps.isFallbackAdapter) {
       for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {
         yield { ...base, ...tiling, vc: 4, dk: 16, pointers: false, ...(sageTuning.override ?? {}) };
       }
@@ -143,6 +148,10 @@ function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Smoothing shifts each row's scores by q·mean(k): harmless to a softmax, not to a score_mod.
+  if (p.flex?.scoreMod) {
+    reasons.push("scoreMod needs the exact scores: K smoothing shifts each row's scores by q·mean(k)");
+  }
   if (!caps.packedInt8Dot) {
     reasons.push("the device has no dot4I8Packed (WGSL packed_4x8_integer_dot_product)");
   }
@@ -231,8 +240,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
   if (bias) buffers.lse_bias = bias;
+  if (io.flex) Object.assign(buffers, io.flex);
+  const map = c.flex?.blockMap ? await blockMapFor(call, p, io, c.br, c.bc) : null;
+  if (map) buffers.flex_blocks = map.buffer;
   const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
   call.dispatch(mainPipe, main, buffers, {
+    ...(map?.uniforms ?? {}),
+    flex_scale: p.scale,
     n: p.n,
     group: p.n / p.nKv,
     s_q: p.sQ,

@@ -144,6 +144,10 @@ function scratchSizes(p: AttentionProblem, c: SageMmaConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Its kernel does not take flash's flex hooks (yet): a scoreMod or maskMod would be ignored.
+  if (p.flex) {
+    reasons.push("scoreMod, maskMod and block masks are not fused in its kernel (flash and sage serve them)");
+  }
   const emulate = emulatingMma();
   if (!emulate) reasons.push(...realMmaReasons(caps));
   if (reasons.length === 0) {

@@ -122,6 +122,14 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       band: hasBand(p),
       keyPadding: p.mask !== null,
       subgroups,
+      flex: p.flex
+        ? {
+          scoreMod: p.flex.scoreMod?.wgsl ?? null,
+          maskMod: p.flex.maskMod?.wgsl ?? null,
+          buffers: p.flex.buffers,
+          blockMap: false,
+        }
+        : undefined,
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);
@@ -224,6 +232,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, po, plse };
   if (io.mask) buffers.mask = io.mask;
+  if (io.flex) Object.assign(buffers, io.flex);
   call.dispatch(pipe, kernel, buffers, {
     n: p.n,
     n_kv: p.nKv,

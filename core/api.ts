@@ -1,13 +1,15 @@
 import { WgattnError } from "./errors.ts";
-import { readEnvIfGranted } from "./env.ts";
+import { envAccess, readEnvIfGranted } from "./env.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
 import { checkMemory, execute, splitFor } from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { checkGpuOperands } from "./validate.ts";
 import { checkOptions, GPU_DEVICE_RULE } from "./options.ts";
-import { type ChainEntry, decide, type Decision, type DecisionSource } from "./router.ts";
-import type { AttentionOptions, GpuTensor, HostTensor, TensorInput } from "./types.ts";
+import { type ChainEntry, decide, type Decision, type DecisionSource, lookupBackend } from "./router.ts";
+import { describeEmptyWork, emptyResultOnGpu, emptyResultOnHost, isEmptyWork } from "./empty.ts";
+import type { AttentionOptions, AttentionOutput, LseOutput, TensorInput } from "./types.ts";
+import { inFormOf } from "./tensor.ts";
 import { BACKENDS } from "../backends/registry.ts";
 import { chosenEngine, ENGINE_VARIABLE } from "../engines/select.ts";
 import type { EngineName } from "../engines/engine.ts";
@@ -41,6 +43,18 @@ function decideFor(
   });
 }
 
+/**
+ * An empty call runs no backend, so none is refused for it; a name that names no backend is still
+ * an error, as for any call.
+ */
+function checkBackendNames(options: AttentionOptions | undefined): void {
+  if (options?.backend !== undefined) lookupBackend(BACKENDS, options.backend, "options.backend");
+  else if (!options?.compatibilityMode) {
+    const variable = readImplementationVariable(); // as decide() reads it: after the option and compatibility
+    if (variable !== undefined) lookupBackend(BACKENDS, variable, IMPLEMENTATION_VARIABLE);
+  }
+}
+
 async function run(
   q: TensorInput,
   k: TensorInput,
@@ -51,6 +65,10 @@ async function run(
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
   await checkGpuOperands(p, rt); // before anything is created or queued
+  if (isEmptyWork(p)) {
+    checkBackendNames(options);
+    return p.residency === "host" ? emptyResultOnHost(p, wantLse) : await emptyResultOnGpu(p, rt!, wantLse);
+  }
   for (;;) {
     // The router decides per piece when the call is split past the binding limits.
     let last: Decision | null = null;
@@ -75,10 +93,13 @@ async function run(
 /**
  * Scaled-dot-product attention, `softmax(q @ kᵀ · scale) @ v`, on the fastest backend that can
  * serve the call. Host tensors in, host tensor out (one GPU round trip); GPU tensors in, a new GPU
- * tensor out, queued without waiting.
+ * tensor out, queued without waiting. The output has q's form and dtype, in its type too (see
+ * {@link AttentionOutput}): f32 in, `Float32Array` out; ONNX-style `{ data, dims, type }` in, the
+ * same out.
  *
  * Causal and window limits are aligned bottom-right when `s_q != s_kv`. A query row with no key
- * to attend (all masked) gives zeros, not NaN.
+ * to attend (all masked) gives zeros, not NaN. b, n, s_q or s_kv may be 0: no kernel runs, and the
+ * output is empty, or zeros when `s_kv = 0`.
  *
  * @example
  * ```ts
@@ -94,17 +115,17 @@ export async function attentionForward<Q extends TensorInput>(
   k: TensorInput,
   v: TensorInput,
   options?: AttentionOptions,
-): Promise<Q extends GpuTensor ? GpuTensor : HostTensor> {
+): Promise<AttentionOutput<Q>> {
   const { out } = await run(q, k, v, options, false);
-  return out as Q extends GpuTensor ? GpuTensor : HostTensor;
+  return inFormOf(q, out) as AttentionOutput<Q>;
 }
 
 /** Output and per-row log-sum-exp of {@link attentionWithLse}. */
-export interface AttentionWithLse<T> {
+export interface AttentionWithLse<T, L = T> {
   /** The attention output, as {@link attentionForward} returns it. */
   out: T;
   /** f32 `[b, n, s_q]`: `log(sum_j exp(scale · q·k_j + mask))`; `-Infinity` for a fully masked row. */
-  lse: T;
+  lse: L;
 }
 
 /**
@@ -125,17 +146,23 @@ export async function attentionWithLse<Q extends TensorInput>(
   k: TensorInput,
   v: TensorInput,
   options?: AttentionOptions,
-): Promise<AttentionWithLse<Q extends GpuTensor ? GpuTensor : HostTensor>> {
+): Promise<AttentionWithLse<AttentionOutput<Q>, LseOutput<Q>>> {
   const { out, lse } = await run(q, k, v, options, true);
-  return { out, lse: lse! } as AttentionWithLse<Q extends GpuTensor ? GpuTensor : HostTensor>;
+  return { out: inFormOf(q, out), lse: inFormOf(q, lse!) } as AttentionWithLse<
+    AttentionOutput<Q>,
+    LseOutput<Q>
+  >;
 }
 
 /** What {@link explain} reports. */
 export interface Explanation {
-  /** The backend that would run. */
+  /** The backend that would run; `none` for an empty call (b, n, s_q or s_kv of 0), which runs none. */
   backend: string;
-  /** `option`, `variable` (WGATTN_IMPLEMENTATION), `compatibility` or `priority`. */
-  source: DecisionSource;
+  /**
+   * `option`, `variable` (WGATTN_IMPLEMENTATION), `compatibility` or `priority`; `empty` for an
+   * empty call, whose output (empty, or zeros for rows that see no key) needs no kernel.
+   */
+  source: DecisionSource | "empty";
   /** The name the option or the variable asked for, if any. */
   requested?: string;
   /** Every backend the router considered, in order, with why it was passed over. */
@@ -154,6 +181,13 @@ export interface Explanation {
    * this axis, and `backend` is the choice for the first piece.
    */
   split?: { pieces: number; level: "batch" | "head" | "query" | "key" };
+  /**
+   * Variables that would steer this call but that wgattn could not read, for want of env permission
+   * (`WGATTN_IMPLEMENTATION`; `WGATTN_WEBGPU` while it would pick the engine). Whether they are set
+   * cannot be known without that permission, and wgattn never prompts for it: grant it with
+   * `--allow-env=WGATTN_IMPLEMENTATION,WGATTN_WEBGPU`.
+   */
+  unreadVariables: string[];
   /** The same, as a few lines of text. */
   text: string;
 }
@@ -180,17 +214,27 @@ export async function explain(
   const p = resolveProblem(q, k, v, options);
   const rt = await runtimeOf(options);
   await checkGpuOperands(p, rt);
-  const plan = splitFor(p, rt, false);
-  const d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
-  // The same admission checks as the call: what it would refuse, explain() refuses alike.
-  if (d.backend.kind === "gpu" && rt) checkMemory(p, rt, false);
+  const empty = isEmptyWork(p);
+  const plan = empty ? null : splitFor(p, rt, false);
+  let d: Decision | null = null;
+  if (empty) {
+    checkBackendNames(options);
+    // The same admission checks as the call: GPU tensors in, output buffers made on the device.
+    if (p.residency === "gpu" && rt) checkMemory(p, rt, false);
+  } else {
+    d = decideFor(plan ? firstPiece(p, plan) : p, rt, options, false);
+    // The same admission checks as the call: what it would refuse, explain() refuses alike.
+    if (d.backend.kind === "gpu" && rt) checkMemory(p, rt, false);
+  }
   const shape = { b: p.b, n: p.n, nKv: p.nKv, sQ: p.sQ, sKv: p.sKv, d: p.d, dV: p.dV, dtype: p.dtype };
-  const why = {
-    option: `options.backend = ${JSON.stringify(d.requested)}`,
-    variable: `${IMPLEMENTATION_VARIABLE} = ${JSON.stringify(d.requested)}`,
-    compatibility: "compatibilityMode forces the plain path",
-    priority: d.requested ? `priority order (after ${IMPLEMENTATION_VARIABLE}'s choice)` : "priority order",
-  }[d.source];
+  const why = d
+    ? {
+      option: `options.backend = ${JSON.stringify(d.requested)}`,
+      variable: `${IMPLEMENTATION_VARIABLE} = ${JSON.stringify(d.requested)}`,
+      compatibility: "compatibilityMode forces the plain path",
+      priority: d.requested ? `priority order (after ${IMPLEMENTATION_VARIABLE}'s choice)` : "priority order",
+    }[d.source]
+    : describeEmptyWork(p);
   const choice = await chosenEngine();
   const fallback = !options?.device && choice.fallback
     ? `${ENGINE_VARIABLE} asked for ${choice.requested}, which cannot load: ${choice.fallback}`
@@ -198,26 +242,37 @@ export async function explain(
   const engine = rt
     ? { name: rt.engine.name, version: rt.engine.version, ...(fallback ? { fallback } : {}) }
     : null;
+  const chain = d?.chain ?? [];
+  // The engine variable counts only while it picks the engine: no device given, none chosen in code.
+  const steering = [
+    IMPLEMENTATION_VARIABLE,
+    ...(options?.device || choice.source === "code" ? [] : [ENGINE_VARIABLE]),
+  ];
+  const unreadVariables = steering.filter((name) => envAccess(name) === "no-permission");
   const lines = [
-    `backend: ${d.backend.name} (${why})`,
+    `backend: ${d?.backend.name ?? "none"} (${why})`,
     `adapter: ${rt?.caps.adapter ?? "none"}`,
     ...(engine ? [`engine: ${engine.name} (${engine.version})${fallback ? `; ${fallback}` : ""}`] : []),
     ...(plan
       ? [`split: ${pieceCount(plan)} pieces by ${plan.level} (a tensor exceeds maxStorageBufferBindingSize)`]
       : []),
-    ...d.chain.map((c) =>
+    ...chain.map((c) =>
       `  ${c.chosen ? "->" : "  "} ${c.backend}${c.reasons.length ? `: ${c.reasons.join("; ")}` : ""}`
+    ),
+    ...unreadVariables.map((name) =>
+      `${name}: not read: no env permission (whether it is set is unknown; --allow-env=${name} reads it)`
     ),
   ];
   return {
-    backend: d.backend.name,
-    source: d.source,
-    requested: d.requested,
-    chain: d.chain,
+    backend: d?.backend.name ?? "none",
+    source: d?.source ?? "empty",
+    requested: d?.requested,
+    chain,
     adapter: rt?.caps.adapter ?? null,
     engine,
     shape,
     ...(plan ? { split: { pieces: pieceCount(plan), level: plan.level } } : {}),
+    unreadVariables,
     text: lines.join("\n"),
   };
 }

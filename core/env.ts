@@ -14,3 +14,19 @@ export function readEnvIfGranted(name: string): string | undefined {
     return undefined;
   }
 }
+
+/**
+ * Whether {@link readEnvIfGranted} may read `name`: `granted`, `no-permission` (Deno without env
+ * access to it: whether it is set cannot be known, and wgattn never prompts), or `no-env` (no `Deno`).
+ */
+export function envAccess(name: string): "granted" | "no-permission" | "no-env" {
+  const deno = (globalThis as { Deno?: typeof Deno }).Deno;
+  if (!deno?.permissions?.querySync) return "no-env";
+  try {
+    return deno.permissions.querySync({ name: "env", variable: name }).state === "granted"
+      ? "granted"
+      : "no-permission";
+  } catch {
+    return "no-permission";
+  }
+}

@@ -2,6 +2,7 @@ import { WgattnError } from "./errors.ts";
 import { confirmLost, type GpuRuntime } from "./device.ts";
 import { debug, GpuCall, readBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
 import type { AttentionProblem } from "./problem.ts";
+import { engineFor } from "../engines/select.ts";
 import {
   DTYPE_BYTES,
   elementCount,
@@ -13,6 +14,7 @@ import {
 } from "./tensor.ts";
 import type { GpuTensor, HostTensor } from "./types.ts";
 import type { Backend, CpuBackend, GpuBackend, GpuIO } from "../backends/backend.ts";
+import { checkFlexCall, type FlexView, type ModBufferData } from "./flex.ts";
 import { encodeSplit, firstPiece, pieceCount, planSplit, type SplitPlan } from "./split.ts";
 
 /** Output and optional log-sum-exp of one call. */
@@ -45,6 +47,16 @@ export function execute(
   wantLse: boolean,
 ): Promise<RawResult> {
   const plan = splitFor(p, rt, wantLse);
+  if (plan && p.flex) {
+    // Pieces renumber batches, heads, rows and keys: the functions would see other positions.
+    throw new WgattnError("OUT_OF_MEMORY", "a flex call must fit one storage binding per tensor", {
+      argument: "options.scoreMod",
+      expected: `q, k, v and the output within maxStorageBufferBindingSize (${
+        rt!.caps.limits.maxStorageBufferBindingSize
+      } bytes)`,
+      actual: `${p.b}x${p.n}x${p.sQ}x${p.sKv}, d ${p.d}, ${p.dtype}: the call would be split`,
+    });
+  }
   const backend = choose(plan ? firstPiece(p, plan) : p, wantLse);
   if (backend.kind === "cpu") return executeCpu(p, backend, rt, wantLse);
   if (!rt) throw new WgattnError("NO_BACKEND", `backend ${backend.name} needs a GPU`);
@@ -143,6 +155,7 @@ async function executeGpu(
 ): Promise<RawResult> {
   checkDevice(rt, p);
   checkMemory(p, rt, wantLse);
+  if (p.flex) await checkFlexCall(rt, p.flex);
   const call = new GpuCall(rt, `wgattn ${backend?.name ?? `split (${pieceCount(plan!)} pieces)`}`);
   const outCount = elementCount(p.out.shape);
   const outBytes = outCount * DTYPE_BYTES[p.dtype];
@@ -161,6 +174,7 @@ async function executeGpu(
         GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
         "wgattn output",
       ),
+      flex: p.flex ? bindFlex(call, p.flex) : undefined,
       lse: wantLse
         ? (lse = call.createBuffer(
           p.b * p.n * p.sQ * 4,
@@ -243,6 +257,15 @@ async function executeGpu(
   }
 }
 
+/** The mod buffers of a flex call by name: GPU ones as given, host ones uploaded. */
+function bindFlex(call: GpuCall, f: FlexView): Record<string, GPUBuffer> {
+  const out: Record<string, GPUBuffer> = {};
+  for (const x of f.buffers) {
+    out[x.name] = x.residency === "gpu" ? x.buffer : call.upload(x.data, `wgattn mod buffer ${x.name}`);
+  }
+  return out;
+}
+
 function bindMask(call: GpuCall, m: MaskOperand): GPUBuffer {
   if (m.residency === "gpu") return m.buffer;
   return call.upload(m.data, "wgattn mask");
@@ -289,9 +312,32 @@ async function executeCpu(
     if (rt && await confirmLost(rt)) throw lostError("while GPU tensors were read for the cpu backend", e);
     throw e;
   }
+  let flex: ModBufferData | undefined;
+  if (p.flex) {
+    const entries = await Promise.all(p.flex.buffers.map(async (x) => {
+      if (x.residency === "host") return [x.name, x.data] as const;
+      if (!rt) {
+        throw new WgattnError(
+          "INVALID_BUFFER",
+          `options.modBuffers.${x.name} is a GPU buffer but no device is in use`,
+          {
+            argument: `options.modBuffers.${x.name}`,
+          },
+        );
+      }
+      const raw = await readBuffer(rt.device, x.buffer, x.length * 4);
+      const view = x.dtype === "f32"
+        ? new Float32Array(raw)
+        : x.dtype === "i32"
+        ? new Int32Array(raw)
+        : new Uint32Array(raw);
+      return [x.name, view] as const;
+    }));
+    flex = Object.fromEntries(entries);
+  }
   const out = new Float64Array(elementCount(p.out.shape));
   const lse = wantLse ? new Float64Array(p.b * p.n * p.sQ) : null;
-  backend.compute(p, { q, k, v, mask, out, lse });
+  backend.compute(p, { q, k, v, mask, out, lse, flex });
   const outHost = float64ToHost(out, p.dtype);
   const lseHost = lse ? Float32Array.from(lse) : null;
   if (p.residency === "host") {
@@ -307,9 +353,11 @@ async function executeCpu(
       size: Math.max(16, Math.ceil(data.byteLength / 16) * 16),
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
     });
-    const padded = new Uint8Array(Math.ceil(data.byteLength / 4) * 4);
-    padded.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
-    device.queue.writeBuffer(buffer, 0, padded);
+    engineFor(device).writeBuffer(
+      device,
+      buffer,
+      new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength),
+    );
     return { buffer, shape, dtype };
   };
   return {

@@ -72,8 +72,20 @@ export interface Layout {
 }
 
 /**
+ * How a caller can give the size of an axis its tensor's pattern groups (for error messages):
+ * per axis, the option that sets it (or why none does), and the `dims` the caller gave.
+ */
+export interface SizeHelp {
+  /** Per axis: e.g. `options.dims.nKv (k and v's head count; options.dims.n sets q's only)`. */
+  ways: Partial<Record<Axis, { option?: string; text: string }>>;
+  /** What the caller gave, e.g. `options.dims = {"n":2}`. */
+  given: string;
+}
+
+/**
  * Reads the logical sizes and strides of a dense tensor of `shape` laid out by `pattern`.
- * `known` sizes fill in a grouped axis and are checked against the rest.
+ * `known` sizes fill in a grouped axis and are checked against the rest. Sizes may be 0 (an empty
+ * axis); the caller decides which axes may be.
  */
 export function resolveLayout(
   pattern: string,
@@ -81,6 +93,7 @@ export function resolveLayout(
   known: Partial<Record<Axis, KnownSize>>,
   argument: string,
   patternArgument: string,
+  help?: SizeHelp,
 ): Layout {
   const groups = parsePattern(pattern, patternArgument);
   if (shape.length !== groups.length) {
@@ -91,7 +104,7 @@ export function resolveLayout(
     );
   }
   const sizes: Partial<AxisRecord> = {};
-  const mismatch = (axis: Axis, k: KnownSize, actual: number): never => {
+  const mismatch = (axis: Axis, k: KnownSize, actual: number | string): never => {
     throw new WgattnError(
       k.from === "dims" ? "INVALID_DIMS" : "SHAPE_MISMATCH",
       k.from === "dims"
@@ -101,6 +114,20 @@ export function resolveLayout(
         argument: k.from === "dims" ? `options.dims.${k.dimsKey ?? axis}` : argument,
         expected: `${axis} = ${k.value} (from ${k.from})`,
         actual: `${axis} = ${actual} in ${argument} of shape [${shape}] with pattern "${pattern}"`,
+      },
+    );
+  };
+  /** Axes of a group whose sizes cannot be read from it: say which, and how to give them. */
+  const undetermined = (group: Axis[], axes: Axis[], why: string): never => {
+    const ways = axes.map((a) => ({ axis: a, way: help?.ways[a] }));
+    const options = ways.map((w) => w.way?.option).filter((o): o is string => o !== undefined);
+    throw new WgattnError(
+      "INVALID_DIMS",
+      `${argument}'s grouped axis (${group.join(" ")}) in ${patternArgument}: ${why}`,
+      {
+        argument: options.length === 1 ? options[0] : "options.dims",
+        expected: ways.map((w) => `${w.axis}: ${w.way?.text ?? `options.dims.${w.axis}`}`).join("; or "),
+        actual: `${help?.given ?? "no options.dims"}: the size of ${axes.join(" and ")} is not known`,
       },
     );
   };
@@ -116,22 +143,26 @@ export function resolveLayout(
     const unknown = group.filter((a) => !known[a]);
     const knownProduct = group.filter((a) => known[a]).reduce((p, a) => p * known[a]!.value, 1);
     if (unknown.length > 1) {
-      throw new WgattnError(
-        "INVALID_DIMS",
-        `the group (${group.join(" ")}) in ${patternArgument} needs the size of all but one of its axes`,
-        {
-          argument: "options.dims",
-          expected: `a size for one of ${unknown.join(", ")}`,
-          actual: "neither given",
-        },
+      undetermined(
+        group,
+        unknown,
+        `${unknown.length} of its axes (${unknown.join(", ")}) have no known size; all but one must be known`,
       );
     }
     if (unknown.length === 0) {
       if (knownProduct !== extent) {
         const k = known[group[0]]!;
-        mismatch(group[0], k, extent / (knownProduct / k.value));
+        const others = knownProduct / k.value;
+        mismatch(group[0], k, others > 0 ? extent / others : `? (a group of ${extent})`);
       }
-    } else if (knownProduct <= 0 || extent % knownProduct !== 0) {
+    } else if (knownProduct === 0 && extent === 0) {
+      // 0 = 0 * x for any x: an empty group does not say the size of its unknown axis.
+      undetermined(
+        group,
+        unknown,
+        `it is empty and another of its axes is 0, so it does not give ${unknown[0]}`,
+      );
+    } else if (knownProduct === 0 || extent % knownProduct !== 0) {
       const from = group.filter((a) => known[a]).map((a) => `${a} = ${known[a]!.value} (${known[a]!.from})`);
       throw new WgattnError(
         from.some((f) => f.endsWith("(dims)")) ? "INVALID_DIMS" : "SHAPE_MISMATCH",
@@ -145,10 +176,10 @@ export function resolveLayout(
   });
   for (const axis of AXES) {
     const size = sizes[axis]!;
-    if (!Number.isInteger(size) || size < 1) {
-      throw new WgattnError("INVALID_SHAPE", `${argument} axis ${axis} must be a positive integer`, {
+    if (!Number.isInteger(size) || size < 0) {
+      throw new WgattnError("INVALID_SHAPE", `${argument} axis ${axis} must be an integer >= 0`, {
         argument,
-        expected: "every size >= 1",
+        expected: "every size >= 0",
         actual: `${axis} = ${size} (shape [${shape}])`,
       });
     }

@@ -13,18 +13,19 @@ import {
   elementCount,
   float64ToHost,
   hostToFloat64,
+  inFormOf,
   type Operand,
   toOperand,
 } from "./tensor.ts";
-import type { DType, GpuTensor, HostTensor, TensorInput } from "./types.ts";
+import type { AttentionOutput, DType, GpuTensor, HostTensor, LseOutput, TensorInput } from "./types.ts";
 import { MERGE_THREADS, type MergeConfig, mergeKernel } from "../wgsl/merge.ts";
 
 /** One part of {@link mergeAttention}: attention over one key set, with its log-sum-exp. */
-export interface AttentionPart<T extends TensorInput = TensorInput> {
+export interface AttentionPart<T extends TensorInput = TensorInput, L extends TensorInput = TensorInput> {
   /** Output over this part's keys, in the layout of `options.outPattern`. */
   out: T;
   /** f32 `[b, n, s_q]` log-sum-exp of each row over this part's keys (`-Infinity`: none seen). */
-  lse: T;
+  lse: L;
 }
 
 /** Options of {@link mergeAttention}. */
@@ -36,11 +37,11 @@ export interface MergeOptions {
 }
 
 /** Output and log-sum-exp over the union of the parts' keys. */
-export interface MergedAttention<T> {
-  /** In the parts' layout and dtype. */
+export interface MergedAttention<T, L = T> {
+  /** In the parts' layout, dtype and form. */
   out: T;
   /** f32 `[b, n, s_q]`. */
-  lse: T;
+  lse: L;
 }
 
 interface Validated {
@@ -125,6 +126,13 @@ function validate(parts: readonly AttentionPart[], options: MergeOptions): Valid
     "parts[0].out",
     "options.outPattern",
   );
+  if (layout.sizes.d === 0) {
+    throw new WgattnError("INVALID_SHAPE", "a part's head dim must be at least 1", {
+      argument: "parts[0].out",
+      expected: "d >= 1 (b, n and s_q may be 0)",
+      actual: `d = 0 in shape [${first.shape}]`,
+    });
+  }
   return {
     outs,
     lses,
@@ -176,7 +184,34 @@ function mergeOnHost(v: Validated): MergedAttention<HostTensor> {
   };
 }
 
+/**
+ * No rows (b, n or s_q of 0): empty buffers (WebGPU allows size 0; they are never bound), no
+ * dispatch, nothing queued.
+ */
+function emptyMerge(v: Validated, rt: GpuRuntime): MergedAttention<GpuTensor> {
+  if (rt.lost) {
+    throw new WgattnError("DEVICE_LOST", "the GPU device was lost before mergeAttention", {
+      expected: "a live device",
+      actual: "lost",
+    });
+  }
+  const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+  return {
+    out: {
+      buffer: rt.device.createBuffer({ size: 0, usage, label: "wgattn merged output (empty)" }),
+      shape: [...v.shape],
+      dtype: v.dtype,
+    },
+    lse: {
+      buffer: rt.device.createBuffer({ size: 0, usage, label: "wgattn merged lse (empty)" }),
+      shape: [v.b, v.n, v.sQ],
+      dtype: "f32",
+    },
+  };
+}
+
 async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention<GpuTensor>> {
+  if (v.b * v.n * v.sQ === 0) return emptyMerge(v, rt);
   const caps = rt.caps;
   const f16 = v.dtype === "f16" && caps.shaderF16;
   const pairs = v.dtype !== "f32" && !f16;
@@ -186,7 +221,9 @@ async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention
       `merging ${v.dtype} parts on this device needs a contiguous even d`,
       {
         argument: "parts",
-        expected: "shader-f16, or an out layout whose head dim is contiguous and even",
+        expected: v.dtype === "bf16"
+          ? "an out layout whose head dim is contiguous and even (bf16 is written in pairs: WGSL has no bf16 type)"
+          : "shader-f16, or an out layout whose head dim is contiguous and even",
         actual: `d = ${v.dV}, stride ${v.strides.d}`,
       },
     );
@@ -341,11 +378,14 @@ async function mergeOnGpu(v: Validated, rt: GpuRuntime): Promise<MergedAttention
 export async function mergeAttention<T extends TensorInput>(
   parts: readonly AttentionPart<T>[],
   options: MergeOptions = {},
-): Promise<MergedAttention<T extends GpuTensor ? GpuTensor : HostTensor>> {
+): Promise<MergedAttention<AttentionOutput<T>, LseOutput<T>>> {
   checkOptions(options, { outPattern: "string", device: GPU_DEVICE_RULE });
   const v = validate(parts, options ?? {});
-  type R = MergedAttention<T extends GpuTensor ? GpuTensor : HostTensor>;
-  if (v.residency === "host") return mergeOnHost(v) as R;
+  type R = MergedAttention<AttentionOutput<T>, LseOutput<T>>;
+  // The result in the form of parts[0].out (ONNX-style in, ONNX-style out; a Uint16Array of f16 stays one).
+  const like = (m: MergedAttention<HostTensor | GpuTensor>) =>
+    ({ out: inFormOf(parts[0].out, m.out), lse: inFormOf(parts[0].out, m.lse) }) as R;
+  if (v.residency === "host") return like(mergeOnHost(v));
   const rt = options?.device ? await runtimeFor(options.device) : await defaultRuntime();
   if (!rt) {
     throw new WgattnError("INVALID_BUFFER", "GPU parts but no device is in use", {
@@ -354,5 +394,5 @@ export async function mergeAttention<T extends TensorInput>(
       actual: "no WebGPU device",
     });
   }
-  return await mergeOnGpu(v, rt) as R;
+  return like(await mergeOnGpu(v, rt));
 }

@@ -1,8 +1,16 @@
 import { WgattnError } from "./errors.ts";
 import { checkOptions, closestKey, describeValue, GPU_DEVICE_RULE, type OptionSchema } from "./options.ts";
-import { type Axis, type AxisRecord, type KnownSize, resolveLayout, shapeFor } from "./layout.ts";
+import {
+  type Axis,
+  type AxisRecord,
+  type KnownSize,
+  resolveLayout,
+  shapeFor,
+  type SizeHelp,
+} from "./layout.ts";
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
 import type { AttentionOptions, DType, TensorInput } from "./types.ts";
+import { type FlexView, resolveFlex } from "./flex.ts";
 
 /** Element strides of a mask over [b, n, s_q, s_kv]; 0 where the mask broadcasts. */
 export interface MaskStrides {
@@ -67,6 +75,8 @@ export interface AttentionProblem {
   out: { pattern: string; shape: number[]; strides: AxisRecord };
   residency: "host" | "gpu";
   compatibilityMode: boolean;
+  /** scoreMod / maskMod / modBuffers / blockMask, validated; null when the call uses none. */
+  flex: FlexView | null;
 }
 
 /** Diagonal offset used by causal and window masks. */
@@ -111,6 +121,16 @@ const ATTENTION_OPTIONS: OptionSchema = {
   compatibilityMode: "boolean",
   backend: "string",
   device: GPU_DEVICE_RULE,
+  scoreMod: {
+    test: (x) => typeof x === "string" || (typeof x === "object" && x !== null && !Array.isArray(x)),
+    expected: "WGSL text defining fn score_mod, or { wgsl, ts? }",
+  },
+  maskMod: {
+    test: (x) => typeof x === "string" || (typeof x === "object" && x !== null && !Array.isArray(x)),
+    expected: "WGSL text defining fn mask_mod, or { wgsl, ts? }",
+  },
+  modBuffers: "object",
+  blockMask: "object",
 };
 
 const DIMS_KEYS = ["b", "n", "s", "d", "nKv"];
@@ -160,6 +180,27 @@ export function resolveProblem(
   const fromDims = (value: number | undefined): KnownSize | undefined =>
     value === undefined ? undefined : { value, from: "dims" };
 
+  const given = `options.dims = ${JSON.stringify(dims)}`;
+  const dimsWay = (key: string, what: string) => ({
+    option: `options.dims.${key}`,
+    text: `options.dims.${key} (${what})`,
+  });
+  const qHelp: SizeHelp = {
+    ways: {
+      b: dimsWay("b", "the batch"),
+      n: dimsWay("n", "q's head count"),
+      s: dimsWay("s", "q's sequence length"),
+      d: dimsWay("d", "the head dim of q and k"),
+    },
+    given,
+  };
+  const kHelp: SizeHelp = {
+    ways: {
+      n: dimsWay("nKv", "k and v's head count; options.dims.n sets q's only"),
+      s: { text: "k's sequence length, which no option sets: keep s outside the group in options.kPattern" },
+    },
+    given,
+  };
   const qPattern = options.qPattern ?? DEFAULT_PATTERN;
   const kPattern = options.kPattern ?? DEFAULT_PATTERN;
   const vPattern = options.vPattern ?? DEFAULT_PATTERN;
@@ -175,6 +216,7 @@ export function resolveProblem(
     },
     "q",
     "options.qPattern",
+    qHelp,
   );
   const kl = resolveLayout(
     kPattern,
@@ -186,6 +228,7 @@ export function resolveProblem(
     },
     "k",
     "options.kPattern",
+    kHelp,
   );
   const vl = resolveLayout(
     vPattern,
@@ -199,8 +242,19 @@ export function resolveProblem(
     "options.vPattern",
   );
 
+  for (const [name, size, layout] of [["q", ql.sizes.d, qPattern], ["v", vl.sizes.d, vPattern]] as const) {
+    // An empty b, n or s is an empty call; an empty head dim is not (q·k over nothing).
+    if (size === 0) {
+      throw new WgattnError("INVALID_SHAPE", `${name}'s head dim must be at least 1`, {
+        argument: name,
+        expected: "d >= 1 (b, n, s_q and s_kv may be 0)",
+        actual: `d = 0 in ${name} of shape [${(name === "q" ? q : v).shape}] with pattern "${layout}"`,
+      });
+    }
+  }
   const n = ql.sizes.n, nKv = kl.sizes.n;
-  if (n % nKv !== 0) {
+  // n = 0 query heads over any k/v heads (0 included) is an empty call.
+  if (n > 0 && (nKv === 0 || n % nKv !== 0)) {
     throw new WgattnError(
       "HEAD_COUNT",
       "k/v head count must divide q's head count (grouped-query attention)",
@@ -309,6 +363,7 @@ export function resolveProblem(
     out: { pattern: outPattern, shape: outShape, strides: outLayout.strides },
     residency: q.residency,
     compatibilityMode: options.compatibilityMode === true,
+    flex: resolveFlex(options, { b, n, sQ, sKv }),
   };
 }
 

@@ -506,7 +506,9 @@ export async function encodeSplit(
           "NO_BACKEND",
           "cannot place a piece of a split 16-bit output at an odd element",
           {
-            expected: "shader-f16, or an output whose pieces start at even elements",
+            expected: p.dtype === "bf16"
+              ? "an output whose pieces start at even elements (bf16 is written in pairs: WGSL has no bf16 type)"
+              : "shader-f16, or an output whose pieces start at even elements",
             actual: `element offset ${outRange.offset / e}`,
           },
         );

@@ -1,6 +1,15 @@
 import { WgattnError } from "./errors.ts";
 import { isGpuBuffer } from "../engines/engine.ts";
-import type { DType, GpuMask, HostData, MaskInput, TensorInput } from "./types.ts";
+import type {
+  DType,
+  GpuMask,
+  GpuTensor,
+  HostData,
+  HostTensor,
+  MaskInput,
+  OrtTensorLike,
+  TensorInput,
+} from "./types.ts";
 
 /** Bytes per element of each dtype. */
 export const DTYPE_BYTES: Record<DType, number> = { f32: 4, f16: 2, bf16: 2 };
@@ -23,10 +32,11 @@ export function elementCount(shape: readonly number[]): number {
 }
 
 function checkShape(shape: unknown, argument: string): readonly number[] {
-  if (!Array.isArray(shape) || shape.some((x) => !Number.isInteger(x) || x < 1)) {
-    throw new WgattnError("INVALID_SHAPE", `${argument}.shape must list positive integer sizes`, {
+  // A size may be 0 (an empty axis, as PyTorch takes it); the call then computes no score.
+  if (!Array.isArray(shape) || shape.some((x) => !Number.isInteger(x) || x < 0)) {
+    throw new WgattnError("INVALID_SHAPE", `${argument}.shape must list integer sizes >= 0`, {
       argument,
-      expected: "an array of integers >= 1",
+      expected: "an array of integers >= 0",
       actual: JSON.stringify(shape),
     });
   }
@@ -226,4 +236,26 @@ export function hostFromBytes(bytes: ArrayBuffer, dtype: DType, length: number):
   if (dtype === "f32") return new Float32Array(bytes, 0, length);
   if (dtype === "f16") return new Float16Array(bytes, 0, length);
   return new Uint16Array(bytes, 0, length);
+}
+
+const ORT_NAMES: Record<DType, OrtTensorLike["type"]> = { f32: "float32", f16: "float16", bf16: "bfloat16" };
+
+/**
+ * A result in the form of the input it answers: ONNX-style `{ data, dims, type }` for such an
+ * input; f16 data as q's array (a `Uint16Array` of f16 bits stays one: a view, no copy). GPU
+ * results are returned as they are.
+ */
+export function inFormOf(
+  input: TensorInput,
+  result: HostTensor | GpuTensor,
+): HostTensor | GpuTensor | OrtTensorLike {
+  if ("buffer" in result) return result;
+  let data = result.data;
+  const given = (input as { data?: unknown }).data;
+  if (data instanceof Float16Array && given instanceof Uint16Array) {
+    data = new Uint16Array(data.buffer, data.byteOffset, data.length);
+  }
+  const dtype = result.dtype ?? "f32";
+  if ("dims" in input) return { data, dims: result.shape, type: ORT_NAMES[dtype] };
+  return { data, shape: result.shape, dtype };
 }

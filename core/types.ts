@@ -1,3 +1,5 @@
+import type { FlexOptions } from "./flex.ts";
+
 /** Element types wgattn computes with. bf16 travels as the upper 16 bits of an f32 in a `Uint16Array`. */
 export type DType = "f32" | "f16" | "bf16";
 
@@ -74,9 +76,10 @@ export interface OrtMaskLike {
 export type MaskInput = HostMask | GpuMask | OrtMaskLike;
 
 /**
- * Options of {@link attentionForward}, named after DiffSynth's `attention_forward`.
+ * Options of {@link attentionForward}, named after DiffSynth's `attention_forward`; the flex options
+ * (`scoreMod`, `maskMod`, `modBuffers`, `blockMask`) are PyTorch FlexAttention's.
  */
-export interface AttentionOptions {
+export interface AttentionOptions extends FlexOptions {
   /** Axis order of q, einops style over `b n s d` with at most one group: `"b s (n d)"`. Default `"b n s d"`. */
   qPattern?: string;
   /** Axis order of k. Default `"b n s d"`. */
@@ -108,5 +111,49 @@ export interface AttentionOptions {
   device?: GPUDevice;
 }
 
-/** Output of {@link attentionForward}: a host tensor for host q, a GPU tensor for GPU q. */
-export type AttentionOutput<Q extends TensorInput> = Q extends GpuTensor ? GpuTensor : HostTensor;
+/**
+ * The dtype of a tensor input, as its type says it: `type` for ONNX-style tensors, else `dtype`,
+ * else the array's (`DType` when the type does not tell).
+ */
+export type DTypeOf<Q> = Q extends { type: "float32" } ? "f32"
+  : Q extends { type: "float16" } ? "f16"
+  : Q extends { type: "bfloat16" } ? "bf16"
+  : Q extends { dtype: infer D extends DType } ? D
+  : Q extends { data: Float32Array } ? "f32"
+  : Q extends { data: Float16Array } ? "f16"
+  : DType;
+
+/** The array an output holds for host input `Q`: the same kind as q's (`HostData` when the type does not tell). */
+export type HostDataOf<Q> = Q extends { data: Float32Array } ? Float32Array<ArrayBuffer>
+  : Q extends { data: Float16Array } ? Float16Array<ArrayBuffer>
+  : Q extends { data: Uint16Array } ? Uint16Array<ArrayBuffer>
+  : HostData;
+
+/** The ONNX element type of each dtype. */
+export type OrtTypeOf<D extends DType> = D extends "f32" ? "float32"
+  : D extends "f16" ? "float16"
+  : "bfloat16";
+
+/**
+ * Output of {@link attentionForward} for q of type `Q`: in q's form, dtype and residency. GPU q:
+ * a GPU tensor; ONNX-style q (`{ data, dims, type }`): the same form; host q: `{ data, shape,
+ * dtype }` with q's kind of array (f32 in, `Float32Array` out).
+ *
+ * @example
+ * ```ts
+ * import { attentionForward } from "jsr:@wgattn/attention";
+ * const t = { data: new Float32Array(2 * 8 * 16).fill(0.5), shape: [1, 2, 8, 16] };
+ * const out = await attentionForward(t, t, t);
+ * const first: number = out.data[0]; // out.data is a Float32Array
+ * ```
+ */
+export type AttentionOutput<Q extends TensorInput> = Q extends GpuTensor
+  ? { buffer: GPUBuffer; shape: readonly number[]; dtype: DTypeOf<Q> }
+  : Q extends OrtTensorLike ? { data: HostDataOf<Q>; dims: readonly number[]; type: OrtTypeOf<DTypeOf<Q>> }
+  : { data: HostDataOf<Q>; shape: readonly number[]; dtype: DTypeOf<Q> };
+
+/** The log-sum-exp of {@link attentionWithLse} for q of type `Q`: f32 `[b, n, s_q]`, in q's form and residency. */
+export type LseOutput<Q extends TensorInput> = Q extends GpuTensor
+  ? { buffer: GPUBuffer; shape: readonly number[]; dtype: "f32" }
+  : Q extends OrtTensorLike ? { data: Float32Array<ArrayBuffer>; dims: readonly number[]; type: "float32" }
+  : { data: Float32Array<ArrayBuffer>; shape: readonly number[]; dtype: "f32" };

@@ -7,7 +7,7 @@
 import { WgattnError } from "./errors.ts";
 import type { GpuRuntime } from "./device.ts";
 import type { AttentionProblem } from "./problem.ts";
-import type { MaskOperand, Operand } from "./tensor.ts";
+import { elementCount, type MaskOperand, type Operand } from "./tensor.ts";
 
 const EMPTY = new Uint8Array(0);
 
@@ -39,6 +39,20 @@ function gpuOperands(p: AttentionProblem): [string, GPUBuffer][] {
   add("k", p.k.operand);
   add("v", p.v.operand);
   if (p.mask) add(p.mask.argument ?? "options.attnMask", p.mask.operand);
+  for (const x of p.flex?.buffers ?? []) {
+    if (x.residency !== "gpu" || seen.has(x.buffer)) continue;
+    seen.add(x.buffer);
+    found.push([`options.modBuffers.${x.name}`, x.buffer]);
+  }
+  return found;
+}
+
+/** The buffers of the call's GPU tensors that hold no element. */
+function emptyBuffers(p: AttentionProblem): Set<GPUBuffer> {
+  const found = new Set<GPUBuffer>();
+  for (const o of [p.q.operand, p.k.operand, p.v.operand, p.mask?.operand]) {
+    if (o?.residency === "gpu" && elementCount(o.shape) === 0) found.add(o.buffer);
+  }
   return found;
 }
 
@@ -64,8 +78,14 @@ export async function checkGpuOperands(p: AttentionProblem, rt: GpuRuntime | nul
   }
   const device = rt.device;
   const layout = probeLayout(device);
+  const empty = emptyBuffers(p);
   // One scope per buffer, pushed and popped with no await between: concurrent calls stay apart.
   const checks = operands.map(([argument, buffer]) => {
+    // A binding cannot be empty: an empty tensor's buffer under 4 bytes cannot be probed this way.
+    // It holds no element and is never bound or read (an empty call runs no kernel): no harm.
+    if (buffer.size < 4 && empty.has(buffer)) {
+      return Promise.resolve({ argument, buffer, message: null as string | null });
+    }
     device.pushErrorScope("validation");
     try {
       device.createBindGroup({

@@ -2,7 +2,7 @@
  * Deno's own WebGPU (wgpu, with the Naga WGSL compiler): `navigator.gpu`, no flags needed. Also
  * the engine of a browser page, where `navigator.gpu` is the browser's.
  */
-import type { Engine } from "./engine.ts";
+import { type Engine, queueWrite } from "./engine.ts";
 
 function navigatorGpu(): GPU | undefined {
   return (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
@@ -36,4 +36,5 @@ export const denoEngine: Engine = {
   hold(work) {
     return work;
   },
+  writeBuffer: queueWrite,
 };

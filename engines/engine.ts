@@ -31,6 +31,22 @@ export interface Engine {
    * Deno's event loop, so the process could exit inside an `await`.
    */
   hold<T>(work: Promise<T>): Promise<T>;
+  /**
+   * Copies host bytes to offset 0 of `buffer` (which has COPY_DST), ahead of every later submit.
+   * A ragged tail (not a whole 4-byte word) is padded with zeros.
+   */
+  writeBuffer(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): void;
+}
+
+/** `queue.writeBuffer` of whole 4-byte words (it takes no other), the ragged tail padded. */
+export function queueWrite(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): void {
+  const whole = bytes.byteLength & ~3;
+  if (whole > 0) device.queue.writeBuffer(buffer, 0, bytes, 0, whole);
+  if (whole < bytes.byteLength) {
+    const tail = new Uint8Array(4);
+    tail.set(bytes.subarray(whole));
+    device.queue.writeBuffer(buffer, whole, tail);
+  }
 }
 
 /**

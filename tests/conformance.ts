@@ -15,6 +15,7 @@ import type {
   GpuTensor,
   HostTensor,
   MaskInput,
+  OrtTensorLike,
   TensorInput,
 } from "../core/types.ts";
 import { attentionForward, attentionWithLse } from "../mod.ts";
@@ -451,8 +452,20 @@ export async function runCase(
     const result = c.lse
       ? await attentionWithLse(q, k, v, options)
       : { out: await attentionForward(q, k, v, options), lse: null };
-    const out = result.out as HostTensor | GpuTensor;
-    const lse = result.lse as HostTensor | GpuTensor | null;
+    if (c.ort) {
+      // ONNX-style in, ONNX-style out: { data, dims, type }, for the output and the lse alike.
+      const type = ({ f32: "float32", f16: "float16", bf16: "bfloat16" } as const)[dtype];
+      for (const [t, expected] of [[result.out, type], [result.lse, "float32"]] as const) {
+        if (!t) continue;
+        assert.deepEqual(Object.keys(t).sort(), ["data", "dims", "type"]);
+        assert.equal((t as OrtTensorLike).type, expected);
+      }
+    }
+    // Its type was checked above; from here on it is read as a host tensor.
+    const asHost = (t: unknown) =>
+      c.ort ? { data: (t as OrtTensorLike).data, shape: (t as OrtTensorLike).dims, dtype } : t;
+    const out = asHost(result.out) as HostTensor | GpuTensor;
+    const lse = (result.lse ? asHost(result.lse) : null) as HostTensor | GpuTensor | null;
     assert.deepEqual([...out.shape], patternShape(b.patterns.out, b.outSizes));
     assert.equal(out.dtype, dtype);
     if (c.gpu) {

@@ -92,7 +92,7 @@ Deno.test("errors: mismatched shapes", async () => {
   await rejects([Q, Q, t([1, 2, 9, 16])], "SHAPE_MISMATCH", "v");
   await rejects([Q, Q, t([1, 1, 8, 16])], "SHAPE_MISMATCH", "v");
   await rejects([t([2, 8, 16]), Q, Q], "INVALID_SHAPE", "q", /3 axes/);
-  await rejects([{ data: new Float32Array(0), shape: [1, 0, 8, 16] }, Q, Q], "INVALID_SHAPE", "q");
+  await rejects([{ data: new Float32Array(0), shape: [1, -1, 8, 16] }, Q, Q], "INVALID_SHAPE", "q", /-1/);
   await rejects([{ data: new Float32Array(4), shape: [1, 1, 2, 2.5] }, Q, Q], "INVALID_SHAPE", "q");
   await rejects([null, Q, Q], "INVALID_SHAPE", "q");
 });
@@ -132,6 +132,24 @@ Deno.test("errors: dims that do not divide or do not fit", async () => {
   assert.match(e.message, /dims/);
   assert.match(e.message, /30/);
   await rejects([packed, packed, packed, { qPattern: "b s (n d)" }], "INVALID_DIMS", "options.dims");
+  // k "b d (n s)": dims.n sets q's heads, not k's, and no option sets k's s: say that, not "neither given".
+  const k = await rejects(
+    [t([1, 8, 32]), t([1, 16, 16]), Q, { qPattern: "b s (n d)", kPattern: "b d (n s)", dims: { n: 2 } }],
+    "INVALID_DIMS",
+    "options.dims.nKv",
+  );
+  assert.doesNotMatch(k.message, /neither/);
+  assert.match(k.message, /k's grouped axis \(n s\) in options\.kPattern/);
+  assert.match(k.expected!, /options\.dims\.nKv \(k and v's head count; options\.dims\.n sets q's only\)/);
+  assert.match(k.expected!, /s: k's sequence length, which no option sets/);
+  assert.match(k.actual!, /options\.dims = \{"n":2\}/);
+  // An empty group with another axis of 0 does not give the third.
+  await rejects(
+    [t([0, 2, 8, 16]), t([0, 8, 16]), t([0, 2, 8, 16]), { kPattern: "(b n) s d" }],
+    "INVALID_DIMS",
+    "options.dims.nKv",
+    /empty/,
+  );
   await rejects([Q, Q, Q, { dims: { n: 3 } }], "INVALID_DIMS", "options.dims.n");
   await rejects([Q, Q, Q, { dims: { n: 2.5 } }], "INVALID_DIMS", "options.dims.n");
   await rejects([Q, Q, Q, { dims: { n: 0 } }], "INVALID_DIMS", "options.dims.n");

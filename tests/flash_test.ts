@@ -1,7 +1,8 @@
 /**
  * flash-specific cases beyond the shared conformance suite: tile parameters the software adapter
- * would not pick by itself (the 8x4 warp layout, wide thread grids, small V chunks, the flat and
- * the row-pointer layouts of workgroup memory), against the float64 reference.
+ * would not pick by itself (it takes the smallest tile, whose code compiles fastest: the 64-row
+ * tiles GPUs get, the 8x4 warp layout, wide thread grids, small V chunks, the flat and the
+ * row-pointer layouts of workgroup memory), against the float64 reference.
  */
 import assert from "node:assert/strict";
 import { attentionForward, attentionWithLse, deviceInfo } from "../mod.ts";
@@ -14,6 +15,12 @@ const info = await deviceInfo();
 const small = { storage: info?.limits.maxComputeWorkgroupStorageSize ?? 0 };
 
 const VARIANTS: { name: string; tiles: Partial<FlashConfig> }[] = [
+  // The 64-row tiles GPUs get, within the 32 KiB of workgroup memory software adapters have.
+  {
+    name: "64x64, 16x16 threads, flat",
+    tiles: { br: 64, bc: 64, rt: 16, ct: 16, vc: 4, dk: 8, pointers: false },
+  },
+  { name: "32x64, 8x16 threads, flat", tiles: { br: 32, bc: 64, rt: 8, ct: 16, vc: 8, pointers: false } },
   // Flat workgroup-memory layout (pointers: false), the one the int8 mode uses.
   {
     name: "8x4 warp layout (ct 16)",

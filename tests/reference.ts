@@ -39,6 +39,10 @@ export interface RefOptions {
   attnMask?: RefMask;
   /** Boolean `[b, s_kv]` or `[1, s_kv]`, nonzero = a real key. */
   keyPaddingMask?: { data: ArrayLike<number>; shape: readonly number[] };
+  /** Flex: replaces each scaled score (natural-log units) before the masks apply. */
+  scoreMod?: (score: number, b: number, h: number, i: number, j: number) => number;
+  /** Flex: false masks the pair (after every other mask). */
+  maskMod?: (b: number, h: number, i: number, j: number) => boolean;
 }
 
 /** Output `[b, n, s_q, d_v]` and log-sum-exp `[b, n, s_q]` (`-Infinity` where nothing is attended). */
@@ -266,12 +270,14 @@ export function referenceAttention(q: Logical, k: Logical, v: Logical, options: 
             const kRow = ((b * NKV + hk) * SKV + j) * D;
             for (let c = 0; c < D; c++) dot += q.data[qRow + c] * k.data[kRow + c];
             s = dot * scale;
+            if (options.scoreMod) s = options.scoreMod(s, b, h, i, j);
             if (mask && maskAt) {
               const m = mask.data[maskAt(b, h, i, j)];
               if (mask.kind === "bool") {
                 if (m === 0) s = -Infinity;
               } else s += m;
             }
+            if (options.maskMod && !options.maskMod(b, h, i, j)) s = -Infinity;
           }
           scores[j] = s;
           if (s > max) max = s;

@@ -298,6 +298,17 @@ Deno.test("router (registry): f16 without shader-f16 keeps naive off odd head di
   assert.equal(withF16.chain.find((c) => c.backend === "naive")?.reasons.length ?? 0, 0);
 });
 
+Deno.test("router (registry): bf16 on odd head dims: naive's reason is WGSL's lack of bf16, not shader-f16", () => {
+  // bf16 is written as pairs in u32 words whatever the adapter has: shader-f16 does not help.
+  const p = problem({ d: 39, dtype: "bf16" });
+  for (const caps of [fakeCaps(), fakeCaps({ shaderF16: false, features: new Set() })]) {
+    const reasons = BACKENDS.find((b) => b.name === "naive")!.unsupportedReasons(p, caps).join("; ");
+    assert.doesNotMatch(reasons, /shader-f16/, `shaderF16 ${caps.shaderF16}`);
+    assert.match(reasons, /bf16 output is written in pairs of 16-bit values \(WGSL has no bf16 type\)/);
+    assert.match(reasons, /contiguous even head dim \(d_v = 39\)/);
+  }
+});
+
 Deno.test("router (registry): tensors over maxStorageBufferBindingSize leave only the cpu", () => {
   const caps = fakeCaps({}, { maxStorageBufferBindingSize: 1024 });
   const d = decide(problem({ s: 64, d: 64 }), caps, BACKENDS);
@@ -315,6 +326,8 @@ interface ProbeResult {
   source?: string;
   requested?: string | null;
   chain?: { backend: string; chosen: boolean; reasons: string[] }[];
+  unreadVariables?: string[];
+  text?: string;
   ok?: boolean;
   error?: string;
   argument?: string;
@@ -370,7 +383,17 @@ Deno.test("variable: without env permission it is ignored, and the module import
     assert.equal(r.source, "priority");
     assert.equal(r.requested, null);
     assert.equal(r.ok, true);
+    // explain() says so: without the permission wgattn cannot even tell whether it is set.
+    assert.deepEqual(r.unreadVariables, ["WGATTN_IMPLEMENTATION", "WGATTN_WEBGPU"]);
+    assert.match(r.text!, /^WGATTN_IMPLEMENTATION: not read: no env permission/m);
+    assert.match(r.text!, /^WGATTN_WEBGPU: not read: no env permission/m);
   }
+  const one = await probe("naive", ALLOW);
+  assert.deepEqual(one.unreadVariables, ["WGATTN_WEBGPU"]);
+  assert.doesNotMatch(one.text!, /WGATTN_IMPLEMENTATION: not read/);
+  const both = await probe("naive", ["--allow-env=WGATTN_IMPLEMENTATION,WGATTN_WEBGPU"]);
+  assert.deepEqual(both.unreadVariables, []);
+  assert.doesNotMatch(both.text!, /not read/);
 });
 
 // A backend the variable names but that cannot serve the call: found on this machine, if any.

@@ -29,6 +29,7 @@
  */
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
+import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
 
 /** Everything that changes the flash kernel's text. */
 export interface FlashConfig {
@@ -77,6 +78,11 @@ export interface FlashConfig {
    * and no bounds clamp (Naga clamps every dynamic index into workgroup memory).
    */
   pointers?: boolean;
+  /**
+   * Flex attention: score_mod on every score (f32 Q·Kᵀ only), mask_mod on the scores of partial
+   * tiles, and with a block map (binding `flex_blocks`) empty key tiles skipped.
+   */
+  flex?: FlexKernelConfig;
 }
 
 /** Derived sizes of a config. */
@@ -235,7 +241,7 @@ export function flashKey(c: FlashConfig): string {
   }:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}${
       c.qk === "int8" ? ":i8" : ""
-    }${c.pointers ? ":rp" : ""}`;
+    }${c.pointers ? ":rp" : ""}${flexKey(c.flex)}`;
 }
 
 /** Generates the flash kernel for `c`. */
@@ -249,11 +255,18 @@ export function flashKernel(c: FlashConfig): Kernel {
   const dq4 = s.dQ / 16; // int8: vec4<u32> words per row of the packed q8/k8
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
+  const flex = c.flex ?? null;
+  // int8 (sage): K smoothing shifts the scores, so only mask functions apply there.
+  if (flex?.scoreMod && int8) throw new Error("score_mod needs the f32 Q·Kᵀ of the flash kernel");
+  const blockMap = flex?.blockMap === true;
+  const uniforms: [string, UniformType][] = flex
+    ? [...UNIFORMS, ["flex_scale", "f32"], ...(blockMap ? BLOCK_MAP_UNIFORMS : [])]
+    : UNIFORMS;
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 
   if (c.subgroups !== false) emit(c.subgroups);
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
-  emit(uniformBlock(UNIFORMS));
+  emit(uniformBlock(uniforms));
   const el = vecElement(c);
   if (int8) {
     emit(`@group(0) @binding(1) var<storage, read> q8: array<vec4<u32>>;`);
@@ -459,7 +472,7 @@ ${indent}}`);
     }
   };
 
-  const masked = c.band || c.keyPadding;
+  const masked = c.band || c.keyPadding || flex?.maskMod != null;
   const softmax = () => {
     emit(
       `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
@@ -468,10 +481,24 @@ ${indent}}`);
             c.bc - 1
           }i - (i32(q0) + P.offset) <= P.right`
           : ""
-      }${c.keyPadding ? " && false" : ""};`,
+      }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : ""};`,
     );
-    // int8: the softmax scale is in the dequantization factor.
-    if (!int8) {
+    // Positions for the flex functions, clamped into the sequences (out-of-range scores are masked).
+    if (flex) {
+      for (const j of range(tn)) emit(`    let fc${j} = min(kv0 + tx + ${c.ct * j}u, P.s_kv - 1u);`);
+      for (const i of range(tm)) emit(`    let fr${i} = min(q0 + ty + ${c.rt * i}u, P.s_q - 1u);`);
+    }
+    if (flex?.scoreMod) {
+      // score_mod takes and returns natural-log units; the kernel's softmax works in log2 units.
+      for (const i of range(tm)) {
+        for (const j of range(tn)) {
+          emit(
+            `    s${i}_${j} = score_mod(s${i}_${j} * P.flex_scale, b, h, fr${i}, fc${j}) * ${Math.LOG2E};`,
+          );
+        }
+      }
+    } else if (!int8) {
+      // int8: the softmax scale is in the dequantization factor.
       for (const i of range(tm)) {
         for (const j of range(tn)) emit(`    s${i}_${j} *= P.scale_log2;`);
       }
@@ -493,6 +520,10 @@ ${indent}}`);
           ? ` && i32(col${j}) - row${i} >= -P.left && i32(col${j}) - row${i} <= P.right`
           : "";
         emit(`      s${i}_${j} = select(NEG, s${i}_${j}, cok${j}${band});`);
+        if (flex?.maskMod) {
+          const full = blockMap ? "tile_state == 2u || " : "";
+          emit(`      s${i}_${j} = select(NEG, s${i}_${j}, ${full}mask_mod(b, h, fr${i}, fc${j}));`);
+        }
       }
     }
     emit(`    }`);
@@ -540,12 +571,28 @@ ${indent}}`);
     }
   };
 
-  emit(`  if (t_lo < t_hi) {`);
-  fetchQk("0u", `t_lo * ${c.bc}u`, "true", "    ");
-  emit(`  }`);
-  emit(`  for (var t = t_lo; t < t_hi; t++) {
+  if (blockMap) {
+    // Empty tiles of the block map are skipped: the loop walks the live tiles only, and the
+    // prefetch at the end of a tile loads the next live one. Every value here is workgroup-uniform.
+    emit(`  let t_first = flex_next(b, h, q0, q0 + rows_here, t_lo, t_hi);
+  if (t_first < t_hi) {`);
+    fetchQk("0u", `t_first * ${c.bc}u`, "true", "    ");
+    emit(`  }
+  var t_nx = t_first;
+  for (var t = t_first; t < t_hi; t = t_nx) {
+    let kv0 = t * ${c.bc}u;
+    let tile_state = flex_tile(b, h, q0, q0 + rows_here, t);
+    t_nx = flex_next(b, h, q0, q0 + rows_here, t + 1u, t_hi);
+    let has_next = t_nx < t_hi;`);
+  } else {
+    emit(`  if (t_lo < t_hi) {`);
+    fetchQk("0u", `t_lo * ${c.bc}u`, "true", "    ");
+    emit(`  }`);
+    emit(`  for (var t = t_lo; t < t_hi; t++) {
     let kv0 = t * ${c.bc}u;
     let has_next = t + 1u < t_hi;`);
+  }
+  const nextKv = blockMap ? `t_nx * ${c.bc}u` : `kv0 + ${c.bc}u`;
   for (const i of range(tm)) {
     for (const j of range(tn)) emit(int8 ? `    var si${i}_${j} = 0i;` : `    var s${i}_${j} = 0.0;`);
   }
@@ -647,7 +694,7 @@ ${indent}}`);
       storeV();
       emit(`      workgroupBarrier();`);
       if (stage + 1 < nV) fetchV(`${stage + 1}u`, "kv0", "      ");
-      else fetchQk("0u", `kv0 + ${c.bc}u`, "has_next", "      ");
+      else fetchQk("0u", nextKv, "has_next", "      ");
       pv(stage);
       emit(`    }`);
     }
@@ -660,7 +707,7 @@ ${indent}}`);
       if (vc + 1u < ${nV}u) {`);
     fetchV("vc + 1u", "kv0", "        ");
     emit(`      } else {`);
-    fetchQk("0u", `kv0 + ${c.bc}u`, "has_next", "        ");
+    fetchQk("0u", nextKv, "has_next", "        ");
     emit(`      }`);
     pv("vc");
     emit(`    }
@@ -711,11 +758,16 @@ ${indent}}`);
   }`);
   }
   emit(`}`);
+  if (flex) {
+    const decls = flexDeclarations(flex, L.join("\n"), bindings.length + 1, c.bc);
+    emit(decls.code);
+    bindings.push(...decls.bindings);
+  }
   return {
     key: flashKey(c),
-    label: `flash ${flashKey(c)}`,
+    label: `flash ${flashKey({ ...c, flex: undefined })}${flex ? " flex" : ""}`,
     code: L.join("\n") + "\n",
     bindings,
-    uniforms: UNIFORMS,
+    uniforms,
   };
 }

@@ -6,6 +6,7 @@
  * Rows r are flattened (b, h, i); a chunk covers rows [r0, r0 + rows).
  */
 import type { DType } from "../core/types.ts";
+import { flexDeclarations, type FlexKernelConfig, flexKey, flexScoreStatements } from "./flex.ts";
 import {
   BF16_PACK,
   type Kernel,
@@ -31,6 +32,8 @@ export interface NaiveConfig {
   lse: boolean;
   /** 16-bit output written as packed pairs along d (needs d contiguous and even). */
   packedOut: boolean;
+  /** scoreMod / maskMod applied in the scores pass (no block map: every score is computed). */
+  flex?: FlexKernelConfig;
 }
 
 const ROW_FIELDS: [string, UniformType][] = [
@@ -85,6 +88,15 @@ export function naiveScoresKernel(c: NaiveConfig): Kernel {
   code += storageDecl("scores", 3, "f32", "read_write");
   if (c.mask !== "none") code += storageDecl("mask", 4, c.mask === "bool" ? "u32" : "f32", "read");
   code += scalarLoader("q", c.dtype, c.f16) + scalarLoader("k", c.dtype, c.f16);
+  let flexScore = "", flexMask = "";
+  if (c.flex) {
+    const decls = flexDeclarations({ ...c.flex, blockMap: false }, code + "fn main", bindings.length + 1);
+    code += decls.code;
+    bindings.push(...decls.bindings);
+    const args = { b: "b", h: "h", q: "i", kv: "j" };
+    flexScore = `    ${flexScoreStatements({ ...c.flex, maskMod: null }, "s", args, NEG_INF)}\n`;
+    flexMask = `    ${flexScoreStatements({ ...c.flex, scoreMod: null }, "s", args, NEG_INF)}\n`;
+  }
   code += `
 @compute @workgroup_size(256)
 fn main(${WORKGROUP_BUILTINS}) {
@@ -104,7 +116,7 @@ ${ROW_DECODE}
       dot += ld_q(qb + c * P.q_sd) * ld_k(kb + c * P.k_sd);
     }
     s = dot * P.scale;
-${
+${flexScore}${
     c.mask === "none" ? "" : `    let mi = b * P.m_sb + h * P.m_sh + i * P.m_si + j * P.m_sj;
 ${
       c.mask === "bool"
@@ -112,12 +124,12 @@ ${
         : `    s += mask[mi];`
     }
 `
-  }  }
+  }${flexMask}  }
   scores[e] = s;
 }
 `;
   return {
-    key: `naive-scores:${c.dtype}:${c.f16}:${c.mask}:${c.band}`,
+    key: `naive-scores:${c.dtype}:${c.f16}:${c.mask}:${c.band}${flexKey(c.flex)}`,
     label: "naive scores",
     code,
     bindings,

@@ -18,6 +18,7 @@
  * memory) and writes the output in its layout and dtype (and the row's lse).
  */
 import type { DType } from "../core/types.ts";
+import { flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
 import {
   BF16_PACK,
   isMinusInfExpr,
@@ -53,6 +54,8 @@ export interface SplitKvConfig {
   keyPadding: boolean;
   /** Lane sums by subgroup shuffles ("" or the directive WGSL needs), or false: workgroup memory. */
   subgroups: false | "" | "enable subgroups;\n";
+  /** Flex: score_mod on each score, mask_mod as one more mask (no block map: decode steps). */
+  flex?: FlexKernelConfig;
 }
 
 /** Derived sizes of a config. */
@@ -150,7 +153,7 @@ function quads(c: SplitKvConfig, x: string): string[] {
 /** A stable cache key for a config. */
 export function splitKvKey(c: SplitKvConfig): string {
   return `splitkv:${c.dtype}:${c.f16}:v${c.vw}:d${c.d}/${c.dV}:r${c.rows}:l${c.lanes}:t${c.threads}:` +
-    `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}`;
+    `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}${flexKey(c.flex)}`;
 }
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -303,7 +306,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (c.band) emit(`    let d${r} = i32(i${r}) + P.offset;`);
     for (const u of range(U)) {
       const band = c.band ? ` && key${u} - d${r} >= -P.left && key${u} - d${r} <= P.right` : "";
-      emit(`    let a${r}_${u} = ok${u}${band};`);
+      // score_mod in natural-log units (q was pre-scaled into log2 units).
+      if (c.flex?.scoreMod) {
+        emit(`    s${r}_${u} = score_mod(s${r}_${u} * LN2, b, h${r}, i${r}, kc${u}) * ${Math.LOG2E};`);
+      }
+      const flexMask = c.flex?.maskMod ? ` && mask_mod(b, h${r}, i${r}, kc${u})` : "";
+      emit(`    let a${r}_${u} = ok${u}${band}${flexMask};`);
       emit(`    s${r}_${u} = select(NEG, s${r}_${u}, a${r}_${u});`);
     }
   }
@@ -410,9 +418,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   emit(`  }
 }`);
+  if (c.flex) {
+    const decls = flexDeclarations({ ...c.flex, blockMap: false }, out.join("\n"), bindings.length + 1);
+    emit(decls.code);
+    bindings.push(...decls.bindings);
+  }
   return {
     key: splitKvKey(c),
-    label: `split-kv ${splitKvKey(c)}`,
+    label: `split-kv ${splitKvKey({ ...c, flex: undefined })}${c.flex ? " flex" : ""}`,
     code: out.join("\n") + "\n",
     bindings,
     uniforms: UNIFORMS,
