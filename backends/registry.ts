@@ -5,10 +5,14 @@ import { flashBackend } from "./flash.ts";
 import { flashSubgroupBackend } from "./flash_subgroup.ts";
 import { naiveBackend } from "./naive.ts";
 import { sageBackend } from "./sage.ts";
+import { sageMmaBackend } from "./sage_mma.ts";
 import { splitKvBackend } from "./splitkv.ts";
 
 export const BACKENDS: readonly Backend[] = [
   splitKvBackend, // few query rows per K/V head only (unsuitedReasons); flash past that
+  // int8 matrix tiles (Dawn's subgroup matrices): 16-bit inputs past its crossover only
+  // (unsuitedReasons); its emulated form (WGATTN_EMULATE_MMA=1) only by name.
+  sageMmaBackend,
   // 16-bit inputs with s_q, s_kv >= 2048 only (unsuitedReasons): 1.35-1.50x flash-subgroup (f16) on the
   // H200 there (bench/RESULTS.md, run 7); approximate, so never chosen for f32 unless named.
   sageBackend,

@@ -33,6 +33,8 @@ export interface Capabilities {
   subgroupDirective: "" | "enable subgroups;\n";
   /** Subgroup size reported by the adapter (lower bound), or 0 when unknown. */
   subgroupMinSize: number;
+  /** Subgroup size reported by the adapter (upper bound); absent or 0 when unknown. */
+  subgroupMaxSize?: number;
   /** WGSL `dot4I8Packed` (language feature `packed_4x8_integer_dot_product`). */
   packedInt8Dot: boolean;
   /** `timestamp-query`, for timing kernels on the GPU. */
@@ -215,6 +217,7 @@ async function probe(
     subgroups,
     subgroupDirective,
     subgroupMinSize: (info as { subgroupMinSize?: number } | undefined)?.subgroupMinSize ?? 0,
+    subgroupMaxSize: (info as { subgroupMaxSize?: number } | undefined)?.subgroupMaxSize ?? 0,
     packedInt8Dot,
     timestamps: features.has("timestamp-query"),
     engine: engine.name,

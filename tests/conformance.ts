@@ -94,6 +94,8 @@ export const TOLERANCE: Record<DType, { maxAbs: number; rel: number; lse: number
 };
 
 const SAGE_TOLERANCE = { maxAbs: 2.5e-2, rel: 1.5e-2, lse: 1e-2 };
+/** `sage-mma` also quantizes P (per row and key tile) and V (per channel) to int8. */
+const SAGE_MMA_TOLERANCE = { maxAbs: 5e-2, rel: 3e-2, lse: 1e-2 };
 
 /**
  * Tolerances of approximate backends, by backend name and dtype (others use {@link TOLERANCE}).
@@ -104,10 +106,11 @@ const SAGE_TOLERANCE = { maxAbs: 2.5e-2, rel: 1.5e-2, lse: 1e-2 };
  */
 export const BACKEND_TOLERANCE: Record<string, Partial<Record<DType, typeof TOLERANCE[DType]>>> = {
   sage: { f32: SAGE_TOLERANCE, f16: SAGE_TOLERANCE, bf16: SAGE_TOLERANCE },
+  "sage-mma": { f32: SAGE_MMA_TOLERANCE, f16: SAGE_MMA_TOLERANCE, bf16: SAGE_MMA_TOLERANCE },
 };
 
 /** Backends whose error grows with the score scale (int8 scores). */
-const SCALE_SENSITIVE = new Set(["sage"]);
+const SCALE_SENSITIVE = new Set(["sage", "sage-mma"]);
 
 /**
  * The output tolerances a backend is held to for a dtype; `sharpness` is |scale|·√d (1 at the

@@ -52,18 +52,32 @@ const SAGE_BLOCKS = {
   ignore: "sage quantizes q and k per block, so a NaN in q or k reaches its block (tests/sage_test.ts)",
 } as const;
 
+/**
+ * `sage-mma` also quantizes v per channel over the sequence (one scale per channel), so a NaN in v
+ * makes its channel NaN in every row of the head that attends any key, and a NaN at a padded key
+ * still reaches its channel (the quantization pre-pass does not see the mask).
+ */
+const SAGE_MMA_V_CHANNEL = { extraNaN: true } as const;
+const SAGE_MMA_PADDED = {
+  ignore:
+    "sage-mma quantizes v per channel over the sequence, padded keys included: a NaN in v reaches its channel",
+} as const;
+const SAGE_MMA_BLOCKS = {
+  ignore: "sage-mma quantizes q and k per block, so a NaN in q or k reaches its block (as sage)",
+} as const;
+
 const CASES: NanCase[] = [
   {
     name: "NaN in q reaches its own row only",
     poison: ({ q }) => void (q[at(1, 3, 2)] = NaN),
     expectNaN: true,
-    weaker: { sage: SAGE_BLOCKS },
+    weaker: { sage: SAGE_BLOCKS, "sage-mma": SAGE_MMA_BLOCKS },
   },
   {
     name: "NaN in k reaches every row that attends the key",
     poison: ({ k }) => void (k[at(0, 5, 1)] = NaN),
     expectNaN: true,
-    weaker: { sage: SAGE_BLOCKS },
+    weaker: { sage: SAGE_BLOCKS, "sage-mma": SAGE_MMA_BLOCKS },
   },
   {
     name: "NaN in k, causal: only the rows that see the key",
@@ -71,12 +85,13 @@ const CASES: NanCase[] = [
     options: { isCausal: true },
     ref: { isCausal: true },
     expectNaN: true,
-    weaker: { sage: SAGE_BLOCKS },
+    weaker: { sage: SAGE_BLOCKS, "sage-mma": SAGE_MMA_BLOCKS },
   },
   {
     name: "NaN in v reaches that column of the rows attending its key",
     poison: ({ v }) => void (v[at(1, 7, 3)] = NaN),
     expectNaN: true,
+    weaker: { "sage-mma": SAGE_MMA_V_CHANNEL },
   },
   {
     name: "NaN in v, causal: only the rows that see the key",
@@ -84,7 +99,12 @@ const CASES: NanCase[] = [
     options: { isCausal: true },
     ref: { isCausal: true },
     expectNaN: true,
-    weaker: { flash: FLASH_V_LEAK, "flash-subgroup": FLASH_V_LEAK, sage: FLASH_V_LEAK },
+    weaker: {
+      flash: FLASH_V_LEAK,
+      "flash-subgroup": FLASH_V_LEAK,
+      sage: FLASH_V_LEAK,
+      "sage-mma": SAGE_MMA_V_CHANNEL,
+    },
   },
   {
     name: "NaN in k and v at a padded key: no NaN anywhere",
@@ -95,13 +115,18 @@ const CASES: NanCase[] = [
     options: { keyPaddingMask: { data: padding([9]), shape: [1, S] } },
     ref: { keyPaddingMask: { data: padding([9]), shape: [1, S] } },
     expectNaN: false,
-    weaker: { flash: FLASH_V_LEAK, "flash-subgroup": FLASH_V_LEAK, sage: SAGE_BLOCKS },
+    weaker: {
+      flash: FLASH_V_LEAK,
+      "flash-subgroup": FLASH_V_LEAK,
+      sage: SAGE_BLOCKS,
+      "sage-mma": SAGE_MMA_PADDED,
+    },
   },
   {
     name: "+Inf in k: rows with a positive score to it are NaN (inf - inf), others see -inf (masked)",
     poison: ({ k }) => void (k[at(1, 11, 4)] = Infinity),
     expectNaN: true,
-    weaker: { sage: SAGE_BLOCKS },
+    weaker: { sage: SAGE_BLOCKS, "sage-mma": SAGE_MMA_BLOCKS },
   },
   {
     name: "-Infinity in an additive mask masks the key; a row of -Infinity is zeros",

@@ -196,27 +196,31 @@ const UNIFORMS: [string, UniformType][] = [
   ["m_sj", "u32"],
 ];
 
-function vecElement(c: FlashConfig): string {
+/** WGSL element of a tensor of the config's dtype, four values of d (also used by wgsl/sage_mma.ts). */
+export function vecElement(c: Pick<FlashConfig, "dtype" | "f16">): string {
   if (c.dtype === "f32") return "vec4<f32>";
   if (c.dtype === "f16" && c.f16) return "vec4<f16>";
   return "vec2<u32>";
 }
 
-function loadVec(c: FlashConfig, name: string, index: string): string {
+/** Reads vec4 `index` of tensor `name` as vec4<f32>. */
+export function loadVec(c: Pick<FlashConfig, "dtype" | "f16">, name: string, index: string): string {
   if (c.dtype === "f32") return `${name}[${index}]`;
   if (c.dtype === "f16" && c.f16) return `vec4<f32>(${name}[${index}])`;
   if (c.dtype === "f16") return `unpack_f16x4(${name}[${index}])`;
   return `unpack_bf16x4(${name}[${index}])`;
 }
 
-function storeVec(c: FlashConfig, value: string): string {
+/** A vec4<f32> WGSL value as the config's dtype element (see {@link vecElement}). */
+export function storeVec(c: Pick<FlashConfig, "dtype" | "f16">, value: string): string {
   if (c.dtype === "f32") return value;
   if (c.dtype === "f16" && c.f16) return `vec4<f16>(${value})`;
   if (c.dtype === "f16") return `vec2<u32>(pack2x16float(${value}.xy), pack2x16float(${value}.zw))`;
   return `vec2<u32>(pack_bf16(${value}.x, ${value}.y), pack_bf16(${value}.z, ${value}.w))`;
 }
 
-const UNPACK = `fn unpack_f16x4(w: vec2<u32>) -> vec4<f32> {
+/** Unpacking helpers for 16-bit tensors without shader-f16. */
+export const UNPACK = `fn unpack_f16x4(w: vec2<u32>) -> vec4<f32> {
   return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 fn unpack_bf16x4(w: vec2<u32>) -> vec4<f32> {

@@ -25,9 +25,12 @@ export const SAGE_THREADS = 256;
 /** vec4 columns of K one mean workgroup covers. */
 export const SAGE_MEAN_COLUMNS = 8;
 
-/** Head dim padded for the packed int8 layout (one vec4<u32> word holds 16 values). */
-export function sagePaddedDim(d: number): number {
-  return Math.ceil(d / 16) * 16;
+/**
+ * Head dim padded for the packed int8 layout: to 16 (one vec4<u32> word holds 16 values), or to
+ * `multiple` (32 for the K of `sage-mma`'s 16x16x32 matrix tiles).
+ */
+export function sagePaddedDim(d: number, multiple = 16): number {
+  return Math.ceil(d / multiple) * multiple;
 }
 
 /** How a tensor is read: dtype and whether f16 is native (shader-f16). */
@@ -46,6 +49,8 @@ export interface SageQuantConfig extends SageInput {
   smooth: boolean;
   /** Write each row's `bias_scale * x . mean` (Q, when the lse is wanted). */
   bias: boolean;
+  /** Pad d to this multiple in the packed rows (default 16; see {@link sagePaddedDim}). */
+  pad?: 16 | 32;
 }
 
 function element(c: SageInput): string {
@@ -155,7 +160,7 @@ const QUANT_UNIFORMS: [string, UniformType][] = [
 export function sageQuantKey(c: SageQuantConfig): string {
   return `sage-quant:${c.dtype}:${c.f16}:d${c.d}:r${c.rows}:${c.smooth ? "smooth" : "plain"}:${
     c.bias ? "bias" : "nobias"
-  }`;
+  }${c.pad === 32 ? ":p32" : ""}`;
 }
 
 /**
@@ -165,7 +170,7 @@ export function sageQuantKey(c: SageQuantConfig): string {
  * then `mean` (smooth or bias) and `bias` (bias).
  */
 export function sageQuantKernel(c: SageQuantConfig): Kernel {
-  const d4 = c.d / 4, words = sagePaddedDim(c.d) / 4, t = SAGE_THREADS;
+  const d4 = c.d / 4, words = sagePaddedDim(c.d, c.pad ?? 16) / 4, t = SAGE_THREADS;
   const bindings = ["x", "x8", "x_scale"];
   let decls = `@group(0) @binding(2) var<storage, read_write> x8: array<u32>;
 @group(0) @binding(3) var<storage, read_write> x_scale: array<f32>;

@@ -1,0 +1,326 @@
+/**
+ * `sage-mma`: SageAttention's method on matrix units. The `sage` pre-pass (wgsl/sage.ts: K
+ * smoothed by its mean, Q and K quantized per block to int8, d padded to 32) plus V centred and
+ * quantized per channel (wgsl/sage_mma.ts), then one kernel doing Q·Kᵀ and P·V on int8 subgroup
+ * matrices (Dawn's `chromium-experimental-subgroup-matrix`: NVIDIA tensor cores) with the online
+ * softmax in f32 (wgsl/sage_mma.ts). All in one compute pass, without waiting.
+ *
+ * Serves what `flash` serves (causal and window with tiles outside skipped, GQA, key padding,
+ * layouts with d contiguous, d up to 256, any s, f32/f16/bf16, lse) on devices with i8 -> i32
+ * M16 K32 tiles and subgroups of exactly 32; with `WGATTN_EMULATE_MMA=1` it runs the emulated
+ * form of the same tiles (plain WGSL) on any adapter, for tests (never picked by the router).
+ * Approximate: P and V in int8 add to `sage`'s error (tests/sage_mma_test.ts prints cosine and
+ * relative L1 against float64).
+ */
+import type { GpuBackend, GpuIO } from "./backend.ts";
+import { flashUnsupportedReasons } from "./flash.ts";
+import type { Capabilities } from "../core/device.ts";
+import { readEnvIfGranted } from "../core/env.ts";
+import type { GpuCall } from "../core/gpu.ts";
+import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
+import { SAGE_MEAN_COLUMNS, sageMeanKernel, sageQuantKernel } from "../wgsl/sage.ts";
+import {
+  MMA_ROWS,
+  type SageMmaConfig,
+  sageMmaConfigProblems,
+  sageMmaDims,
+  sageMmaKernel,
+  sageMmaVKernel,
+} from "../wgsl/sage_mma.ts";
+import { SAGE_MAX_SHARPNESS } from "./sage.ts";
+
+/** The environment variable that selects the emulated (plain WGSL) matrix steps. */
+export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
+
+/**
+ * Test and benchmark hooks: `override` merges over the chosen config; `emulate` forces the form
+ * (null: the variable decides).
+ */
+export const sageMmaTuning: { override: Partial<SageMmaConfig> | null; emulate: boolean | null } = {
+  override: null,
+  emulate: null,
+};
+
+/** Whether the emulated form is selected. */
+export function emulatingMma(): boolean {
+  return sageMmaTuning.emulate ?? readEnvIfGranted(EMULATE_MMA_VARIABLE) === "1";
+}
+
+/** Tiles tried in order on a device with subgroup matrices. */
+const REAL_SHAPES: readonly MmaShape[] = [
+  { component: "i8", result: "i32", M: 16, N: 16, K: 32 },
+  { component: "i8", result: "i32", M: 16, N: 8, K: 32 },
+];
+
+/** Why the real form cannot run on this device (empty when it can). */
+export function realMmaReasons(caps: Capabilities): string[] {
+  const reasons: string[] = [];
+  if (!REAL_SHAPES.some((s) => hasMmaConfig(caps.subgroupMatrixConfigs, s))) {
+    reasons.push(
+      "the device has no int8 subgroup matrices (i8 -> i32, M16 K32: Dawn's chromium-experimental-subgroup-matrix); " +
+        `${EMULATE_MMA_VARIABLE}=1 runs the emulated form`,
+    );
+  } else if (!caps.subgroups || caps.subgroupMinSize !== 32 || (caps.subgroupMaxSize ?? 0) !== 32) {
+    reasons.push(
+      `its tiles need subgroups of exactly 32 invocations (this device: ${caps.subgroupMinSize} to ${
+        caps.subgroupMaxSize ?? "?"
+      })`,
+    );
+  }
+  return reasons;
+}
+
+/** The main kernel's config for a call on a device, or the reason there is none. */
+export function chooseSageMmaConfig(
+  p: AttentionProblem,
+  caps: Capabilities,
+  lse: boolean,
+  emulate = emulatingMma(),
+): SageMmaConfig | string {
+  const limits = {
+    storage: caps.limits.maxComputeWorkgroupStorageSize,
+    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
+  };
+  const shape = emulate
+    ? REAL_SHAPES[0]
+    : REAL_SHAPES.find((s) => hasMmaConfig(caps.subgroupMatrixConfigs, s));
+  if (!shape) return "no int8 subgroup-matrix tile on this device";
+  const small = p.sQ <= MMA_ROWS;
+  const bcs = p.sKv <= 32 ? [32] : [64, 32];
+  let last = "no tile fits";
+  // Most subgroups per workgroup first, 64-key tiles first: on the H200 at the Flux shape 4 subgroups
+  // with aliased S and O tiles ran 10.3 ms, 3 subgroups 10.7 to 11.0, 2 subgroups 12.6 to 13.2, and
+  // 4 subgroups of 32-key tiles 12.8 to 29.5 (bench/RESULTS.md, runs 11 and 12).
+  const layouts = (small ? [1] : [4, 3, 2, 1]).flatMap((warps) => [
+    { warps, alias: false },
+    { warps, alias: true },
+  ]);
+  for (const bc of bcs) {
+    for (const layout of layouts) {
+      const c: SageMmaConfig = {
+        dtype: p.dtype,
+        f16: caps.shaderF16,
+        d: p.d,
+        ...layout,
+        bc,
+        shape,
+        band: hasBand(p),
+        keyPadding: p.mask !== null,
+        lse,
+        emulate,
+        vTransposed: true,
+        ...(sageMmaTuning.override ?? {}),
+      };
+      const problems = sageMmaConfigProblems(c, limits);
+      if (problems.length === 0) return c;
+      last = problems.join("; ");
+    }
+  }
+  return `no int8 matrix tile configuration fits this device (${last})`;
+}
+
+/** Bytes of the scratch buffers. */
+function scratchSizes(p: AttentionProblem, c: SageMmaConfig, lse: boolean) {
+  const { dQ, dV } = sageMmaDims(p.d);
+  const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
+  const blocks = Math.ceil(p.sQ / (MMA_ROWS * c.warps));
+  return {
+    qBlocks,
+    kBlocks,
+    blocks,
+    // The last workgroup's extra subgroups read up to `warps` blocks past the end (rows never stored).
+    q8: (p.b * p.n * qBlocks + c.warps) * MMA_ROWS * dQ,
+    qScale: (p.b * p.n * qBlocks + c.warps) * 4,
+    k8: p.b * p.nKv * kBlocks * c.bc * dQ,
+    kScale: p.b * p.nKv * kBlocks * 4,
+    mean: p.b * p.nKv * p.d * 4,
+    v8: p.b * p.nKv * kBlocks * c.bc * dV,
+    vStat: p.b * p.nKv * 2 * dV * 4,
+    bias: lse ? p.b * p.n * p.sQ * 4 : 0,
+  };
+}
+
+function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
+  const reasons = flashUnsupportedReasons(p, caps, false);
+  if (!caps) return reasons;
+  // Its kernel does not take flash's flex hooks (yet): a scoreMod or maskMod would be ignored.
+  if (p.flex) {
+    reasons.push("scoreMod, maskMod and block masks are not fused in its kernel (flash and sage serve them)");
+  }
+  const emulate = emulatingMma();
+  if (!emulate) reasons.push(...realMmaReasons(caps));
+  if (reasons.length === 0) {
+    const c = chooseSageMmaConfig(p, caps, true, emulate);
+    if (typeof c === "string") reasons.push(c);
+    else {
+      const sizes = scratchSizes(p, c, true);
+      const limit = caps.limits.maxStorageBufferBindingSize;
+      if (Math.max(sizes.q8, sizes.k8, sizes.v8, sizes.bias) > limit) {
+        reasons.push("its int8 copies of q, k and v do not fit one storage binding");
+      }
+      const buffers = 7 + (p.mask ? 1 : 0) + 2; // with the lse
+      if (buffers > caps.limits.maxStorageBuffersPerShaderStage) {
+        reasons.push(
+          `its kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
+        );
+      }
+    }
+  }
+  return reasons;
+}
+
+/**
+ * Why the router does not pick `sage-mma` by itself on a device that runs its real form: on the
+ * H200 it measured slower than `sage` at every sequence length tried (bench/RESULTS.md, runs 11 and 12),
+ * so there is no crossover yet. It stays ahead of `sage` in the registry so that this reason is
+ * what explain() shows; when a version of the kernel beats `sage`, this becomes a length bound.
+ */
+export const SAGE_MMA_SLOWER =
+  "measured slower than sage on the H200 (Flux [1, 24, 4608, 128] f16: 10.3 ms at best against 5.75 ms; " +
+  "s 1024 and 2048 alike; bench/RESULTS.md, runs 11 and 12): by name only (backend: 'sage-mma')";
+
+function unsuitedReasons(p: AttentionProblem): string[] {
+  if (emulatingMma()) {
+    return [
+      `${EMULATE_MMA_VARIABLE}=1 selects its emulated form, for tests (slower than flash): by name only`,
+    ];
+  }
+  if (p.dtype === "f32") {
+    return [
+      "f32 inputs keep f32 accuracy (int8 Q·Kᵀ and P·V: relative L1 error about 6e-3); choose it with " +
+      "backend: 'sage-mma' or WGATTN_IMPLEMENTATION=sage-mma",
+    ];
+  }
+  const sharpness = Math.abs(p.scale) * Math.sqrt(p.d);
+  if (sharpness > SAGE_MAX_SHARPNESS) {
+    return [
+      `scale ${p.scale} is ${sharpness.toFixed(1)}x the default 1/sqrt(d): int8 Q·Kᵀ error grows with ` +
+      `the scale (router limit ${SAGE_MAX_SHARPNESS}x)`,
+    ];
+  }
+  return [SAGE_MMA_SLOWER];
+}
+
+async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void> {
+  const caps = call.rt.caps;
+  const lse = io.lse !== null;
+  const c = chooseSageMmaConfig(p, caps, lse);
+  if (typeof c === "string") throw new Error(c);
+  const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
+  const main = sageMmaKernel(c);
+  const meanK = sageMeanKernel(input);
+  const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
+  const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias: lse, pad: 32 });
+  const quantV = sageMmaVKernel({ ...input, bc: c.bc, transposed: c.vTransposed === true });
+  const [mainPipe, meanPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
+    [main, meanK, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
+  );
+  const sz = scratchSizes(p, c, lse);
+  const q8 = call.scratch(sz.q8, "sage-mma q int8");
+  const k8 = call.scratch(sz.k8, "sage-mma k int8");
+  const v8 = call.scratch(sz.v8, "sage-mma v int8");
+  const qScale = call.scratch(sz.qScale, "sage-mma q scales");
+  const kScale = call.scratch(sz.kScale, "sage-mma k scales");
+  const mean = call.scratch(sz.mean, "sage-mma k mean");
+  const vStat = call.scratch(sz.vStat, "sage-mma v scales and means");
+  const bias = lse ? call.scratch(sz.bias, "sage-mma lse bias") : null;
+  const v4 = (x: number) => x / 4;
+  const { dV } = sageMmaDims(p.d);
+
+  // 1. K's mean over the sequence per (batch, K/V head, channel).
+  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
+  call.dispatch(meanPipe, meanK, { x: io.k, mean }, {
+    heads: p.nKv,
+    cgroups,
+    s: p.sKv,
+    sb: v4(p.k.strides.b),
+    sh: v4(p.k.strides.n),
+    ss: v4(p.k.strides.s),
+  }, p.b * p.nKv * cgroups);
+  // 2. K - mean to int8 per block of bc keys.
+  call.dispatch(quantKPipe, quantK, { x: io.k, x8: k8, x_scale: kScale, mean }, {
+    heads: p.nKv,
+    group: 1,
+    n_kv: p.nKv,
+    blocks: sz.kBlocks,
+    s: p.sKv,
+    sb: v4(p.k.strides.b),
+    sh: v4(p.k.strides.n),
+    ss: v4(p.k.strides.s),
+    scale_mul: 1,
+    bias_scale: 0,
+  }, p.b * p.nKv * sz.kBlocks);
+  // 3. Q to int8 per block of 16 rows; its scale carries the softmax scale in log2 units.
+  const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: q8, x_scale: qScale };
+  if (bias) {
+    qBuffers.mean = mean;
+    qBuffers.bias = bias;
+  }
+  call.dispatch(quantQPipe, quantQ, qBuffers, {
+    heads: p.n,
+    group: p.n / p.nKv,
+    n_kv: p.nKv,
+    blocks: sz.qBlocks,
+    s: p.sQ,
+    sb: v4(p.q.strides.b),
+    sh: v4(p.q.strides.n),
+    ss: v4(p.q.strides.s),
+    scale_mul: p.scale * Math.LOG2E,
+    bias_scale: p.scale,
+  }, p.b * p.n * sz.qBlocks);
+  // 4. V - mean to int8 per channel.
+  const vgroups = Math.ceil(dV / 4 / SAGE_MEAN_COLUMNS);
+  call.dispatch(quantVPipe, quantV, { x: io.v, v8, v_stat: vStat }, {
+    cgroups: vgroups,
+    s: p.sKv,
+    rows: sz.kBlocks * c.bc,
+    heads: p.nKv,
+    sb: v4(p.v.strides.b),
+    sh: v4(p.v.strides.n),
+    ss: v4(p.v.strides.s),
+  }, p.b * p.nKv * vgroups);
+  // 5. The matrix kernel.
+  const ms = p.mask?.strides ?? { b: 0, j: 0 };
+  const buffers: Record<string, GPUBuffer> = {
+    q8,
+    k8,
+    v8,
+    o: io.out,
+    q_scale: qScale,
+    k_scale: kScale,
+    v_stat: vStat,
+  };
+  if (io.mask) buffers.mask = io.mask;
+  if (io.lse) buffers.lse = io.lse;
+  if (bias) buffers.lse_bias = bias;
+  const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
+  call.dispatch(mainPipe, main, buffers, {
+    n: p.n,
+    group: p.n / p.nKv,
+    s_q: p.sQ,
+    s_kv: p.sKv,
+    blocks: sz.blocks,
+    q_blocks: sz.qBlocks,
+    offset: diagonalOffset(p),
+    left: Math.min(p.left, bound),
+    right: Math.min(p.right, bound),
+    o_sb: v4(p.out.strides.b),
+    o_sh: v4(p.out.strides.n),
+    o_ss: v4(p.out.strides.s),
+    m_sb: ms.b,
+    m_sj: ms.j,
+  }, p.b * p.n * sz.blocks);
+}
+
+/** SageAttention on int8 matrix tiles. */
+export const sageMmaBackend: GpuBackend = {
+  kind: "gpu",
+  name: "sage-mma",
+  aliases: ["sage_mma", "sageattention_mma"],
+  summary: "SageAttention on int8 subgroup matrices: smoothed K, int8 Q·Kᵀ and P·V tiles, f32 online softmax",
+  producesLse: true,
+  unsupportedReasons,
+  unsuitedReasons,
+  encode,
+};

@@ -1,0 +1,553 @@
+/**
+ * The `sage-mma` kernels: SageAttention on matrix tiles (wgsl/mma.ts), int8 Q·Kᵀ and int8 P·V.
+ *
+ * Pre-pass (with wgsl/sage.ts's mean and quantization kernels, d padded to 32): K smoothed by its
+ * per-channel mean and quantized per block of `bc` keys, Q per block of 16 rows (one scale each,
+ * Q's carrying the softmax scale and log2 e); {@link sageMmaVKernel} centres V on its per-channel
+ * mean and quantizes it per channel (one scale per channel over the sequence).
+ *
+ * Main kernel ({@link sageMmaKernel}): a workgroup of `warps` subgroups of 32 invocations serves
+ * 16·warps query rows of one (batch, head); each subgroup owns 16 rows and keeps their Q tiles
+ * (d/32 left matrices) for the whole key loop. Per tile of `bc` keys each subgroup
+ *   1. S = Q Kᵀ: (bc/N)·(d/32) multiply-accumulates into i32 tiles, stored to workgroup memory;
+ *   2. two invocations per row read the row's scores, dequantize them (q scale · k scale), mask,
+ *      take the row max (the pair exchange partial maxima through workgroup memory), and quantize
+ *      P = exp2(s - tile max) ∈ [0, 1] to i8 (0..127, one scale per row and key tile);
+ *   3. O_tile = P V: (dV/N)·(bc/32) multiply-accumulates (V int8 per channel) into i32 tiles,
+ *      stored to workgroup memory and added into the invocations' f32 accumulators with the
+ *      online-softmax factors (alpha for the old rows, exp2(tile max - new max) for the tile).
+ * The end multiplies each channel by V's scale, divides by the row sum and adds V's mean back
+ * (zero rows stay zero). Four workgroup barriers per tile; matrix steps run in workgroup-uniform
+ * control flow.
+ */
+import type { DType } from "../core/types.ts";
+import {
+  BF16_PACK,
+  isNanExpr,
+  type Kernel,
+  NEG_INF,
+  POS_INF,
+  uniformBlock,
+  type UniformType,
+} from "./common.ts";
+import { storeVec, UNPACK, vecElement } from "./flash.ts";
+import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
+import { SAGE_MEAN_COLUMNS, SAGE_THREADS, type SageInput } from "./sage.ts";
+
+/** Everything that changes the main kernel's text. */
+export interface SageMmaConfig {
+  dtype: DType;
+  f16: boolean;
+  /** Head dim of q, k, v (a multiple of 4, at most 256). */
+  d: number;
+  /** Subgroups (of 32 invocations) per workgroup; query rows per workgroup are 16·warps. */
+  warps: number;
+  /** Keys per tile (a multiple of 32 and of the tile's N). */
+  bc: number;
+  /** The matrix tile: M 16, K 32; N 16 or 8. */
+  shape: MmaShape;
+  band: boolean;
+  keyPadding: boolean;
+  lse: boolean;
+  /** Plain-WGSL matrix steps (any adapter) instead of subgroup matrices. */
+  emulate: boolean;
+  /**
+   * One result tile live at a time (each stored as soon as it is complete) instead of all the S
+   * tiles, then all the O tiles, accumulated together: fewer registers, less independent work.
+   */
+  oneTile?: boolean;
+  /**
+   * V quantized per key tile as [channels, bc keys] (keys contiguous: the K-major layout int8
+   * tensor-core operands want) instead of [keys, channels]; {@link sageMmaVKernel} must match.
+   */
+  vTransposed?: boolean;
+  /**
+   * The S and O tiles share one workgroup-memory region per subgroup (one barrier more per tile),
+   * so that more subgroups fit a workgroup.
+   */
+  alias?: boolean;
+  /** Row maxima and sums exchanged by subgroup shuffles (real form only): one barrier less per tile. */
+  shuffle?: boolean;
+}
+
+/** Rows of a Q block and of a subgroup's tile. */
+export const MMA_ROWS = 16;
+
+/** Head dims of the packed Q/K (to the tile's K, 32) and V (to 16) rows. */
+export function sageMmaDims(d: number) {
+  return { dQ: Math.ceil(d / 32) * 32, dV: Math.ceil(d / 16) * 16 };
+}
+
+/** Derived sizes. */
+export function sageMmaShape(c: SageMmaConfig) {
+  const { dQ, dV } = sageMmaDims(c.d);
+  const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
+  const ss = c.bc + 4, so = dV + 4; // i32 strides of the S and O tiles (+4 against bank conflicts)
+  // With `alias` the S and O tiles share one region per subgroup.
+  const tilesWords = c.alias ? MMA_ROWS * Math.max(ss, so) : MMA_ROWS * (ss + so);
+  const perWarp = tilesWords + (MMA_ROWS * c.bc) / 4 + MMA_SUBGROUP;
+  return { dQ, dV, br, threads, ss, so, sharedBytes: 4 * perWarp * c.warps };
+}
+
+/** Why a config is not valid for a device with these limits (empty when valid). */
+export function sageMmaConfigProblems(
+  c: SageMmaConfig,
+  limits: { storage: number; invocations: number },
+): string[] {
+  const s = sageMmaShape(c);
+  const problems: string[] = [];
+  if (c.d % 4 !== 0 || c.d > 256) problems.push("d must be a multiple of 4 up to 256");
+  if (c.shape.M !== 16 || c.shape.K !== 32 || (c.shape.N !== 16 && c.shape.N !== 8)) {
+    problems.push("the tile must be M16 K32 with N 16 or 8");
+  }
+  if (c.shape.component !== "i8" || c.shape.result !== "i32") {
+    problems.push("only i8 -> i32 tiles are generated");
+  }
+  if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
+  if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
+  if (s.sharedBytes > limits.storage) {
+    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
+  }
+  return problems;
+}
+
+/** A stable cache key. */
+export function sageMmaKey(c: SageMmaConfig): string {
+  const t = c.shape;
+  return `sage-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
+    `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}${
+      c.shuffle && !c.emulate ? ":shfl" : ""
+    }${c.vTransposed ? ":vt" : ""}${c.alias ? ":alias" : ""}`;
+}
+
+const UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["n", "u32"],
+  ["group", "u32"],
+  ["s_q", "u32"],
+  ["s_kv", "u32"],
+  ["blocks", "u32"],
+  // Q blocks of 16 rows per head (q8 rows per head are 16 of these).
+  ["q_blocks", "u32"],
+  ["offset", "i32"],
+  ["left", "i32"],
+  ["right", "i32"],
+  // Output strides in vec4 units (b, head, s); d is contiguous.
+  ["o_sb", "u32"],
+  ["o_sh", "u32"],
+  ["o_ss", "u32"],
+  // Key-padding mask strides in bytes (b, key).
+  ["m_sb", "u32"],
+  ["m_sj", "u32"],
+];
+
+/** The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], q_scale, k_scale, v_stat, [lse_bias]. */
+export function sageMmaKernel(c: SageMmaConfig): Kernel {
+  const s = sageMmaShape(c);
+  const { dQ, dV, br, ss, so } = s;
+  const { N } = c.shape;
+  const R = MMA_ROWS, half = c.bc / 2, halfV = dV / 2;
+  const mma = new MmaEmitter(c.shape, c.emulate, "lane");
+  const L: string[] = [];
+  const emit = (line: string) => L.push(line);
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  // Matrix steps: written out one by one in the real form (each tile a register variable); loops
+  // over arrays of fragments in the emulated form, whose multiplies are loops themselves: written
+  // out, lavapipe's compiler unrolls every call site and a d 256 kernel takes minutes to build.
+  const forEach = (v: string, n: number, body: (i: string) => void) => {
+    if (!c.emulate) return range(n).forEach((i) => body(`${i}u`));
+    emit(`    for (var ${v} = 0u; ${v} < ${n}u; ${v}++) {`);
+    body(v);
+    emit(`    }`);
+  };
+  const tile = (name: string, i: string) => c.emulate ? `${name}[${i}]` : `${name}${parseInt(i)}`;
+  const tiles = (name: string, n: number, zero: (v: string) => void) => {
+    if (c.emulate) emit(`    ${mma.zeroArray(name, n)}`);
+    else range(n).forEach((i) => zero(`${name}${i}`));
+  };
+
+  if (c.dtype === "f16" && c.f16) emit("enable f16;");
+  emit(mma.header() + uniformBlock(UNIFORMS));
+  const el = vecElement(c);
+  const bindings = ["q8", "k8", "v8", "o"];
+  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
+@group(0) @binding(2) var<storage, read> k8: array<i32>;
+@group(0) @binding(3) var<storage, read> v8: array<i32>;
+@group(0) @binding(4) var<storage, read_write> o: array<${el}>;`);
+  const bind = (name: string, decl: string) => {
+    bindings.push(name);
+    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
+  };
+  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
+  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
+  bind("q_scale", "var<storage, read> q_scale: array<f32>;");
+  bind("k_scale", "var<storage, read> k_scale: array<f32>;");
+  // v_stat: [b, n_kv, 2, dV]: V's scale per channel, then its mean.
+  bind("v_stat", "var<storage, read> v_stat: array<f32>;");
+  if (c.lse) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
+  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
+  if (c.dtype === "bf16") emit(BF16_PACK);
+  const sArr = c.alias ? "sso" : "ss", oArr = c.alias ? "sso" : "so";
+  const region = c.alias ? R * Math.max(ss, so) : 0;
+  emit(
+    c.alias
+      ? `var<workgroup> sso: array<i32, ${c.warps * region}>;`
+      : `var<workgroup> ss: array<i32, ${c.warps * R * ss}>;
+var<workgroup> so: array<i32, ${c.warps * R * so}>;`,
+  );
+  emit(`
+var<workgroup> sp: array<i32, ${(c.warps * R * c.bc) / 4}>;
+var<workgroup> red: array<f32, ${c.warps * MMA_SUBGROUP}>;
+const NEG: f32 = -3.0e38;
+const LN2: f32 = 0.6931471805599453;`);
+  // Operand places (strides in elements of the component type: i8 bytes, i32 words).
+  const qAt: MmaPlace = { array: "q8", colMajor: false, stride: dQ };
+  const kAt: MmaPlace = { array: "k8", colMajor: true, stride: dQ }; // Kᵀ: key j's column is its row
+  const sAt: MmaPlace = { array: sArr, colMajor: false, stride: ss };
+  const pAt: MmaPlace = { array: "sp", colMajor: false, stride: c.bc };
+  // V: [keys, channels] row-major, or per key tile [channels, bc keys] (column-major for the tile).
+  const vAt: MmaPlace = c.vTransposed
+    ? { array: "v8", colMajor: true, stride: c.bc }
+    : { array: "v8", colMajor: false, stride: dV };
+  const vOffset = (kk: string, g: string) =>
+    c.vTransposed
+      ? `v8_base + kv0 * ${dV}u + ${g} * ${N * c.bc}u + ${kk} * 32u`
+      : `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`;
+  const oAt: MmaPlace = { array: oArr, colMajor: false, stride: so };
+
+  emit(`@compute @workgroup_size(${s.threads})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.blocks;
+  // Heaviest query blocks first under a causal band (bottom-right aligned: the last rows see most keys).
+  let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
+  let h = bh % P.n;
+  let b = bh / P.n;
+  let hk = h / P.group;
+  let q0 = blk * ${br}u;
+  let warp = lid / ${MMA_SUBGROUP}u;
+  let lane = lid % ${MMA_SUBGROUP}u;
+  // This invocation's row of the subgroup's 16 and its half of the columns.
+  let r = lane % ${R}u;
+  let hh = lane / ${R}u;
+  let row = q0 + warp * ${R}u + r;
+  let rows_here = min(P.s_q - q0, ${br}u);
+  let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
+  let bhk = b * (P.n / P.group) + hk;
+  let ks_base = bhk * k_blocks;
+  let k8_base = ks_base * ${c.bc * dQ}u;
+  let v8_base = ks_base * ${c.bc * dV}u;
+  let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
+  let q_sc = q_scale[qb];
+  let q8_base = qb * ${R * dQ}u;
+  let ws = warp * ${c.alias ? region : R * ss}u;
+  let wo = warp * ${c.alias ? region : R * so}u;
+  let wp = warp * ${R * c.bc}u;`);
+  // Real form: the Q tiles stay in registers for the whole key loop (the emulated form reads them
+  // at each multiply).
+  if (!c.emulate) {
+    for (const k of range(dQ / 32)) emit("  " + mma.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
+  }
+  emit(`  var j_lo = 0i;
+  var j_hi = i32(P.s_kv);`);
+  if (c.band) {
+    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
+  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+  }
+  emit(`  let t_lo = u32(max(j_lo, 0i)) / ${c.bc}u;
+  let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${c.bc - 1}u) / ${c.bc}u, j_hi > j_lo);
+  var m = NEG;
+  var l = 0.0;`);
+  for (const e of range(halfV)) emit(`  var o${e} = 0.0;`);
+  emit(`  for (var t = t_lo; t < t_hi; t++) {
+    let kv0 = t * ${c.bc}u;`);
+  // Aliased: the previous tile's O reads end before this tile's S store.
+  if (c.alias) emit(`    workgroupBarrier();`);
+  // ---- 1. S = Q Kᵀ ----
+  if (c.oneTile) {
+    // One S tile at a time, stored as soon as its d/32 multiplies are done (fewer live registers).
+    forEach("j", c.bc / N, (j) => {
+      emit("    {");
+      emit("    " + mma.zero("s"));
+      forEach("k", dQ / 32, (k) => {
+        if (c.emulate) emit("    " + mma.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+        emit("      {");
+        emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
+        emit("      " + mma.mma("s", c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+        emit("      }");
+      });
+      emit("    " + mma.store(sAt, `ws + ${j} * ${N}u`, "s"));
+      emit("    }");
+    });
+  } else {
+    tiles("s", c.bc / N, (j) => emit("    " + mma.zero(j)));
+    forEach("k", dQ / 32, (k) => {
+      if (c.emulate) emit("    " + mma.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+      forEach("j", c.bc / N, (j) => {
+        emit("    {");
+        emit("      " + mma.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
+        emit("      " + mma.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+        emit("    }");
+      });
+    });
+    forEach("j", c.bc / N, (j) => emit("    " + mma.store(sAt, `ws + ${j} * ${N}u`, tile("s", j))));
+  }
+  emit(`    workgroupBarrier();`);
+  // ---- 2. softmax of the row half, P to i8 ----
+  emit(`    let dq = q_sc * k_scale[ks_base + t];
+    let sb = ws + r * ${ss}u + hh * ${half}u;`);
+  for (const e of range(half)) emit(`    var x${e} = f32(${sArr}[sb + ${e}u]) * dq;`);
+  const masked = c.band || c.keyPadding;
+  emit(
+    `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
+      c.band
+        ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+          c.bc - 1
+        }i - (i32(q0) + P.offset) <= P.right`
+        : ""
+    }${c.keyPadding ? " && false" : ""};
+    if (!full_tile) {
+      let ri = i32(row) + P.offset;`,
+  );
+  for (const e of range(half)) {
+    emit(`      {
+        let col = kv0 + hh * ${half}u + ${e}u;`);
+    let ok = "col < P.s_kv";
+    if (c.keyPadding) {
+      emit(`        let mi = b * P.m_sb + min(col, P.s_kv - 1u) * P.m_sj;`);
+      ok += " && ((mask[mi >> 2u] >> ((mi & 3u) * 8u)) & 0xffu) != 0u";
+    }
+    if (c.band) ok += " && i32(col) - ri >= -P.left && i32(col) - ri <= P.right";
+    emit(`        x${e} = select(NEG, x${e}, ${ok});
+      }`);
+  }
+  emit(`    }`);
+  let mx = "x0";
+  for (const e of range(half).slice(1)) mx = `max(${mx}, x${e})`;
+  // The row's two invocations exchange partial maxima: by a subgroup shuffle in the real form with
+  // `shuffle` (a hardware subgroup is the tile's 32 invocations there), else through workgroup memory.
+  const shuffle = c.shuffle === true && !c.emulate;
+  emit(
+    shuffle
+      ? `    let mx = ${mx};
+    let mt = max(mx, subgroupShuffleXor(mx, ${R}u));`
+      : `    red[warp * ${MMA_SUBGROUP}u + lane] = ${mx};
+    workgroupBarrier();
+    let mt = max(red[warp * ${MMA_SUBGROUP}u + lane], red[warp * ${MMA_SUBGROUP}u + (lane ^ ${R}u)]);`,
+  );
+  emit(`    let mn = max(m, mt);
+    let alpha = exp2(m - mn);
+    let beta = exp2(mt - mn);
+    m = mn;`);
+  // P relative to the tile's row max, so its largest element is 127.
+  for (const e of range(half)) {
+    const p = masked ? `select(exp2(x${e} - mt), 0.0, x${e} <= -1.0e38)` : `exp2(x${e} - mt)`;
+    emit(`    let p${e} = u32(round(${p} * 127.0));`);
+  }
+  const pb = `wp / 4u + r * ${c.bc / 4}u + hh * ${half / 4}u`;
+  for (const w of range(half / 4)) {
+    const e = 4 * w;
+    emit(`    sp[${pb} + ${w}u] = i32(p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u));`);
+  }
+  emit(`    l = l * alpha + f32(${range(half).map((e) => `p${e}`).join(" + ")}) * beta;
+    workgroupBarrier();`);
+  // ---- 3. O_tile = P V ----
+  if (c.oneTile) {
+    // P's tiles loaded once; one O tile at a time, stored as soon as its bc/32 multiplies are done.
+    if (!c.emulate) {
+      for (const kk of range(c.bc / 32)) emit("    " + mma.loadLeft(`pa${kk}`, pAt, `wp + ${kk * 32}u`));
+    }
+    forEach("g", dV / N, (g) => {
+      emit("    {");
+      emit("    " + mma.zero("a"));
+      forEach("kk", c.bc / 32, (kk) => {
+        if (c.emulate) emit("    " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
+        emit("      {");
+        emit("      " + mma.loadRight("vb", vAt, vOffset(kk, g)));
+        emit("      " + mma.mma("a", c.emulate ? "pa" : `pa${parseInt(kk)}`, pAt, "vb", vAt));
+        emit("      }");
+      });
+      emit("    " + mma.store(oAt, `wo + ${g} * ${N}u`, "a"));
+      emit("    }");
+    });
+  } else {
+    tiles("a", dV / N, (g) => emit("    " + mma.zero(g)));
+    forEach("kk", c.bc / 32, (kk) => {
+      emit("    {");
+      emit("      " + mma.loadLeft("pa", pAt, `wp + ${kk} * 32u`));
+      forEach("g", dV / N, (g) => {
+        emit("      {");
+        emit("        " + mma.loadRight("vb", vAt, vOffset(kk, g)));
+        emit("        " + mma.mma(tile("a", g), "pa", pAt, "vb", vAt));
+        emit("      }");
+      });
+      emit("    }");
+    });
+    forEach("g", dV / N, (g) => emit("    " + mma.store(oAt, `wo + ${g} * ${N}u`, tile("a", g))));
+  }
+  emit(`    workgroupBarrier();
+    let ob = wo + r * ${so}u + hh * ${halfV}u;`);
+  for (const e of range(halfV)) emit(`    o${e} = o${e} * alpha + f32(${oArr}[ob + ${e}u]) * beta;`);
+  emit(`  }`);
+
+  // ---- finish: the row sum over both halves, V's scale and mean; zero rows stay zero ----
+  emit(
+    shuffle ? `  l += subgroupShuffleXor(l, ${R}u);` : `  workgroupBarrier();
+  red[warp * ${MMA_SUBGROUP}u + lane] = l;
+  workgroupBarrier();
+  l = red[warp * ${MMA_SUBGROUP}u + lane] + red[warp * ${MMA_SUBGROUP}u + (lane ^ ${R}u)];`,
+  );
+  emit(`  if (row < P.s_q) {
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    let vs = bhk * ${2 * dV}u + hh * ${halfV}u;
+    let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss + hh * ${halfV / 4}u;`);
+  for (const g of range(halfV / 4)) {
+    const vals = range(4).map((i) => {
+      const e = 4 * g + i;
+      return `select(o${e} * v_stat[vs + ${e}u] * inv + v_stat[vs + ${dV + e}u], 0.0, l == 0.0)`;
+    });
+    const guard = dV > c.d ? `if (hh * ${halfV}u + ${4 * g}u < ${c.d}u) ` : "";
+    emit(`    ${guard}{ o[obase + ${g}u] = ${storeVec(c, `vec4<f32>(${vals.join(", ")})`)}; }`);
+  }
+  if (c.lse) {
+    // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k). l counts
+    // P in units of 1/127.
+    emit(`    if (hh == 0u) {
+      let li = bh * P.s_q + row;
+      lse[li] = select(select(${NEG_INF}, (m + log2(l / 127.0)) * LN2 + lse_bias[li], l > 0.0), l, ${
+      isNanExpr("l")
+    });
+    }`);
+  }
+  emit(`  }
+}`);
+  emit(mma.helpers());
+  const key = sageMmaKey(c);
+  return { key, label: key, code: L.join("\n") + "\n", bindings, uniforms: UNIFORMS };
+}
+
+const V_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["cgroups", "u32"],
+  ["s", "u32"],
+  // Rows of v8 per head (k_blocks * bc): rows past s are written as zeros.
+  ["rows", "u32"],
+  // Strides of v in vec4 units (b, head, s) and the K/V head count.
+  ["heads", "u32"],
+  ["sb", "u32"],
+  ["sh", "u32"],
+  ["ss", "u32"],
+];
+
+/**
+ * V's per-channel mean and scale, and V - mean quantized to int8 per channel: one workgroup per
+ * (batch, K/V head, {@link SAGE_MEAN_COLUMNS} vec4 columns), three passes over the sequence (sum,
+ * absmax of the centred values, quantize). Non-finite values are left out of the mean; they make
+ * the channel's absmax, and so its scale, +Inf, and quantize to 0, so that channel's outputs of
+ * the head are NaN. Bindings: v, v8 (packed `[b, n_kv, rows, dV/4]`), v_stat (`[b, n_kv, 2, dV]`).
+ * Dispatch `b * n_kv * cgroups` workgroups, `cgroups = ceil(dV / 4 / SAGE_MEAN_COLUMNS)`.
+ */
+export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean }): Kernel {
+  const { dV } = sageMmaDims(c.d);
+  const d4 = c.d / 4, w4 = dV / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
+  const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
+  const ld = c.dtype === "f32"
+    ? "x[i]"
+    : c.dtype === "f16" && c.f16
+    ? "vec4<f32>(x[i])"
+    : c.dtype === "f16"
+    ? "vec4<f32>(unpack2x16float(x[i].x), unpack2x16float(x[i].y))"
+    : "vec4<f32>(bitcast<f32>(x[i].x << 16u), bitcast<f32>(x[i].x & 0xffff0000u), bitcast<f32>(x[i].y << 16u), bitcast<f32>(x[i].y & 0xffff0000u))";
+  const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}${c.transposed ? `:t${c.bc}` : ""}`;
+  const quantize = `let x = ld(base + r * P.ss) - mean;
+        let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));`;
+  const rowStore = `  if (col < ${w4}u) {
+    for (var r = lane; r < P.rows; r += ${lanes}u) {
+      var word = 0u;
+      if (live && r < P.s) {
+        ${quantize}
+        word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) | (u32(iv.w) << 24u);
+      }
+      v8[(bh * P.rows + r) * ${w4}u + col] = word;
+    }
+  }
+`;
+  // Per key tile [channels, bc keys]: four keys of one channel per word.
+  const bw = c.bc / 4;
+  const transposedStore = `  if (col < ${w4}u) {
+    for (var r4 = lane; r4 < P.rows / 4u; r4 += ${lanes}u) {
+      var w = vec4<u32>(0u);
+      for (var i = 0u; i < 4u; i++) {
+        let r = r4 * 4u + i;
+        if (live && r < P.s) {
+          ${quantize}
+          w |= (bitcast<vec4<u32>>(iv) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);
+        }
+      }
+      let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
+      v8[at] = w.x;
+      v8[at + ${bw}u] = w.y;
+      v8[at + ${2 * bw}u] = w.z;
+      v8[at + ${3 * bw}u] = w.w;
+    }
+  }
+`;
+  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
+    `@group(0) @binding(1) var<storage, read> x: array<${el}>;
+@group(0) @binding(2) var<storage, read_write> v8: array<u32>;
+@group(0) @binding(3) var<storage, read_write> v_stat: array<vec4<f32>>;
+var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
+fn ld(i: u32) -> vec4<f32> { return ${ld}; }
+fn finite4(x: vec4<f32>) -> vec4<bool> {
+  return (bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u);
+}
+@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.cgroups;
+  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let lane = lid / ${cw}u;
+  let live = col < ${d4}u;
+  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
+  var acc = vec4<f32>(0.0);
+  if (live) {
+    for (var r = lane; r < P.s; r += ${lanes}u) {
+      let x = ld(base + r * P.ss);
+      acc += select(vec4<f32>(0.0), x, finite4(x));
+    }
+  }
+  red[lid] = acc;
+  workgroupBarrier();
+  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
+    if (lane < st) { red[lid] += red[lid + st * ${cw}u]; }
+    workgroupBarrier();
+  }
+  let mean = red[lid % ${cw}u] / f32(P.s);
+  workgroupBarrier();
+  var mx = vec4<f32>(0.0);
+  if (live) {
+    for (var r = lane; r < P.s; r += ${lanes}u) {
+      let x = ld(base + r * P.ss) - mean;
+      mx = max(mx, select(vec4<f32>(${POS_INF}), abs(x), finite4(x)));
+    }
+  }
+  red[lid] = mx;
+  workgroupBarrier();
+  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
+    if (lane < st) { red[lid] = max(red[lid], red[lid + st * ${cw}u]); }
+    workgroupBarrier();
+  }
+  let amax = red[lid % ${cw}u];
+  let inv = select(vec4<f32>(0.0), vec4<f32>(127.0) / amax, amax > vec4<f32>(0.0));
+  if (lane == 0u && col < ${w4}u) {
+    v_stat[bh * ${2 * w4}u + col] = select(vec4<f32>(0.0), amax / 127.0, vec4<bool>(live));
+    v_stat[bh * ${2 * w4}u + ${w4}u + col] = select(vec4<f32>(0.0), mean, vec4<bool>(live));
+  }
+${c.transposed ? transposedStore : rowStore}}
+`;
+  return { key, label: key, code, bindings: ["x", "v8", "v_stat"], uniforms: V_UNIFORMS };
+}
