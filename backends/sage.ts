@@ -20,6 +20,7 @@ import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
+import type { Kernel } from "../wgsl/common.ts";
 
 /** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
 const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
@@ -191,49 +192,12 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const bias = lse ? call.scratch(sz.bias, "sage lse bias") : null;
   const v4 = (x: number) => x / 4;
 
-  // 1. K's mean over the sequence per (batch, K/V head, channel).
-  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
-  if (sageTuning.smooth) {
-    call.dispatch(meanPipe, meanK, { x: io.k, mean }, {
-      heads: p.nKv,
-      cgroups,
-      s: p.sKv,
-      sb: v4(p.k.strides.b),
-      sh: v4(p.k.strides.n),
-      ss: v4(p.k.strides.s),
-    }, p.b * p.nKv * cgroups);
-  }
-  // 2. K - mean to int8 per block of bc keys.
-  call.dispatch(quantKPipe, quantK, { x: io.k, x8: k8, x_scale: kScale, mean }, {
-    heads: p.nKv,
-    group: 1,
-    n_kv: p.nKv,
-    blocks: sz.kBlocks,
-    s: p.sKv,
-    sb: v4(p.k.strides.b),
-    sh: v4(p.k.strides.n),
-    ss: v4(p.k.strides.s),
-    scale_mul: 1,
-    bias_scale: 0,
-  }, p.b * p.nKv * sz.kBlocks);
-  // 3. Q to int8 per block of br rows; its scale carries the softmax scale in log2 units.
-  const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: q8, x_scale: qScale };
-  if (bias) {
-    qBuffers.mean = mean;
-    qBuffers.bias = bias;
-  }
-  call.dispatch(quantQPipe, quantQ, qBuffers, {
-    heads: p.n,
-    group: p.n / p.nKv,
-    n_kv: p.nKv,
-    blocks: sz.qBlocks,
-    s: p.sQ,
-    sb: v4(p.q.strides.b),
-    sh: v4(p.q.strides.n),
-    ss: v4(p.q.strides.s),
-    scale_mul: p.scale * Math.LOG2E,
-    bias_scale: p.scale,
-  }, p.b * p.n * sz.qBlocks);
+  encodeSageQuantization(call, p, io, {
+    pipes: { meanPipe, meanK, quantKPipe, quantK, quantQPipe, quantQ },
+    buffers: { q8, k8, qScale, kScale, mean, bias },
+    blocks: { q: sz.qBlocks, k: sz.kBlocks },
+    smooth: sageTuning.smooth,
+  });
   // 4. The flash kernel in int8 mode.
   const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = { q8, k8, v: io.v, o: io.out, q_scale: qScale, k_scale: kScale };
@@ -285,3 +249,81 @@ export const sageBackend: GpuBackend = {
   unsuitedReasons,
   encode,
 };
+
+/** Pipelines and kernels of sage's quantization pre-pass (wgsl/sage.ts). */
+export interface SageQuantPipes {
+  meanPipe: GPUComputePipeline;
+  meanK: Kernel;
+  quantKPipe: GPUComputePipeline;
+  quantK: Kernel;
+  quantQPipe: GPUComputePipeline;
+  quantQ: Kernel;
+}
+
+/**
+ * Records sage's quantization pre-pass, shared with `sage-mma`: K's mean over the sequence per
+ * (batch, K/V head, channel) unless `smooth` is false, K - mean to int8 per block of keys, and Q to
+ * int8 per block of rows with a scale that carries the softmax scale in log2 units (and, for the
+ * log-sum-exp, each row's q·mean(k) in `bias`).
+ */
+export function encodeSageQuantization(
+  call: GpuCall,
+  p: AttentionProblem,
+  io: GpuIO,
+  o: {
+    pipes: SageQuantPipes;
+    buffers: {
+      q8: GPUBuffer;
+      k8: GPUBuffer;
+      qScale: GPUBuffer;
+      kScale: GPUBuffer;
+      mean: GPUBuffer;
+      bias: GPUBuffer | null;
+    };
+    blocks: { q: number; k: number };
+    smooth: boolean;
+  },
+): void {
+  const { pipes, buffers: b } = o;
+  const v4 = (x: number) => x / 4;
+  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
+  if (o.smooth) {
+    call.dispatch(pipes.meanPipe, pipes.meanK, { x: io.k, mean: b.mean }, {
+      heads: p.nKv,
+      cgroups,
+      s: p.sKv,
+      sb: v4(p.k.strides.b),
+      sh: v4(p.k.strides.n),
+      ss: v4(p.k.strides.s),
+    }, p.b * p.nKv * cgroups);
+  }
+  call.dispatch(pipes.quantKPipe, pipes.quantK, { x: io.k, x8: b.k8, x_scale: b.kScale, mean: b.mean }, {
+    heads: p.nKv,
+    group: 1,
+    n_kv: p.nKv,
+    blocks: o.blocks.k,
+    s: p.sKv,
+    sb: v4(p.k.strides.b),
+    sh: v4(p.k.strides.n),
+    ss: v4(p.k.strides.s),
+    scale_mul: 1,
+    bias_scale: 0,
+  }, p.b * p.nKv * o.blocks.k);
+  const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: b.q8, x_scale: b.qScale };
+  if (b.bias) {
+    qBuffers.mean = b.mean;
+    qBuffers.bias = b.bias;
+  }
+  call.dispatch(pipes.quantQPipe, pipes.quantQ, qBuffers, {
+    heads: p.n,
+    group: p.n / p.nKv,
+    n_kv: p.nKv,
+    blocks: o.blocks.q,
+    s: p.sQ,
+    sb: v4(p.q.strides.b),
+    sh: v4(p.q.strides.n),
+    ss: v4(p.q.strides.s),
+    scale_mul: p.scale * Math.LOG2E,
+    bias_scale: p.scale,
+  }, p.b * p.n * o.blocks.q);
+}

@@ -28,7 +28,7 @@ import {
   sageMmaKernel,
   sageMmaVKernel,
 } from "../wgsl/sage_mma.ts";
-import { SAGE_MAX_SHARPNESS } from "./sage.ts";
+import { encodeSageQuantization, SAGE_MAX_SHARPNESS } from "./sage.ts";
 
 /** The environment variable that selects the emulated (plain WGSL) matrix steps. */
 export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
@@ -228,47 +228,12 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const v4 = (x: number) => x / 4;
   const { dV } = sageMmaDims(p.d);
 
-  // 1. K's mean over the sequence per (batch, K/V head, channel).
-  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
-  call.dispatch(meanPipe, meanK, { x: io.k, mean }, {
-    heads: p.nKv,
-    cgroups,
-    s: p.sKv,
-    sb: v4(p.k.strides.b),
-    sh: v4(p.k.strides.n),
-    ss: v4(p.k.strides.s),
-  }, p.b * p.nKv * cgroups);
-  // 2. K - mean to int8 per block of bc keys.
-  call.dispatch(quantKPipe, quantK, { x: io.k, x8: k8, x_scale: kScale, mean }, {
-    heads: p.nKv,
-    group: 1,
-    n_kv: p.nKv,
-    blocks: sz.kBlocks,
-    s: p.sKv,
-    sb: v4(p.k.strides.b),
-    sh: v4(p.k.strides.n),
-    ss: v4(p.k.strides.s),
-    scale_mul: 1,
-    bias_scale: 0,
-  }, p.b * p.nKv * sz.kBlocks);
-  // 3. Q to int8 per block of 16 rows; its scale carries the softmax scale in log2 units.
-  const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: q8, x_scale: qScale };
-  if (bias) {
-    qBuffers.mean = mean;
-    qBuffers.bias = bias;
-  }
-  call.dispatch(quantQPipe, quantQ, qBuffers, {
-    heads: p.n,
-    group: p.n / p.nKv,
-    n_kv: p.nKv,
-    blocks: sz.qBlocks,
-    s: p.sQ,
-    sb: v4(p.q.strides.b),
-    sh: v4(p.q.strides.n),
-    ss: v4(p.q.strides.s),
-    scale_mul: p.scale * Math.LOG2E,
-    bias_scale: p.scale,
-  }, p.b * p.n * sz.qBlocks);
+  encodeSageQuantization(call, p, io, {
+    pipes: { meanPipe, meanK, quantKPipe, quantK, quantQPipe, quantQ },
+    buffers: { q8, k8, qScale, kScale, mean, bias },
+    blocks: { q: sz.qBlocks, k: sz.kBlocks },
+    smooth: true,
+  });
   // 4. V - mean to int8 per channel.
   const vgroups = Math.ceil(dV / 4 / SAGE_MEAN_COLUMNS);
   call.dispatch(quantVPipe, quantV, { x: io.v, v8, v_stat: vStat }, {
