@@ -67,7 +67,7 @@ export function setProfiler(p: Profiler | null): void {
 }
 
 /** Live GPU buffers that wgattn created and still holds, for leak checks. */
-export const gpuStats = { liveBuffers: 0, liveBytes: 0 };
+export const gpuStats = { liveBuffers: 0, liveBytes: 0, keptBuffers: 0, keptBytes: 0 };
 
 /** Fault-injection and test hooks. Leave them alone outside tests. */
 export const debug: {
@@ -361,7 +361,11 @@ const KEPT_MAX = 8, KEPT_MAX_BYTES = 256 << 20;
 function takeKept(device: GPUDevice, size: number, usage: number): GPUBuffer | null {
   const list = kept.get(device);
   const i = list ? list.findIndex((b) => b.size === size && b.usage === usage) : -1;
-  return i >= 0 ? list!.splice(i, 1)[0] : null;
+  if (i < 0) return null;
+  const [b] = list!.splice(i, 1);
+  gpuStats.keptBuffers--;
+  gpuStats.keptBytes -= b.size;
+  return b;
 }
 
 /** Keeps a temporary for a later call when it is large and the pool has room; destroys it otherwise. */
@@ -375,6 +379,8 @@ export function recycleBuffer(device: GPUDevice, b: GPUBuffer): void {
   }
   untrackBuffer(b);
   list.push(b);
+  gpuStats.keptBuffers++;
+  gpuStats.keptBytes += b.size;
 }
 
 /** Forgets a buffer handed to the caller (it is theirs to destroy). */

@@ -10,6 +10,13 @@ export interface Stats {
   liveBuffers: number;
   /** Their bytes. */
   liveBytes: number;
+  /**
+   * Large temporaries of finished calls kept for the next call of the same sizes (uploads and host
+   * calls' outputs of at least 1 MiB; at most 8 and 256 MiB per device), on all devices.
+   */
+  keptBuffers: number;
+  /** Their bytes. */
+  keptBytes: number;
   /** Compiled pipelines cached for the device (0 before the first call). */
   cachedPipelines: number;
   /** The most pipelines kept per device; past it the least recently used is dropped. */
@@ -34,6 +41,8 @@ export function stats(options?: { device?: GPUDevice }): Stats {
   return {
     liveBuffers: gpuStats.liveBuffers,
     liveBytes: gpuStats.liveBytes,
+    keptBuffers: gpuStats.keptBuffers,
+    keptBytes: gpuStats.keptBytes,
     cachedPipelines: rt?.pipelines.size ?? 0,
     pipelineCacheLimit: PIPELINE_CACHE_LIMIT,
   };

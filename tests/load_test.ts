@@ -331,3 +331,25 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: `load: large uploads and host outputs are kept for the next call of the same sizes, bounded${skip}`,
+  ignore,
+  async fn() {
+    // [1, 16, 256, 64] f32: 1 MiB per tensor, the smallest size kept.
+    const shape = [1, 16, 256, 64];
+    const random = rng(11);
+    const t = () => ({ data: Float32Array.from({ length: 16 * 256 * 64 }, () => random() * 2 - 1), shape });
+    const [q, k, v] = [t(), t(), t()];
+    const first = await attentionForward(q, k, v, { backend: "naive" });
+    const kept = stats();
+    assert.ok(kept.keptBuffers >= 4, `q, k, v and the output kept (${kept.keptBuffers})`);
+    for (let i = 0; i < 3; i++) {
+      const again = await attentionForward(q, k, v, { backend: "naive" });
+      assert.deepEqual(again.data, first.data, "a kept buffer's old contents never show");
+    }
+    const after = stats();
+    assert.equal(after.keptBuffers, kept.keptBuffers, "calls of the same sizes reuse, not add");
+    assert.ok(after.keptBuffers <= 8 && after.keptBytes <= 256 << 20, "bounded per device");
+  },
+});
