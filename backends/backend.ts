@@ -5,6 +5,7 @@
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import type { AttentionProblem } from "../core/problem.ts";
+import type { FlexKernelConfig } from "../wgsl/flex.ts";
 import type { ModBufferData } from "../core/flex.ts";
 
 /** GPU buffers of one call; strides and sizes are in the problem. */
@@ -86,4 +87,18 @@ export function gpuBaseReasons(p: AttentionProblem, caps: Capabilities | null): 
     if (size > limit) reasons.push(`${name} is ${size} bytes, over maxStorageBufferBindingSize (${limit})`);
   }
   return reasons;
+}
+
+/**
+ * The flex part of a kernel config for a call (undefined without flex options). Fused kernels that
+ * skip key tiles (`tileSkipping`) read a block map whenever the call has a mask_mod.
+ */
+export function flexKernelConfig(p: AttentionProblem, tileSkipping: boolean): FlexKernelConfig | undefined {
+  if (!p.flex) return undefined;
+  return {
+    scoreMod: p.flex.scoreMod?.wgsl ?? null,
+    maskMod: p.flex.maskMod?.wgsl ?? null,
+    buffers: p.flex.buffers,
+    blockMap: tileSkipping && p.flex.maskMod !== null,
+  };
 }

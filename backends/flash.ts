@@ -5,7 +5,7 @@
  * tiles of a block map skipped) and every layout whose head dim is contiguous. Other masks fall
  * back to `naive`.
  */
-import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
+import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
@@ -52,14 +52,7 @@ export function chooseFlashConfig(
     lse,
     subgroups: subgroups ? caps.subgroupDirective : false,
     swizzle: true,
-    flex: p.flex
-      ? {
-        scoreMod: p.flex.scoreMod?.wgsl ?? null,
-        maskMod: p.flex.maskMod?.wgsl ?? null,
-        buffers: p.flex.buffers,
-        blockMap: p.flex.maskMod !== null,
-      }
-      : undefined,
+    flex: flexKernelConfig(p, true),
   } as const;
   // A call of few query rows gets the smallest tile, flat, Q and K staged 8 columns and V 4 keys at a
   // time: the 64-row tiles would run at most a quarter full, and their code compiles for 10 to 30 s

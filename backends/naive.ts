@@ -1,5 +1,5 @@
 /** `naive`: the formula as written in three WGSL passes; serves every option. */
-import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
+import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
@@ -17,14 +17,7 @@ function config(p: AttentionProblem, caps: Capabilities, lse: boolean): NaiveCon
     band: hasBand(p),
     lse,
     packedOut: p.dtype !== "f32" && !f16,
-    flex: p.flex
-      ? {
-        scoreMod: p.flex.scoreMod?.wgsl ?? null,
-        maskMod: p.flex.maskMod?.wgsl ?? null,
-        buffers: p.flex.buffers,
-        blockMap: false,
-      }
-      : undefined,
+    flex: flexKernelConfig(p, false),
   };
 }
 

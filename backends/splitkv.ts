@@ -9,7 +9,7 @@
  * most {@link SPLITKV_MAX_ROWS} and s_q at most {@link SPLITKV_MAX_SQ}; past that `flash` reuses
  * each K/V tile over more rows.
  */
-import { type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
+import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
@@ -122,14 +122,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       band: hasBand(p),
       keyPadding: p.mask !== null,
       subgroups,
-      flex: p.flex
-        ? {
-          scoreMod: p.flex.scoreMod?.wgsl ?? null,
-          maskMod: p.flex.maskMod?.wgsl ?? null,
-          buffers: p.flex.buffers,
-          blockMap: false,
-        }
-        : undefined,
+      flex: flexKernelConfig(p, false),
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);
