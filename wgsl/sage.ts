@@ -60,7 +60,8 @@ function element(c: SageInput): string {
 }
 
 /** `ld` (four values of x as f32) and `finite4` (false for NaN and ±Inf, by the exponent bits). */
-function loader(c: SageInput): string {
+/** WGSL `ld` (vec4 `i` of the input `x` as f32) and `finite4`, for the pre-pass kernels. */
+export function sageLoader(c: SageInput): string {
   return loadFn(c) +
     "fn finite4(x: vec4<f32>) -> vec4<bool> {\n" +
     "  return (bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u);\n}\n";
@@ -98,29 +99,14 @@ const MEAN_UNIFORMS: [string, UniformType][] = [
 ];
 
 /**
- * The mean of x over the sequence per (batch, head, channel): one workgroup per (batch, head,
- * {@link SAGE_MEAN_COLUMNS} vec4 columns); its lanes sum strided rows, then a tree in workgroup
- * memory. Dispatch `b * heads * cgroups` workgroups, `cgroups = ceil(d / 4 / SAGE_MEAN_COLUMNS)`.
+ * WGSL summing x over the sequence per vec4 column into `red[lid]` (row `lane` of column
+ * `lid % cw`, lanes striding rows), then a tree in workgroup memory that leaves each column's sum in
+ * its lane-0 slot. Non-finite values are left out: any finite offset is exact (the softmax ignores
+ * it), and a NaN mean would spread one bad key to every key of the head.
  */
-export function sageMeanKernel(c: SageInput): Kernel {
-  const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
-  const key = `sage-mean:${c.dtype}:${c.f16}:d${c.d}`;
-  const code = header(c, MEAN_UNIFORMS) + loader(c) +
-    `@group(0) @binding(2) var<storage, read_write> mean: array<vec4<f32>>;
-var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
-@compute @workgroup_size(${SAGE_THREADS})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let wg = wid.x + wid.y * nwg.x;
-  if (wg >= P.groups) { return; }
-  let bh = wg / P.cgroups;
-  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
-  let lane = lid / ${cw}u;
-  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + col;
-  var acc = vec4<f32>(0.0);
-  if (col < ${d4}u) {
-    // Non-finite values are left out: any finite offset is exact (the softmax ignores it), and a
-    // NaN mean would spread one bad key to every key of the head.
+export function sageColumnSum(guard: string, lanes: number, cw: number): string {
+  return `  var acc = vec4<f32>(0.0);
+  if (${guard}) {
     for (var r = lane; r < P.s; r += ${lanes}u) {
       let x = ld(base + r * P.ss);
       acc += select(vec4<f32>(0.0), x, finite4(x));
@@ -132,7 +118,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (lane < st) { red[lid] += red[lid + st * ${cw}u]; }
     workgroupBarrier();
   }
-  if (lane == 0u && col < ${d4}u) { mean[bh * ${d4}u + col] = red[lid] / f32(P.s); }
+`;
+}
+
+/**
+ * The mean of x over the sequence per (batch, head, channel): one workgroup per (batch, head,
+ * {@link SAGE_MEAN_COLUMNS} vec4 columns); its lanes sum strided rows, then a tree in workgroup
+ * memory. Dispatch `b * heads * cgroups` workgroups, `cgroups = ceil(d / 4 / SAGE_MEAN_COLUMNS)`.
+ */
+export function sageMeanKernel(c: SageInput): Kernel {
+  const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
+  const key = `sage-mean:${c.dtype}:${c.f16}:d${c.d}`;
+  const code = header(c, MEAN_UNIFORMS) + sageLoader(c) +
+    `@group(0) @binding(2) var<storage, read_write> mean: array<vec4<f32>>;
+var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
+@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.cgroups;
+  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let lane = lid / ${cw}u;
+  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + col;
+${
+      sageColumnSum(`col < ${d4}u`, lanes, cw)
+    }  if (lane == 0u && col < ${d4}u) { mean[bh * ${d4}u + col] = red[lid] / f32(P.s); }
 }
 `;
   return { key, label: key, code, bindings: ["x", "mean"], uniforms: MEAN_UNIFORMS };
@@ -184,7 +195,7 @@ export function sageQuantKernel(c: SageQuantConfig): Kernel {
     bindings.push("bias");
   }
   const value = (col: string) => c.smooth ? `(ld(row + ${col}) - mean[mb + ${col}])` : `ld(row + ${col})`;
-  const code = header(c, QUANT_UNIFORMS) + loader(c) + decls +
+  const code = header(c, QUANT_UNIFORMS) + sageLoader(c) + decls +
     `var<workgroup> red: array<f32, ${t}>;
 @compute @workgroup_size(${t})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -32,7 +32,7 @@ import {
 } from "./common.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
-import { SAGE_MEAN_COLUMNS, SAGE_THREADS, type SageInput } from "./sage.ts";
+import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageColumnSum, type SageInput, sageLoader } from "./sage.ts";
 
 /** Everything that changes the main kernel's text. */
 export interface SageMmaConfig {
@@ -453,13 +453,6 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean 
   const { dV } = sageMmaDims(c.d);
   const d4 = c.d / 4, w4 = dV / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
   const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
-  const ld = c.dtype === "f32"
-    ? "x[i]"
-    : c.dtype === "f16" && c.f16
-    ? "vec4<f32>(x[i])"
-    : c.dtype === "f16"
-    ? "vec4<f32>(unpack2x16float(x[i].x), unpack2x16float(x[i].y))"
-    : "vec4<f32>(bitcast<f32>(x[i].x << 16u), bitcast<f32>(x[i].x & 0xffff0000u), bitcast<f32>(x[i].y << 16u), bitcast<f32>(x[i].y & 0xffff0000u))";
   const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}${c.transposed ? `:t${c.bc}` : ""}`;
   const quantize = `let x = ld(base + r * P.ss) - mean;
         let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));`;
@@ -499,11 +492,7 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean 
 @group(0) @binding(2) var<storage, read_write> v8: array<u32>;
 @group(0) @binding(3) var<storage, read_write> v_stat: array<vec4<f32>>;
 var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
-fn ld(i: u32) -> vec4<f32> { return ${ld}; }
-fn finite4(x: vec4<f32>) -> vec4<bool> {
-  return (bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u);
-}
-@compute @workgroup_size(${SAGE_THREADS})
+${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
@@ -513,20 +502,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let lane = lid / ${cw}u;
   let live = col < ${d4}u;
   let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
-  var acc = vec4<f32>(0.0);
-  if (live) {
-    for (var r = lane; r < P.s; r += ${lanes}u) {
-      let x = ld(base + r * P.ss);
-      acc += select(vec4<f32>(0.0), x, finite4(x));
-    }
-  }
-  red[lid] = acc;
-  workgroupBarrier();
-  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
-    if (lane < st) { red[lid] += red[lid + st * ${cw}u]; }
-    workgroupBarrier();
-  }
-  let mean = red[lid % ${cw}u] / f32(P.s);
+${sageColumnSum("live", lanes, cw)}  let mean = red[lid % ${cw}u] / f32(P.s);
   workgroupBarrier();
   var mx = vec4<f32>(0.0);
   if (live) {
