@@ -81,15 +81,15 @@ console.log(
 // Where the end-to-end time goes: the kernel alone on GPU tensors (one wait), an upload of q, k, v,
 // a read-back of the output.
 {
-  const gpu = (data: Float32Array<ArrayBuffer>) => {
+  const gpu = async (data: Float32Array<ArrayBuffer>) => {
     const buffer = device.createBuffer({
       size: data.byteLength,
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC,
     });
-    engine.writeBuffer(device, buffer, new Uint8Array(data.buffer));
+    await engine.writeBuffer(device, buffer, new Uint8Array(data.buffer));
     return { buffer, shape: seedShape, dtype: "f32" as const };
   };
-  const [gq, gk, gv] = [q, k, v].map((t) => gpu(t.data));
+  const [gq, gk, gv] = await Promise.all([q, k, v].map((t) => gpu(t.data)));
   const kernel: number[] = [], upload: number[] = [], readback: number[] = [];
   for (let i = 0; i < 20; i++) {
     let t0 = performance.now();
@@ -97,7 +97,7 @@ console.log(
     await engine.hold(device.queue.onSubmittedWorkDone());
     kernel.push(performance.now() - t0);
     t0 = performance.now();
-    const up = [q, k, v].map((t) => gpu(t.data));
+    const up = await Promise.all([q, k, v].map((t) => gpu(t.data)));
     await engine.hold(device.queue.onSubmittedWorkDone());
     upload.push(performance.now() - t0);
     up.forEach((t) => t.buffer.destroy());

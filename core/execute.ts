@@ -349,12 +349,17 @@ async function executeCpu(
   }
   if (rt!.lost) throw lostError("before the cpu backend's result was uploaded");
   const device = rt!.device;
-  const toGpu = (data: ArrayBufferView, dtype: "f32" | "f16" | "bf16", shape: number[]): GpuTensor => {
+  const toGpu = async (
+    data: ArrayBufferView,
+    dtype: "f32" | "f16" | "bf16",
+    shape: number[],
+  ): Promise<GpuTensor> => {
     const buffer = device.createBuffer({
       size: Math.max(16, Math.ceil(data.byteLength / 16) * 16),
       usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
     });
-    engineFor(device).writeBuffer(
+    // Awaited: the caller's next submit must find the data there.
+    await engineFor(device).writeBuffer(
       device,
       buffer,
       new Uint8Array(data.buffer as ArrayBuffer, data.byteOffset, data.byteLength),
@@ -362,7 +367,7 @@ async function executeCpu(
     return { buffer, shape, dtype };
   };
   return {
-    out: toGpu(outHost, p.dtype, p.out.shape),
-    lse: lseHost ? toGpu(lseHost, "f32", [p.b, p.n, p.sQ]) : null,
+    out: await toGpu(outHost, p.dtype, p.out.shape),
+    lse: lseHost ? await toGpu(lseHost, "f32", [p.b, p.n, p.sQ]) : null,
   };
 }

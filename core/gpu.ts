@@ -3,6 +3,7 @@ import { cachedPipeline, type GpuRuntime } from "./device.ts";
 import { type Kernel, packUniforms } from "../wgsl/common.ts";
 import { isGpuBuffer } from "../engines/engine.ts";
 import { engineFor } from "../engines/select.ts";
+import { hostCopy } from "../engines/host_copy.ts";
 
 /** A GPU timing session: compute passes recorded while it is active get timestamps. */
 export class Profiler {
@@ -105,6 +106,8 @@ export class GpuCall {
   private readonly label: string;
   /** Error scopes of each allocation and bind group, popped right away (see {@link capture}). */
   private readonly pending: Promise<[GPUErrorFilter, GPUError | null]>[] = [];
+  /** Uploads still being copied on other threads (their staging copies are submitted when done). */
+  private readonly writes: Promise<void>[] = [];
   /**
    * Bindings that stand in for whole buffers in {@link dispatch}: the core binds ranges of tensors
    * larger than one storage binding this way, unknown to the backends.
@@ -190,7 +193,7 @@ export class GpuCall {
         usage: contents ? usage | GPUBufferUsage.COPY_DST : usage,
         label,
       });
-      if (contents) engineFor(this.device).writeBuffer(this.device, made, bytesOf(contents));
+      if (contents) this.write(made, contents);
       return made;
     });
     if (debug.failAllocations?.test(label)) {
@@ -201,11 +204,17 @@ export class GpuCall {
     return b;
   }
 
+  /** Starts the engine's write of `data` into `buffer`; {@link submit} waits for the writes first. */
+  private write(buffer: GPUBuffer, data: ArrayBufferView): void {
+    const writing = engineFor(this.device).writeBuffer(this.device, buffer, bytesOf(data));
+    if (writing) this.writes.push(writing);
+  }
+
   /** Uploads host data into a temporary storage buffer (one kept from an earlier call when it fits). */
   upload(data: ArrayBufferView, label: string): GPUBuffer {
     const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
     const kept = this.reused(data.byteLength, usage, label);
-    if (kept) this.capture(() => engineFor(this.device).writeBuffer(this.device, kept, bytesOf(data)));
+    if (kept) this.capture(() => this.write(kept, data));
     const b = kept ?? this.createBuffer(data.byteLength, usage, label, data);
     this.temporaries.push(b);
     this.recyclable.add(b);
@@ -294,9 +303,18 @@ export class GpuCall {
    * says whether the device refused the submission (e.g. a caller's buffer destroyed meanwhile); it
    * does not wait for the GPU.
    */
-  submit(): Promise<GPUError | null> {
+  async submit(): Promise<GPUError | null> {
     this.endPass();
     const device = this.device;
+    // Uploads first: their staging copies go to the queue ahead of this call's work.
+    if (this.writes.length > 0) {
+      try {
+        await this.rt.engine.hold(Promise.all(this.writes));
+      } catch (e) {
+        this.abandon();
+        return new GPUValidationError(`an upload failed: ${(e as Error)?.message ?? e}`);
+      }
+    }
     let refused: Promise<GPUError | null>;
     device.pushErrorScope("validation");
     try {
@@ -318,8 +336,11 @@ export class GpuCall {
       this.pass?.end();
     } catch { /* the encoder is being thrown away */ }
     this.pass = null;
-    for (const b of this.temporaries) releaseBuffer(b);
-    this.temporaries.length = 0;
+    const dropped = this.temporaries.splice(0);
+    const release = () => dropped.forEach(releaseBuffer);
+    // An upload still being copied submits into its buffer when done: destroy after that.
+    if (this.writes.length > 0) Promise.allSettled(this.writes.splice(0)).then(release);
+    else release();
   }
 }
 
@@ -402,7 +423,10 @@ export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: numbe
     enc.copyBufferToBuffer(src, 0, staging, 0, size);
     device.queue.submit([enc.finish()]);
     await engineFor(device).hold(staging.mapAsync(GPUMapMode.READ, 0, size));
-    const data = staging.getMappedRange(0, size).slice(0, bytes);
+    // Copied out by several threads when large (engines/host_copy.ts): the fresh result's page
+    // faults are most of a large read-back's time.
+    const data = new ArrayBuffer(bytes);
+    await hostCopy(new Uint8Array(data), new Uint8Array(staging.getMappedRange(0, size), 0, bytes));
     staging.unmap();
     reusable = true;
     return data;

@@ -8,11 +8,13 @@
  * - a pending Dawn promise does not keep Deno's event loop alive: {@link Engine.hold} keeps a timer
  *   while wgattn awaits one.
  * - dawn.node's `queue.writeBuffer` copies at about 2.4 GB/s (H200; 0.2 GB/s on lavapipe): uploads go
- *   through pooled, mapped staging buffers and a copy, several times faster.
+ *   through pooled, mapped staging buffers and a copy, several times faster, large ones written by
+ *   several threads (engines/host_copy.ts).
  * - Dawn hard-codes `shader-f16` off on NVIDIA GPUs: nothing to do here, the kernels read 16-bit
  *   tensors as u32 words where the capability is missing.
  */
 import { createPipelineInScope, type Engine, queueWrite } from "./engine.ts";
+import { hostCopy } from "./host_copy.ts";
 
 /** The npm package wgattn loads for Dawn unless told where an unpacked copy is. */
 export const DAWN_PACKAGE = "npm:webgpu@0.6.2";
@@ -127,18 +129,34 @@ export function adoptedDawnEngine(): Engine {
  * run (Dawn's map callbacks take tens of microseconds), so a steady stream of calls writes into
  * memory already mapped and touched instead of allocating and faulting in new pages each time.
  */
-export function stagedWrite(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): void {
+export function stagedWrite(
+  device: GPUDevice,
+  buffer: GPUBuffer,
+  bytes: Uint8Array<ArrayBuffer>,
+): Promise<void> | void {
   const size = Math.ceil(bytes.byteLength / 4) * 4;
   if (size === 0) return;
   // Small writes (uniforms, masks) cost less through Dawn's own ring buffer than a submit of their own.
   if (size < STAGED_MIN) return queueWrite(device, buffer, bytes);
   const staging = takeStaging(device, size);
-  new Uint8Array(staging.getMappedRange(0, size)).set(bytes);
-  staging.unmap();
-  const encoder = device.createCommandEncoder();
-  encoder.copyBufferToBuffer(staging, 0, buffer, 0, size);
-  device.queue.submit([encoder.finish()]);
-  returnStaging(device, staging);
+  const mapped = new Uint8Array(staging.getMappedRange(0, size));
+  // A ragged tail's padding: the pooled buffer may hold an earlier upload's bytes there.
+  if (size > bytes.byteLength) mapped.fill(0, bytes.byteLength, size);
+  const copy = () => {
+    staging.unmap();
+    const encoder = device.createCommandEncoder();
+    encoder.copyBufferToBuffer(staging, 0, buffer, 0, size);
+    device.queue.submit([encoder.finish()]);
+    returnStaging(device, staging);
+  };
+  // Large writes are copied by several threads (engines/host_copy.ts); the caller awaits the copy
+  // before its own submit, which keeps queue order.
+  const copied = hostCopy(mapped, bytes);
+  if (!copied) return copy();
+  return copied.then(copy, (e) => {
+    staging.destroy();
+    throw e;
+  });
 }
 
 /** Writes from this size go through the staging pool. */

@@ -32,10 +32,12 @@ export interface Engine {
    */
   hold<T>(work: Promise<T>): Promise<T>;
   /**
-   * Copies host bytes to offset 0 of `buffer` (which has COPY_DST), ahead of every later submit.
-   * A ragged tail (not a whole 4-byte word) is padded with zeros.
+   * Copies host bytes to offset 0 of `buffer` (which has COPY_DST), ahead of every later submit;
+   * when it returns a promise, ahead of every submit made after the promise resolves (a large write
+   * may be copied by other threads first). A ragged tail (not a whole 4-byte word) is padded with
+   * zeros. `bytes` must not change until the write is done.
    */
-  writeBuffer(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): void;
+  writeBuffer(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): Promise<void> | void;
 }
 
 /** `queue.writeBuffer` of whole 4-byte words (it takes no other), the ragged tail padded. */

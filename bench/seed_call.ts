@@ -1,0 +1,91 @@
+/**
+ * The seed call [32, 8, 128, 64] f32 from host arrays to a host result, end to end, and where its
+ * time goes, for host-copy thread counts 1 (one JavaScript thread) and more (engines/host_copy.ts).
+ * Run on each engine; `--cpu-prof` shows the host work around the kernel:
+ *
+ *   source .gpu/setup.sh && WGATTN_WEBGPU=dawn WGATTN_DAWN_MODULE=$PWD/.gpu/webgpu/index.js \
+ *     deno run -A bench/seed_call.ts
+ */
+import { attentionForward, getDevice, type GpuTensor, stats } from "../mod.ts";
+import { engineFor } from "../engines/select.ts";
+import { hostCopyTuning } from "../engines/host_copy.ts";
+import { readBuffer } from "../core/gpu.ts";
+
+const device = await getDevice();
+if (!device) throw new Error("no GPU");
+const engine = engineFor(device);
+const shape = [32, 8, 128, 64];
+const count = shape.reduce((a, b) => a * b, 1);
+const rand = (seed: number) => {
+  let x = seed;
+  return Float32Array.from({ length: count }, () => ((x = (x * 1103515245 + 12345) >>> 0) / 2 ** 32) * 2 - 1);
+};
+const [q, k, v] = [1, 2, 3].map((s) => ({ data: rand(s), shape }));
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const wait = () => engine.hold(device.queue.onSubmittedWorkDone());
+const gpu = async (data: Float32Array<ArrayBuffer>): Promise<GpuTensor> => {
+  const buffer = device.createBuffer({
+    size: data.byteLength,
+    usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC,
+  });
+  await engine.writeBuffer(device, buffer, new Uint8Array(data.buffer));
+  return { buffer, shape, dtype: "f32" };
+};
+const threads = Deno.args.includes("--threads")
+  ? Deno.args[Deno.args.indexOf("--threads") + 1].split(",").map(Number)
+  : [1, 4, 8, 16];
+const calls = 40;
+const [gq, gk, gv] = await Promise.all([q, k, v].map((t) => gpu(t.data)));
+for (const t of threads) {
+  hostCopyTuning.threads = t;
+  for (let i = 0; i < 5; i++) await attentionForward(q, k, v);
+  const ends: number[] = [], kernel: number[] = [], upload: number[] = [], readback: number[] = [];
+  for (let i = 0; i < calls; i++) {
+    let t0 = performance.now();
+    const r = await attentionForward(q, k, v);
+    ends.push(performance.now() - t0);
+    if (r.data.length !== count) throw new Error("wrong result length");
+    t0 = performance.now();
+    const out = await attentionForward(gq, gk, gv);
+    await wait();
+    kernel.push(performance.now() - t0);
+    t0 = performance.now();
+    const up = await Promise.all([q, k, v].map((x) => gpu(x.data)));
+    await wait();
+    upload.push(performance.now() - t0);
+    up.forEach((x) => x.buffer.destroy());
+    t0 = performance.now();
+    await readBuffer(device, out.buffer, count * 4);
+    readback.push(performance.now() - t0);
+    out.buffer.destroy();
+  }
+  console.log(JSON.stringify({
+    bench: "seed-call",
+    engine: engine.name,
+    copyThreads: t,
+    endToEndMedianMs: +median(ends).toFixed(3),
+    endToEndMinMs: +Math.min(...ends).toFixed(3),
+    gpuTensorsAndWaitMs: +median(kernel).toFixed(3),
+    upload25MBMs: +median(upload).toFixed(3),
+    readback8MBMs: +median(readback).toFixed(3),
+    calls,
+  }));
+}
+// Host work around the kernel: many calls on GPU tensors, one wait at the end.
+{
+  const n = 200;
+  const outs: GpuTensor[] = [];
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) outs.push(await attentionForward(gq, gk, gv));
+  const t1 = performance.now();
+  await wait();
+  const t2 = performance.now();
+  outs.forEach((o) => o.buffer.destroy());
+  console.log(JSON.stringify({
+    bench: "seed-call-host-work",
+    engine: engine.name,
+    perCallEncodeSubmitMs: +((t1 - t0) / n).toFixed(3),
+    drainMs: +(t2 - t1).toFixed(3),
+    stats: stats(),
+  }));
+}
