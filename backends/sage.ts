@@ -5,13 +5,15 @@
  * int8 mode (`qk: "int8"`, wgsl/flash.ts) computes Q K^T with `dot4I8Packed` in i32, dequantizes
  * once per score and keeps the softmax and P V in f32. All in one compute pass, without waiting.
  *
- * Serves what `flash` serves (causal, window, GQA, key padding, layouts, f32/f16/bf16, lse) where
- * the device has `dot4I8Packed`. Its output is approximate (relative L1 error about 2e-3, cosine
- * similarity to float64 about 0.99999, tests/sage_test.ts), so the router picks it by itself only
- * for 16-bit inputs on long sequences, where it measured 1.4x to 1.5x faster than flash; f32
- * inputs get it only by name.
+ * Serves what `flash` serves (causal, window, GQA, key padding, layouts, f32/f16/bf16, lse, flex
+ * functions and block masks) where the device has `dot4I8Packed`. Smoothing shifts each row's
+ * scores by `scale * q . mean(k)`: the pre-pass writes that per row and the kernel adds it back to
+ * the lse and, before a score_mod, to each score. Its output is approximate (relative L1 error
+ * about 2e-3, cosine similarity to float64 about 0.99999, tests/sage_test.ts), so the router picks
+ * it by itself only for 16-bit inputs on long sequences, where it measured 1.4x to 1.5x faster than
+ * flash; f32 inputs get it only by name.
  */
-import type { GpuBackend, GpuIO } from "./backend.ts";
+import { flexKernelConfig, type GpuBackend, type GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
@@ -101,10 +103,7 @@ export function chooseSageConfig(
     subgroups: false,
     swizzle: true,
     qk: "int8",
-    // A mask function only (scoreMod is refused): smoothing leaves the mask alone.
-    flex: p.flex?.maskMod
-      ? { scoreMod: null, maskMod: p.flex.maskMod.wgsl, buffers: p.flex.buffers, blockMap: true }
-      : undefined,
+    flex: flexKernelConfig(p, true),
   } as const;
   function* candidates(): Generator<FlashConfig> {
     // Few query rows or a software adapter: the smallest tile, flat, as flash does (backends/flash.ts).
@@ -130,6 +129,14 @@ export function chooseSageConfig(
   return typeof c === "string" ? `no int8 tile configuration fits this device (${c})` : c;
 }
 
+/**
+ * Whether the pre-pass writes each row's `scale * q . mean(k)`: the lse adds it back, and so does
+ * each score before a score_mod (K smoothing shifted the row's scores by it).
+ */
+export function needsRowBias(p: AttentionProblem, lse: boolean): boolean {
+  return lse || p.flex?.scoreMod != null;
+}
+
 /** Bytes of the pre-pass's scratch buffers. */
 function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
   const dQ = sagePaddedDim(p.d);
@@ -142,17 +149,13 @@ function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
     qScale: p.b * p.n * qBlocks * 4,
     kScale: p.b * p.nKv * kBlocks * 4,
     mean: p.b * p.nKv * p.d * 4,
-    bias: lse ? p.b * p.n * p.sQ * 4 : 0,
+    bias: needsRowBias(p, lse) ? p.b * p.n * p.sQ * 4 : 0,
   };
 }
 
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
-  // Smoothing shifts each row's scores by q·mean(k): harmless to a softmax, not to a score_mod.
-  if (p.flex?.scoreMod) {
-    reasons.push("scoreMod needs the exact scores: K smoothing shifts each row's scores by q·mean(k)");
-  }
   if (!caps.packedInt8Dot) {
     reasons.push("the device has no dot4I8Packed (WGSL packed_4x8_integer_dot_product)");
   }
@@ -179,7 +182,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const main = flashKernel(c);
   const meanK = sageMeanKernel(input);
   const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false });
-  const quantQ = sageQuantKernel({ ...input, rows: c.br, smooth: false, bias: lse });
+  const bias = needsRowBias(p, lse);
+  const quantQ = sageQuantKernel({ ...input, rows: c.br, smooth: false, bias });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe] = await Promise.all(
     [main, meanK, quantK, quantQ].map((k) => call.pipeline(k)),
   );
@@ -189,12 +193,12 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const qScale = call.scratch(sz.qScale, "sage q scales");
   const kScale = call.scratch(sz.kScale, "sage k scales");
   const mean = call.scratch(sz.mean, "sage k mean");
-  const bias = lse ? call.scratch(sz.bias, "sage lse bias") : null;
+  const rowBias = bias ? call.scratch(sz.bias, "sage row bias") : null;
   const v4 = (x: number) => x / 4;
 
   encodeSageQuantization(call, p, io, {
     pipes: { meanPipe, meanK, quantKPipe, quantK, quantQPipe, quantQ },
-    buffers: { q8, k8, qScale, kScale, mean, bias },
+    buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
     blocks: { q: sz.qBlocks, k: sz.kBlocks },
     smooth: sageTuning.smooth,
   });
@@ -203,7 +207,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const buffers: Record<string, GPUBuffer> = { q8, k8, v: io.v, o: io.out, q_scale: qScale, k_scale: kScale };
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
-  if (bias) buffers.lse_bias = bias;
+  if (rowBias) buffers.lse_bias = rowBias;
   if (io.flex) Object.assign(buffers, io.flex);
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, c.br, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
@@ -264,7 +268,7 @@ export interface SageQuantPipes {
  * Records sage's quantization pre-pass, shared with `sage-mma`: K's mean over the sequence per
  * (batch, K/V head, channel) unless `smooth` is false, K - mean to int8 per block of keys, and Q to
  * int8 per block of rows with a scale that carries the softmax scale in log2 units (and, for the
- * log-sum-exp, each row's q·mean(k) in `bias`).
+ * log-sum-exp or a score_mod, each row's scale·q·mean(k) in `bias`).
  */
 export function encodeSageQuantization(
   call: GpuCall,

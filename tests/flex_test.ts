@@ -3,7 +3,8 @@
  * backend that serves it, against the float64 reference given the same functions in TypeScript.
  * Few distinct fused kernels (each flex text is a new kernel, 10 to 60 s to compile cold on a
  * software adapter): the fused cases share one pair of texts (alibi + a document mask) over flash,
- * flash-subgroup, split-kv and sage (its mask only); the library's functions run on naive and cpu.
+ * flash-subgroup, split-kv and sage, and sage also soft-capping on K with
+ * offset channels (where K's smoothing shifts the scores); the library's functions run on naive and cpu.
  */
 import assert from "node:assert/strict";
 import {
@@ -28,6 +29,7 @@ import {
 } from "../mod.ts";
 import { debug } from "../core/gpu.ts";
 import { flashTuning } from "../backends/flash.ts";
+import { similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
   layOut,
@@ -337,44 +339,113 @@ Deno.test({
   },
 });
 
-Deno.test({
-  name: `flex sage (int8 Q·Kᵀ): a document mask with a block mask handle; scoreMod refused${
-    info && !info.packedInt8Dot ? " [skipped: no dot4I8Packed]" : NO_GPU
-  }`,
-  ignore: !info || !info.packedInt8Dot,
-  async fn() {
-    const { q, k, v } = inputs(FZ, 41);
-    const doc = documentMask(qIds, kvIds);
-    const ref = referenceAttention(q, k, v, { isCausal: true, ...refFlex(doc) });
-    const blockMask = await createBlockMask(doc.maskMod, {
-      sQ: FZ.sQ,
-      sKv: FZ.sKv,
-      modBuffers: doc.modBuffers,
-    });
-    debug.poisonOutputs = true;
-    try {
-      for (const handle of [undefined, blockMask]) {
-        const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
-          ...doc,
-          blockMask: handle,
-          isCausal: true,
-          backend: "sage",
-        });
-        // SageAttention's bar (int8 Q·Kᵀ is approximate): relative L2 well under 0.03.
-        const e = errorStats(out.data as Float32Array, ref.out);
-        assert.equal(e.bad, 0, "NaN in sage's output");
-        assert.ok(e.rel < 0.03, `relative error ${e.rel}`);
-        const l = Float64Array.from(lse.data as Float32Array);
-        for (let i = 0; i < l.length; i++) {
-          if (ref.lse[i] === -Infinity) assert.equal(l[i], -Infinity, `lse ${i} of an empty row`);
+// ---- sage and sage-mma: int8 Q·Kᵀ (approximate), K smoothing's row shift added back for score_mod -----
+
+// SageAttention's bar for the approximate backends (as tests/sage_test.ts and tests/sage_mma_test.ts).
+const MIN_COSINE = 0.999, MAX_REL_L1 = 0.03;
+
+/**
+ * K with large per-channel offsets (±3, alternating): smoothing then shifts each row's scores by a
+ * scale·q·mean(k) of order 1, which a softmax ignores but a nonlinear score_mod (soft-capping) and
+ * the lse do not, so a missing add-back fails these tests.
+ */
+function offsetK(k: Logical): Logical {
+  const d = k.sizes.d;
+  return { data: k.data.map((x, i) => x + (i % d % 2 === 0 ? 3 : -3)), sizes: k.sizes };
+}
+
+function assertSage(out: ArrayLike<number>, expected: ArrayLike<number>, what: string) {
+  const e = errorStats(out, expected);
+  assert.equal(e.bad, 0, `${what}: ${e.bad} NaN or infinite elements`);
+  const s = similarity(out, expected);
+  console.log(`  ${what}: cosine ${s.cosine.toFixed(6)}, relative L1 ${s.relL1.toFixed(5)}`);
+  assert.ok(s.cosine >= MIN_COSINE, `${what}: cosine ${s.cosine} < ${MIN_COSINE}`);
+  assert.ok(s.relL1 <= MAX_REL_L1, `${what}: relative L1 ${s.relL1} > ${MAX_REL_L1}`);
+}
+
+/** Empty rows' lse is -inf exactly; the others within `tol` of float64. */
+function assertLse(lse: ArrayLike<number>, expected: ArrayLike<number>, tol: number, what: string) {
+  let worst = 0;
+  for (let i = 0; i < expected.length; i++) {
+    if (expected[i] === -Infinity) assert.equal(lse[i], -Infinity, `${what}: lse ${i} of an empty row`);
+    else worst = Math.max(worst, Math.abs(lse[i] - expected[i]));
+  }
+  assert.ok(worst < tol, `${what}: lse max abs error ${worst} (tolerance ${tol})`);
+}
+
+const SAGE_SKIP = !info ? "no WebGPU adapter" : !info.packedInt8Dot ? "the device has no dot4I8Packed" : "";
+
+/** Odd sizes for the soft-cap cases: partial query and key tiles, GQA. */
+const OZ: Sizes = { b: 1, n: 2, nKv: 1, sQ: 21, sKv: 45, d: 16 };
+
+const APPROX_CASES: { backend: "sage"; skip: string }[] = [
+  { backend: "sage", skip: SAGE_SKIP },
+];
+
+for (const { backend, skip } of APPROX_CASES) {
+  const form = "";
+  const skipped = skip ? ` [skipped: ${skip}]` : "";
+  Deno.test({
+    name: `flex ${backend}${form}: alibi + document mask, causal, lse; per-call map and createBlockMask ` +
+      `[8, 24]${skipped}`,
+    ignore: skip !== "",
+    async fn() {
+      const { q, k: k0, v } = inputs(FZ, 41);
+      const k = offsetK(k0);
+      const ref = referenceAttention(q, k, v, { isCausal: true, ...refFlex(FUSED) });
+      const blockMask = await createBlockMask(FUSED.maskMod!, {
+        sQ: FZ.sQ,
+        sKv: FZ.sKv,
+        modBuffers: FUSED.modBuffers,
+        blockSize: [8, 24],
+      });
+      debug.poisonOutputs = true;
+      try {
+        for (const handle of [undefined, blockMask]) {
+          const what = handle ? "with a handle" : "per-call map";
+          const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
+            ...FUSED,
+            blockMask: handle,
+            isCausal: true,
+            backend,
+          });
+          assertSage(out.data as Float32Array, ref.out, what);
+          // The smoothing's shift is added back once: to the scores here (a score_mod), not again to the lse.
+          assertLse(lse.data as Float32Array, ref.lse, 0.02, what);
         }
+      } finally {
+        debug.poisonOutputs = false;
+        blockMask.destroy();
       }
-    } finally {
-      blockMask.destroy();
-    }
-    await refuses({ ...FUSED, backend: "sage" }, "BACKEND_UNSUPPORTED", "options.backend", /K smoothing/);
-  },
-});
+    },
+  });
+  Deno.test({
+    name: `flex ${backend}${form}: soft cap 1 on K with offset channels, odd sizes ${
+      JSON.stringify(OZ)
+    }${skipped}`,
+    ignore: skip !== "",
+    async fn() {
+      const { q, k: k0, v } = inputs(OZ, 42);
+      const k = offsetK(k0);
+      const cap = softCap(1);
+      const ref = referenceAttention(q, k, v, refFlex(cap));
+      // Without the add-back the capped scores would be those of the smoothed K: check that this case
+      // tells the two apart.
+      const smoothed = referenceAttention(q, k0, v, refFlex(cap));
+      assert.ok(
+        similarity(smoothed.out, ref.out).relL1 > 0.1,
+        "the K offset does not change the capped output",
+      );
+      debug.poisonOutputs = true;
+      try {
+        const out = await attentionForward(host(q), host(k), host(v), { ...cap, backend });
+        assertSage(out.data as Float32Array, ref.out, "soft cap");
+      } finally {
+        debug.poisonOutputs = false;
+      }
+    },
+  });
+}
 
 Deno.test({
   name: `flex createBlockMask: states per block, broadcast and per head${NO_GPU}`,

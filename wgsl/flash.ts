@@ -25,7 +25,10 @@
  * (d padded to 16) with one f32 scale per block. The Q block stays in workgroup memory for the
  * whole key loop; K is staged `dk` int8 columns at a time as vec4<u32> words (16 values);
  * S accumulates in i32 with `dot4I8Packed` and is dequantized once per element (q scale, which
- * carries the softmax scale and log2 e, times k scale). Softmax and P V are as in f32 mode.
+ * carries the softmax scale and log2 e, times k scale). Softmax and P V are as in f32 mode. K was
+ * smoothed (its mean removed), which shifts a row's scores by `scale * q . mean(k)`: the pre-pass
+ * writes that per row (`lse_bias`), added back to the lse, and with a score_mod to each score
+ * before the function sees it (the softmax ignores the shift, an arbitrary score_mod does not).
  */
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
@@ -68,7 +71,7 @@ export interface FlashConfig {
   /**
    * How S = Q K^T is computed: from the inputs in f32 (default), or from the int8 blocks and scales
    * of the `sage` pre-pass with `dot4I8Packed` (bindings `q8`, `k8`, `q_scale`, `k_scale` and, with
-   * lse, `lse_bias` in place of `q` and `k`; see {@link flashKernel}).
+   * lse or a score_mod, `lse_bias` in place of `q` and `k`; see {@link flashKernel}).
    */
   qk?: "f32" | "int8";
   /**
@@ -79,8 +82,9 @@ export interface FlashConfig {
    */
   pointers?: boolean;
   /**
-   * Flex attention: score_mod on every score (f32 Q·Kᵀ only), mask_mod on the scores of partial
-   * tiles, and with a block map (binding `flex_blocks`) empty key tiles skipped.
+   * Flex attention: score_mod on every score (int8: with the smoothing's row shift added back),
+   * mask_mod on the scores of partial tiles, and with a block map (binding `flex_blocks`) empty key
+   * tiles skipped.
    */
   flex?: FlexKernelConfig;
 }
@@ -256,8 +260,8 @@ export function flashKernel(c: FlashConfig): Kernel {
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
   const flex = c.flex ?? null;
-  // int8 (sage): K smoothing shifts the scores, so only mask functions apply there.
-  if (flex?.scoreMod && int8) throw new Error("score_mod needs the f32 Q·Kᵀ of the flash kernel");
+  // int8 (sage): K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
+  const rowBias = int8 && flex?.scoreMod != null;
   const blockMap = flex?.blockMap === true;
   const uniforms: [string, UniformType][] = flex
     ? [...UNIFORMS, ["flex_scale", "f32"], ...(blockMap ? BLOCK_MAP_UNIFORMS : [])]
@@ -287,7 +291,7 @@ export function flashKernel(c: FlashConfig): Kernel {
     bindings.push("lse");
   }
   if (int8) {
-    const extra = c.lse ? ["q_scale", "k_scale", "lse_bias"] : ["q_scale", "k_scale"];
+    const extra = c.lse || rowBias ? ["q_scale", "k_scale", "lse_bias"] : ["q_scale", "k_scale"];
     for (const name of extra) {
       emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> ${name}: array<f32>;`);
       bindings.push(name);
@@ -349,6 +353,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let k8_base = ks_base * ${c.bc * dq4}u;
   let q_blk = (b * P.n + h) * P.blocks + blk;
   let q_sc = q_scale[q_blk];`);
+    if (rowBias) {
+      // Each thread's rows' scale * q . mean(k) (natural-log units), clamped into the sequence.
+      for (const i of range(tm)) {
+        emit(`  let rb${i} = lse_bias[(b * P.n + h) * P.s_q + min(q0 + ty + ${c.rt * i}u, P.s_q - 1u)];`);
+      }
+    }
     // The Q block stays in workgroup memory for the whole key loop (the loop's barrier publishes it).
     for (const u of range(Math.ceil((c.br * dq4) / threads))) {
       const e = `(lid + ${u * threads}u)`;
@@ -489,12 +499,13 @@ ${indent}}`);
       for (const i of range(tm)) emit(`    let fr${i} = min(q0 + ty + ${c.rt * i}u, P.s_q - 1u);`);
     }
     if (flex?.scoreMod) {
-      // score_mod takes and returns natural-log units; the kernel's softmax works in log2 units.
+      // score_mod takes and returns natural-log units; the kernel's softmax works in log2 units. f32:
+      // s is the raw q . k; int8: s is in log2 units already (the q scale carries scale * log2 e) and
+      // misses the row's smoothing shift.
       for (const i of range(tm)) {
         for (const j of range(tn)) {
-          emit(
-            `    s${i}_${j} = score_mod(s${i}_${j} * P.flex_scale, b, h, fr${i}, fc${j}) * ${Math.LOG2E};`,
-          );
+          const score = int8 ? `s${i}_${j} * LN2 + rb${i}` : `s${i}_${j} * P.flex_scale`;
+          emit(`    s${i}_${j} = score_mod(${score}, b, h, fr${i}, fc${j}) * ${Math.LOG2E};`);
         }
       }
     } else if (!int8) {
@@ -739,8 +750,9 @@ ${indent}}`);
       const guard = s.dPad > c.d ? `if (${col} < ${d4}u) ` : "";
       emit(`      ${guard}{ o[ob + ${col}] = ${storeVec(c, `(o${i}_${g} * inv)`)}; }`);
     }
-    if (c.lse && int8) {
-      // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k).
+    if (c.lse && int8 && !rowBias) {
+      // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k) (with a
+      // score_mod the scores had it added already).
       emit(`      if (tx == 0u) {
         let li = (b * P.n + h) * P.s_q + r;
         lse[li] = select(select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2 + lse_bias[li], lt${i} > 0.0), lt${i}, ${
