@@ -6,13 +6,15 @@
  * softmax in f32 (wgsl/sage_mma.ts). All in one compute pass, without waiting.
  *
  * Serves what `flash` serves (causal and window with tiles outside skipped, GQA, key padding,
- * layouts with d contiguous, d up to 256, any s, f32/f16/bf16, lse) on devices with i8 -> i32
+ * layouts with d contiguous, d up to 256, any s, f32/f16/bf16, lse, flex functions with the empty
+ * tiles of a block map skipped; a score_mod gets each row's smoothing shift added back, as in
+ * `sage`) on devices with i8 -> i32
  * M16 K32 tiles and subgroups of exactly 32; with `WGATTN_EMULATE_MMA=1` it runs the emulated
  * form of the same tiles (plain WGSL) on any adapter, for tests (never picked by the router).
  * Approximate: P and V in int8 add to `sage`'s error (tests/sage_mma_test.ts prints cosine and
  * relative L1 against float64).
  */
-import type { GpuBackend, GpuIO } from "./backend.ts";
+import { flexKernelConfig, type GpuBackend, type GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import { readEnvIfGranted } from "../core/env.ts";
@@ -28,7 +30,8 @@ import {
   sageMmaKernel,
   sageMmaVKernel,
 } from "../wgsl/sage_mma.ts";
-import { encodeSageQuantization, SAGE_MAX_SHARPNESS } from "./sage.ts";
+import { encodeSageQuantization, needsRowBias, SAGE_MAX_SHARPNESS } from "./sage.ts";
+import { blockMapFor } from "../core/flex_gpu.ts";
 
 /** The environment variable that selects the emulated (plain WGSL) matrix steps. */
 export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
@@ -110,6 +113,7 @@ export function chooseSageMmaConfig(
         lse,
         emulate,
         vTransposed: true,
+        flex: flexKernelConfig(p, true),
         ...(sageMmaTuning.override ?? {}),
       };
       const problems = sageMmaConfigProblems(c, limits);
@@ -137,17 +141,13 @@ function scratchSizes(p: AttentionProblem, c: SageMmaConfig, lse: boolean) {
     mean: p.b * p.nKv * p.d * 4,
     v8: p.b * p.nKv * kBlocks * c.bc * dV,
     vStat: p.b * p.nKv * 2 * dV * 4,
-    bias: lse ? p.b * p.n * p.sQ * 4 : 0,
+    bias: needsRowBias(p, lse) ? p.b * p.n * p.sQ * 4 : 0,
   };
 }
 
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
-  // Its kernel does not take flash's flex hooks (yet): a scoreMod or maskMod would be ignored.
-  if (p.flex) {
-    reasons.push("scoreMod, maskMod and block masks are not fused in its kernel (flash and sage serve them)");
-  }
   const emulate = emulatingMma();
   if (!emulate) reasons.push(...realMmaReasons(caps));
   if (reasons.length === 0) {
@@ -159,7 +159,8 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
       if (Math.max(sizes.q8, sizes.k8, sizes.v8, sizes.bias) > limit) {
         reasons.push("its int8 copies of q, k and v do not fit one storage binding");
       }
-      const buffers = 7 + (p.mask ? 1 : 0) + 2; // with the lse
+      // With the lse and its bias; flex calls add their mod buffers and the block map.
+      const buffers = 7 + (p.mask ? 1 : 0) + 2 + (p.flex?.buffers.length ?? 0) + (c.flex?.blockMap ? 1 : 0);
       if (buffers > caps.limits.maxStorageBuffersPerShaderStage) {
         reasons.push(
           `its kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
@@ -211,7 +212,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const main = sageMmaKernel(c);
   const meanK = sageMeanKernel(input);
   const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
-  const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias: lse, pad: 32 });
+  const bias = needsRowBias(p, lse);
+  const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias, pad: 32 });
   const quantV = sageMmaVKernel({ ...input, bc: c.bc, transposed: c.vTransposed === true });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
     [main, meanK, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
@@ -224,13 +226,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const kScale = call.scratch(sz.kScale, "sage-mma k scales");
   const mean = call.scratch(sz.mean, "sage-mma k mean");
   const vStat = call.scratch(sz.vStat, "sage-mma v scales and means");
-  const bias = lse ? call.scratch(sz.bias, "sage-mma lse bias") : null;
+  const rowBias = bias ? call.scratch(sz.bias, "sage-mma row bias") : null;
   const v4 = (x: number) => x / 4;
   const { dV } = sageMmaDims(p.d);
 
   encodeSageQuantization(call, p, io, {
     pipes: { meanPipe, meanK, quantKPipe, quantK, quantQPipe, quantQ },
-    buffers: { q8, k8, qScale, kScale, mean, bias },
+    buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
     blocks: { q: sz.qBlocks, k: sz.kBlocks },
     smooth: true,
   });
@@ -258,9 +260,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   };
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
-  if (bias) buffers.lse_bias = bias;
+  if (rowBias) buffers.lse_bias = rowBias;
+  if (io.flex) Object.assign(buffers, io.flex);
+  const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
+  if (map) buffers.flex_blocks = map.buffer;
   const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
   call.dispatch(mainPipe, main, buffers, {
+    ...(map?.uniforms ?? {}),
     n: p.n,
     group: p.n / p.nKv,
     s_q: p.sQ,

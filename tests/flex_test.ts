@@ -3,7 +3,7 @@
  * backend that serves it, against the float64 reference given the same functions in TypeScript.
  * Few distinct fused kernels (each flex text is a new kernel, 10 to 60 s to compile cold on a
  * software adapter): the fused cases share one pair of texts (alibi + a document mask) over flash,
- * flash-subgroup, split-kv and sage, and sage also soft-capping on K with
+ * flash-subgroup, split-kv, sage and sage-mma, and the approximate two also soft-capping on K with
  * offset channels (where K's smoothing shifts the scores); the library's functions run on naive and cpu.
  */
 import assert from "node:assert/strict";
@@ -29,6 +29,8 @@ import {
 } from "../mod.ts";
 import { debug } from "../core/gpu.ts";
 import { flashTuning } from "../backends/flash.ts";
+import { emulatingMma, realMmaReasons } from "../backends/sage_mma.ts";
+import { defaultRuntime } from "../core/device.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
@@ -373,17 +375,27 @@ function assertLse(lse: ArrayLike<number>, expected: ArrayLike<number>, tol: num
   assert.ok(worst < tol, `${what}: lse max abs error ${worst} (tolerance ${tol})`);
 }
 
+const runtime = await defaultRuntime();
 const SAGE_SKIP = !info ? "no WebGPU adapter" : !info.packedInt8Dot ? "the device has no dot4I8Packed" : "";
+// As tests/sage_mma_test.ts: the emulated form with WGATTN_EMULATE_MMA=1 (test:dawn sets it; Mesa 22's
+// lavapipe computes that form wrong on long sequences), the real one where the device has the tiles.
+const MMA_SKIP = !runtime
+  ? "no WebGPU adapter"
+  : emulatingMma()
+  ? ""
+  : realMmaReasons(runtime.caps).join("; ");
+const mmaForm = emulatingMma() ? "emulated" : "real";
 
 /** Odd sizes for the soft-cap cases: partial query and key tiles, GQA. */
 const OZ: Sizes = { b: 1, n: 2, nKv: 1, sQ: 21, sKv: 45, d: 16 };
 
-const APPROX_CASES: { backend: "sage"; skip: string }[] = [
+const APPROX_CASES: { backend: "sage" | "sage-mma"; skip: string }[] = [
   { backend: "sage", skip: SAGE_SKIP },
+  { backend: "sage-mma", skip: MMA_SKIP },
 ];
 
 for (const { backend, skip } of APPROX_CASES) {
-  const form = "";
+  const form = backend === "sage-mma" ? ` (${mmaForm})` : "";
   const skipped = skip ? ` [skipped: ${skip}]` : "";
   Deno.test({
     name: `flex ${backend}${form}: alibi + document mask, causal, lse; per-call map and createBlockMask ` +
@@ -442,6 +454,79 @@ for (const { backend, skip } of APPROX_CASES) {
         assertSage(out.data as Float32Array, ref.out, "soft cap");
       } finally {
         debug.poisonOutputs = false;
+      }
+    },
+  });
+}
+
+// The fused kernels trust the block map: a handle whose states disagree with the call's own buffers
+// (the call's win over the handle's) shows that empty tiles are skipped and full ones skip the
+// per-element test. The handle's ids: every query document 0; keys 0..63 document 0 (full tiles),
+// 64..127 document 9 (empty), 128..191 mixed (partial), 192..199 document 0 (a full block in a tile cut
+// by the sequence's end and the causal band, which still apply). The call's: keys 0..63 and 192..199
+// alternate 0 and 1 (the test, were it run, would drop half), 64..127 document 0 (it would attend
+// them), 128..191 as the handle's. Same texts, causal and lse as the cases above: no new kernel.
+const TZ: Sizes = { b: 1, n: 2, nKv: 1, sQ: 13, sKv: 200, d: 16 };
+const trustQ = new Int32Array(TZ.sQ);
+const tail = (j: number) => (j % 3 === 0 ? 0 : 1);
+const trustKvHandle = Int32Array.from(
+  { length: TZ.sKv },
+  (_, j) => (j < 64 || j >= 192 ? 0 : j < 128 ? 9 : tail(j)),
+);
+const trustKvCall = Int32Array.from(
+  { length: TZ.sKv },
+  (_, j) => (j < 64 || j >= 192 ? j % 2 : j < 128 ? 0 : tail(j)),
+);
+
+const TRUST_CASES: { backend: string; skip: string; approximate: boolean }[] = [
+  { backend: "flash", skip: info ? "" : "no WebGPU adapter", approximate: false },
+  { backend: "sage", skip: SAGE_SKIP, approximate: true },
+  { backend: "sage-mma", skip: MMA_SKIP, approximate: true },
+];
+
+for (const c of TRUST_CASES) {
+  Deno.test({
+    name:
+      `flex ${c.backend}${c.backend === "sage-mma" ? ` (${mmaForm})` : ""}: empty tiles of a block mask ` +
+      `are skipped and full ones skip the mask test, odd sizes ${JSON.stringify(TZ)}${
+        c.skip ? ` [skipped: ${c.skip}]` : ""
+      }`,
+    ignore: c.skip !== "",
+    async fn() {
+      const { q, k, v } = inputs(TZ, 43);
+      const flex = merge(alibi(4), documentMask(trustQ, trustKvCall));
+      const blockMask = await createBlockMask(flex.maskMod!, {
+        sQ: TZ.sQ,
+        sKv: TZ.sKv,
+        modBuffers: { doc_q: trustQ, doc_kv: trustKvHandle },
+        blockSize: [8, 32],
+      });
+      try {
+        assert.deepEqual(await blockMask.counts(), { empty: 4, partial: 4, full: 6 });
+        // What the kernels compute: the handle's full and empty blocks, the call's mask elsewhere.
+        const call = refFlex(flex);
+        const ref = referenceAttention(q, k, v, {
+          isCausal: true,
+          scoreMod: call.scoreMod,
+          maskMod: (b, h, i, j) => (j < 64 || j >= 192 ? true : j < 128 ? false : call.maskMod!(b, h, i, j)),
+        });
+        debug.poisonOutputs = true;
+        const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
+          ...flex,
+          blockMask,
+          isCausal: true,
+          backend: c.backend,
+        });
+        if (c.approximate) {
+          assertSage(out.data as Float32Array, ref.out, "output");
+          assertLse(lse.data as Float32Array, ref.lse, 0.02, "lse");
+        } else {
+          assertClose(out.data as Float32Array, ref.out, 2e-5, "output");
+          assertLse(lse.data as Float32Array, ref.lse, 1e-4, "lse");
+        }
+      } finally {
+        debug.poisonOutputs = false;
+        blockMask.destroy();
       }
     },
   });

@@ -291,6 +291,10 @@ Deno.test("sage-mma: the router passes it over with its reason (slower than sage
   }
 });
 
+const scoreModText = (body: string) =>
+  `fn score_mod(score: f32, b: u32, h: u32, q: u32, kv: u32) -> f32 { return ${body}; }`;
+const MASK_MOD = "fn mask_mod(b: u32, h: u32, q: u32, kv: u32) -> bool { return kv <= q; }";
+
 Deno.test("sage-mma: every option that changes the kernel text changes its cache key", () => {
   const variants: Partial<SageMmaConfig>[] = [
     {},
@@ -306,6 +310,11 @@ Deno.test("sage-mma: every option that changes the kernel text changes its cache
     { keyPadding: false },
     { lse: false },
     { dtype: "bf16" },
+    // Flex: each function's text, and the block map, is in the key.
+    { flex: { scoreMod: scoreModText("score"), maskMod: null, buffers: [], blockMap: false } },
+    { flex: { scoreMod: scoreModText("2.0 * score"), maskMod: null, buffers: [], blockMap: false } },
+    { flex: { scoreMod: null, maskMod: MASK_MOD, buffers: [], blockMap: false } },
+    { flex: { scoreMod: null, maskMod: MASK_MOD, buffers: [], blockMap: true } },
   ];
   const kernels = variants.map((v) => sageMmaKernel({ ...baseConfig, ...v }));
   for (let i = 0; i < kernels.length; i++) {

@@ -19,6 +19,12 @@
  * The end multiplies each channel by V's scale, divides by the row sum and adds V's mean back
  * (zero rows stay zero). Four workgroup barriers per tile; matrix steps run in workgroup-uniform
  * control flow.
+ *
+ * Flex functions (wgsl/flex.ts) as in flash's int8 mode: mask_mod on the scores of partial tiles, the
+ * empty tiles of a block map skipped (the key loop walks the live ones, a workgroup-uniform walk) and
+ * the per-element test left out on full ones; score_mod on every score in natural-log units, with
+ * the row's `scale * q . mean(k)` (`lse_bias`, from the pre-pass) added back first, since K's
+ * smoothing shifted the row's scores by it.
  */
 import type { DType } from "../core/types.ts";
 import {
@@ -31,6 +37,7 @@ import {
   type UniformType,
 } from "./common.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
+import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
 import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
 import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageColumnSum, type SageInput, sageLoader } from "./sage.ts";
 
@@ -68,6 +75,12 @@ export interface SageMmaConfig {
   alias?: boolean;
   /** Row maxima and sums exchanged by subgroup shuffles (real form only): one barrier less per tile. */
   shuffle?: boolean;
+  /**
+   * Flex attention: score_mod on every score (the smoothing's row shift added back: binding
+   * `lse_bias`), mask_mod on the scores of partial tiles, and with a block map (binding
+   * `flex_blocks`) empty key tiles skipped.
+   */
+  flex?: FlexKernelConfig;
 }
 
 /** Rows of a Q block and of a subgroup's tile. */
@@ -117,7 +130,7 @@ export function sageMmaKey(c: SageMmaConfig): string {
   return `sage-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.oneTile ? ":one" : ""}${
       c.shuffle && !c.emulate ? ":shfl" : ""
-    }${c.vTransposed ? ":vt" : ""}${c.alias ? ":alias" : ""}`;
+    }${c.vTransposed ? ":vt" : ""}${c.alias ? ":alias" : ""}${flexKey(c.flex)}`;
 }
 
 const UNIFORMS: [string, UniformType][] = [
@@ -141,7 +154,10 @@ const UNIFORMS: [string, UniformType][] = [
   ["m_sj", "u32"],
 ];
 
-/** The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], q_scale, k_scale, v_stat, [lse_bias]. */
+/**
+ * The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], q_scale, k_scale, v_stat, [lse_bias] (with
+ * the lse or a score_mod), then the flex bindings (mod buffers, [flex_blocks]).
+ */
 export function sageMmaKernel(c: SageMmaConfig): Kernel {
   const s = sageMmaShape(c);
   const { dQ, dV, br, ss, so } = s;
@@ -151,6 +167,11 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  const flex = c.flex ?? null;
+  const blockMap = flex?.blockMap === true;
+  // K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
+  const rowBias = flex?.scoreMod != null;
+  const uniforms: [string, UniformType][] = blockMap ? [...UNIFORMS, ...BLOCK_MAP_UNIFORMS] : UNIFORMS;
   // Matrix steps: written out one by one in the real form (each tile a register variable); loops
   // over arrays of fragments in the emulated form, whose multiplies are loops themselves: written
   // out, lavapipe's compiler unrolls every call site and a d 256 kernel takes minutes to build.
@@ -167,7 +188,7 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   };
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
-  emit(mma.header() + uniformBlock(UNIFORMS));
+  emit(mma.header() + uniformBlock(uniforms));
   const el = vecElement(c);
   const bindings = ["q8", "k8", "v8", "o"];
   emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
@@ -184,7 +205,7 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   bind("k_scale", "var<storage, read> k_scale: array<f32>;");
   // v_stat: [b, n_kv, 2, dV]: V's scale per channel, then its mean.
   bind("v_stat", "var<storage, read> v_stat: array<f32>;");
-  if (c.lse) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
+  if (c.lse || rowBias) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
   const sArr = c.alias ? "sso" : "ss", oArr = c.alias ? "sso" : "so";
@@ -245,6 +266,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let ws = warp * ${c.alias ? region : R * ss}u;
   let wo = warp * ${c.alias ? region : R * so}u;
   let wp = warp * ${R * c.bc}u;`);
+  if (flex) {
+    emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
+  }
+  if (rowBias) emit(`  let rb = lse_bias[bh * P.s_q + fr];`);
   // Real form: the Q tiles stay in registers for the whole key loop (the emulated form reads them
   // at each multiply).
   if (!c.emulate) {
@@ -261,8 +286,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   var m = NEG;
   var l = 0.0;`);
   for (const e of range(halfV)) emit(`  var o${e} = 0.0;`);
-  emit(`  for (var t = t_lo; t < t_hi; t++) {
+  if (blockMap) {
+    // Empty tiles of the block map are skipped: the loop walks the live tiles only. Every value here
+    // is workgroup-uniform (the map is read-only storage), as the barriers and matrix steps need.
+    emit(`  for (var t = flex_next(b, h, q0, q0 + rows_here, t_lo, t_hi); t < t_hi;
+       t = flex_next(b, h, q0, q0 + rows_here, t + 1u, t_hi)) {
+    let kv0 = t * ${c.bc}u;
+    let tile_state = flex_tile(b, h, q0, q0 + rows_here, t);`);
+  } else {
+    emit(`  for (var t = t_lo; t < t_hi; t++) {
     let kv0 = t * ${c.bc}u;`);
+  }
   // Aliased: the previous tile's O reads end before this tile's S store.
   if (c.alias) emit(`    workgroupBarrier();`);
   // ---- 1. S = Q Kᵀ ----
@@ -299,7 +333,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`    let dq = q_sc * k_scale[ks_base + t];
     let sb = ws + r * ${ss}u + hh * ${half}u;`);
   for (const e of range(half)) emit(`    var x${e} = f32(${sArr}[sb + ${e}u]) * dq;`);
-  const masked = c.band || c.keyPadding;
+  if (rowBias) {
+    // score_mod takes and returns natural-log units; x is in log2 units (the q scale carries
+    // scale * log2 e) and misses the row's smoothing shift. Columns are clamped into the sequence
+    // (scores past it are masked below).
+    for (const e of range(half)) {
+      emit(
+        `    x${e} = score_mod(x${e} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E};`,
+      );
+    }
+  }
+  const maskMod = flex?.maskMod != null;
+  const masked = c.band || c.keyPadding || maskMod;
   emit(
     `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
       c.band
@@ -307,7 +352,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
           c.bc - 1
         }i - (i32(q0) + P.offset) <= P.right`
         : ""
-    }${c.keyPadding ? " && false" : ""};
+    }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""};
     if (!full_tile) {
       let ri = i32(row) + P.offset;`,
   );
@@ -320,6 +365,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       ok += " && ((mask[mi >> 2u] >> ((mi & 3u) * 8u)) & 0xffu) != 0u";
     }
     if (c.band) ok += " && i32(col) - ri >= -P.left && i32(col) - ri <= P.right";
+    if (maskMod) {
+      // A full tile of the map needs no test (its band and key checks still apply).
+      ok += ` && (${blockMap ? "tile_state == 2u || " : ""}mask_mod(b, h, fr, min(col, P.s_kv - 1u)))`;
+    }
     emit(`        x${e} = select(NEG, x${e}, ${ok});
       }`);
   }
@@ -412,20 +461,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit(`    ${guard}{ o[obase + ${g}u] = ${storeVec(c, `vec4<f32>(${vals.join(", ")})`)}; }`);
   }
   if (c.lse) {
-    // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k). l counts
-    // P in units of 1/127.
+    // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k) (with a
+    // score_mod the scores had it added already). l counts P in units of 1/127.
     emit(`    if (hh == 0u) {
       let li = bh * P.s_q + row;
-      lse[li] = select(select(${NEG_INF}, (m + log2(l / 127.0)) * LN2 + lse_bias[li], l > 0.0), l, ${
-      isNanExpr("l")
-    });
+      lse[li] = select(select(${NEG_INF}, (m + log2(l / 127.0)) * LN2${
+      rowBias ? "" : " + lse_bias[li]"
+    }, l > 0.0), l, ${isNanExpr("l")});
     }`);
   }
   emit(`  }
 }`);
   emit(mma.helpers());
+  if (flex) {
+    const decls = flexDeclarations(flex, L.join("\n"), bindings.length + 1, c.bc);
+    emit(decls.code);
+    bindings.push(...decls.bindings);
+  }
   const key = sageMmaKey(c);
-  return { key, label: key, code: L.join("\n") + "\n", bindings, uniforms: UNIFORMS };
+  const label = `sage-mma ${sageMmaKey({ ...c, flex: undefined })}${flex ? " flex" : ""}`;
+  return { key, label, code: L.join("\n") + "\n", bindings, uniforms };
 }
 
 const V_UNIFORMS: [string, UniformType][] = [
