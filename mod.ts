@@ -48,11 +48,11 @@ export {
   documentMask,
   type MaskModBundle,
   prefixLm,
-  referenceLogScale,
   relativePositionBias,
   type ScoreModBundle,
   slidingWindow,
   softCap,
+  wanAnimateLogScale,
 } from "./wgsl/flex_library.ts";
 export { ENGINE_VARIABLE, useEngine, type UseEngineOptions } from "./engines/select.ts";
 export type { EngineName } from "./engines/engine.ts";

@@ -19,12 +19,12 @@ import {
   getDevice,
   type MaskModBundle,
   prefixLm,
-  referenceLogScale,
   relativePositionBias,
   type ScoreModBundle,
   slidingWindow,
   softCap,
   stats,
+  wanAnimateLogScale,
   WgattnError,
 } from "../mod.ts";
 import { debug } from "../core/gpu.ts";
@@ -117,7 +117,8 @@ const LIBRARY: { name: string; flex: Bundle; opts?: RefOptions }[] = [
   { name: "prefix-LM per batch", flex: prefixLm(Int32Array.from([2, 9])) },
   { name: "sliding window 3, causal", flex: slidingWindow(3) },
   { name: "sliding window 2, both sides", flex: slidingWindow(2, { causal: false }) },
-  { name: "reference log-scale", flex: referenceLogScale({ start: 3, length: 6, scale: 4 }) },
+  // DiffSynth's: keys [hw, 2·hw) of the 19 (here 6..11) get logScale.
+  { name: "Wan2.2-Animate log-scale", flex: wanAnimateLogScale(6, 1.5) },
   {
     name: "alibi + document mask + window [4, 1]",
     flex: merge(alibi(4), documentMask(docIds, docIds, { batchStrideQ: 19, batchStrideKv: 19 })),

@@ -215,29 +215,36 @@ export function slidingWindow(window: number, options: { causal?: boolean } = {}
 }
 
 /**
- * Wan2.2-Animate's reference keys: the keys `[start, start + length)` (the reference frame's tokens)
- * get `log(scale)` added to their scores, so their softmax weight is multiplied by `scale` before
- * normalisation.
+ * Wan2.2-Animate's log-scale, as DiffSynth-Studio computes it: the keys of latent frame 1, positions
+ * `hw <= kv < 2·hw` (`hw` tokens per latent frame), get `logScale` added to their scores (natural-log
+ * units: their softmax weight is multiplied by `e^logScale` before normalisation); other scores are
+ * unchanged. From DiffSynth-Studio's `diffsynth/models/wan_animate_2_dit.py` (added in "Support Wan2.2
+ * Animate", #1569): `_score_mod_impl` returns `torch.where((kv_idx >= hw) & (kv_idx < 2 * hw), score +
+ * log_scale, score)`, made by `_get_score_mod(hw, log_scale)` for the in-context self-attention
+ * (`forward_gen`) with `hw = origin_latent_hw` (the frame's height · width / 256) and `log_scale` the
+ * pipeline's `animate2_log_scale` (default 0: no change). Its pipeline puts the reference image's latent
+ * at frame 0, so frame 1 is the clip's first latent frame. `score` there is FlexAttention's scaled
+ * score, the one `score_mod` gets here.
  *
  * @example
  * ```ts
- * import { attentionForward, referenceLogScale } from "jsr:@wgattn/attention";
+ * import { attentionForward, wanAnimateLogScale } from "jsr:@wgattn/attention";
  * const t = { data: new Float32Array(2 * 32 * 16).fill(0.3), shape: [1, 2, 32, 16] };
- * const out = await attentionForward(t, t, t, { ...referenceLogScale({ start: 0, length: 8, scale: 2 }) });
+ * const out = await attentionForward(t, t, t, { ...wanAnimateLogScale(8, -1) });
  * ```
  */
-export function referenceLogScale(ref: { start: number; length: number; scale: number }): ScoreModBundle {
-  const { start, length, scale } = ref;
-  if (!Number.isInteger(start) || start < 0 || !Number.isInteger(length) || length < 0 || !(scale > 0)) {
-    throw new RangeError("referenceLogScale: start and length must be integers >= 0 and scale > 0");
+export function wanAnimateLogScale(hw: number, logScale: number): ScoreModBundle {
+  if (!Number.isInteger(hw) || hw < 0 || hw >= 2 ** 31 || !Number.isFinite(logScale)) {
+    throw new RangeError(
+      `wanAnimateLogScale: hw must be an integer in [0, 2^31) and logScale finite, not ${hw} and ${logScale}`,
+    );
   }
-  const bias = Math.log(scale);
   return {
     scoreMod: {
       wgsl: `fn score_mod(score: f32, b: u32, h: u32, q: u32, kv: u32) -> f32 {
-  return select(score, score + ${f32Literal(bias)}, kv >= ${start}u && kv < ${start + length}u);
+  return select(score, score + ${f32Literal(logScale)}, kv >= ${hw}u && kv < ${2 * hw}u);
 }`,
-      ts: (score, _b, _h, _q, kv) => kv >= start && kv < start + length ? score + Math.fround(bias) : score,
+      ts: (score, _b, _h, _q, kv) => kv >= hw && kv < 2 * hw ? score + Math.fround(logScale) : score,
     },
   };
 }
