@@ -28,6 +28,12 @@ import {
   sageMmaKernel,
   sageMmaVKernel,
 } from "../wgsl/sage_mma.ts";
+import {
+  sageMmaTwoPassKernel,
+  type TwoPassConfig,
+  twoPassConfigProblems,
+  U8_PV_MAX_KEYS,
+} from "../wgsl/sage_mma_two_pass.ts";
 import { encodeSageQuantization, SAGE_MAX_SHARPNESS } from "./sage.ts";
 
 /** The environment variable that selects the emulated (plain WGSL) matrix steps. */
@@ -35,12 +41,25 @@ export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
 
 /**
  * Test and benchmark hooks: `override` merges over the chosen config; `emulate` forces the form
- * (null: the variable decides).
+ * (null: the variable decides); `twoPass` false selects the one-pass kernel (wgsl/sage_mma.ts).
  */
-export const sageMmaTuning: { override: Partial<SageMmaConfig> | null; emulate: boolean | null } = {
+export const sageMmaTuning: {
+  override: Partial<TwoPassConfig> | null;
+  emulate: boolean | null;
+  twoPass: boolean;
+} = {
   override: null,
   emulate: null,
+  twoPass: true,
 };
+
+/** A config of either main kernel. */
+export type AnySageMmaConfig = SageMmaConfig | TwoPassConfig;
+
+/** Whether a config is the two-pass kernel's. */
+export function isTwoPass(c: AnySageMmaConfig): c is TwoPassConfig {
+  return "pv" in c;
+}
 
 /** Whether the emulated form is selected. */
 export function emulatingMma(): boolean {
@@ -77,7 +96,7 @@ export function chooseSageMmaConfig(
   caps: Capabilities,
   lse: boolean,
   emulate = emulatingMma(),
-): SageMmaConfig | string {
+): AnySageMmaConfig | string {
   const limits = {
     storage: caps.limits.maxComputeWorkgroupStorageSize,
     invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
@@ -96,6 +115,36 @@ export function chooseSageMmaConfig(
     { warps, alias: false },
     { warps, alias: true },
   ]);
+  if (sageMmaTuning.twoPass) {
+    // Two S regions (one barrier less per tile) first, then one; most subgroups first.
+    const twoPassLayouts = (small ? [1] : [4, 2, 1]).flatMap((warps) => [
+      { warps, doubleS: true },
+      { warps, doubleS: false },
+    ]);
+    for (const bc of bcs) {
+      for (const layout of twoPassLayouts) {
+        const c: TwoPassConfig = {
+          dtype: p.dtype,
+          f16: caps.shaderF16,
+          d: p.d,
+          ...layout,
+          bc,
+          shape,
+          band: hasBand(p),
+          keyPadding: p.mask !== null,
+          lse,
+          emulate,
+          vTransposed: true,
+          pv: p.sKv <= U8_PV_MAX_KEYS ? "u8" : "i8",
+          ...(sageMmaTuning.override ?? {}),
+        };
+        const problems = twoPassConfigProblems(c, limits);
+        if (problems.length === 0) return c;
+        last = problems.join("; ");
+      }
+    }
+    return `no int8 matrix tile configuration fits this device (${last})`;
+  }
   for (const bc of bcs) {
     for (const layout of layouts) {
       const c: SageMmaConfig = {
@@ -121,7 +170,7 @@ export function chooseSageMmaConfig(
 }
 
 /** Bytes of the scratch buffers. */
-function scratchSizes(p: AttentionProblem, c: SageMmaConfig, lse: boolean) {
+function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
   const { dQ, dV } = sageMmaDims(p.d);
   const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
   const blocks = Math.ceil(p.sQ / (MMA_ROWS * c.warps));
@@ -208,11 +257,16 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const c = chooseSageMmaConfig(p, caps, lse);
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
-  const main = sageMmaKernel(c);
+  const main = isTwoPass(c) ? sageMmaTwoPassKernel(c) : sageMmaKernel(c);
   const meanK = sageMeanKernel(input);
   const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
   const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias: lse, pad: 32 });
-  const quantV = sageMmaVKernel({ ...input, bc: c.bc, transposed: c.vTransposed === true });
+  const quantV = sageMmaVKernel({
+    ...input,
+    bc: c.bc,
+    transposed: isTwoPass(c) || c.vTransposed === true,
+    offset: isTwoPass(c) && c.pv === "u8",
+  });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
     [main, meanK, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
   );
