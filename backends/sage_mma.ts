@@ -12,6 +12,7 @@
  * Approximate: P and V in int8 add to `sage`'s error (tests/sage_mma_test.ts prints cosine and
  * relative L1 against float64).
  */
+import { kernelOf } from "../wgsl/common.ts";
 import type { GpuBackend, GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
@@ -257,11 +258,11 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const c = chooseSageMmaConfig(p, caps, lse);
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
-  const main = isTwoPass(c) ? sageMmaTwoPassKernel(c) : sageMmaKernel(c);
-  const meanK = sageMeanKernel(input);
-  const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
-  const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias: lse, pad: 32 });
-  const quantV = sageMmaVKernel({
+  const main = isTwoPass(c) ? kernelOf(sageMmaTwoPassKernel, c) : kernelOf(sageMmaKernel, c);
+  const meanK = kernelOf(sageMeanKernel, input);
+  const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
+  const quantQ = kernelOf(sageQuantKernel, { ...input, rows: MMA_ROWS, smooth: false, bias: lse, pad: 32 });
+  const quantV = kernelOf(sageMmaVKernel, {
     ...input,
     bc: c.bc,
     transposed: isTwoPass(c) || c.vTransposed === true,
