@@ -31,6 +31,13 @@ export interface TwoPassConfig extends SageMmaConfig {
   pv: "u8" | "i8";
   /** Two S regions per subgroup, alternating by tile: one barrier per tile instead of two. */
   doubleS: boolean;
+  /**
+   * K and V tiles staged in workgroup memory by all invocations with 16-byte loads, prefetched one
+   * or two tiles ahead into registers, the matrix loads then reading workgroup memory: a matrix load
+   * from a storage buffer waits for the memory each time, and a barrier right after exposes it.
+   * One S region (doubleS is ignored).
+   */
+  stage?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
 }
@@ -40,11 +47,27 @@ export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
   const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
   const ss = c.bc + 4; // +4 words against bank conflicts
-  const sRegion = MMA_ROWS * ss * (c.doubleS ? 2 : 1);
+  const doubleS = c.doubleS && !c.stage;
+  const sRegion = MMA_ROWS * ss * (doubleS ? 2 : 1);
+  // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
+  const ksStride = dQ + 16, vsStride = c.bc + 16;
+  const staged = c.stage ? (c.bc * ksStride + dV * vsStride) / 4 : 0;
   // The P region also holds one 16 x N output tile at the end.
   const pRegion = Math.max((MMA_ROWS * c.bc) / 4, MMA_ROWS * c.shape.N);
   const perWarp = sRegion + pRegion + 2 * MMA_SUBGROUP;
-  return { dQ, dV, br, threads, ss, sRegion, pRegion, sharedBytes: 4 * perWarp * c.warps };
+  return {
+    dQ,
+    dV,
+    br,
+    threads,
+    ss,
+    sRegion,
+    pRegion,
+    doubleS,
+    ksStride,
+    vsStride,
+    sharedBytes: 4 * (perWarp * c.warps + staged),
+  };
 }
 
 /** Why a two-pass config is not valid for a device with these limits (empty when valid). */
@@ -70,9 +93,9 @@ export function twoPassConfigProblems(
 export function twoPassKey(c: TwoPassConfig): string {
   const t = c.shape;
   return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
-    `${c.pv}:${c.doubleS ? "ds" : "ss"}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
-      c.skipMaxPass ? ":skip1" : ""
-    }`;
+    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}:${c.band}:${c.keyPadding}:${c.lse}:${
+      c.emulate ? "emu" : "real"
+    }${c.skipMaxPass ? ":skip1" : ""}`;
 }
 
 /**
@@ -82,7 +105,8 @@ export function twoPassKey(c: TwoPassConfig): string {
  */
 export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const s = twoPassShape(c);
-  const { dQ, dV, br, ss } = s;
+  const { dQ, dV, br, ss, ksStride, vsStride } = s;
+  const stage = c.stage === true;
   const { N } = c.shape;
   const R = MMA_ROWS, half = c.bc / 2, bc = c.bc;
   const u8 = c.pv === "u8";
@@ -111,9 +135,10 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   emit(qk.header() + uniformBlock(SAGE_MMA_UNIFORMS));
   const bindings = ["q8", "k8", "v8", "o"];
+  // Staged K and V are copied as 16-byte words; unstaged ones are matrix-loaded from storage.
   emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
-@group(0) @binding(2) var<storage, read> k8: array<i32>;
-@group(0) @binding(3) var<storage, read> v8: array<${pWord}>;
+@group(0) @binding(2) var<storage, read> k8: array<${stage ? "vec4<u32>" : "i32"}>;
+@group(0) @binding(3) var<storage, read> v8: array<${stage ? "vec4<u32>" : pWord}>;
 @group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
   const bind = (name: string, decl: string) => {
     bindings.push(name);
@@ -129,14 +154,32 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   if (c.dtype === "bf16") emit(BF16_PACK);
   emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;
 var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
-var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;
+var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
+    stage
+      ? `
+var<workgroup> ks: array<i32, ${(bc * ksStride) / 4}>;
+var<workgroup> vs: array<${pWord}, ${(dV * vsStride) / 4}>;`
+      : ""
+  }
 const NEG: f32 = -3.0e38;
 const LN2: f32 = 0.6931471805599453;`);
   const qAt: MmaPlace = { array: "q8", colMajor: false, stride: dQ };
-  const kAt: MmaPlace = { array: "k8", colMajor: true, stride: dQ }; // Kᵀ: key j's column is its row
+  // Kᵀ: key j's column is its row.
+  const kAt: MmaPlace = stage
+    ? { array: "ks", colMajor: true, stride: ksStride }
+    : { array: "k8", colMajor: true, stride: dQ };
+  const kOffset = (j: string, k: string) =>
+    stage ? `${j} * ${N * ksStride}u + ${k} * 32u` : `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`;
   const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
   const pAt: MmaPlace = { array: "sp", colMajor: false, stride: bc };
-  const vAt: MmaPlace = { array: "v8", colMajor: true, stride: bc }; // per key tile [channels, bc keys]
+  // V per key tile as [channels, bc keys].
+  const vAt: MmaPlace = stage
+    ? { array: "vs", colMajor: true, stride: vsStride }
+    : { array: "v8", colMajor: true, stride: bc };
+  const vOffset = (g: string, kk: string) =>
+    stage
+      ? `${g} * ${N * vsStride}u + ${kk} * 32u`
+      : `v8_base + kv0 * ${dV}u + ${g} * ${N * bc}u + ${kk} * 32u`;
   const oAt: MmaPlace = { array: "sp", colMajor: false, stride: N };
 
   emit(`@compute @workgroup_size(${s.threads})
@@ -183,8 +226,54 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
   // S = Q Kᵀ of tile t into this subgroup's S region (the one of t's parity with doubleS), and the
   // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
-  const sRegionOf = c.doubleS ? `ws + (t & 1u) * ${R * ss}u` : "ws";
-  const computeS = (barrierFirst: boolean) => {
+  const sRegionOf = s.doubleS ? `ws + (t & 1u) * ${R * ss}u` : "ws";
+  // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
+  // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
+  const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
+  const nk = Math.ceil(kVecs / threads), nv = Math.ceil(vVecs / threads);
+  const loadTile = (reg: string, n: number, vecs: number, src: string, base: string, tileIdx: string) =>
+    range(n).forEach((i) => {
+      const j = vecs % threads === 0 ? `lid + ${i * threads}u` : `min(lid + ${i * threads}u, ${vecs - 1}u)`;
+      emit(`    ${reg}${i} = ${src}[${base} + (${tileIdx}) * ${vecs}u + ${j}];`);
+    });
+  const storeTile = (
+    reg: string,
+    n: number,
+    vecs: number,
+    dst: string,
+    row4: number,
+    strideWords: number,
+    word: (x: string) => string,
+  ) =>
+    range(n).forEach((i) => {
+      const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
+      emit(`    ${guard}{
+      let j = lid + ${i * threads}u;
+      let at = (j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
+      ${dst}[at] = ${word(`${reg}${i}.x`)};
+      ${dst}[at + 1u] = ${word(`${reg}${i}.y`)};
+      ${dst}[at + 2u] = ${word(`${reg}${i}.z`)};
+      ${dst}[at + 3u] = ${word(`${reg}${i}.w`)};
+    }`);
+    });
+  const loadK = (t: string) => loadTile("kr", nk, kVecs, "k8", "k4_base", `min(${t}, t_last)`);
+  const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", `min(${t}, t_last)`);
+  const storeK = () => storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4, (x) => `bitcast<i32>(${x})`);
+  const storeV = () =>
+    storeTile("vr", nv, vVecs, "vs", bc / 16, vsStride / 4, (x) => u8 ? x : `bitcast<i32>(${x})`);
+  if (stage) {
+    emit(`  let k4_base = k8_base / 16u;
+  let v4_base = v8_base / 16u;
+  let t_last = max(k_blocks, 1u) - 1u;`);
+    range(nk).forEach((i) => emit(`  var kr${i}: vec4<u32>;`));
+    range(nv).forEach((i) => emit(`  var vr${i}: vec4<u32>;`));
+  }
+
+  /**
+   * S of tile t stored to the subgroup's S region, then a barrier; `afterBarrier` emits what runs
+   * right after it (the staged tiles' stores and next loads).
+   */
+  const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}) => {
     emit(`    let kv0 = t * ${bc}u;
     let wst = ${sRegionOf};`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
@@ -194,14 +283,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
       forEach("j", bc / N, (j) => {
         emit("    {");
-        emit("      " + qk.loadRight(`kb`, kAt, `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`));
+        emit("      " + qk.loadRight(`kb`, kAt, kOffset(j, k)));
         emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
         emit("    }");
       });
     });
     forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${j} * ${N}u`, tile("s", j))));
-    emit(`    workgroupBarrier();
-    let dq = q_sc * k_scale[ks_base + t];
+    emit(`    workgroupBarrier();`);
+    afterBarrier();
+    emit(`    let dq = q_sc * k_scale[ks_base + t];
     let sb = wst + r * ${ss}u + hh * ${half}u;`);
   };
   // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
@@ -226,9 +316,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // ---- pass 1: each row's maximum (log2 units) ----
   emit(`  var m = NEG;`);
   if (!c.skipMaxPass) {
+    if (stage) {
+      // K tile t_lo in ks, t_lo + 1 in registers.
+      loadK("t_lo");
+      storeK();
+      emit(`  workgroupBarrier();`);
+      loadK("t_lo + 1u");
+    }
     emit(`  for (var t = t_lo; t < t_hi; t++) {`);
     // One S region: the previous tile's reads must end before this store; two: they alternate.
-    computeS(!c.doubleS);
+    // Staged: ks is rewritten after the S barrier, so the tile ends with a barrier too.
+    computeS(!s.doubleS && !stage, () => {
+      if (!stage) return;
+      storeK();
+      loadK("t + 2u");
+    });
     emit(`    var hi = -2147483647i;
     var lo = 2147483647i;
     let full = ${fullTile};`);
@@ -242,6 +344,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     // dq may be negative (a negative softmax scale): the largest score is then the smallest integer.
     emit(`    if (hi >= lo) { m = max(m, max(f32(hi) * dq, f32(lo) * dq)); }`);
+    if (stage) emit(`    workgroupBarrier();`);
     emit(`  }
   red[wr + lane] = bitcast<u32>(m);
   workgroupBarrier();
@@ -253,9 +356,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // ---- pass 2: P = exp2(s - m) quantized under one scale, P·V accumulated in integer tiles ----
   emit(`  var psum = 0u;`);
   tiles(pv, "acc", dV / N);
+  if (stage) {
+    // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
+    // ks were before its last barriers.)
+    loadK("t_lo");
+    storeK();
+    loadV("t_lo");
+    emit(`  workgroupBarrier();`);
+    loadK("t_lo + 1u");
+  }
   emit(`  for (var t = t_lo; t < t_hi; t++) {`);
   // The barrier after the previous tile's P writes already ordered its S reads before this store.
-  computeS(false);
+  // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
+  // previous tile's P·V): V tile t and K tile t + 1 go in, and the next ones are fetched.
+  computeS(false, () => {
+    if (!stage) return;
+    storeV();
+    storeK();
+    loadK("t + 2u");
+    loadV("t + 1u");
+  });
   emit(`    let full = ${fullTile};`);
   for (const e of range(half)) {
     // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
@@ -275,7 +395,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
     forEach("g", dV / N, (g) => {
       emit("      {");
-      emit("        " + pv.loadRight("vb", vAt, `v8_base + kv0 * ${dV}u + ${g} * ${N * bc}u + ${kk} * 32u`));
+      emit("        " + pv.loadRight("vb", vAt, vOffset(g, kk)));
       emit("        " + pv.mma(tile("acc", g), "pa", pAt, "vb", vAt));
       emit("      }");
     });
