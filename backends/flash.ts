@@ -5,6 +5,7 @@
  * tiles of a block map skipped) and every layout whose head dim is contiguous. Other masks fall
  * back to `naive`.
  */
+import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
@@ -123,7 +124,7 @@ export async function encodeFlash(
 ): Promise<void> {
   const c = chooseFlashConfig(p, call.rt.caps, subgroups, io.lse !== null);
   if (typeof c === "string") throw new Error(c);
-  const kernel = flashKernel(c);
+  const kernel = kernelOf(flashKernel, c);
   const pipeline = await call.pipeline(kernel);
   // A mask function comes with a block map: the call's blockMask, or one built now per tile.
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, c.br, c.bc) : null;

@@ -1,4 +1,5 @@
 /** `naive`: the formula as written in three WGSL passes; serves every option. */
+import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
@@ -44,7 +45,7 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
 async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void> {
   const caps = call.rt.caps;
   const c = config(p, caps, io.lse !== null);
-  const kernels = [naiveScoresKernel(c), naiveSoftmaxKernel(c), naiveValuesKernel(c)];
+  const kernels = [naiveScoresKernel, naiveSoftmaxKernel, naiveValuesKernel].map((make) => kernelOf(make, c));
   const [scoresPipe, softmaxPipe, valuesPipe] = await Promise.all(kernels.map((k) => call.pipeline(k)));
   const budget = Math.min(caps.limits.maxStorageBufferBindingSize, SCORE_BUDGET_BYTES);
   const totalRows = p.b * p.n * p.sQ;

@@ -22,7 +22,7 @@ import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
-import type { Kernel } from "../wgsl/common.ts";
+import { type Kernel, kernelOf } from "../wgsl/common.ts";
 
 /** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
 const TILINGS: readonly Pick<FlashConfig, "br" | "bc" | "rt" | "ct">[] = [
@@ -179,11 +179,11 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const c = chooseSageConfig(p, caps, lse);
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: c.f16, d: p.d };
-  const main = flashKernel(c);
-  const meanK = sageMeanKernel(input);
-  const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false });
+  const main = kernelOf(flashKernel, c);
+  const meanK = kernelOf(sageMeanKernel, input);
+  const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false });
   const bias = needsRowBias(p, lse);
-  const quantQ = sageQuantKernel({ ...input, rows: c.br, smooth: false, bias });
+  const quantQ = kernelOf(sageQuantKernel, { ...input, rows: c.br, smooth: false, bias });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe] = await Promise.all(
     [main, meanK, quantK, quantQ].map((k) => call.pipeline(k)),
   );

@@ -14,6 +14,7 @@
  * Approximate: P and V in int8 add to `sage`'s error (tests/sage_mma_test.ts prints cosine and
  * relative L1 against float64).
  */
+import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, type GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
@@ -30,6 +31,12 @@ import {
   sageMmaKernel,
   sageMmaVKernel,
 } from "../wgsl/sage_mma.ts";
+import {
+  sageMmaTwoPassKernel,
+  type TwoPassConfig,
+  twoPassConfigProblems,
+  U8_PV_MAX_KEYS,
+} from "../wgsl/sage_mma_two_pass.ts";
 import { encodeSageQuantization, needsRowBias, SAGE_MAX_SHARPNESS } from "./sage.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 
@@ -38,12 +45,25 @@ export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
 
 /**
  * Test and benchmark hooks: `override` merges over the chosen config; `emulate` forces the form
- * (null: the variable decides).
+ * (null: the variable decides); `twoPass` false selects the one-pass kernel (wgsl/sage_mma.ts).
  */
-export const sageMmaTuning: { override: Partial<SageMmaConfig> | null; emulate: boolean | null } = {
+export const sageMmaTuning: {
+  override: Partial<TwoPassConfig> | null;
+  emulate: boolean | null;
+  twoPass: boolean;
+} = {
   override: null,
   emulate: null,
+  twoPass: true,
 };
+
+/** A config of either main kernel. */
+export type AnySageMmaConfig = SageMmaConfig | TwoPassConfig;
+
+/** Whether a config is the two-pass kernel's. */
+export function isTwoPass(c: AnySageMmaConfig): c is TwoPassConfig {
+  return "pv" in c;
+}
 
 /** Whether the emulated form is selected. */
 export function emulatingMma(): boolean {
@@ -80,7 +100,7 @@ export function chooseSageMmaConfig(
   caps: Capabilities,
   lse: boolean,
   emulate = emulatingMma(),
-): SageMmaConfig | string {
+): AnySageMmaConfig | string {
   const limits = {
     storage: caps.limits.maxComputeWorkgroupStorageSize,
     invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
@@ -99,6 +119,37 @@ export function chooseSageMmaConfig(
     { warps, alias: false },
     { warps, alias: true },
   ]);
+  // Flex calls take the one-pass kernel: the two-pass one does not fuse the flex functions yet.
+  if (sageMmaTuning.twoPass && !p.flex) {
+    // Two S regions (one barrier less per tile) first, then one; most subgroups first.
+    const twoPassLayouts = (small ? [1] : [4, 2, 1]).flatMap((warps) => [
+      { warps, doubleS: true },
+      { warps, doubleS: false },
+    ]);
+    for (const bc of bcs) {
+      for (const layout of twoPassLayouts) {
+        const c: TwoPassConfig = {
+          dtype: p.dtype,
+          f16: caps.shaderF16,
+          d: p.d,
+          ...layout,
+          bc,
+          shape,
+          band: hasBand(p),
+          keyPadding: p.mask !== null,
+          lse,
+          emulate,
+          vTransposed: true,
+          pv: p.sKv <= U8_PV_MAX_KEYS ? "u8" : "i8",
+          ...(sageMmaTuning.override ?? {}),
+        };
+        const problems = twoPassConfigProblems(c, limits);
+        if (problems.length === 0) return c;
+        last = problems.join("; ");
+      }
+    }
+    return `no int8 matrix tile configuration fits this device (${last})`;
+  }
   for (const bc of bcs) {
     for (const layout of layouts) {
       const c: SageMmaConfig = {
@@ -125,7 +176,7 @@ export function chooseSageMmaConfig(
 }
 
 /** Bytes of the scratch buffers. */
-function scratchSizes(p: AttentionProblem, c: SageMmaConfig, lse: boolean) {
+function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
   const { dQ, dV } = sageMmaDims(p.d);
   const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
   const blocks = Math.ceil(p.sQ / (MMA_ROWS * c.warps));
@@ -209,12 +260,17 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const c = chooseSageMmaConfig(p, caps, lse);
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
-  const main = sageMmaKernel(c);
-  const meanK = sageMeanKernel(input);
-  const quantK = sageQuantKernel({ ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
+  const main = isTwoPass(c) ? kernelOf(sageMmaTwoPassKernel, c) : kernelOf(sageMmaKernel, c);
+  const meanK = kernelOf(sageMeanKernel, input);
+  const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
   const bias = needsRowBias(p, lse);
-  const quantQ = sageQuantKernel({ ...input, rows: MMA_ROWS, smooth: false, bias, pad: 32 });
-  const quantV = sageMmaVKernel({ ...input, bc: c.bc, transposed: c.vTransposed === true });
+  const quantQ = kernelOf(sageQuantKernel, { ...input, rows: MMA_ROWS, smooth: false, bias, pad: 32 });
+  const quantV = kernelOf(sageMmaVKernel, {
+    ...input,
+    bc: c.bc,
+    transposed: isTwoPass(c) || c.vTransposed === true,
+    offset: isTwoPass(c) && c.pv === "u8",
+  });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
     [main, meanK, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
   );

@@ -9,6 +9,7 @@
  * most {@link SPLITKV_MAX_ROWS} and s_q at most {@link SPLITKV_MAX_SQ}; past that `flash` reuses
  * each K/V tile over more rows.
  */
+import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
@@ -210,8 +211,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const c = chooseSplitKvConfig(p, caps);
   if (typeof c === "string") throw new Error(c);
   const plan = splitKvPlan(p, c, caps);
-  const kernel = splitKvKernel(c);
-  const combine = splitKvCombineKernel({
+  const kernel = kernelOf(splitKvKernel, c);
+  const combine = kernelOf(splitKvCombineKernel, {
     dtype: p.dtype,
     f16: p.dtype === "f16" && caps.shaderF16,
     dV: p.dV,

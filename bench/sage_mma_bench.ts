@@ -4,14 +4,14 @@
  * queries beside other backends, in TFLOP/s (4·b·n·s_q·s_kv·d, halved for causal).
  *
  *     deno run -A bench/sage_mma_bench.ts --shapes flux,seed --dtypes f16 --backends sage-mma,sage
- *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"bc":32}]'] [--reps 10]
+ *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true}]'] [--reps 10]
  *
  * Each step reports its own failure (e.g. a kernel that does not compile) and the run goes on.
  */
 import { emulatingMma, realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { deviceInfo } from "../mod.ts";
-import type { SageMmaConfig } from "../wgsl/sage_mma.ts";
+import type { TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
 import { type BenchShape, shapeFlops, shapeInputs, SHAPES, timeOnGpu } from "./common.ts";
 import { sageAccuracy } from "./sage_accuracy.ts";
 
@@ -25,7 +25,7 @@ const backends = arg("backends", "sage-mma,sage").split(",");
 const accuracyRows = Number(arg("accuracy", "256"));
 const reps = Number(arg("reps", "10"));
 const crossover = arg("crossover", "").split(",").filter((x) => x).map(Number);
-const sweep = JSON.parse(arg("sweep", "[]")) as Partial<SageMmaConfig>[];
+const sweep = JSON.parse(arg("sweep", "[]")) as (Partial<TwoPassConfig> & { onePass?: boolean })[];
 // Accuracy inputs: random, K outliers, causal.
 const accuracyCases = arg("accuracy-cases", "random,outliers,causal").split(",");
 
@@ -111,11 +111,15 @@ for (const s of shapes) {
   for (const dtype of dtypes) {
     for (const backend of backends) await time(s, dtype, backend);
     for (const o of sweep) {
-      sageMmaTuning.override = o;
+      // `onePass: true` selects the one-pass kernel (wgsl/sage_mma.ts); the rest overrides the config.
+      const { onePass, ...rest } = o;
+      sageMmaTuning.override = rest;
+      sageMmaTuning.twoPass = onePass !== true;
       try {
         await time(s, dtype, "sage-mma", `sage-mma ${JSON.stringify(o)}`);
       } finally {
         sageMmaTuning.override = null;
+        sageMmaTuning.twoPass = true;
       }
     }
   }

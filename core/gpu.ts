@@ -1,7 +1,7 @@
 import { WgattnError } from "./errors.ts";
 import { cachedPipeline, type GpuRuntime } from "./device.ts";
 import { type Kernel, packUniforms } from "../wgsl/common.ts";
-import { isGpuBuffer } from "../engines/engine.ts";
+import { isGpuBuffer, queueWrite } from "../engines/engine.ts";
 import { engineFor } from "../engines/select.ts";
 import { hostCopy } from "../engines/host_copy.ts";
 
@@ -106,6 +106,8 @@ export class GpuCall {
   private readonly label: string;
   /** Error scopes of each allocation and bind group, popped right away (see {@link capture}). */
   private readonly pending: Promise<[GPUErrorFilter, GPUError | null]>[] = [];
+  /** Uniform buffers of this call, pooled for later calls once it is submitted or dropped. */
+  private readonly uniforms = new Set<GPUBuffer>();
   /** Uploads still being copied on other threads (their staging copies are submitted when done). */
   private readonly writes: Promise<void>[] = [];
   /**
@@ -232,6 +234,33 @@ export class GpuCall {
     return b;
   }
 
+  /**
+   * A uniform buffer holding `packed`: one of an earlier call when the device has one of that size
+   * (creating a buffer costs tens of microseconds on Dawn, and a call makes one per dispatch).
+   * Rewriting it is safe: `queue.writeBuffer` runs in queue order, after the earlier call's work.
+   */
+  private uniformBuffer(packed: Uint8Array<ArrayBuffer>): GPUBuffer {
+    const size = Math.max(16, Math.ceil(packed.byteLength / 16) * 16);
+    const free = uniformPool.get(this.device);
+    const i = free ? free.findIndex((b) => b.size === size) : -1;
+    let b: GPUBuffer;
+    if (i >= 0 && !debug.failAllocations?.test("wgattn uniforms")) {
+      b = free!.splice(i, 1)[0];
+      trackBuffer(b);
+      this.capture(() => queueWrite(this.device, b, packed));
+    } else {
+      b = this.createBuffer(
+        packed.byteLength,
+        GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+        "wgattn uniforms",
+        packed,
+      );
+    }
+    this.temporaries.push(b);
+    this.uniforms.add(b);
+    return b;
+  }
+
   /** Records one dispatch of `groups` workgroups (split over x and y past the per-dimension limit). */
   dispatch(
     pipeline: GPUComputePipeline,
@@ -251,13 +280,7 @@ export class GpuCall {
       });
     }
     const packed = new Uint8Array(packUniforms(kernel.uniforms, { ...uniforms, groups }));
-    const uniformBuffer = this.createBuffer(
-      packed.byteLength,
-      GPUBufferUsage.UNIFORM,
-      "wgattn uniforms",
-      packed,
-    );
-    this.temporaries.push(uniformBuffer);
+    const uniformBuffer = this.uniformBuffer(packed);
     const entries: GPUBindGroupEntry[] = [{ binding: 0, resource: { buffer: uniformBuffer } }];
     const limit = this.rt.caps.limits.maxStorageBufferBindingSize;
     kernel.bindings.forEach((name, i) => {
@@ -323,6 +346,7 @@ export class GpuCall {
       refused = this.rt.engine.hold(device.popErrorScope().catch(() => null));
       for (const b of this.temporaries) {
         if (this.recyclable.has(b)) recycleBuffer(device, b);
+        else if (this.uniforms.has(b)) poolUniform(device, b);
         else releaseBuffer(b);
       }
       this.temporaries.length = 0;
@@ -389,6 +413,19 @@ function takeKept(device: GPUDevice, size: number, usage: number): GPUBuffer | n
   return b;
 }
 
+/** Uniform buffers of finished calls, per device, by size (see {@link GpuCall.uniformBuffer}). */
+const uniformPool = new WeakMap<GPUDevice, GPUBuffer[]>();
+/** Most uniform buffers pooled per device (each a few hundred bytes). */
+const UNIFORM_POOL_MAX = 64;
+
+function poolUniform(device: GPUDevice, b: GPUBuffer): void {
+  let free = uniformPool.get(device);
+  if (!free) uniformPool.set(device, free = []);
+  if (free.length >= UNIFORM_POOL_MAX) return releaseBuffer(b);
+  untrackBuffer(b);
+  free.push(b);
+}
+
 /** Keeps a temporary for a later call when it is large and the pool has room; destroys it otherwise. */
 export function recycleBuffer(device: GPUDevice, b: GPUBuffer): void {
   let list = kept.get(device);
@@ -422,10 +459,11 @@ export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: numbe
     const enc = device.createCommandEncoder();
     enc.copyBufferToBuffer(src, 0, staging, 0, size);
     device.queue.submit([enc.finish()]);
-    await engineFor(device).hold(staging.mapAsync(GPUMapMode.READ, 0, size));
-    // Copied out by several threads when large (engines/host_copy.ts): the fresh result's page
-    // faults are most of a large read-back's time.
+    const mapped = engineFor(device).hold(staging.mapAsync(GPUMapMode.READ, 0, size));
+    // Allocated while the GPU works (a large ArrayBuffer is zero-filled on this thread), then
+    // copied into by several threads when large (engines/host_copy.ts).
     const data = new ArrayBuffer(bytes);
+    await mapped;
     await hostCopy(new Uint8Array(data), new Uint8Array(staging.getMappedRange(0, size), 0, bytes));
     staging.unmap();
     reusable = true;

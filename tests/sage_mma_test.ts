@@ -25,6 +25,7 @@ import { decide } from "../core/router.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse } from "../mod.ts";
 import { type SageMmaConfig, sageMmaKernel, sageMmaVKernel } from "../wgsl/sage_mma.ts";
+import type { TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
 import { OUTLIER_OFFSET, outlierChannels, type Similarity, similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
@@ -59,7 +60,9 @@ interface Case {
   windowSize?: number | [number, number];
   keyPadding?: number[];
   lse?: boolean;
-  tiles?: Partial<SageMmaConfig>;
+  tiles?: Partial<TwoPassConfig>;
+  /** The one-pass kernel (wgsl/sage_mma.ts) instead of the two-pass one. */
+  onePass?: boolean;
 }
 
 const N8 = { component: "i8", result: "i32", M: 16, N: 8, K: 32 } as const;
@@ -122,6 +125,33 @@ const CASES: Case[] = [
     lse: true,
     tiles: { shape: N8, warps: 1, bc: 32, vTransposed: false },
   },
+  {
+    name: "K outliers, K and V staged in workgroup memory, GQA, causal",
+    b: 1,
+    n: 2,
+    nKv: 1,
+    sQ: 70,
+    sKv: 200,
+    d: 64,
+    dtype: "f16",
+    outliers: true,
+    isCausal: true,
+    lse: true,
+    tiles: { stage: true },
+  },
+  {
+    name: "random, the one-pass kernel, window",
+    b: 1,
+    n: 2,
+    sQ: 60,
+    sKv: 150,
+    d: 64,
+    dtype: "f16",
+    outliers: false,
+    windowSize: [20, 10],
+    lse: true,
+    onePass: true,
+  },
 ];
 
 function label(c: Case): string {
@@ -172,6 +202,7 @@ async function run(c: Case): Promise<Similarity & { lseErr: number }> {
   }
   const expected = referenceAttention(q, k, v, ref);
   sageMmaTuning.override = c.tiles ?? null;
+  sageMmaTuning.twoPass = c.onePass !== true;
   debug.poisonOutputs = true;
   try {
     const { out, lse } = await attentionWithLse(host(q), host(k), host(v), options);
@@ -180,6 +211,7 @@ async function run(c: Case): Promise<Similarity & { lseErr: number }> {
     return { ...s, lseErr };
   } finally {
     sageMmaTuning.override = null;
+    sageMmaTuning.twoPass = true;
     debug.poisonOutputs = false;
   }
 }

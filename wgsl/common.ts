@@ -21,6 +21,26 @@ export interface Kernel {
   uniforms: readonly (readonly [string, UniformType])[];
 }
 
+/** Generated kernels by generator and config, so that a call does not write its WGSL again. */
+const generated = new Map<string, Kernel>();
+/** Most kernels remembered (a map of recent ones, cleared when full: a serving loop uses few). */
+const GENERATED_MAX = 512;
+
+/**
+ * `make(config)`, generated once per distinct config: writing a kernel's text takes about 0.6 ms
+ * (flash at the seed shape, on the H200's host), which a call on small tensors would pay every time.
+ * The config must be plain data (it is compared by its JSON).
+ */
+export function kernelOf<C>(make: (config: C) => Kernel, config: C): Kernel {
+  const key = `${make.name}:${JSON.stringify(config)}`;
+  let kernel = generated.get(key);
+  if (!kernel) {
+    if (generated.size >= GENERATED_MAX) generated.clear();
+    generated.set(key, kernel = make(config));
+  }
+  return kernel;
+}
+
 /**
  * WGSL expressions for +Infinity and -Infinity. Tint rejects a constant expression whose value is
  * an infinity (`bitcast<f32>(0x7f800000u)` does not compile on Dawn), so they are read from private

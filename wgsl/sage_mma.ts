@@ -133,7 +133,8 @@ export function sageMmaKey(c: SageMmaConfig): string {
     }${c.vTransposed ? ":vt" : ""}${c.alias ? ":alias" : ""}${flexKey(c.flex)}`;
 }
 
-const UNIFORMS: [string, UniformType][] = [
+/** The main kernels' uniforms (one-pass and two-pass alike). */
+export const SAGE_MMA_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["n", "u32"],
   ["group", "u32"],
@@ -171,7 +172,9 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   const blockMap = flex?.blockMap === true;
   // K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
   const rowBias = flex?.scoreMod != null;
-  const uniforms: [string, UniformType][] = blockMap ? [...UNIFORMS, ...BLOCK_MAP_UNIFORMS] : UNIFORMS;
+  const uniforms: [string, UniformType][] = blockMap
+    ? [...SAGE_MMA_UNIFORMS, ...BLOCK_MAP_UNIFORMS]
+    : SAGE_MMA_UNIFORMS;
   // Matrix steps: written out one by one in the real form (each tile a register variable); loops
   // over arrays of fragments in the emulated form, whose multiplies are loops themselves: written
   // out, lavapipe's compiler unrolls every call site and a d 256 kernel takes minutes to build.
@@ -504,11 +507,15 @@ const V_UNIFORMS: [string, UniformType][] = [
  * the head are NaN. Bindings: v, v8 (packed `[b, n_kv, rows, dV/4]`), v_stat (`[b, n_kv, 2, dV]`).
  * Dispatch `b * n_kv * cgroups` workgroups, `cgroups = ceil(dV / 4 / SAGE_MEAN_COLUMNS)`.
  */
-export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean }): Kernel {
+export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean; offset?: boolean }): Kernel {
   const { dV } = sageMmaDims(c.d);
   const d4 = c.d / 4, w4 = dV / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
   const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
-  const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}${c.transposed ? `:t${c.bc}` : ""}`;
+  const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}${c.transposed ? `:t${c.bc}` : ""}${
+    c.offset ? ":u8" : ""
+  }`;
+  // u8 operands (two-pass kernel): each byte offset by 128, i.e. its sign bit flipped.
+  const flip = c.offset ? " ^ 0x80808080u" : "";
   const quantize = `let x = ld(base + r * P.ss) - mean;
         let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));`;
   const rowStore = `  if (col < ${w4}u) {
@@ -518,7 +525,7 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean 
         ${quantize}
         word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) | (u32(iv.w) << 24u);
       }
-      v8[(bh * P.rows + r) * ${w4}u + col] = word;
+      v8[(bh * P.rows + r) * ${w4}u + col] = word${flip};
     }
   }
 `;
@@ -535,10 +542,10 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean 
         }
       }
       let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
-      v8[at] = w.x;
-      v8[at + ${bw}u] = w.y;
-      v8[at + ${2 * bw}u] = w.z;
-      v8[at + ${3 * bw}u] = w.w;
+      v8[at] = w.x${flip};
+      v8[at + ${bw}u] = w.y${flip};
+      v8[at + ${2 * bw}u] = w.z${flip};
+      v8[at + ${3 * bw}u] = w.w${flip};
     }
   }
 `;

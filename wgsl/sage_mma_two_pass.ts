@@ -1,0 +1,449 @@
+/**
+ * `sage-mma`'s two-pass kernel: every row's exact maximum first, then P·V accumulated in integer
+ * matrix tiles across the whole key loop.
+ *
+ * Why. The one-pass kernel (wgsl/sage_mma.ts) rescales its output every key tile by the online
+ * softmax's factors, and a matrix result cannot be scaled per row in WGSL: each tile's P·V goes
+ * through workgroup memory into f32 registers (16 KB of traffic and 64 FMAs per invocation per
+ * tile), which measured 10x slower than its count. Here a first pass over the key tiles computes
+ * S = Q·Kᵀ on the matrix units and keeps only each row's maximum (integer maxima of the tile times
+ * its one dequantization factor). With the maximum known, every P = exp2(s - max) lies in [0, 1]
+ * under one fixed scale, so the second pass (S again, then P quantized and P·V) accumulates integer
+ * tiles that never leave the matrix registers until the end: no per-tile rescale, no round trip.
+ * The price is Q·Kᵀ twice (the matrix units' cheapest work).
+ *
+ * P·V runs on u8 tiles (P·255, V centred and offset by 128: O = Σ p·v_u8 - 128·Σ p, exact in u32
+ * up to 65,793 keys) or, past that, i8 tiles (P·127, V signed). The output is
+ * (Σ p·v) / Σ p per channel times V's scale plus V's mean; the row sum is the integer Σ p.
+ */
+import type { Kernel } from "./common.ts";
+import { BF16_PACK, isNanExpr, NEG_INF, uniformBlock } from "./common.ts";
+import { storeVec, UNPACK, vecElement } from "./flash.ts";
+import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
+import { MMA_ROWS, SAGE_MMA_UNIFORMS, type SageMmaConfig, sageMmaDims } from "./sage_mma.ts";
+
+/** Keys up to which u8 P·V fits u32 accumulators (255 · 255 · keys < 2^32). */
+export const U8_PV_MAX_KEYS = 65793;
+
+/** The two-pass kernel's extra parameters. */
+export interface TwoPassConfig extends SageMmaConfig {
+  /** P·V operands: u8 (P·255, V offset by 128) or i8 (P·127). */
+  pv: "u8" | "i8";
+  /** Two S regions per subgroup, alternating by tile: one barrier per tile instead of two. */
+  doubleS: boolean;
+  /**
+   * K and V tiles staged in workgroup memory by all invocations with 16-byte loads, prefetched one
+   * or two tiles ahead into registers, the matrix loads then reading workgroup memory: a matrix load
+   * from a storage buffer waits for the memory each time, and a barrier right after exposes it.
+   * One S region (doubleS is ignored).
+   */
+  stage?: boolean;
+  /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
+  skipMaxPass?: boolean;
+}
+
+/** Derived sizes of the two-pass kernel. */
+export function twoPassShape(c: TwoPassConfig) {
+  const { dQ, dV } = sageMmaDims(c.d);
+  const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
+  const ss = c.bc + 4; // +4 words against bank conflicts
+  const doubleS = c.doubleS && !c.stage;
+  const sRegion = MMA_ROWS * ss * (doubleS ? 2 : 1);
+  // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
+  const ksStride = dQ + 16, vsStride = c.bc + 16;
+  const staged = c.stage ? (c.bc * ksStride + dV * vsStride) / 4 : 0;
+  // The P region also holds one 16 x N output tile at the end.
+  const pRegion = Math.max((MMA_ROWS * c.bc) / 4, MMA_ROWS * c.shape.N);
+  const perWarp = sRegion + pRegion + 2 * MMA_SUBGROUP;
+  return {
+    dQ,
+    dV,
+    br,
+    threads,
+    ss,
+    sRegion,
+    pRegion,
+    doubleS,
+    ksStride,
+    vsStride,
+    sharedBytes: 4 * (perWarp * c.warps + staged),
+  };
+}
+
+/** Why a two-pass config is not valid for a device with these limits (empty when valid). */
+export function twoPassConfigProblems(
+  c: TwoPassConfig,
+  limits: { storage: number; invocations: number },
+): string[] {
+  const s = twoPassShape(c);
+  const problems: string[] = [];
+  if (c.d % 4 !== 0 || c.d > 256) problems.push("d must be a multiple of 4 up to 256");
+  if (c.shape.M !== 16 || c.shape.K !== 32 || (c.shape.N !== 16 && c.shape.N !== 8)) {
+    problems.push("the tile must be M16 K32 with N 16 or 8");
+  }
+  if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
+  if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
+  if (s.sharedBytes > limits.storage) {
+    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
+  }
+  return problems;
+}
+
+/** A stable cache key. */
+export function twoPassKey(c: TwoPassConfig): string {
+  const t = c.shape;
+  return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
+    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}:${c.band}:${c.keyPadding}:${c.lse}:${
+      c.emulate ? "emu" : "real"
+    }${c.skipMaxPass ? ":skip1" : ""}`;
+}
+
+/**
+ * The two-pass main kernel. Bindings as the one-pass kernel's: q8, k8, v8 (u8 bytes for `pv: u8`,
+ * laid out per key tile as [channels, bc keys]), o, [mask], [lse], q_scale, k_scale, v_stat,
+ * [lse_bias].
+ */
+export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
+  const s = twoPassShape(c);
+  const { dQ, dV, br, ss, ksStride, vsStride } = s;
+  const stage = c.stage === true;
+  const { N } = c.shape;
+  const R = MMA_ROWS, half = c.bc / 2, bc = c.bc;
+  const u8 = c.pv === "u8";
+  const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
+  const qk = new MmaEmitter(c.shape, c.emulate, "lane");
+  const pv = new MmaEmitter(pvShape, c.emulate, "lane");
+  const pWord = u8 ? "u32" : "i32";
+  const pmax = u8 ? 255 : 127;
+  const L: string[] = [];
+  const emit = (line: string) => L.push(line);
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  // Straight-line matrix steps in the real form; loops over fragment arrays in the emulated one
+  // (lavapipe unrolls every emulated multiply it is given written out).
+  const forEach = (v: string, n: number, body: (i: string) => void) => {
+    if (!c.emulate) return range(n).forEach((i) => body(`${i}u`));
+    emit(`    for (var ${v} = 0u; ${v} < ${n}u; ${v}++) {`);
+    body(v);
+    emit(`    }`);
+  };
+  const tile = (name: string, i: string) => c.emulate ? `${name}[${i}]` : `${name}${parseInt(i)}`;
+  const tiles = (e: MmaEmitter, name: string, n: number) => {
+    if (c.emulate) emit(`  ${e.zeroArray(name, n)}`);
+    else range(n).forEach((i) => emit(`  ${e.zero(`${name}${i}`)}`));
+  };
+
+  if (c.dtype === "f16" && c.f16) emit("enable f16;");
+  emit(qk.header() + uniformBlock(SAGE_MMA_UNIFORMS));
+  const bindings = ["q8", "k8", "v8", "o"];
+  // Staged K and V are copied as 16-byte words; unstaged ones are matrix-loaded from storage.
+  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
+@group(0) @binding(2) var<storage, read> k8: array<${stage ? "vec4<u32>" : "i32"}>;
+@group(0) @binding(3) var<storage, read> v8: array<${stage ? "vec4<u32>" : pWord}>;
+@group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
+  const bind = (name: string, decl: string) => {
+    bindings.push(name);
+    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
+  };
+  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
+  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
+  bind("q_scale", "var<storage, read> q_scale: array<f32>;");
+  bind("k_scale", "var<storage, read> k_scale: array<f32>;");
+  bind("v_stat", "var<storage, read> v_stat: array<f32>;");
+  if (c.lse) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
+  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
+  if (c.dtype === "bf16") emit(BF16_PACK);
+  emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;
+var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
+var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
+    stage
+      ? `
+var<workgroup> ks: array<i32, ${(bc * ksStride) / 4}>;
+var<workgroup> vs: array<${pWord}, ${(dV * vsStride) / 4}>;`
+      : ""
+  }
+const NEG: f32 = -3.0e38;
+const LN2: f32 = 0.6931471805599453;`);
+  const qAt: MmaPlace = { array: "q8", colMajor: false, stride: dQ };
+  // Kᵀ: key j's column is its row.
+  const kAt: MmaPlace = stage
+    ? { array: "ks", colMajor: true, stride: ksStride }
+    : { array: "k8", colMajor: true, stride: dQ };
+  const kOffset = (j: string, k: string) =>
+    stage ? `${j} * ${N * ksStride}u + ${k} * 32u` : `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`;
+  const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
+  const pAt: MmaPlace = { array: "sp", colMajor: false, stride: bc };
+  // V per key tile as [channels, bc keys].
+  const vAt: MmaPlace = stage
+    ? { array: "vs", colMajor: true, stride: vsStride }
+    : { array: "v8", colMajor: true, stride: bc };
+  const vOffset = (g: string, kk: string) =>
+    stage
+      ? `${g} * ${N * vsStride}u + ${kk} * 32u`
+      : `v8_base + kv0 * ${dV}u + ${g} * ${N * bc}u + ${kk} * 32u`;
+  const oAt: MmaPlace = { array: "sp", colMajor: false, stride: N };
+
+  emit(`@compute @workgroup_size(${s.threads})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.blocks;
+  let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
+  let h = bh % P.n;
+  let b = bh / P.n;
+  let hk = h / P.group;
+  let q0 = blk * ${br}u;
+  let warp = lid / ${MMA_SUBGROUP}u;
+  let lane = lid % ${MMA_SUBGROUP}u;
+  // This invocation's row of the subgroup's 16 and its half of each tile's columns.
+  let r = lane % ${R}u;
+  let hh = lane / ${R}u;
+  let row = q0 + warp * ${R}u + r;
+  let rows_here = min(P.s_q - q0, ${br}u);
+  let k_blocks = (P.s_kv + ${bc - 1}u) / ${bc}u;
+  let bhk = b * (P.n / P.group) + hk;
+  let ks_base = bhk * k_blocks;
+  let k8_base = ks_base * ${bc * dQ}u;
+  let v8_base = ks_base * ${bc * dV}u;
+  let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
+  let q_sc = q_scale[qb];
+  let q8_base = qb * ${R * dQ}u;
+  let ws = warp * ${s.sRegion}u;
+  let wp = warp * ${s.pRegion}u;
+  let wr = warp * ${2 * MMA_SUBGROUP}u;
+  let ri = i32(row) + P.offset;`);
+  if (!c.emulate) {
+    for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
+  }
+  emit(`  var j_lo = 0i;
+  var j_hi = i32(P.s_kv);`);
+  if (c.band) {
+    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
+  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+  }
+  emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
+  let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
+
+  // S = Q Kᵀ of tile t into this subgroup's S region (the one of t's parity with doubleS), and the
+  // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
+  const sRegionOf = s.doubleS ? `ws + (t & 1u) * ${R * ss}u` : "ws";
+  // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
+  // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
+  const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
+  const nk = Math.ceil(kVecs / threads), nv = Math.ceil(vVecs / threads);
+  const loadTile = (reg: string, n: number, vecs: number, src: string, base: string, tileIdx: string) =>
+    range(n).forEach((i) => {
+      const j = vecs % threads === 0 ? `lid + ${i * threads}u` : `min(lid + ${i * threads}u, ${vecs - 1}u)`;
+      emit(`    ${reg}${i} = ${src}[${base} + (${tileIdx}) * ${vecs}u + ${j}];`);
+    });
+  const storeTile = (
+    reg: string,
+    n: number,
+    vecs: number,
+    dst: string,
+    row4: number,
+    strideWords: number,
+    word: (x: string) => string,
+  ) =>
+    range(n).forEach((i) => {
+      const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
+      emit(`    ${guard}{
+      let j = lid + ${i * threads}u;
+      let at = (j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
+      ${dst}[at] = ${word(`${reg}${i}.x`)};
+      ${dst}[at + 1u] = ${word(`${reg}${i}.y`)};
+      ${dst}[at + 2u] = ${word(`${reg}${i}.z`)};
+      ${dst}[at + 3u] = ${word(`${reg}${i}.w`)};
+    }`);
+    });
+  const loadK = (t: string) => loadTile("kr", nk, kVecs, "k8", "k4_base", `min(${t}, t_last)`);
+  const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", `min(${t}, t_last)`);
+  const storeK = () => storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4, (x) => `bitcast<i32>(${x})`);
+  const storeV = () =>
+    storeTile("vr", nv, vVecs, "vs", bc / 16, vsStride / 4, (x) => u8 ? x : `bitcast<i32>(${x})`);
+  if (stage) {
+    emit(`  let k4_base = k8_base / 16u;
+  let v4_base = v8_base / 16u;
+  let t_last = max(k_blocks, 1u) - 1u;`);
+    range(nk).forEach((i) => emit(`  var kr${i}: vec4<u32>;`));
+    range(nv).forEach((i) => emit(`  var vr${i}: vec4<u32>;`));
+  }
+
+  /**
+   * S of tile t stored to the subgroup's S region, then a barrier; `afterBarrier` emits what runs
+   * right after it (the staged tiles' stores and next loads).
+   */
+  const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}) => {
+    emit(`    let kv0 = t * ${bc}u;
+    let wst = ${sRegionOf};`);
+    if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
+    if (c.emulate) emit(`    ${qk.zeroArray("s", bc / N)}`);
+    else range(bc / N).forEach((j) => emit(`    ${qk.zero(`s${j}`)}`));
+    forEach("k", dQ / 32, (k) => {
+      if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+      forEach("j", bc / N, (j) => {
+        emit("    {");
+        emit("      " + qk.loadRight(`kb`, kAt, kOffset(j, k)));
+        emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+        emit("    }");
+      });
+    });
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${j} * ${N}u`, tile("s", j))));
+    emit(`    workgroupBarrier();`);
+    afterBarrier();
+    emit(`    let dq = q_sc * k_scale[ks_base + t];
+    let sb = wst + r * ${ss}u + hh * ${half}u;`);
+  };
+  // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
+  const fullTile = `kv0 + ${bc}u <= P.s_kv${
+    c.band
+      ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+        bc - 1
+      }i - (i32(q0) + P.offset) <= P.right`
+      : ""
+  }${c.keyPadding ? " && false" : ""}`;
+  const liveExpr = (e: number) => {
+    const col = `(kv0 + hh * ${half}u + ${e}u)`;
+    let ok = `${col} < P.s_kv`;
+    if (c.keyPadding) {
+      ok +=
+        ` && ((mask[(b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) >> 2u] >> (((b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) & 3u) * 8u)) & 0xffu) != 0u`;
+    }
+    if (c.band) ok += ` && i32(${col}) - ri >= -P.left && i32(${col}) - ri <= P.right`;
+    return ok;
+  };
+
+  // ---- pass 1: each row's maximum (log2 units) ----
+  emit(`  var m = NEG;`);
+  if (!c.skipMaxPass) {
+    if (stage) {
+      // K tile t_lo in ks, t_lo + 1 in registers.
+      loadK("t_lo");
+      storeK();
+      emit(`  workgroupBarrier();`);
+      loadK("t_lo + 1u");
+    }
+    emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+    // One S region: the previous tile's reads must end before this store; two: they alternate.
+    // Staged: ks is rewritten after the S barrier, so the tile ends with a barrier too.
+    computeS(!s.doubleS && !stage, () => {
+      if (!stage) return;
+      storeK();
+      loadK("t + 2u");
+    });
+    emit(`    var hi = -2147483647i;
+    var lo = 2147483647i;
+    let full = ${fullTile};`);
+    for (const e of range(half)) {
+      emit(`    {
+      let y = ss[sb + ${e}u];
+      let ok = full || (${liveExpr(e)});
+      hi = select(hi, max(hi, y), ok);
+      lo = select(lo, min(lo, y), ok);
+    }`);
+    }
+    // dq may be negative (a negative softmax scale): the largest score is then the smallest integer.
+    emit(`    if (hi >= lo) { m = max(m, max(f32(hi) * dq, f32(lo) * dq)); }`);
+    if (stage) emit(`    workgroupBarrier();`);
+    emit(`  }
+  red[wr + lane] = bitcast<u32>(m);
+  workgroupBarrier();
+  m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));`);
+  } else {
+    emit(`  m = 8.0;`);
+  }
+
+  // ---- pass 2: P = exp2(s - m) quantized under one scale, P·V accumulated in integer tiles ----
+  emit(`  var psum = 0u;`);
+  tiles(pv, "acc", dV / N);
+  if (stage) {
+    // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
+    // ks were before its last barriers.)
+    loadK("t_lo");
+    storeK();
+    loadV("t_lo");
+    emit(`  workgroupBarrier();`);
+    loadK("t_lo + 1u");
+  }
+  emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+  // The barrier after the previous tile's P writes already ordered its S reads before this store.
+  // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
+  // previous tile's P·V): V tile t and K tile t + 1 go in, and the next ones are fetched.
+  computeS(false, () => {
+    if (!stage) return;
+    storeV();
+    storeK();
+    loadK("t + 2u");
+    loadV("t + 1u");
+  });
+  emit(`    let full = ${fullTile};`);
+  for (const e of range(half)) {
+    // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
+    const p = `u32(round(min(exp2(f32(ss[sb + ${e}u]) * dq - m), 1.0) * ${pmax}.0))`;
+    emit(`    let p${e} = select(0u, ${p}, full || (${liveExpr(e)}));`);
+  }
+  const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
+  for (const w of range(half / 4)) {
+    const e = 4 * w;
+    const word = `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
+    emit(`    sp[${pb} + ${w}u] = ${u8 ? word : `i32(${word})`};`);
+  }
+  emit(`    psum += ${range(half).map((e) => `p${e}`).join(" + ")};
+    workgroupBarrier();`);
+  forEach("kk", bc / 32, (kk) => {
+    emit("    {");
+    emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
+    forEach("g", dV / N, (g) => {
+      emit("      {");
+      emit("        " + pv.loadRight("vb", vAt, vOffset(g, kk)));
+      emit("        " + pv.mma(tile("acc", g), "pa", pAt, "vb", vAt));
+      emit("      }");
+    });
+    emit("    }");
+  });
+  emit(`  }`);
+
+  // ---- finish: the row's Σp over both halves; each output tile through the P region ----
+  emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = psum;
+  workgroupBarrier();
+  let ptot = red[wr + ${MMA_SUBGROUP}u + lane] + red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)];
+  let inv = select(0.0, 1.0 / f32(ptot), ptot > 0u);
+  let vs = bhk * ${2 * dV}u;
+  let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss;`);
+  // Each invocation writes N/2 channels of its row per output tile (two vec4 for N 16, one for 8).
+  const perInv = N / 2;
+  forEach("g", dV / N, (g) => {
+    emit(`    workgroupBarrier();`);
+    emit("    " + pv.store(oAt, "wp", tile("acc", g)));
+    emit(`    workgroupBarrier();
+    {
+      let c0 = ${g} * ${N}u + hh * ${perInv}u;
+      let ob = wp + r * ${N}u + hh * ${perInv}u;`);
+    for (let q = 0; q < perInv / 4; q++) {
+      const vals = range(4).map((i) => {
+        const e = 4 * q + i;
+        const a = u8 ? `(f32(sp[ob + ${e}u]) - 128.0 * f32(ptot))` : `f32(sp[ob + ${e}u])`;
+        return `select(${a} * inv * v_stat[vs + c0 + ${e}u] + v_stat[vs + ${dV}u + c0 + ${e}u], 0.0, ptot == 0u)`;
+      });
+      const guard = dV > c.d ? `c0 + ${4 * q}u < ${c.d}u && ` : "";
+      emit(
+        `      if (${guard}row < P.s_q) { o[obase + c0 / 4u + ${q}u] = ${
+          storeVec(c, `vec4<f32>(${vals.join(", ")})`)
+        }; }`,
+      );
+    }
+    emit(`    }`);
+  });
+  if (c.lse) {
+    // K was smoothed: lse_bias adds back the row's scale * q . mean(k). Σp counts P in 1/pmax units.
+    emit(`  if (row < P.s_q && hh == 0u) {
+    let l = f32(ptot) / ${pmax}.0;
+    let li = bh * P.s_q + row;
+    lse[li] = select(select(${NEG_INF}, (m + log2(l)) * LN2 + lse_bias[li], ptot > 0u), m, ${isNanExpr("m")});
+  }`);
+  }
+  emit(`}`);
+  emit(qk.helpers() + pv.helpers());
+  const key = twoPassKey(c);
+  return { key, label: key, code: L.join("\n") + "\n", bindings, uniforms: SAGE_MMA_UNIFORMS };
+}
