@@ -7,9 +7,9 @@
  *
  * Serves what `flash` serves (causal and window with tiles outside skipped, GQA, key padding,
  * layouts with d contiguous, d up to 256, any s, f32/f16/bf16, lse, flex functions with the empty
- * tiles of a block map skipped; a score_mod gets each row's smoothing shift added back, as in
- * `sage`) on devices with i8 -> i32
- * M16 K32 tiles and subgroups of exactly 32; with `WGATTN_EMULATE_MMA=1` it runs the emulated
+ * tiles of a block map skipped, in both main kernels; a score_mod gets each row's smoothing shift
+ * added back, as in `sage`) on devices with i8 -> i32 M16 K32 tiles and subgroups of exactly 32;
+ * with `WGATTN_EMULATE_MMA=1` it runs the emulated
  * form of the same tiles (plain WGSL) on any adapter, for tests (never picked by the router).
  * Approximate: P and V in int8 add to `sage`'s error (tests/sage_mma_test.ts prints cosine and
  * relative L1 against float64).
@@ -119,8 +119,7 @@ export function chooseSageMmaConfig(
     { warps, alias: false },
     { warps, alias: true },
   ]);
-  // Flex calls take the one-pass kernel: the two-pass one does not fuse the flex functions yet.
-  if (sageMmaTuning.twoPass && !p.flex) {
+  if (sageMmaTuning.twoPass) {
     // Two S regions (one barrier less per tile) first, then one; most subgroups first.
     const twoPassLayouts = (small ? [1] : [4, 2, 1]).flatMap((warps) => [
       { warps, doubleS: true },
@@ -141,6 +140,7 @@ export function chooseSageMmaConfig(
           emulate,
           vTransposed: true,
           pv: p.sKv <= U8_PV_MAX_KEYS ? "u8" : "i8",
+          flex: flexKernelConfig(p, true),
           ...(sageMmaTuning.override ?? {}),
         };
         const problems = twoPassConfigProblems(c, limits);

@@ -29,7 +29,7 @@ import {
 } from "../mod.ts";
 import { debug } from "../core/gpu.ts";
 import { flashTuning } from "../backends/flash.ts";
-import { emulatingMma, realMmaReasons } from "../backends/sage_mma.ts";
+import { emulatingMma, realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
 import {
@@ -390,16 +390,40 @@ const mmaForm = emulatingMma() ? "emulated" : "real";
 /** Odd sizes for the soft-cap cases: partial query and key tiles, GQA. */
 const OZ: Sizes = { b: 1, n: 2, nKv: 1, sQ: 21, sKv: 45, d: 16 };
 
-const APPROX_CASES: { backend: "sage" | "sage-mma"; skip: string }[] = [
+/**
+ * The approximate backends' cases; sage-mma's two main kernels (two-pass, its default, and one-pass)
+ * each fuse the functions.
+ */
+const APPROX_CASES: { backend: "sage" | "sage-mma"; skip: string; onePass?: boolean }[] = [
   { backend: "sage", skip: SAGE_SKIP },
   { backend: "sage-mma", skip: MMA_SKIP },
+  { backend: "sage-mma", skip: MMA_SKIP, onePass: true },
 ];
 
-for (const { backend, skip } of APPROX_CASES) {
-  const form = backend === "sage-mma" ? ` (${mmaForm})` : "";
+/** Runs `fn` with sage-mma's one-pass kernel selected when `onePass`. */
+async function withKernel<T>(onePass: boolean | undefined, fn: () => Promise<T>): Promise<T> {
+  const saved = sageMmaTuning.twoPass;
+  sageMmaTuning.twoPass = !onePass;
+  try {
+    return await fn();
+  } finally {
+    sageMmaTuning.twoPass = saved;
+  }
+}
+
+/** A test name's backend part: sage-mma's form and kernel. */
+function approxLabel(backend: string, onePass?: boolean): string {
+  if (backend !== "sage-mma") return backend;
+  return `${backend} (${mmaForm}, ${onePass ? "one-pass" : "two-pass"})`;
+}
+
+for (const { backend, skip, onePass } of APPROX_CASES) {
   const skipped = skip ? ` [skipped: ${skip}]` : "";
   Deno.test({
-    name: `flex ${backend}${form}: alibi + document mask, causal, lse; per-call map and createBlockMask ` +
+    name:
+      `flex ${
+        approxLabel(backend, onePass)
+      }: alibi + document mask, causal, lse; per-call map and createBlockMask ` +
       `[8, 24]${skipped}`,
     ignore: skip !== "",
     async fn() {
@@ -416,12 +440,13 @@ for (const { backend, skip } of APPROX_CASES) {
       try {
         for (const handle of [undefined, blockMask]) {
           const what = handle ? "with a handle" : "per-call map";
-          const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
-            ...FUSED,
-            blockMask: handle,
-            isCausal: true,
-            backend,
-          });
+          const { out, lse } = await withKernel(onePass, () =>
+            attentionWithLse(host(q), host(k), host(v), {
+              ...FUSED,
+              blockMask: handle,
+              isCausal: true,
+              backend,
+            }));
           assertSage(out.data as Float32Array, ref.out, what);
           // The smoothing's shift is added back once: to the scores here (a score_mod), not again to the lse.
           assertLse(lse.data as Float32Array, ref.lse, 0.02, what);
@@ -433,7 +458,7 @@ for (const { backend, skip } of APPROX_CASES) {
     },
   });
   Deno.test({
-    name: `flex ${backend}${form}: soft cap 1 on K with offset channels, odd sizes ${
+    name: `flex ${approxLabel(backend, onePass)}: soft cap 1 on K with offset channels, odd sizes ${
       JSON.stringify(OZ)
     }${skipped}`,
     ignore: skip !== "",
@@ -451,7 +476,10 @@ for (const { backend, skip } of APPROX_CASES) {
       );
       debug.poisonOutputs = true;
       try {
-        const out = await attentionForward(host(q), host(k), host(v), { ...cap, backend });
+        const out = await withKernel(
+          onePass,
+          () => attentionForward(host(q), host(k), host(v), { ...cap, backend }),
+        );
         assertSage(out.data as Float32Array, ref.out, "soft cap");
       } finally {
         debug.poisonOutputs = false;
@@ -479,16 +507,16 @@ const trustKvCall = Int32Array.from(
   (_, j) => (j < 64 || j >= 192 ? j % 2 : j < 128 ? 0 : tail(j)),
 );
 
-const TRUST_CASES: { backend: string; skip: string; approximate: boolean }[] = [
+const TRUST_CASES: { backend: string; skip: string; approximate: boolean; onePass?: boolean }[] = [
   { backend: "flash", skip: info ? "" : "no WebGPU adapter", approximate: false },
   { backend: "sage", skip: SAGE_SKIP, approximate: true },
   { backend: "sage-mma", skip: MMA_SKIP, approximate: true },
+  { backend: "sage-mma", skip: MMA_SKIP, approximate: true, onePass: true },
 ];
 
 for (const c of TRUST_CASES) {
   Deno.test({
-    name:
-      `flex ${c.backend}${c.backend === "sage-mma" ? ` (${mmaForm})` : ""}: empty tiles of a block mask ` +
+    name: `flex ${approxLabel(c.backend, c.onePass)}: empty tiles of a block mask ` +
       `are skipped and full ones skip the mask test, odd sizes ${JSON.stringify(TZ)}${
         c.skip ? ` [skipped: ${c.skip}]` : ""
       }`,
@@ -512,12 +540,13 @@ for (const c of TRUST_CASES) {
           maskMod: (b, h, i, j) => (j < 64 || j >= 192 ? true : j < 128 ? false : call.maskMod!(b, h, i, j)),
         });
         debug.poisonOutputs = true;
-        const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
-          ...flex,
-          blockMask,
-          isCausal: true,
-          backend: c.backend,
-        });
+        const { out, lse } = await withKernel(c.onePass, () =>
+          attentionWithLse(host(q), host(k), host(v), {
+            ...flex,
+            blockMask,
+            isCausal: true,
+            backend: c.backend,
+          }));
         if (c.approximate) {
           assertSage(out.data as Float32Array, ref.out, "output");
           assertLse(lse.data as Float32Array, ref.lse, 0.02, "lse");

@@ -25,7 +25,11 @@ import { decide } from "../core/router.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse } from "../mod.ts";
 import { type SageMmaConfig, sageMmaKernel, sageMmaVKernel } from "../wgsl/sage_mma.ts";
-import type { TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
+import {
+  sageMmaTwoPassKernel,
+  type TwoPassConfig,
+  twoPassConfigProblems,
+} from "../wgsl/sage_mma_two_pass.ts";
 import { OUTLIER_OFFSET, outlierChannels, type Similarity, similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
@@ -362,4 +366,16 @@ Deno.test("sage-mma: every option that changes the kernel text changes its cache
   }
   const t = (transposed: boolean) => sageMmaVKernel({ dtype: "f16", f16: false, d: 64, bc: 64, transposed });
   assert.notEqual(t(true).key, t(false).key);
+  // The two-pass kernel's key holds the flex functions' texts and the block map too.
+  const twoPass = [{}, ...variants.filter((v) => v.flex)].map((v) =>
+    sageMmaTwoPassKernel({ ...baseConfig, pv: "u8", doubleS: true, ...v })
+  );
+  assert.equal(new Set(twoPass.map((k) => k.code)).size, twoPass.length);
+  assert.equal(new Set(twoPass.map((k) => k.key)).size, twoPass.length);
+  // Staged tiles are prefetched in order, which a block map's skipping breaks: refused, not generated.
+  const staged = { ...baseConfig, pv: "u8", doubleS: false, stage: true } as const;
+  const limits = { storage: 65536, invocations: 1024 };
+  assert.deepEqual(twoPassConfigProblems(staged, limits), []);
+  const map = { scoreMod: null, maskMod: MASK_MOD, buffers: [], blockMap: true };
+  assert.match(twoPassConfigProblems({ ...staged, flex: map }, limits).join(), /block map/);
 });

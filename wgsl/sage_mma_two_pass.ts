@@ -15,9 +15,16 @@
  * P·V runs on u8 tiles (P·255, V centred and offset by 128: O = Σ p·v_u8 - 128·Σ p, exact in u32
  * up to 65,793 keys) or, past that, i8 tiles (P·127, V signed). The output is
  * (Σ p·v) / Σ p per channel times V's scale plus V's mean; the row sum is the integer Σ p.
+ *
+ * Flex functions (wgsl/flex.ts) apply in both passes alike, so the maximum is that of the scores the
+ * second pass exponentiates: mask_mod on the scores of partial tiles, the empty tiles of a block map
+ * skipped by both key loops, and score_mod on every score in natural-log units with the row's
+ * `scale * q . mean(k)` (`lse_bias`) added back first (K's smoothing shifted the row's scores by it;
+ * the maximum is then taken over the functions' results instead of the tile's integers).
  */
-import type { Kernel } from "./common.ts";
+import type { Kernel, UniformType } from "./common.ts";
 import { BF16_PACK, isNanExpr, NEG_INF, uniformBlock } from "./common.ts";
+import { BLOCK_MAP_UNIFORMS, flexDeclarations, flexKey } from "./flex.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
 import { MMA_ROWS, SAGE_MMA_UNIFORMS, type SageMmaConfig, sageMmaDims } from "./sage_mma.ts";
@@ -82,6 +89,9 @@ export function twoPassConfigProblems(
     problems.push("the tile must be M16 K32 with N 16 or 8");
   }
   if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
+  if (c.stage && c.flex?.blockMap) {
+    problems.push("staged tiles are prefetched in order, and a block map skips tiles (stage: false)");
+  }
   if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
   if (s.sharedBytes > limits.storage) {
     problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
@@ -95,13 +105,13 @@ export function twoPassKey(c: TwoPassConfig): string {
   return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
     `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}:${c.band}:${c.keyPadding}:${c.lse}:${
       c.emulate ? "emu" : "real"
-    }${c.skipMaxPass ? ":skip1" : ""}`;
+    }${c.skipMaxPass ? ":skip1" : ""}${flexKey(c.flex)}`;
 }
 
 /**
  * The two-pass main kernel. Bindings as the one-pass kernel's: q8, k8, v8 (u8 bytes for `pv: u8`,
  * laid out per key tile as [channels, bc keys]), o, [mask], [lse], q_scale, k_scale, v_stat,
- * [lse_bias].
+ * [lse_bias] (with the lse or a score_mod), then the flex bindings (mod buffers, [flex_blocks]).
  */
 export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const s = twoPassShape(c);
@@ -118,6 +128,14 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  const flex = c.flex ?? null;
+  const blockMap = flex?.blockMap === true;
+  const maskMod = flex?.maskMod != null;
+  // K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
+  const rowBias = flex?.scoreMod != null;
+  const uniforms: [string, UniformType][] = blockMap
+    ? [...SAGE_MMA_UNIFORMS, ...BLOCK_MAP_UNIFORMS]
+    : SAGE_MMA_UNIFORMS;
   // Straight-line matrix steps in the real form; loops over fragment arrays in the emulated one
   // (lavapipe unrolls every emulated multiply it is given written out).
   const forEach = (v: string, n: number, body: (i: string) => void) => {
@@ -133,7 +151,7 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   };
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
-  emit(qk.header() + uniformBlock(SAGE_MMA_UNIFORMS));
+  emit(qk.header() + uniformBlock(uniforms));
   const bindings = ["q8", "k8", "v8", "o"];
   // Staged K and V are copied as 16-byte words; unstaged ones are matrix-loaded from storage.
   emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
@@ -149,7 +167,7 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   bind("q_scale", "var<storage, read> q_scale: array<f32>;");
   bind("k_scale", "var<storage, read> k_scale: array<f32>;");
   bind("v_stat", "var<storage, read> v_stat: array<f32>;");
-  if (c.lse) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
+  if (c.lse || rowBias) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
   emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;
@@ -212,6 +230,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;
   let ri = i32(row) + P.offset;`);
+  if (flex) {
+    emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
+  }
+  if (rowBias) emit(`  let rb = lse_bias[bh * P.s_q + fr];`);
   if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
   }
@@ -226,7 +248,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
   // S = Q Kᵀ of tile t into this subgroup's S region (the one of t's parity with doubleS), and the
   // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
-  const sRegionOf = s.doubleS ? `ws + (t & 1u) * ${R * ss}u` : "ws";
+  // With a block map consecutive live tiles may share a parity: the regions alternate by iteration.
+  const sRegionOf = s.doubleS ? `ws + (${blockMap ? "it" : "t"} & 1u) * ${R * ss}u` : "ws";
   // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
   // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
   const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
@@ -301,7 +324,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         bc - 1
       }i - (i32(q0) + P.offset) <= P.right`
       : ""
-  }${c.keyPadding ? " && false" : ""}`;
+  }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
   const liveExpr = (e: number) => {
     const col = `(kv0 + hh * ${half}u + ${e}u)`;
     let ok = `${col} < P.s_kv`;
@@ -310,8 +333,38 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         ` && ((mask[(b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) >> 2u] >> (((b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) & 3u) * 8u)) & 0xffu) != 0u`;
     }
     if (c.band) ok += ` && i32(${col}) - ri >= -P.left && i32(${col}) - ri <= P.right`;
+    // A full tile of the map needs no test (its band and key checks still apply).
+    if (maskMod) {
+      ok += ` && (${blockMap ? "tile_state == 2u || " : ""}mask_mod(b, h, fr, min(${col}, P.s_kv - 1u)))`;
+    }
     return ok;
   };
+  // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
+  // the score in natural-log units (the same expression in both passes, so the maximum is exact).
+  const scoreExpr = (e: number) => {
+    const raw = `f32(ss[sb + ${e}u]) * dq`;
+    if (!rowBias) return raw;
+    return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E}`;
+  };
+  /** The key loop's head: every tile from t_lo, or with a block map its live ones only. */
+  let counted = false;
+  const loopHead = () => {
+    if (!blockMap) return emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+    // Every value here is workgroup-uniform (the map is read-only storage), as barriers and matrix
+    // steps need.
+    emit(`  ${counted ? "" : "var "}it = 0u;
+  for (var t = flex_next(b, h, q0, q0 + rows_here, t_lo, t_hi); t < t_hi;
+       t = flex_next(b, h, q0, q0 + rows_here, t + 1u, t_hi)) {
+    let tile_state = flex_tile(b, h, q0, q0 + rows_here, t);`);
+    counted = true;
+  };
+  const loopTail = () =>
+    emit(
+      blockMap
+        ? `    it++;
+  }`
+        : `  }`,
+    );
 
   // ---- pass 1: each row's maximum (log2 units) ----
   emit(`  var m = NEG;`);
@@ -323,7 +376,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       emit(`  workgroupBarrier();`);
       loadK("t_lo + 1u");
     }
-    emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+    loopHead();
     // One S region: the previous tile's reads must end before this store; two: they alternate.
     // Staged: ks is rewritten after the S barrier, so the tile ends with a barrier too.
     computeS(!s.doubleS && !stage, () => {
@@ -331,22 +384,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       storeK();
       loadK("t + 2u");
     });
-    emit(`    var hi = -2147483647i;
+    if (rowBias) {
+      // The functions' results have no order the integers keep: the maximum of the values.
+      emit(`    let full = ${fullTile};`);
+      for (const e of range(half)) {
+        emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(e)}));`);
+      }
+    } else {
+      emit(`    var hi = -2147483647i;
     var lo = 2147483647i;
     let full = ${fullTile};`);
-    for (const e of range(half)) {
-      emit(`    {
+      for (const e of range(half)) {
+        emit(`    {
       let y = ss[sb + ${e}u];
       let ok = full || (${liveExpr(e)});
       hi = select(hi, max(hi, y), ok);
       lo = select(lo, min(lo, y), ok);
     }`);
+      }
+      // dq may be negative (a negative softmax scale): the largest score is then the smallest integer.
+      emit(`    if (hi >= lo) { m = max(m, max(f32(hi) * dq, f32(lo) * dq)); }`);
     }
-    // dq may be negative (a negative softmax scale): the largest score is then the smallest integer.
-    emit(`    if (hi >= lo) { m = max(m, max(f32(hi) * dq, f32(lo) * dq)); }`);
     if (stage) emit(`    workgroupBarrier();`);
-    emit(`  }
-  red[wr + lane] = bitcast<u32>(m);
+    loopTail();
+    emit(`  red[wr + lane] = bitcast<u32>(m);
   workgroupBarrier();
   m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));`);
   } else {
@@ -365,7 +426,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit(`  workgroupBarrier();`);
     loadK("t_lo + 1u");
   }
-  emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+  loopHead();
   // The barrier after the previous tile's P writes already ordered its S reads before this store.
   // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
   // previous tile's P·V): V tile t and K tile t + 1 go in, and the next ones are fetched.
@@ -379,7 +440,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`    let full = ${fullTile};`);
   for (const e of range(half)) {
     // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
-    const p = `u32(round(min(exp2(f32(ss[sb + ${e}u]) * dq - m), 1.0) * ${pmax}.0))`;
+    const p = `u32(round(min(exp2(${scoreExpr(e)} - m), 1.0) * ${pmax}.0))`;
     emit(`    let p${e} = select(0u, ${p}, full || (${liveExpr(e)}));`);
   }
   const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
@@ -401,7 +462,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     });
     emit("    }");
   });
-  emit(`  }`);
+  loopTail();
 
   // ---- finish: the row's Σp over both halves; each output tile through the P region ----
   emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = psum;
@@ -435,15 +496,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit(`    }`);
   });
   if (c.lse) {
-    // K was smoothed: lse_bias adds back the row's scale * q . mean(k). Σp counts P in 1/pmax units.
+    // K was smoothed: lse_bias adds back the row's scale * q . mean(k) (with a score_mod the scores
+    // had it added already). Σp counts P in 1/pmax units.
     emit(`  if (row < P.s_q && hh == 0u) {
     let l = f32(ptot) / ${pmax}.0;
     let li = bh * P.s_q + row;
-    lse[li] = select(select(${NEG_INF}, (m + log2(l)) * LN2 + lse_bias[li], ptot > 0u), m, ${isNanExpr("m")});
+    lse[li] = select(select(${NEG_INF}, (m + log2(l)) * LN2${
+      rowBias ? "" : " + lse_bias[li]"
+    }, ptot > 0u), m, ${isNanExpr("m")});
   }`);
   }
   emit(`}`);
   emit(qk.helpers() + pv.helpers());
+  if (flex) {
+    const decls = flexDeclarations(flex, L.join("\n"), bindings.length + 1, c.bc);
+    emit(decls.code);
+    bindings.push(...decls.bindings);
+  }
   const key = twoPassKey(c);
-  return { key, label: key, code: L.join("\n") + "\n", bindings, uniforms: SAGE_MMA_UNIFORMS };
+  const label = `sage-mma ${twoPassKey({ ...c, flex: undefined })}${flex ? " flex" : ""}`;
+  return { key, label, code: L.join("\n") + "\n", bindings, uniforms };
 }
