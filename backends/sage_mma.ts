@@ -117,12 +117,15 @@ export function chooseSageMmaConfig(
     { warps, alias: true },
   ]);
   if (sageMmaTuning.twoPass) {
-    // Two S regions (one barrier less per tile) first, then one; most subgroups first.
+    // K and V staged in workgroup memory, 32-key tiles, 4 subgroups first: on the H200 at the Flux
+    // shape that ran 3.35 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md,
+    // run 13). Then fewer subgroups, then the unstaged forms (two S regions, then one).
     const twoPassLayouts = (small ? [1] : [4, 2, 1]).flatMap((warps) => [
-      { warps, doubleS: true },
-      { warps, doubleS: false },
+      { warps, stage: true, doubleS: false },
+      { warps, stage: false, doubleS: true },
+      { warps, stage: false, doubleS: false },
     ]);
-    for (const bc of bcs) {
+    for (const bc of p.sKv <= 32 ? [32] : [32, 64]) {
       for (const layout of twoPassLayouts) {
         const c: TwoPassConfig = {
           dtype: p.dtype,
