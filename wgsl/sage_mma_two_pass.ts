@@ -38,6 +38,12 @@ export interface TwoPassConfig extends SageMmaConfig {
    * One S region (doubleS is ignored).
    */
   stage?: boolean;
+  /**
+   * S tiles stored column-major (a column of 16 rows is 20 words apart): the invocations reading
+   * their row then touch 2-way instead of 4-way conflicting banks (a matrix stride must be a multiple
+   * of 16 bytes, so a row-major tile's rows repeat banks every 8).
+   */
+  sColMajor?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
 }
@@ -46,9 +52,11 @@ export interface TwoPassConfig extends SageMmaConfig {
 export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
   const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
-  const ss = c.bc + 4; // +4 words against bank conflicts
+  // S stride: words between rows (row-major, +4 against bank conflicts) or columns (column-major).
+  const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + 4;
+  const sWords = c.sColMajor ? c.bc * ss : MMA_ROWS * ss;
   const doubleS = c.doubleS && !c.stage;
-  const sRegion = MMA_ROWS * ss * (doubleS ? 2 : 1);
+  const sRegion = sWords * (doubleS ? 2 : 1);
   // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
   const ksStride = dQ + 16, vsStride = c.bc + 16;
   const staged = c.stage ? (c.bc * ksStride + dV * vsStride) / 4 : 0;
@@ -61,6 +69,7 @@ export function twoPassShape(c: TwoPassConfig) {
     br,
     threads,
     ss,
+    sWords,
     sRegion,
     pRegion,
     doubleS,
@@ -93,9 +102,9 @@ export function twoPassConfigProblems(
 export function twoPassKey(c: TwoPassConfig): string {
   const t = c.shape;
   return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
-    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}:${c.band}:${c.keyPadding}:${c.lse}:${
-      c.emulate ? "emu" : "real"
-    }${c.skipMaxPass ? ":skip1" : ""}`;
+    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}${
+      c.sColMajor ? ":scol" : ""
+    }:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.skipMaxPass ? ":skip1" : ""}`;
 }
 
 /**
@@ -170,7 +179,9 @@ const LN2: f32 = 0.6931471805599453;`);
     : { array: "k8", colMajor: true, stride: dQ };
   const kOffset = (j: string, k: string) =>
     stage ? `${j} * ${N * ksStride}u + ${k} * 32u` : `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`;
-  const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
+  const sAt: MmaPlace = { array: "ss", colMajor: c.sColMajor === true, stride: ss };
+  // Word offset of S element (row, col) from a region's start, and of tile j.
+  const sTile = (j: string) => c.sColMajor ? `${j} * ${N * ss}u` : `${j} * ${N}u`;
   const pAt: MmaPlace = { array: "sp", colMajor: false, stride: bc };
   // V per key tile as [channels, bc keys].
   const vAt: MmaPlace = stage
@@ -226,7 +237,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
   // S = Q Kᵀ of tile t into this subgroup's S region (the one of t's parity with doubleS), and the
   // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
-  const sRegionOf = s.doubleS ? `ws + (t & 1u) * ${R * ss}u` : "ws";
+  const sRegionOf = s.doubleS ? `ws + (t & 1u) * ${s.sWords}u` : "ws";
+  // This invocation's element e of its half row: sb + e * sStep.
+  const sStep = c.sColMajor ? ss : 1;
   // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
   // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
   const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
@@ -288,11 +301,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         emit("    }");
       });
     });
-    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${j} * ${N}u`, tile("s", j))));
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("s", j))));
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
-    let sb = wst + r * ${ss}u + hh * ${half}u;`);
+    let sb = wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`};`);
   };
   // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
   const fullTile = `kv0 + ${bc}u <= P.s_kv${
@@ -336,7 +349,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let full = ${fullTile};`);
     for (const e of range(half)) {
       emit(`    {
-      let y = ss[sb + ${e}u];
+      let y = ss[sb + ${e * sStep}u];
       let ok = full || (${liveExpr(e)});
       hi = select(hi, max(hi, y), ok);
       lo = select(lo, min(lo, y), ok);
@@ -379,7 +392,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`    let full = ${fullTile};`);
   for (const e of range(half)) {
     // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
-    const p = `u32(round(min(exp2(f32(ss[sb + ${e}u]) * dq - m), 1.0) * ${pmax}.0))`;
+    const p = `u32(round(min(exp2(f32(ss[sb + ${e * sStep}u]) * dq - m), 1.0) * ${pmax}.0))`;
     emit(`    let p${e} = select(0u, ${p}, full || (${liveExpr(e)}));`);
   }
   const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
