@@ -242,7 +242,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
 export const sageBackend: GpuBackend = {
   kind: "gpu",
   name: "sage",
-  aliases: ["sage_attention", "sageattention"],
+  // "sage_attention" and "sageattention" name the sage family (core/router.ts, BACKEND_FAMILIES).
+  aliases: ["sage_int8"],
   summary: "SageAttention-style: smoothed K, int8 Q·Kᵀ by dot4I8Packed, f32 softmax and P·V",
   producesLse: true,
   unsupportedReasons,
