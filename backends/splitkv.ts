@@ -12,7 +12,7 @@
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import {
   splitKvCombineKernel,
   type SplitKvConfig,
@@ -123,6 +123,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       keyPadding: p.mask !== null,
       subgroups,
       flex: flexKernelConfig(p, false),
+      page: p.paged?.pageSize,
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);
@@ -138,6 +139,8 @@ function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {
 
 /** The keys any query row may see: [lo, hi). */
 function keyRange(p: AttentionProblem): [number, number] {
+  // A paged cache's band is aligned to each batch's own length: the kernel narrows it.
+  if (p.paged) return [0, p.sKv];
   const offset = diagonalOffset(p);
   const lo = Math.max(0, Number.isFinite(p.left) ? offset - p.left : 0);
   const hi = Math.min(p.sKv, Number.isFinite(p.right) ? p.sQ - 1 + offset + p.right + 1 : p.sKv);
@@ -175,6 +178,7 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   if (p.mask && !p.mask.keyPadding) {
     reasons.push("only key-padding masks (bool [b, s_kv]) are fused; other masks need naive");
   }
+  reasons.push(...servingReasons(p, { sinks: true, paged: true }));
   if (![p.q.strides, p.k.strides, p.v.strides, p.out.strides].every(stridesOk)) {
     reasons.push("a layout whose head dim is not contiguous (or not 4-aligned)");
   }
@@ -216,6 +220,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     f16: p.dtype === "f16" && caps.shaderF16,
     dV: p.dV,
     lse: io.lse !== null,
+    sinks: p.sinks !== null,
   });
   const [pipe, combinePipe] = await Promise.all([call.pipeline(kernel), call.pipeline(combine)]);
   const slots = plan.totalRows * plan.splits;
@@ -226,6 +231,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, po, plse };
   if (io.mask) buffers.mask = io.mask;
   if (io.flex) Object.assign(buffers, io.flex);
+  if (p.paged) Object.assign(buffers, { tbl: io.table!, cache_len: io.seqlens! });
   call.dispatch(pipe, kernel, buffers, {
     n: p.n,
     n_kv: p.nKv,
@@ -252,10 +258,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     v_ss: vec(p.v.strides.s),
     m_sb: ms.b,
     m_sj: ms.j,
+    max_pages: p.paged?.maxPages ?? 0,
+    num_pages: p.paged?.numPages ?? 0,
   }, plan.workgroups);
   if (splitKvTuning.separatePasses) call.endPass();
   const combineBuffers: Record<string, GPUBuffer> = { po, plse, o: io.out };
   if (io.lse) combineBuffers.lse = io.lse;
+  if (io.sinks) combineBuffers.sinks = io.sinks;
   call.dispatch(combinePipe, combine, combineBuffers, {
     n: p.n,
     s_q: p.sQ,
