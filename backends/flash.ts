@@ -2,8 +2,9 @@
  * `flash`: fused FlashAttention-2 (online softmax, tiles in workgroup memory, no score matrix in
  * memory). Serves any s_q/s_kv, head dims up to 256 (multiples of 4), GQA, causal and window
  * (tiles outside the band skipped), key-padding masks, flex functions (scoreMod, maskMod; the empty
- * tiles of a block map skipped) and every layout whose head dim is contiguous. Other masks fall
- * back to `naive`.
+ * tiles of a block map skipped), every layout whose head dim is contiguous, attention sinks, packed
+ * batches (a work list of each sequence's own query blocks) and paged K/V (rows read through the
+ * block table). Other masks fall back to `naive`.
  */
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";

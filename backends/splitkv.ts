@@ -3,7 +3,8 @@
  * attention to a long context). The key sequence is split into chunks over many workgroups, each
  * serving every query head of a GQA group (K and V are read once per group), writing a partial
  * output and log-sum-exp; a second pass merges them. Serves f32/f16/bf16, GQA, causal and window
- * (bottom-right), key-padding masks and every layout whose head dim is contiguous.
+ * (bottom-right), key-padding masks, every layout whose head dim is contiguous, attention sinks (in
+ * the merge) and paged K/V (rows read through the block table, each batch its own length).
  *
  * The router picks it only while `s_q * (n / n_kv)` (the query rows sharing one K/V head) is at
  * most {@link SPLITKV_MAX_ROWS} and s_q at most {@link SPLITKV_MAX_SQ}; past that `flash` reuses
