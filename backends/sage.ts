@@ -15,7 +15,7 @@ import type { GpuBackend, GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
@@ -149,6 +149,9 @@ function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Its int8 pre-pass quantizes dense [b, n, s, d] blocks, and K smoothing shifts each row's scores
+  // by q·mean(k), which a sink logit would have to follow.
+  reasons.push(...servingReasons(p, {}));
   // Smoothing shifts each row's scores by q·mean(k): harmless to a softmax, not to a score_mod.
   if (p.flex?.scoreMod) {
     reasons.push("scoreMod needs the exact scores: K smoothing shifts each row's scores by q·mean(k)");

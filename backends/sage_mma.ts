@@ -18,7 +18,7 @@ import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import { readEnvIfGranted } from "../core/env.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sageQuantKernel } from "../wgsl/sage.ts";
 import {
@@ -197,6 +197,9 @@ function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Its int8 pre-pass quantizes dense [b, n, s, d] blocks, and K smoothing shifts each row's scores
+  // by q·mean(k), which a sink logit would have to follow.
+  reasons.push(...servingReasons(p, {}));
   // Its kernel does not take flash's flex hooks (yet): a scoreMod or maskMod would be ignored.
   if (p.flex) {
     reasons.push("scoreMod, maskMod and block masks are not fused in its kernel (flash and sage serve them)");
