@@ -28,6 +28,7 @@ export {
   setDevice,
 } from "./core/api.ts";
 export { type Stats, stats } from "./core/stats.ts";
+export { appendKvCache, type AppendKvCacheOptions } from "./core/append.ts";
 export {
   BlockMask,
   type FlexBuffer,
@@ -64,12 +65,15 @@ export type {
   AttentionOutput,
   DType,
   DTypeOf,
+  GpuIndexTensor,
   GpuMask,
   GpuTensor,
   HostData,
   HostDataOf,
+  HostIndexTensor,
   HostMask,
   HostTensor,
+  IndexInput,
   LseOutput,
   MaskDType,
   MaskInput,

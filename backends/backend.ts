@@ -21,6 +21,14 @@ export interface GpuIO {
   lse: GPUBuffer | null;
   /** The call's mod buffers by name (flex calls), uploaded when they came from the host. */
   flex?: Record<string, GPUBuffer>;
+  /** f32 [n] sink logits (calls with sinks). */
+  sinks?: GPUBuffer;
+  /** Int32 offsets of a packed batch (b + 1 each), as given or uploaded. */
+  cuQ?: GPUBuffer;
+  cuK?: GPUBuffer;
+  /** Int32 block table [b, max_pages] and cache lengths [b] of a paged cache. */
+  table?: GPUBuffer;
+  seqlens?: GPUBuffer;
 }
 
 /** Host arrays of one call, as float64, in the problem's layouts. */
@@ -33,6 +41,14 @@ export interface HostIO {
   lse: Float64Array | null;
   /** The call's mod buffers by name (flex calls), read back when they were on the GPU. */
   flex?: ModBufferData;
+  /** Sink logits [n] (calls with sinks). */
+  sinks?: Float32Array;
+  /** Packed batch offsets, read back when they were on the GPU. */
+  cuQ?: Int32Array;
+  cuK?: Int32Array;
+  /** Paged cache table [b, max_pages] and lengths [b]. */
+  table?: Int32Array;
+  seqlens?: Int32Array;
 }
 
 interface BackendCommon {
@@ -77,10 +93,12 @@ export function gpuBaseReasons(p: AttentionProblem, caps: Capabilities | null): 
   const reasons: string[] = [];
   const limit = caps.limits.maxStorageBufferBindingSize;
   const bytes = p.dtype === "f32" ? 4 : 2;
+  // Paged k and v: the page pool.
+  const kv = p.paged ? p.paged.numPages * p.paged.pageSize * p.nKv : p.b * p.nKv * p.sKv;
   const sizes: [string, number][] = [
     ["q", p.b * p.n * p.sQ * p.d * bytes],
-    ["k", p.b * p.nKv * p.sKv * p.d * bytes],
-    ["v", p.b * p.nKv * p.sKv * p.dV * bytes],
+    ["k", kv * p.d * bytes],
+    ["v", kv * p.dV * bytes],
     ["output", p.b * p.n * p.sQ * p.dV * bytes],
   ];
   for (const [name, size] of sizes) {

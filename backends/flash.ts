@@ -2,8 +2,9 @@
  * `flash`: fused FlashAttention-2 (online softmax, tiles in workgroup memory, no score matrix in
  * memory). Serves any s_q/s_kv, head dims up to 256 (multiples of 4), GQA, causal and window
  * (tiles outside the band skipped), key-padding masks, flex functions (scoreMod, maskMod; the empty
- * tiles of a block map skipped) and every layout whose head dim is contiguous. Other masks fall
- * back to `naive`.
+ * tiles of a block map skipped), every layout whose head dim is contiguous, attention sinks, packed
+ * batches (a work list of each sequence's own query blocks) and paged K/V (rows read through the
+ * block table). Other masks fall back to `naive`.
  */
 import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
@@ -11,6 +12,7 @@ import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
+import { workListKernel } from "../wgsl/serving.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 
 /** Tile shapes tried in order; the first valid for the device and head dim wins. */
@@ -54,6 +56,9 @@ export function chooseFlashConfig(
     subgroups: subgroups ? caps.subgroupDirective : false,
     swizzle: true,
     flex: flexKernelConfig(p, true),
+    sinks: p.sinks !== null,
+    varlen: p.varlen !== null,
+    page: p.paged?.pageSize,
   } as const;
   // A call of few query rows gets the smallest tile, flat, Q and K staged 8 columns and V 4 keys at a
   // time: the 64-row tiles would run at most a quarter full, and their code compiles for 10 to 30 s
@@ -129,6 +134,7 @@ export async function encodeFlash(
   // A mask function comes with a block map: the call's blockMask, or one built now per tile.
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, c.br, c.bc) : null;
   const blocks = Math.ceil(p.sQ / c.br);
+  const serving = p.varlen ? await varlenWorkList(p, io, call, c.br) : null;
   const v4 = (x: number) => x / 4;
   const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, o: io.out };
@@ -136,6 +142,9 @@ export async function encodeFlash(
   if (io.lse) buffers.lse = io.lse;
   if (io.flex) Object.assign(buffers, io.flex);
   if (map) buffers.flex_blocks = map.buffer;
+  if (io.sinks) buffers.sinks = io.sinks;
+  if (serving) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK!, wl: serving.wl });
+  if (p.paged) Object.assign(buffers, { tbl: io.table!, cache_len: io.seqlens! });
   call.dispatch(pipeline, kernel, buffers, {
     ...(map?.uniforms ?? {}),
     flex_scale: p.scale,
@@ -163,7 +172,34 @@ export async function encodeFlash(
     o_ss: v4(p.out.strides.s),
     m_sb: ms.b,
     m_sj: ms.j,
-  }, p.b * p.n * blocks);
+    seqs: p.varlen?.seqs ?? 0,
+    max_pages: p.paged?.maxPages ?? 0,
+    num_pages: p.paged?.numPages ?? 0,
+  }, serving ? serving.items * p.n : p.b * p.n * blocks);
+}
+
+/**
+ * The work list of a packed batch (see wgsl/flash.ts): built here from host offsets, with exactly
+ * the sequences' query blocks as work items; from GPU offsets by a one-thread kernel, with a bound
+ * of items (each sequence's last block may be partial: at most one more per sequence), those past
+ * the real total returning at once.
+ */
+async function varlenWorkList(
+  p: AttentionProblem,
+  io: GpuIO,
+  call: GpuCall,
+  br: number,
+): Promise<{ wl: GPUBuffer; items: number }> {
+  const v = p.varlen!;
+  if (v.cuQ.residency === "host") {
+    const wl = new Uint32Array(v.seqs + 1);
+    for (let s = 0; s < v.seqs; s++) wl[s + 1] = wl[s] + Math.ceil((v.cuQ.data[s + 1] - v.cuQ.data[s]) / br);
+    return { wl: call.upload(wl, "wgattn varlen work list"), items: wl[v.seqs] };
+  }
+  const kernel = workListKernel(br);
+  const wl = call.scratch((v.seqs + 1) * 4, "wgattn varlen work list");
+  call.dispatch(await call.pipeline(kernel), kernel, { cuq: io.cuQ!, wl }, { seqs: v.seqs, total: p.sQ }, 1);
+  return { wl, items: Math.ceil(p.sQ / br) + v.seqs };
 }
 
 /** The fused FlashAttention-2 backend. */

@@ -3,7 +3,7 @@ import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { type NaiveConfig, naiveScoresKernel, naiveSoftmaxKernel, naiveValuesKernel } from "../wgsl/naive.ts";
 
 /** Scores scratch per chunk, at most (and never more than one storage binding). */
@@ -19,12 +19,15 @@ function config(p: AttentionProblem, caps: Capabilities, lse: boolean): NaiveCon
     lse,
     packedOut: p.dtype !== "f32" && !f16,
     flex: flexKernelConfig(p, false),
+    sinks: p.sinks !== null,
   };
 }
 
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = gpuBaseReasons(p, caps);
   if (!caps) return reasons;
+  // Its passes index dense [b, n, s_q, s_kv] scores; sinks join its softmax pass.
+  reasons.push(...servingReasons(p, { sinks: true }));
   if (p.dtype !== "f32" && !(p.dtype === "f16" && caps.shaderF16)) {
     // 16-bit elements without a WGSL type of their own are written two to a u32 word. For bf16
     // that is always so (WGSL has no bf16), for f16 only without shader-f16.
@@ -82,7 +85,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
       },
       Math.ceil((rows * p.sKv) / 256),
     );
-    call.dispatch(softmaxPipe, kernels[1], { scores, ...(io.lse ? { lse: io.lse } : {}) }, common, rows);
+    call.dispatch(
+      softmaxPipe,
+      kernels[1],
+      { scores, ...(io.lse ? { lse: io.lse } : {}), ...(io.sinks ? { sinks: io.sinks } : {}) },
+      common,
+      rows,
+    );
     const per = c.packedOut ? 2 : 1;
     call.dispatch(valuesPipe, kernels[2], { scores, v: io.v, o: io.out }, {
       ...common,

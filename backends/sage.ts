@@ -17,7 +17,7 @@ import { flexKernelConfig, type GpuBackend, type GpuIO } from "./backend.ts";
 import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
@@ -156,6 +156,9 @@ function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Its int8 pre-pass quantizes dense [b, n, s, d] blocks, and K smoothing shifts each row's scores
+  // by q·mean(k), which a sink logit would have to follow.
+  reasons.push(...servingReasons(p, {}));
   if (!caps.packedInt8Dot) {
     reasons.push("the device has no dot4I8Packed (WGSL packed_4x8_integer_dot_product)");
   }
@@ -246,7 +249,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
 export const sageBackend: GpuBackend = {
   kind: "gpu",
   name: "sage",
-  aliases: ["sage_attention", "sageattention"],
+  // "sage_attention" and "sageattention" name the sage family (core/router.ts, BACKEND_FAMILIES).
+  aliases: ["sage_int8"],
   summary: "SageAttention-style: smoothed K, int8 Q·Kᵀ by dot4I8Packed, f32 softmax and P·V",
   producesLse: true,
   unsupportedReasons,

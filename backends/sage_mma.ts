@@ -20,7 +20,7 @@ import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import { readEnvIfGranted } from "../core/env.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
 import { SAGE_MEAN_COLUMNS, sageMeanKernel, sageQuantKernel } from "../wgsl/sage.ts";
 import {
@@ -120,12 +120,15 @@ export function chooseSageMmaConfig(
     { warps, alias: true },
   ]);
   if (sageMmaTuning.twoPass) {
-    // Two S regions (one barrier less per tile) first, then one; most subgroups first.
+    // K and V staged in workgroup memory, 32-key tiles, 4 subgroups first: on the H200 at the Flux
+    // shape that ran 3.35 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md,
+    // run 13). Then fewer subgroups, then the unstaged forms (two S regions, then one).
     const twoPassLayouts = (small ? [1] : [4, 2, 1]).flatMap((warps) => [
-      { warps, doubleS: true },
-      { warps, doubleS: false },
+      { warps, stage: true, doubleS: false },
+      { warps, stage: false, doubleS: true },
+      { warps, stage: false, doubleS: false },
     ]);
-    for (const bc of bcs) {
+    for (const bc of p.sKv <= 32 ? [32] : [32, 64]) {
       for (const layout of twoPassLayouts) {
         const c: TwoPassConfig = {
           dtype: p.dtype,
@@ -199,6 +202,9 @@ function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
+  // Its int8 pre-pass quantizes dense [b, n, s, d] blocks, and K smoothing shifts each row's scores
+  // by q·mean(k), which a sink logit would have to follow.
+  reasons.push(...servingReasons(p, {}));
   const emulate = emulatingMma();
   if (!emulate) reasons.push(...realMmaReasons(caps));
   if (reasons.length === 0) {

@@ -3,7 +3,8 @@
  * attention to a long context). The key sequence is split into chunks over many workgroups, each
  * serving every query head of a GQA group (K and V are read once per group), writing a partial
  * output and log-sum-exp; a second pass merges them. Serves f32/f16/bf16, GQA, causal and window
- * (bottom-right), key-padding masks and every layout whose head dim is contiguous.
+ * (bottom-right), key-padding masks, every layout whose head dim is contiguous, attention sinks (in
+ * the merge) and paged K/V (rows read through the block table, each batch its own length).
  *
  * The router picks it only while `s_q * (n / n_kv)` (the query rows sharing one K/V head) is at
  * most {@link SPLITKV_MAX_ROWS} and s_q at most {@link SPLITKV_MAX_SQ}; past that `flash` reuses
@@ -13,7 +14,7 @@ import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import {
   splitKvCombineKernel,
   type SplitKvConfig,
@@ -124,6 +125,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       keyPadding: p.mask !== null,
       subgroups,
       flex: flexKernelConfig(p, false),
+      page: p.paged?.pageSize,
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);
@@ -139,6 +141,8 @@ function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {
 
 /** The keys any query row may see: [lo, hi). */
 function keyRange(p: AttentionProblem): [number, number] {
+  // A paged cache's band is aligned to each batch's own length: the kernel narrows it.
+  if (p.paged) return [0, p.sKv];
   const offset = diagonalOffset(p);
   const lo = Math.max(0, Number.isFinite(p.left) ? offset - p.left : 0);
   const hi = Math.min(p.sKv, Number.isFinite(p.right) ? p.sQ - 1 + offset + p.right + 1 : p.sKv);
@@ -176,6 +180,7 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   if (p.mask && !p.mask.keyPadding) {
     reasons.push("only key-padding masks (bool [b, s_kv]) are fused; other masks need naive");
   }
+  reasons.push(...servingReasons(p, { sinks: true, paged: true }));
   if (![p.q.strides, p.k.strides, p.v.strides, p.out.strides].every(stridesOk)) {
     reasons.push("a layout whose head dim is not contiguous (or not 4-aligned)");
   }
@@ -217,6 +222,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     f16: p.dtype === "f16" && caps.shaderF16,
     dV: p.dV,
     lse: io.lse !== null,
+    sinks: p.sinks !== null,
   });
   const [pipe, combinePipe] = await Promise.all([call.pipeline(kernel), call.pipeline(combine)]);
   const slots = plan.totalRows * plan.splits;
@@ -227,6 +233,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const buffers: Record<string, GPUBuffer> = { q: io.q, k: io.k, v: io.v, po, plse };
   if (io.mask) buffers.mask = io.mask;
   if (io.flex) Object.assign(buffers, io.flex);
+  if (p.paged) Object.assign(buffers, { tbl: io.table!, cache_len: io.seqlens! });
   call.dispatch(pipe, kernel, buffers, {
     n: p.n,
     n_kv: p.nKv,
@@ -253,10 +260,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     v_ss: vec(p.v.strides.s),
     m_sb: ms.b,
     m_sj: ms.j,
+    max_pages: p.paged?.maxPages ?? 0,
+    num_pages: p.paged?.numPages ?? 0,
   }, plan.workgroups);
   if (splitKvTuning.separatePasses) call.endPass();
   const combineBuffers: Record<string, GPUBuffer> = { po, plse, o: io.out };
   if (io.lse) combineBuffers.lse = io.lse;
+  if (io.sinks) combineBuffers.sinks = io.sinks;
   call.dispatch(combinePipe, combine, combineBuffers, {
     n: p.n,
     s_q: p.sQ,

@@ -8,7 +8,7 @@
  */
 import { attentionForward, getDevice, type GpuTensor, stats } from "../mod.ts";
 import { engineFor } from "../engines/select.ts";
-import { hostCopyTuning } from "../engines/host_copy.ts";
+import { hostCopy, hostCopyTuning } from "../engines/host_copy.ts";
 import { readBuffer } from "../core/gpu.ts";
 
 const device = await getDevice();
@@ -87,5 +87,46 @@ for (const t of threads) {
     perCallEncodeSubmitMs: +((t1 - t0) / n).toFixed(3),
     drainMs: +(t2 - t1).toFixed(3),
     stats: stats(),
+  }));
+}
+// The read-back's parts: the copy and map, a fresh result array, the copy out (threads as tuned).
+{
+  hostCopyTuning.threads = 8;
+  const src = (await attentionForward(gq, gk, gv)).buffer;
+  const bytes = count * 4;
+  const staging = device.createBuffer({
+    size: bytes,
+    usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+  });
+  const touched = new Uint8Array(bytes).fill(1);
+  const parts = {
+    copyAndMapMs: [] as number[],
+    allocMs: [] as number[],
+    copyOutFreshMs: [] as number[],
+    copyOutTouchedMs: [] as number[],
+  };
+  for (let i = 0; i < 20; i++) {
+    let t0 = performance.now();
+    const enc = device.createCommandEncoder();
+    enc.copyBufferToBuffer(src, 0, staging, 0, bytes);
+    device.queue.submit([enc.finish()]);
+    await engine.hold(staging.mapAsync(GPUMapMode.READ));
+    parts.copyAndMapMs.push(performance.now() - t0);
+    const mapped = new Uint8Array(staging.getMappedRange());
+    t0 = performance.now();
+    const fresh = new Uint8Array(new ArrayBuffer(bytes));
+    parts.allocMs.push(performance.now() - t0);
+    t0 = performance.now();
+    await hostCopy(fresh, mapped);
+    parts.copyOutFreshMs.push(performance.now() - t0);
+    t0 = performance.now();
+    await hostCopy(touched, mapped);
+    parts.copyOutTouchedMs.push(performance.now() - t0);
+    staging.unmap();
+  }
+  console.log(JSON.stringify({
+    bench: "seed-call-readback-parts",
+    engine: engine.name,
+    ...Object.fromEntries(Object.entries(parts).map(([k, v]) => [k, +median(v).toFixed(3)])),
   }));
 }

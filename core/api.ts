@@ -124,7 +124,7 @@ export async function attentionForward<Q extends TensorInput>(
 export interface AttentionWithLse<T, L = T> {
   /** The attention output, as {@link attentionForward} returns it. */
   out: T;
-  /** f32 `[b, n, s_q]`: `log(sum_j exp(scale · q·k_j + mask))`; `-Infinity` for a fully masked row. */
+  /** f32 `[b, n, s_q]` (`[n, total_q]` for a packed batch): `log(sum_j exp(scale · q·k_j + mask))` (plus the sink's `exp` with sinks); `-Infinity` for a fully masked row. */
   lse: L;
 }
 

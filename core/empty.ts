@@ -8,7 +8,7 @@
 import { WgattnError } from "./errors.ts";
 import type { GpuRuntime } from "./device.ts";
 import { checkMemory, type RawResult } from "./execute.ts";
-import type { AttentionProblem } from "./problem.ts";
+import { type AttentionProblem, lseShape } from "./problem.ts";
 import { DTYPE_BYTES, elementCount } from "./tensor.ts";
 import type { HostData } from "./types.ts";
 
@@ -37,14 +37,27 @@ function zeros(dtype: AttentionProblem["dtype"], count: number): HostData {
     : new Uint16Array(count);
 }
 
+/**
+ * The lse of an empty call: `-Infinity`, or with host sinks each head's sink (a row that sees no
+ * key still has its sink in the denominator). GPU sinks are not read back for this: `-Infinity`.
+ */
+function emptyLse(p: AttentionProblem, rows: number): Float32Array {
+  const lse = new Float32Array(rows).fill(-Infinity);
+  const sinks = p.sinks?.residency === "host" ? p.sinks.data : null;
+  if (sinks && p.sQ > 0) {
+    for (let r = 0; r < rows; r++) {
+      lse[r] = sinks[p.varlen ? Math.floor(r / p.sQ) : Math.floor(r / p.sQ) % p.n];
+    }
+  }
+  return lse;
+}
+
 /** The result of an empty call, on the host. */
 export function emptyResultOnHost(p: AttentionProblem, wantLse: boolean): RawResult {
   const rows = p.b * p.n * p.sQ;
   return {
     out: { data: zeros(p.dtype, elementCount(p.out.shape)), shape: p.out.shape, dtype: p.dtype },
-    lse: wantLse
-      ? { data: new Float32Array(rows).fill(-Infinity), shape: [p.b, p.n, p.sQ], dtype: "f32" }
-      : null,
+    lse: wantLse ? { data: emptyLse(p, rows), shape: lseShape(p), dtype: "f32" } : null,
   };
 }
 
@@ -88,9 +101,9 @@ export async function emptyResultOnGpu(
     });
   }
   // Deno's engine panics on an empty writeBuffer: write only when there are rows.
-  if (lse && rows > 0) device.queue.writeBuffer(lse, 0, new Float32Array(rows).fill(-Infinity));
+  if (lse && rows > 0) device.queue.writeBuffer(lse, 0, emptyLse(p, rows) as Float32Array<ArrayBuffer>);
   return {
     out: { buffer: out, shape: p.out.shape, dtype: p.dtype },
-    lse: lse ? { buffer: lse, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+    lse: lse ? { buffer: lse, shape: lseShape(p), dtype: "f32" } : null,
   };
 }

@@ -1,7 +1,8 @@
 import { WgattnError } from "./errors.ts";
 import { confirmLost, type GpuRuntime } from "./device.ts";
 import { debug, GpuCall, readBuffer, recycleBuffer, releaseBuffer, untrackBuffer } from "./gpu.ts";
-import type { AttentionProblem } from "./problem.ts";
+import { type AttentionProblem, lseShape } from "./problem.ts";
+import type { IndexView, SinkView } from "./serving.ts";
 import { engineFor } from "../engines/select.ts";
 import {
   DTYPE_BYTES,
@@ -13,7 +14,7 @@ import {
   type Operand,
 } from "./tensor.ts";
 import type { GpuTensor, HostTensor } from "./types.ts";
-import type { Backend, CpuBackend, GpuBackend, GpuIO } from "../backends/backend.ts";
+import type { Backend, CpuBackend, GpuBackend, GpuIO, HostIO } from "../backends/backend.ts";
 import { checkFlexCall, type FlexView, type ModBufferData } from "./flex.ts";
 import { encodeSplit, firstPiece, pieceCount, planSplit, type SplitPlan } from "./split.ts";
 
@@ -47,6 +48,21 @@ export function execute(
   wantLse: boolean,
 ): Promise<RawResult> {
   const plan = splitFor(p, rt, wantLse);
+  if (plan && (p.varlen || p.paged || p.sinks)) {
+    // Pieces renumber heads, rows and keys: offsets, tables and lengths would point elsewhere, and
+    // pieces over keys would each count the sink.
+    throw new WgattnError(
+      "OUT_OF_MEMORY",
+      "a call with sinks, offsets or pages must fit one storage binding per tensor",
+      {
+        argument: p.varlen ? "options.cuSeqlensQ" : p.paged ? "options.blockTable" : "options.sinks",
+        expected: `q, k, v and the output within maxStorageBufferBindingSize (${
+          rt!.caps.limits.maxStorageBufferBindingSize
+        } bytes)`,
+        actual: `${p.b}x${p.n}x${p.sQ}x${p.sKv}, d ${p.d}, ${p.dtype}: the call would be split`,
+      },
+    );
+  }
   if (plan && p.flex) {
     // Pieces renumber batches, heads, rows and keys: the functions would see other positions.
     throw new WgattnError("OUT_OF_MEMORY", "a flex call must fit one storage binding per tensor", {
@@ -173,6 +189,7 @@ async function executeGpu(
       out: out = (p.residency === "host" ? call.reused(outBytes, OUT_USAGE, "wgattn output") : null) ??
         call.createBuffer(outBytes, OUT_USAGE, "wgattn output"),
       flex: p.flex ? bindFlex(call, p.flex) : undefined,
+      ...bindServing(call, p),
       lse: wantLse
         ? (lse = call.createBuffer(
           p.b * p.n * p.sQ * 4,
@@ -236,7 +253,7 @@ async function executeGpu(
     if (lse) untrackBuffer(lse);
     return {
       out: { buffer: out, shape: p.out.shape, dtype: p.dtype },
-      lse: lse ? { buffer: lse, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+      lse: lse ? { buffer: lse, shape: lseShape(p), dtype: "f32" } : null,
     };
   }
   try {
@@ -244,7 +261,7 @@ async function executeGpu(
     const lseHost = lse ? new Float32Array(await readBuffer(rt.device, lse, p.b * p.n * p.sQ * 4)) : null;
     return {
       out: { data: outHost, shape: p.out.shape, dtype: p.dtype },
-      lse: lseHost ? { data: lseHost, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+      lse: lseHost ? { data: lseHost, shape: lseShape(p), dtype: "f32" } : null,
     };
   } catch (e) {
     if (await confirmLost(rt)) throw lostError("while its result was read back", e);
@@ -257,6 +274,37 @@ async function executeGpu(
 
 /** Usage of output buffers: bound as storage, read back, poisoned by tests. */
 const OUT_USAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+
+/** The sinks, offsets, table and lengths of a serving call: GPU ones as given, host ones uploaded. */
+function bindServing(call: GpuCall, p: AttentionProblem): Partial<GpuIO> {
+  const bind = (x: IndexView | SinkView, label: string) =>
+    x.residency === "gpu" ? x.buffer : call.upload(x.data, `wgattn ${label}`);
+  const io: Partial<GpuIO> = {};
+  if (p.sinks) io.sinks = bind(p.sinks, "sinks");
+  if (p.varlen) [io.cuQ, io.cuK] = [bind(p.varlen.cuQ, "cuSeqlensQ"), bind(p.varlen.cuK, "cuSeqlensK")];
+  if (p.paged) {
+    [io.table, io.seqlens] = [bind(p.paged.table, "blockTable"), bind(p.paged.seqlens, "cacheSeqlens")];
+  }
+  return io;
+}
+
+/** Host copies of a serving call's index arrays and sinks (read back when on the GPU). */
+async function servingToHost(p: AttentionProblem, rt: GpuRuntime | null): Promise<Partial<HostIO>> {
+  const read = async (x: IndexView): Promise<Int32Array> => {
+    if (x.residency === "host") return x.data;
+    if (!rt) throw new WgattnError("INVALID_BUFFER", "a GPU index tensor but no device is in use");
+    return new Int32Array(await readBuffer(rt.device, x.buffer, Math.max(4, x.length * 4)), 0, x.length);
+  };
+  const io: Partial<HostIO> = {};
+  if (p.sinks) {
+    io.sinks = p.sinks.residency === "host"
+      ? p.sinks.data
+      : new Float32Array(await readBuffer(rt!.device, p.sinks.buffer, p.n * 4), 0, p.n);
+  }
+  if (p.varlen) [io.cuQ, io.cuK] = await Promise.all([read(p.varlen.cuQ), read(p.varlen.cuK)]);
+  if (p.paged) [io.table, io.seqlens] = await Promise.all([read(p.paged.table), read(p.paged.seqlens)]);
+  return io;
+}
 
 /** The mod buffers of a flex call by name: GPU ones as given, host ones uploaded. */
 function bindFlex(call: GpuCall, f: FlexView): Record<string, GPUBuffer> {
@@ -336,15 +384,16 @@ async function executeCpu(
     }));
     flex = Object.fromEntries(entries);
   }
+  const serving = await servingToHost(p, rt);
   const out = new Float64Array(elementCount(p.out.shape));
   const lse = wantLse ? new Float64Array(p.b * p.n * p.sQ) : null;
-  backend.compute(p, { q, k, v, mask, out, lse, flex });
+  backend.compute(p, { q, k, v, mask, out, lse, flex, ...serving });
   const outHost = float64ToHost(out, p.dtype);
   const lseHost = lse ? Float32Array.from(lse) : null;
   if (p.residency === "host") {
     return {
       out: { data: outHost, shape: p.out.shape, dtype: p.dtype },
-      lse: lseHost ? { data: lseHost, shape: [p.b, p.n, p.sQ], dtype: "f32" } : null,
+      lse: lseHost ? { data: lseHost, shape: lseShape(p), dtype: "f32" } : null,
     };
   }
   if (rt!.lost) throw lostError("before the cpu backend's result was uploaded");
@@ -368,6 +417,6 @@ async function executeCpu(
   };
   return {
     out: await toGpu(outHost, p.dtype, p.out.shape),
-    lse: lseHost ? await toGpu(lseHost, "f32", [p.b, p.n, p.sQ]) : null,
+    lse: lseHost ? await toGpu(lseHost, "f32", lseShape(p)) : null,
   };
 }

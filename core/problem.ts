@@ -11,6 +11,14 @@ import {
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
 import type { AttentionOptions, DType, TensorInput } from "./types.ts";
 import { type FlexView, resolveFlex } from "./flex.ts";
+import {
+  type PagedView,
+  resolvePaged,
+  resolveSinks,
+  resolveVarlen,
+  type SinkView,
+  type VarlenView,
+} from "./serving.ts";
 
 /** Element strides of a mask over [b, n, s_q, s_kv]; 0 where the mask broadcasts. */
 export interface MaskStrides {
@@ -77,6 +85,35 @@ export interface AttentionProblem {
   compatibilityMode: boolean;
   /** scoreMod / maskMod / modBuffers / blockMask, validated; null when the call uses none. */
   flex: FlexView | null;
+  /** Per-head sink logits added to each row's softmax denominator; null without. */
+  sinks: SinkView | null;
+  /**
+   * A packed batch: then b is 1, sQ and sKv are the token totals, q/k/v/out are `[1, total, heads,
+   * d]` ("b s n d") and each sequence's band is aligned bottom-right within it.
+   */
+  varlen: VarlenView | null;
+  /**
+   * A paged cache: k and v are pages `[num_pages, page_size, n_kv, d]` (strides: s = a row of a
+   * page, n = a head, b unused), sKv the longest cache length (a bound for GPU lengths).
+   */
+  paged: PagedView | null;
+}
+
+/** Shape of the log-sum-exp: `[b, n, s_q]`, or `[n, total_q]` for a packed batch (as flash-attn's). */
+export function lseShape(p: AttentionProblem): number[] {
+  return p.varlen ? [p.n, p.sQ] : [p.b, p.n, p.sQ];
+}
+
+/** Why a backend that reads dense K/V of whole sequences cannot serve a serving call (empty if it can). */
+export function servingReasons(
+  p: AttentionProblem,
+  serves: { sinks?: boolean; varlen?: boolean; paged?: boolean },
+): string[] {
+  const reasons: string[] = [];
+  if (p.sinks && !serves.sinks) reasons.push("it has no attention sinks (options.sinks)");
+  if (p.varlen && !serves.varlen) reasons.push("it does not read packed batches (options.cuSeqlensQ/K)");
+  if (p.paged && !serves.paged) reasons.push("it does not read paged caches (options.blockTable)");
+  return reasons;
 }
 
 /** Diagonal offset used by causal and window masks. */
@@ -97,11 +134,28 @@ export function flopCount(
 }
 
 const DEFAULT_PATTERN = "b n s d";
+/** A packed batch's tensors `[total, heads, d]`, seen as b = 1. */
+const PACKED_PATTERN = "b s n d";
 
 const objectOrNull = (expected: string) => ({
   test: (x: unknown) => typeof x === "object" && !Array.isArray(x),
   expected,
 });
+
+const INDEX_RULE = {
+  test: (x: unknown) => typeof x === "object" && x !== null && !Array.isArray(x),
+  expected: 'an Int32Array, { data: Int32Array, shape } or { buffer, shape, dtype: "i32" }',
+};
+
+/** Options that a packed batch or a paged cache cannot take, with why. */
+const SERVING_EXCLUDES = [
+  "attnMask",
+  "keyPaddingMask",
+  "scoreMod",
+  "maskMod",
+  "modBuffers",
+  "blockMask",
+] as const;
 
 /** Every key of {@link AttentionOptions} and what its value must be (deeper checks follow). */
 const ATTENTION_OPTIONS: OptionSchema = {
@@ -131,6 +185,14 @@ const ATTENTION_OPTIONS: OptionSchema = {
   },
   modBuffers: "object",
   blockMask: "object",
+  sinks: {
+    test: (x) => typeof x === "object" && x !== null,
+    expected: "a Float32Array or number[] of n, or an f32 GPU tensor [n]",
+  },
+  cuSeqlensQ: INDEX_RULE,
+  cuSeqlensK: INDEX_RULE,
+  blockTable: INDEX_RULE,
+  cacheSeqlens: INDEX_RULE,
 };
 
 const DIMS_KEYS = ["b", "n", "s", "d", "nKv"];
@@ -143,9 +205,66 @@ export function resolveProblem(
   options: AttentionOptions = {},
 ): AttentionProblem {
   checkOptions(options, ATTENTION_OPTIONS);
-  const q = toOperand(qIn, "q");
-  const k = toOperand(kIn, "k");
-  const v = toOperand(vIn, "v");
+  let q = toOperand(qIn, "q");
+  let k = toOperand(kIn, "k");
+  let v = toOperand(vIn, "v");
+  const packed = options.cuSeqlensQ !== undefined || options.cuSeqlensK !== undefined;
+  const paging = options.blockTable !== undefined || options.cacheSeqlens !== undefined;
+  if (packed || paging) {
+    const what = packed ? "options.cuSeqlensQ" : "options.blockTable";
+    if (packed && paging) {
+      throw new WgattnError("INVALID_OPTION", "a call is a packed batch or reads a paged cache, not both", {
+        argument: "options.blockTable",
+        expected: "cuSeqlensQ/K or blockTable/cacheSeqlens",
+        actual: "both",
+      });
+    }
+    const excluded = [
+      ...SERVING_EXCLUDES,
+      ...(packed ? ["qPattern", "kPattern", "vPattern", "outPattern", "dims"] as const : []),
+      ...(paging ? ["kPattern", "vPattern"] as const : []),
+    ];
+    for (const key of excluded) {
+      if (options[key] !== undefined && options[key] !== null) {
+        throw new WgattnError("INVALID_OPTION", `options.${key} does not combine with ${what}`, {
+          argument: `options.${key}`,
+          expected: packed
+            ? "q [total_q, n, d], k and v [total_k, n_kv, d], without masks, patterns or flex functions"
+            : "k and v [num_pages, page_size, n_kv, d], without masks or flex functions",
+          actual: describeValue(options[key]),
+        });
+      }
+    }
+    const dense = packed ? [["q", q], ["k", k], ["v", v]] as const : [["k", k], ["v", v]] as const;
+    for (const [name, t] of dense) {
+      const rank = packed ? 3 : 4;
+      if (t.shape.length !== rank) {
+        throw new WgattnError(
+          "INVALID_SHAPE",
+          `${name} must have ${rank} axes in a ${packed ? "packed batch" : "paged cache"}`,
+          {
+            argument: name,
+            expected: packed
+              ? `[total_${name === "q" ? "q" : "k"}, heads, d]`
+              : "[num_pages, page_size, n_kv, d]",
+            actual: `[${t.shape}]`,
+          },
+        );
+      }
+    }
+    if (packed) {
+      // As "b s n d" with b = 1: every dense layout path below applies unchanged.
+      q = { ...q, shape: [1, ...q.shape] };
+      k = { ...k, shape: [1, ...k.shape] };
+      v = { ...v, shape: [1, ...v.shape] };
+    } else if (k.shape.slice(0, 3).some((x, i) => x !== v.shape[i])) {
+      throw new WgattnError("SHAPE_MISMATCH", "k and v pages must have the same first three axes", {
+        argument: "v",
+        expected: `[${k.shape.slice(0, 3)}, d_v]`,
+        actual: `[${v.shape}]`,
+      });
+    }
+  }
   for (const [name, t] of [["k", k], ["v", v]] as const) {
     if (t.dtype !== q.dtype) {
       throw new WgattnError("DTYPE_MISMATCH", `${name} must have q's dtype`, {
@@ -201,10 +320,10 @@ export function resolveProblem(
     },
     given,
   };
-  const qPattern = options.qPattern ?? DEFAULT_PATTERN;
-  const kPattern = options.kPattern ?? DEFAULT_PATTERN;
-  const vPattern = options.vPattern ?? DEFAULT_PATTERN;
-  const outPattern = options.outPattern ?? DEFAULT_PATTERN;
+  const qPattern = packed ? PACKED_PATTERN : options.qPattern ?? DEFAULT_PATTERN;
+  const kPattern = packed ? PACKED_PATTERN : options.kPattern ?? DEFAULT_PATTERN;
+  const vPattern = packed ? PACKED_PATTERN : options.vPattern ?? DEFAULT_PATTERN;
+  const outPattern = packed ? PACKED_PATTERN : options.outPattern ?? DEFAULT_PATTERN;
   const ql = resolveLayout(
     qPattern,
     q.shape,
@@ -218,7 +337,12 @@ export function resolveProblem(
     "options.qPattern",
     qHelp,
   );
-  const kl = resolveLayout(
+  const paged = paging ? resolvePaged(options, ql.sizes.b, k.shape) : null;
+  const pagedLayout = (t: Operand) => ({
+    sizes: { b: ql.sizes.b, n: t.shape[2], s: paged!.maxLen, d: t.shape[3] },
+    strides: { b: 0, n: t.shape[3], s: t.shape[2] * t.shape[3], d: 1 },
+  });
+  const kl = paged ? pagedLayout(k) : resolveLayout(
     kPattern,
     k.shape,
     {
@@ -230,7 +354,14 @@ export function resolveProblem(
     "options.kPattern",
     kHelp,
   );
-  const vl = resolveLayout(
+  if (paged && kl.sizes.d !== ql.sizes.d) {
+    throw new WgattnError("SHAPE_MISMATCH", "k's head dim must be q's", {
+      argument: "k",
+      expected: `d = ${ql.sizes.d}`,
+      actual: `[${k.shape}]`,
+    });
+  }
+  const vl = paged ? pagedLayout(v) : resolveLayout(
     vPattern,
     v.shape,
     {
@@ -304,6 +435,8 @@ export function resolveProblem(
   const isCausal = options.isCausal === true;
   if (isCausal) right = Math.min(right, 0);
   const sQ = ql.sizes.s, sKv = kl.sizes.s, b = ql.sizes.b;
+  const varlen = packed ? resolveVarlen(options, sQ, sKv) : null;
+  const sinks = options.sinks === undefined ? null : resolveSinks(options.sinks, n);
 
   if (options.attnMask !== undefined && options.keyPaddingMask !== undefined) {
     throw new WgattnError("INVALID_MASK", "pass attnMask or keyPaddingMask, not both", {
@@ -360,10 +493,14 @@ export function resolveProblem(
     k: { operand: k, strides: kl.strides },
     v: { operand: v, strides: vl.strides },
     mask,
-    out: { pattern: outPattern, shape: outShape, strides: outLayout.strides },
+    // A packed batch's output is [total_q, n, d_v], as q.
+    out: { pattern: outPattern, shape: packed ? outShape.slice(1) : outShape, strides: outLayout.strides },
     residency: q.residency,
     compatibilityMode: options.compatibilityMode === true,
     flex: resolveFlex(options, { b, n, sQ, sKv }),
+    sinks,
+    varlen,
+    paged: paged?.view ?? null,
   };
 }
 

@@ -35,18 +35,71 @@ export function backendNames(registry: readonly Backend[]): Map<string, Backend>
   return names;
 }
 
+/**
+ * Names that stand for a family of backends rather than one (DiffSynth's `sage_attention`): the
+ * call runs on the family's first member, in this order, that serves it here and that the router
+ * would take on its own (not slower here, say); else on the first that serves it.
+ */
+export const BACKEND_FAMILIES: Readonly<Record<string, readonly string[]>> = {
+  sage_attention: ["sage-mma", "sage"],
+  sageattention: ["sage-mma", "sage"],
+};
+
 /** Resolves a backend name or alias; unknown names throw, listing the valid ones. */
 export function lookupBackend(registry: readonly Backend[], name: string, argument: string): Backend {
+  return lookupCandidates(registry, name, argument)[0];
+}
+
+/** The backends a name stands for: one, or a family's members in order. */
+export function lookupCandidates(registry: readonly Backend[], name: string, argument: string): Backend[] {
+  const key = name.trim().toLowerCase();
+  const family = Object.hasOwn(BACKEND_FAMILIES, key) ? BACKEND_FAMILIES[key] : null;
+  const members = family?.flatMap((n) => registry.filter((b) => b.name === n)) ?? [];
+  if (members.length > 0) return members;
   const names = backendNames(registry);
-  const found = names.get(name.trim().toLowerCase()) ?? names.get(name.trim());
+  const found = names.get(key) ?? names.get(name.trim());
   if (!found) {
     throw new WgattnError("UNKNOWN_BACKEND", `unknown backend name`, {
       argument,
-      expected: `one of ${[...names.keys()].join(", ")}`,
+      expected: `one of ${[...names.keys(), ...Object.keys(BACKEND_FAMILIES)].join(", ")}`,
       actual: JSON.stringify(name),
     });
   }
-  return found;
+  return [found];
+}
+
+/**
+ * The member of `candidates` (a family, or one backend) that serves the call: the first the router
+ * would take, else the first that can run it. Null when none can; `chain` gets every verdict.
+ */
+function pickNamed(
+  candidates: readonly Backend[],
+  p: AttentionProblem,
+  caps: Capabilities | null,
+  broken: ReadonlyMap<string, string>,
+  wantLse: boolean,
+  chain: ChainEntry[],
+): Backend | null {
+  if (candidates.length === 1) {
+    const reasons = reasonsFor(candidates[0], p, caps, broken, wantLse);
+    chain.push({ backend: candidates[0].name, chosen: reasons.length === 0, reasons });
+    return reasons.length === 0 ? candidates[0] : null;
+  }
+  const verdicts = candidates.map((b) => {
+    const reasons = reasonsFor(b, p, caps, broken, wantLse);
+    const unsuited = reasons.length === 0 && caps && b.unsuitedReasons ? b.unsuitedReasons(p, caps) : [];
+    return { b, reasons, unsuited };
+  });
+  const pick = verdicts.find((v) => v.reasons.length === 0 && v.unsuited.length === 0) ??
+    verdicts.find((v) => v.reasons.length === 0);
+  for (const v of verdicts) {
+    chain.push({
+      backend: v.b.name,
+      chosen: v === pick,
+      reasons: v === pick ? [] : [...v.reasons, ...v.unsuited],
+    });
+  }
+  return pick?.b ?? null;
 }
 
 /**
@@ -86,21 +139,20 @@ export function decide(
   const broken = choice.broken ?? new Map<string, string>();
   const wantLse = choice.wantLse === true;
   if (choice.requested !== undefined) {
-    const b = lookupBackend(registry, choice.requested, "options.backend");
-    const reasons = reasonsFor(b, p, caps, broken, wantLse);
-    if (reasons.length > 0) {
-      throw new WgattnError("BACKEND_UNSUPPORTED", `backend ${b.name} cannot serve this call`, {
+    const candidates = lookupCandidates(registry, choice.requested, "options.backend");
+    const named: ChainEntry[] = [];
+    const b = pickNamed(candidates, p, caps, broken, wantLse, named);
+    if (!b) {
+      const what = candidates.length === 1
+        ? `backend ${candidates[0].name}`
+        : `no backend of ${choice.requested}`;
+      throw new WgattnError("BACKEND_UNSUPPORTED", `${what} cannot serve this call`, {
         argument: "options.backend",
         expected: "a backend that supports the call (leave options.backend out to let the router choose)",
-        actual: `${b.name}: ${reasons.join("; ")}`,
+        actual: named.map((c) => `${c.backend}: ${c.reasons.join("; ")}`).join(" | "),
       });
     }
-    return {
-      backend: b,
-      source: "option",
-      requested: choice.requested,
-      chain: [{ backend: b.name, chosen: true, reasons: [] }],
-    };
+    return { backend: b, source: "option", requested: choice.requested, chain: named };
   }
   const chain: ChainEntry[] = [];
   let source: DecisionSource = "priority";
@@ -111,22 +163,14 @@ export function decide(
     order = registry.filter((b) => b.name === "naive" || b.name === "cpu");
   } else if (choice.variable) {
     requested = choice.variable;
-    const b = lookupBackend(registry, choice.variable, "WGATTN_IMPLEMENTATION");
-    const reasons = reasonsFor(b, p, caps, broken, wantLse);
-    if (reasons.length === 0) {
-      return {
-        backend: b,
-        source: "variable",
-        requested,
-        chain: [{ backend: b.name, chosen: true, reasons: [] }],
-      };
+    const candidates = lookupCandidates(registry, choice.variable, "WGATTN_IMPLEMENTATION");
+    const named: ChainEntry[] = [];
+    const b = pickNamed(candidates, p, caps, broken, wantLse, named);
+    if (b) return { backend: b, source: "variable", requested, chain: named };
+    for (const c of named) {
+      chain.push({ ...c, reasons: ["chosen by WGATTN_IMPLEMENTATION but " + c.reasons.join("; ")] });
     }
-    chain.push({
-      backend: b.name,
-      chosen: false,
-      reasons: ["chosen by WGATTN_IMPLEMENTATION but " + reasons.join("; ")],
-    });
-    order = registry.filter((x) => x !== b);
+    order = registry.filter((x) => !candidates.includes(x));
   }
   for (const b of order) {
     const reasons = reasonsFor(b, p, caps, broken, wantLse);

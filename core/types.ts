@@ -75,6 +75,27 @@ export interface OrtMaskLike {
 /** Any mask `attentionForward` accepts. */
 export type MaskInput = HostMask | GpuMask | OrtMaskLike;
 
+/** Int32 indices in a `GPUBuffer` (offsets, page tables, lengths); needs `STORAGE` usage. */
+export interface GpuIndexTensor {
+  /** Needs `STORAGE` usage. */
+  buffer: GPUBuffer;
+  /** Sizes of each axis, outermost first. */
+  shape: readonly number[];
+  /** Always `"i32"`. */
+  dtype: "i32";
+}
+
+/** Int32 indices on the host with a shape (for 2-D tables such as `blockTable`). */
+export interface HostIndexTensor {
+  /** Elements in row-major order of `shape`. */
+  data: Int32Array;
+  /** Sizes of each axis, outermost first. */
+  shape: readonly number[];
+}
+
+/** Int32 indices: a 1-D `Int32Array`, a host tensor, or a GPU tensor. */
+export type IndexInput = Int32Array | HostIndexTensor | GpuIndexTensor;
+
 /**
  * Options of {@link attentionForward}, named after DiffSynth's `attention_forward`; the flex options
  * (`scoreMod`, `maskMod`, `modBuffers`, `blockMask`) are PyTorch FlexAttention's.
@@ -109,6 +130,35 @@ export interface AttentionOptions extends FlexOptions {
   backend?: string;
   /** The `GPUDevice` to run on; by default wgattn acquires one (see {@link setDevice}). */
   device?: GPUDevice;
+  /**
+   * Attention sinks (gpt-oss): one f32 logit per query head, added to each row's softmax
+   * denominator as a key with no value: `out = sum_j exp(s_j) v_j / (exp(sink_h) + sum_j exp(s_j))`.
+   * The log-sum-exp includes it. A `Float32Array` or `number[]` of n, or an f32 GPU tensor `[n]`.
+   */
+  sinks?: Float32Array | readonly number[] | GpuTensor;
+  /**
+   * Packed batch (flash-attn's `cu_seqlens_q`): b + 1 offsets into q `[total_q, n, d]`; sequence i
+   * is rows `cuSeqlensQ[i] .. cuSeqlensQ[i + 1]`. With `cuSeqlensK`; the output is
+   * `[total_q, n, d]` and the log-sum-exp `[n, total_q]`. Causal and window limits are aligned
+   * bottom-right within each sequence. No patterns, masks or flex functions with it.
+   */
+  cuSeqlensQ?: IndexInput;
+  /** Packed batch: b + 1 offsets into k and v `[total_k, n_kv, d]` (flash-attn's `cu_seqlens_k`). */
+  cuSeqlensK?: IndexInput;
+  /**
+   * Paged KV cache (flash-attn's `block_table`): int32 `[b, max_pages]`; key j of batch i is row
+   * `j % page_size` of page `blockTable[i][floor(j / page_size)]` of k and v, which are then
+   * `[num_pages, page_size, n_kv, d]` (page_size a multiple of 16). With `cacheSeqlens`.
+   * A GPU table's entries are clamped into `[0, num_pages)`: a bad entry reads a wrong page, never
+   * outside the buffers.
+   */
+  blockTable?: IndexInput;
+  /**
+   * Paged KV cache: int32 `[b]`, the keys of each batch's cache to attend (flash-attn's
+   * `cache_seqlens`); q's s_q rows are the last s_q positions (causal aligned bottom-right against
+   * each length). GPU lengths are clamped into `[0, max_pages * page_size]`.
+   */
+  cacheSeqlens?: IndexInput;
 }
 
 /**

@@ -44,6 +44,18 @@ function gpuOperands(p: AttentionProblem): [string, GPUBuffer][] {
     seen.add(x.buffer);
     found.push([`options.modBuffers.${x.name}`, x.buffer]);
   }
+  const serving: [string, { residency: string; buffer?: GPUBuffer } | undefined][] = [
+    ["options.sinks", p.sinks ?? undefined],
+    ["options.cuSeqlensQ", p.varlen?.cuQ],
+    ["options.cuSeqlensK", p.varlen?.cuK],
+    ["options.blockTable", p.paged?.table],
+    ["options.cacheSeqlens", p.paged?.seqlens],
+  ];
+  for (const [argument, x] of serving) {
+    if (!x?.buffer || seen.has(x.buffer)) continue;
+    seen.add(x.buffer);
+    found.push([argument, x.buffer]);
+  }
   return found;
 }
 

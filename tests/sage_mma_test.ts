@@ -104,7 +104,7 @@ const CASES: Case[] = [
     lse: true,
   },
   {
-    name: "K outliers, key padding, causal",
+    name: "K outliers, key padding, causal, S tiles column-major",
     b: 2,
     n: 1,
     sQ: 33,
@@ -115,6 +115,7 @@ const CASES: Case[] = [
     isCausal: true,
     keyPadding: [70, 25],
     lse: true,
+    tiles: { stage: true, sColMajor: true },
   },
   {
     name: "random, N8 tile, 1 subgroup, 32-key tiles, V as [keys, channels]",

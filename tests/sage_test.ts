@@ -9,6 +9,7 @@
 import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { BACKENDS } from "../backends/registry.ts";
+import { emulatingMma } from "../backends/sage_mma.ts";
 import {
   chooseSageConfig,
   SAGE_MIN_SEQ,
@@ -19,7 +20,7 @@ import {
 import { defaultRuntime, restrictLimits } from "../core/device.ts";
 import { debug } from "../core/gpu.ts";
 import { resolveProblem } from "../core/problem.ts";
-import { decide, lookupBackend } from "../core/router.ts";
+import { BACKEND_FAMILIES, decide, lookupBackend } from "../core/router.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse, explain } from "../mod.ts";
 import { type FlashConfig, flashKernel } from "../wgsl/flash.ts";
@@ -373,8 +374,11 @@ Deno.test("sage: the router picks it for long 16-bit calls, by name otherwise", 
       ? { data: new Float32Array(2 * s * 64), shape: [1, 2, s, 64] }
       : { data: new Float16Array(2 * s * 64), shape: [1, 2, s, 64] };
   const problem = (dtype: "f32" | "f16", s: number) => resolveProblem(t(dtype, s), t(dtype, s), t(dtype, s));
-  assert.equal(lookupBackend(BACKENDS, "sageattention", "x"), sageBackend);
-  assert.equal(lookupBackend(BACKENDS, "sage_attention", "x"), sageBackend);
+  // DiffSynth's names stand for the family: the best member this device has (sage-mma needs int8
+  // subgroup matrices; tests/sage_mma_test.ts checks the choice on a device that has them).
+  assert.deepEqual(BACKEND_FAMILIES.sage_attention, ["sage-mma", "sage"]);
+  assert.deepEqual(BACKEND_FAMILIES.sageattention, ["sage-mma", "sage"]);
+  assert.equal(lookupBackend(BACKENDS, "sage_int8", "x"), sageBackend);
   const names = BACKENDS.map((b) => b.name);
   assert.ok(names.indexOf("sage") < Math.min(names.indexOf("flash"), names.indexOf("flash-subgroup")));
   if (!caps) return;
@@ -382,6 +386,11 @@ Deno.test("sage: the router picks it for long 16-bit calls, by name otherwise", 
   assert.deepEqual(sageBackend.unsuitedReasons!(f32, caps), [SAGE_UNSUITED_F32]);
   assert.match(sageBackend.unsuitedReasons!(short, caps).join(), /pre-pass does not pay off/);
   assert.deepEqual(sageBackend.unsuitedReasons!(long, caps), []);
+  if (!emulatingMma() && caps.subgroupMatrixConfigs.length === 0) {
+    const named = decide(long, caps, BACKENDS, { requested: "sage_attention" });
+    assert.equal(named.backend.name, "sage");
+    assert.match(named.chain[0].reasons.join(), /no int8 subgroup matrices/);
+  }
   const sharp = resolveProblem(t("f16", SAGE_MIN_SEQ), t("f16", SAGE_MIN_SEQ), t("f16", SAGE_MIN_SEQ), {
     scale: -0.5, // 4x the default 1/8 at d = 64
   });

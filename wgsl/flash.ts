@@ -87,6 +87,15 @@ export interface FlashConfig {
    * tiles skipped.
    */
   flex?: FlexKernelConfig;
+  /** Attention sinks: binding `sinks` (f32 [n]), one more denominator term per row. */
+  sinks?: boolean;
+  /**
+   * Packed batch: bindings `cuq`, `cuk` (i32 offsets) and `wl` (u32, the first work item of each
+   * sequence: its query blocks, prefix-summed); the dispatch is (work item, head) with no padding.
+   */
+  varlen?: boolean;
+  /** Paged K/V with this page size (a multiple of 16): bindings `tbl` (i32 [b, max_pages]) and `cache_len`. */
+  page?: number;
 }
 
 /** Derived sizes of a config. */
@@ -245,7 +254,44 @@ export function flashKey(c: FlashConfig): string {
   }:` +
     `${c.band}:${c.keyPadding}:${c.lse}:${c.subgroups === false ? "wg" : "sg"}${
       c.qk === "int8" ? ":i8" : ""
-    }${c.pointers ? ":rp" : ""}${flexKey(c.flex)}`;
+    }${c.pointers ? ":rp" : ""}${c.sinks ? ":sk" : ""}${c.varlen ? ":vl" : ""}${
+      c.page ? `:pg${c.page}` : ""
+    }${flexKey(c.flex)}`;
+}
+
+/** Uniforms of packed batches (`seqs`) and paged caches (the rest). */
+const SERVING_UNIFORMS: [string, UniformType][] = [
+  ["seqs", "u32"],
+  ["max_pages", "u32"],
+  ["num_pages", "u32"],
+];
+
+/**
+ * Work item of a packed batch: work item `wg / n` of head `wg % n` (heads of one item adjacent, so
+ * a GQA group's K/V tiles are read while cached). `wl[s]` is the first item of sequence s (its
+ * query blocks prefix-summed, `wl[seqs]` the total), found by binary search; a dispatch past the
+ * total (GPU offsets: a bound) returns at once. Offsets are clamped into the tensors.
+ */
+function varlenPrologue(c: FlashConfig): string {
+  return `  let h = wg % P.n;
+  let item = wg / P.n;
+  if (item >= wl[P.seqs]) { return; }
+  var lo_s = 0u;
+  var hi_s = P.seqs;
+  loop {
+    if (hi_s - lo_s <= 1u) { break; }
+    let mid = (lo_s + hi_s) / 2u;
+    if (wl[mid] <= item) { lo_s = mid; } else { hi_s = mid; }
+  }
+  let b = lo_s;
+  let local_blk = item - wl[b];
+  // Heaviest query blocks of a sequence first under a causal band.
+  let blk = ${c.band ? "wl[b + 1u] - wl[b] - 1u - local_blk" : "local_blk"};
+  let cq0 = u32(clamp(cuq[b], 0i, i32(P.s_q)));
+  let sq_ = u32(clamp(cuq[b + 1u], i32(cq0), i32(P.s_q))) - cq0;
+  let ck0 = u32(clamp(cuk[b], 0i, i32(P.s_kv)));
+  let skv_ = u32(clamp(cuk[b + 1u], i32(ck0), i32(P.s_kv))) - ck0;
+  let off_ = i32(skv_) - i32(sq_);`;
 }
 
 /** Generates the flash kernel for `c`. */
@@ -263,10 +309,19 @@ export function flashKernel(c: FlashConfig): Kernel {
   // int8 (sage): K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
   const rowBias = int8 && flex?.scoreMod != null;
   const blockMap = flex?.blockMap === true;
+  if ((c.varlen || c.page) && (flex || int8 || c.keyPadding)) {
+    throw new Error("packed batches and paged caches take no masks, flex functions or int8 scores");
+  }
   const uniforms: [string, UniformType][] = flex
     ? [...UNIFORMS, ["flex_scale", "f32"], ...(blockMap ? BLOCK_MAP_UNIFORMS : [])]
-    : UNIFORMS;
+    : [
+      ...UNIFORMS,
+      ...SERVING_UNIFORMS.filter(([name]) => name === "seqs" ? c.varlen : c.page && name !== "seqs"),
+    ];
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  /** Start of key `key` of k or v (`base` is the head's start); paged K/V go through the table. */
+  const keyAddress = (name: "k" | "v", base: string, key: string) =>
+    c.page ? `${base} + page_row(b, ${key}) * P.${name}_ss` : `${base} + (${key}) * P.${name}_ss`;
 
   if (c.subgroups !== false) emit(c.subgroups);
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
@@ -297,6 +352,24 @@ export function flashKernel(c: FlashConfig): Kernel {
       bindings.push(name);
     }
   }
+  // Serving bindings: read-only storage, so reads at uniform indices are uniform (the work item,
+  // lengths and loop bounds below may steer control flow around barriers).
+  const servingBindings: [string, string][] = [
+    ...(c.sinks ? [["sinks", "f32"]] as [string, string][] : []),
+    ...(c.varlen ? [["cuq", "i32"], ["cuk", "i32"], ["wl", "u32"]] as [string, string][] : []),
+    ...(c.page ? [["tbl", "i32"], ["cache_len", "i32"]] as [string, string][] : []),
+  ];
+  for (const [name, type] of servingBindings) {
+    emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> ${name}: array<${type}>;`);
+    bindings.push(name);
+  }
+  if (c.page) {
+    // The row of the page pool holding key `key` of batch `bb`; table entries clamped to the pool.
+    emit(`fn page_row(bb: u32, key: u32) -> u32 {
+  let pg = u32(clamp(tbl[bb * P.max_pages + key / ${c.page}u], 0i, i32(P.num_pages) - 1i));
+  return pg * ${c.page}u + key % ${c.page}u;
+}`);
+  }
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
   // int8: K words and V values (as bits) share kvs.
@@ -320,11 +393,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) lid: u32${sgBuiltin}) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
-  let bh = wg / P.blocks;
+${
+    c.varlen ? varlenPrologue(c) : `  let bh = wg / P.blocks;
   // Heaviest query blocks first under a causal band (bottom-right aligned: the last rows see most keys).
   let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
   let h = bh % P.n;
   let b = bh / P.n;
+  let sq_ = P.s_q;
+${
+      c.page
+        ? `  // Each batch attends its own cache length, clamped into its table's span.
+  let skv_ = u32(clamp(cache_len[b], 0i, i32(P.max_pages * ${c.page}u)));
+  let off_ = i32(skv_) - i32(P.s_q);`
+        : `  let skv_ = P.s_kv;
+  let off_ = P.offset;`
+    }`
+  }
   let hk = h / P.group;
   let q0 = blk * ${c.br}u;
   ${
@@ -334,10 +418,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       : `let tx = lid % ${c.ct}u;
   let ty = lid / ${c.ct}u;`
   }
-  let q_base = b * P.q_sb + h * P.q_sh;
+  ${
+    c.varlen
+      ? `let q_base = h * P.q_sh + cq0 * P.q_ss;
+  let k_base = hk * P.k_sh + ck0 * P.k_ss;
+  let v_base = hk * P.v_sh + ck0 * P.v_ss;`
+      : c.page
+      ? `let q_base = b * P.q_sb + h * P.q_sh;
+  let k_base = hk * P.k_sh;
+  let v_base = hk * P.v_sh;`
+      : `let q_base = b * P.q_sb + h * P.q_sh;
   let k_base = b * P.k_sb + hk * P.k_sh;
-  let v_base = b * P.v_sb + hk * P.v_sh;
-  let rows_here = min(P.s_q - q0, ${c.br}u);`);
+  let v_base = b * P.v_sb + hk * P.v_sh;`
+  }
+  let rows_here = min(sq_ - q0, ${c.br}u);`);
   if (rp) {
     // The thread's rows, taken once: reads below index them with constants only.
     for (const i of range(tm)) {
@@ -348,7 +442,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   if (int8) {
     // Packed blocks: q8 [b, n, blocks * br, dq4], k8 [b, n_kv, k_blocks * bc, dq4] (zero padded).
-    emit(`  let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
+    emit(`  let k_blocks = (skv_ + ${c.bc - 1}u) / ${c.bc}u;
   let ks_base = (b * (P.n / P.group) + hk) * k_blocks;
   let k8_base = ks_base * ${c.bc * dq4}u;
   let q_blk = (b * P.n + h) * P.blocks + blk;
@@ -373,10 +467,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
   // Key range this block can see.
   emit(`  var j_lo = 0i;
-  var j_hi = i32(P.s_kv);`);
+  var j_hi = i32(skv_);`);
   if (c.band) {
-    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
-  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+    emit(`  j_lo = max(j_lo, i32(q0) + off_ - P.left);
+  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + off_ + P.right + 1i);`);
   }
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${c.bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${c.bc - 1}u) / ${c.bc}u, j_hi > j_lo);`);
@@ -419,8 +513,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       first: number,
       rowsTotal: number,
       name: string,
-      base: string,
-      ss: string,
+      address: (r: string) => string,
       limit: string,
     ) => {
       for (const u of range(per)) {
@@ -430,13 +523,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 ${indent}  let r = ${e} / ${dk4}u;
 ${indent}  pf${first + u} = vec4<f32>(0.0);
 ${indent}  if (${live}${inRange} && r < ${limit}) { pf${first + u} = ${
-          loadVec(c, name, `${base} + r * P.${ss} + (${chunk}) * ${dk4}u + ${e} % ${dk4}u`)
+          loadVec(c, name, `${address("r")} + (${chunk}) * ${dk4}u + ${e} % ${dk4}u`)
         }; }
 ${indent}}`);
       }
     };
-    part(qPer, 0, c.br, "q", "q_base + q0 * P.q_ss", "q_ss", "rows_here");
-    part(kPer, qPer, c.bc, "k", `k_base + (${kv}) * P.k_ss`, "k_ss", `P.s_kv - (${kv})`);
+    part(qPer, 0, c.br, "q", (r) => `q_base + (q0 + ${r}) * P.q_ss`, "rows_here");
+    part(kPer, qPer, c.bc, "k", (r) => keyAddress("k", "k_base", `(${kv}) + ${r}`), `skv_ - (${kv})`);
   };
   /** Loads V chunk `chunk` of the tile at key `kv` into pf registers. */
   const fetchV = (chunk: string, kv: string, indent: string) => {
@@ -445,12 +538,10 @@ ${indent}}`);
       const inRange = (u + 1) * threads > c.vc * dPad4 ? ` && ${e} < ${c.vc * dPad4}u` : "";
       const colOk = s.dPad > c.d ? ` && ${e} % ${dPad4}u < ${d4}u` : "";
       const row = `(${kv}) + (${chunk}) * ${c.vc}u + ${e} / ${dPad4}u`;
-      const value = loadVec(c, "v", `v_base + (${row}) * P.v_ss + ${e} % ${dPad4}u`);
+      const value = loadVec(c, "v", `${keyAddress("v", "v_base", row)} + ${e} % ${dPad4}u`);
       emit(`${indent}{
 ${indent}  pf${u} = ${zero};
-${indent}  if (${row} < P.s_kv${inRange}${colOk}) { pf${u} = ${
-        int8 ? `bitcast<vec4<u32>>(${value})` : value
-      }; }
+${indent}  if (${row} < skv_${inRange}${colOk}) { pf${u} = ${int8 ? `bitcast<vec4<u32>>(${value})` : value}; }
 ${indent}}`);
     }
   };
@@ -485,18 +576,18 @@ ${indent}}`);
   const masked = c.band || c.keyPadding || flex?.maskMod != null;
   const softmax = () => {
     emit(
-      `    let full_tile = kv0 + ${c.bc}u <= P.s_kv${
+      `    let full_tile = kv0 + ${c.bc}u <= skv_${
         c.band
-          ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+          ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + off_) >= -P.left && i32(kv0) + ${
             c.bc - 1
-          }i - (i32(q0) + P.offset) <= P.right`
+          }i - (i32(q0) + off_) <= P.right`
           : ""
       }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : ""};`,
     );
     // Positions for the flex functions, clamped into the sequences (out-of-range scores are masked).
     if (flex) {
-      for (const j of range(tn)) emit(`    let fc${j} = min(kv0 + tx + ${c.ct * j}u, P.s_kv - 1u);`);
-      for (const i of range(tm)) emit(`    let fr${i} = min(q0 + ty + ${c.rt * i}u, P.s_q - 1u);`);
+      for (const j of range(tn)) emit(`    let fc${j} = min(kv0 + tx + ${c.ct * j}u, skv_ - 1u);`);
+      for (const i of range(tm)) emit(`    let fr${i} = min(q0 + ty + ${c.rt * i}u, sq_ - 1u);`);
     }
     if (flex?.scoreMod) {
       // score_mod takes and returns natural-log units; the kernel's softmax works in log2 units. f32:
@@ -517,15 +608,15 @@ ${indent}}`);
     emit(`    if (!full_tile) {`);
     for (const j of range(tn)) {
       emit(`      let col${j} = kv0 + tx + ${c.ct * j}u;`);
-      let ok = `col${j} < P.s_kv`;
+      let ok = `col${j} < skv_`;
       if (c.keyPadding) {
-        emit(`      let mi${j} = b * P.m_sb + min(col${j}, P.s_kv - 1u) * P.m_sj;`);
+        emit(`      let mi${j} = b * P.m_sb + min(col${j}, skv_ - 1u) * P.m_sj;`);
         ok += ` && ((mask[mi${j} >> 2u] >> ((mi${j} & 3u) * 8u)) & 0xffu) != 0u`;
       }
       emit(`      let cok${j} = ${ok};`);
     }
     for (const i of range(tm)) {
-      emit(`      let row${i} = i32(q0 + ty + ${c.rt * i}u) + P.offset;`);
+      emit(`      let row${i} = i32(q0 + ty + ${c.rt * i}u) + off_;`);
       for (const j of range(tn)) {
         const band = c.band
           ? ` && i32(col${j}) - row${i} >= -P.left && i32(col${j}) - row${i} <= P.right`
@@ -739,12 +830,24 @@ ${indent}}`);
       for (const i of range(tm)) emit(`  lt${i} += subgroupShuffleXor(lt${i}, ${w}u);`);
     }
   }
+  // A sink is one more denominator term exp2(sk), with no value; NEG (or below) means none.
+  if (c.sinks) emit(`  let sk = max(sinks[h] * ${Math.LOG2E}, NEG);`);
+  const lseRow = c.varlen ? "h * P.s_q + cq0 + r" : "(b * P.n + h) * P.s_q + r";
   for (const i of range(tm)) {
     emit(`  {
     let r = q0 + ty + ${c.rt * i}u;
-    if (r < P.s_q) {
-      let inv = select(0.0, 1.0 / lt${i}, lt${i} > 0.0);
-      let ob = b * P.o_sb + h * P.o_sh + r * P.o_ss;`);
+    if (r < sq_) {`);
+    if (c.sinks) {
+      emit(`      let mx${i} = max(m${i}, sk);
+      let keep${i} = exp2(m${i} - mx${i});
+      let den${i} = lt${i} * keep${i} + select(exp2(sk - mx${i}), 0.0, sk <= NEG);
+      let inv = select(0.0, keep${i} / den${i}, den${i} > 0.0);`);
+    } else emit(`      let inv = select(0.0, 1.0 / lt${i}, lt${i} > 0.0);`);
+    emit(
+      `      let ob = ${
+        c.varlen ? "h * P.o_sh + (cq0 + r) * P.o_ss" : "b * P.o_sb + h * P.o_sh + r * P.o_ss"
+      };`,
+    );
     for (const g of range(td / 4)) {
       const col = `tx + ${c.ct * g}u`;
       const guard = s.dPad > c.d ? `if (${col} < ${d4}u) ` : "";
@@ -759,9 +862,15 @@ ${indent}}`);
         isNanExpr(`lt${i}`)
       });
       }`);
+    } else if (c.lse && c.sinks) {
+      emit(`      if (tx == 0u) {
+        lse[${lseRow}] = select(select(${NEG_INF}, (mx${i} + log2(den${i})) * LN2, den${i} > 0.0), lt${i}, ${
+        isNanExpr(`lt${i}`)
+      });
+      }`);
     } else if (c.lse) {
       emit(`      if (tx == 0u) {
-        lse[(b * P.n + h) * P.s_q + r] = select(select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2, lt${i} > 0.0), lt${i}, ${
+        lse[${lseRow}] = select(select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2, lt${i} > 0.0), lt${i}, ${
         isNanExpr(`lt${i}`)
       });
       }`);

@@ -30,6 +30,8 @@ export interface NaiveConfig {
   /** Causal or window limits apply. */
   band: boolean;
   lse: boolean;
+  /** Attention sinks: the softmax pass binds `sinks` (f32 [n]), one more denominator term per row. */
+  sinks?: boolean;
   /** 16-bit output written as packed pairs along d (needs d contiguous and even). */
   packedOut: boolean;
   /** scoreMod / maskMod applied in the scores pass (no block map: every score is computed). */
@@ -140,9 +142,10 @@ ${
 /** Pass 2: one workgroup of 64 per row; softmax in place, zeros for a fully masked row. */
 export function naiveSoftmaxKernel(c: NaiveConfig): Kernel {
   const uniforms: [string, UniformType][] = [...ROW_FIELDS];
-  const bindings = ["scores", ...(c.lse ? ["lse"] : [])];
+  const bindings = ["scores", ...(c.lse ? ["lse"] : []), ...(c.sinks ? ["sinks"] : [])];
   let code = uniformBlock(uniforms) + storageDecl("scores", 1, "f32", "read_write");
   if (c.lse) code += storageDecl("lse", 2, "f32", "read_write");
+  if (c.sinks) code += storageDecl("sinks", bindings.length, "f32", "read");
   code += `
 var<workgroup> red: array<f32, 64>;
 
@@ -178,12 +181,24 @@ fn main(${WORKGROUP_BUILTINS}) {
   for (var j = lid; j < P.s_kv; j += 64u) { m = max(m, scores[base + j]); }
   m = reduce_max(m, lid);
   // A row with every key masked has m = -inf: its probabilities are all 0.
-  let live = m > -3.0e38;
-  let mu = select(0.0, m, live);
+${
+    c.sinks
+      ? `  // The row's head's sink: one more denominator term exp(sink) with no value (-3e38 or below: none).
+  let sk = max(sinks[((P.r0 + wg) / P.s_q) % P.n], -3.0e38);
+  let has_sink = sk > -3.0e38;
+  let live = m > -3.0e38 || has_sink;
+  let mu = select(select(0.0, m, live), max(m, sk), has_sink);`
+      : `  let live = m > -3.0e38;
+  let mu = select(0.0, m, live);`
+  }
   var sum = 0.0;
   for (var j = lid; j < P.s_kv; j += 64u) { sum += exp(scores[base + j] - mu); }
   sum = reduce_sum(sum, lid);
-  let inv = select(0.0, 1.0 / sum, live && sum > 0.0);
+${
+    c.sinks
+      ? "  sum += select(0.0, exp(sk - mu), has_sink);\n"
+      : ""
+  }  let inv = select(0.0, 1.0 / sum, live && sum > 0.0);
   for (var j = lid; j < P.s_kv; j += 64u) { scores[base + j] = exp(scores[base + j] - mu) * inv; }
 ${
     // A NaN sum (from a NaN score) gives a NaN lse, not the -inf of a row with nothing to attend,
@@ -194,7 +209,13 @@ ${
   if (lid == 0u) { lse[P.r0 + wg] = select(select(${NEG_INF}, mu + log(sum), live && sum > 0.0), sum, nan_sum); }\n`
       : ""}}
 `;
-  return { key: `naive-softmax:${c.lse}`, label: "naive softmax", code, bindings, uniforms };
+  return {
+    key: `naive-softmax:${c.lse}${c.sinks ? ":sk" : ""}`,
+    label: "naive softmax",
+    code,
+    bindings,
+    uniforms,
+  };
 }
 
 /** Pass 3: one invocation per output element (or packed pair of 16-bit elements). */

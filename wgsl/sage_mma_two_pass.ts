@@ -45,6 +45,12 @@ export interface TwoPassConfig extends SageMmaConfig {
    * One S region (doubleS is ignored).
    */
   stage?: boolean;
+  /**
+   * S tiles stored column-major (a column of 16 rows is 20 words apart): the invocations reading
+   * their row then touch 2-way instead of 4-way conflicting banks (a matrix stride must be a multiple
+   * of 16 bytes, so a row-major tile's rows repeat banks every 8).
+   */
+  sColMajor?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
 }
@@ -53,9 +59,11 @@ export interface TwoPassConfig extends SageMmaConfig {
 export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
   const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
-  const ss = c.bc + 4; // +4 words against bank conflicts
+  // S stride: words between rows (row-major, +4 against bank conflicts) or columns (column-major).
+  const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + 4;
+  const sWords = c.sColMajor ? c.bc * ss : MMA_ROWS * ss;
   const doubleS = c.doubleS && !c.stage;
-  const sRegion = MMA_ROWS * ss * (doubleS ? 2 : 1);
+  const sRegion = sWords * (doubleS ? 2 : 1);
   // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
   const ksStride = dQ + 16, vsStride = c.bc + 16;
   const staged = c.stage ? (c.bc * ksStride + dV * vsStride) / 4 : 0;
@@ -68,6 +76,7 @@ export function twoPassShape(c: TwoPassConfig) {
     br,
     threads,
     ss,
+    sWords,
     sRegion,
     pRegion,
     doubleS,
@@ -103,9 +112,11 @@ export function twoPassConfigProblems(
 export function twoPassKey(c: TwoPassConfig): string {
   const t = c.shape;
   return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
-    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}:${c.band}:${c.keyPadding}:${c.lse}:${
-      c.emulate ? "emu" : "real"
-    }${c.skipMaxPass ? ":skip1" : ""}${flexKey(c.flex)}`;
+    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}${
+      c.sColMajor ? ":scol" : ""
+    }:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.skipMaxPass ? ":skip1" : ""}${
+      flexKey(c.flex)
+    }`;
 }
 
 /**
@@ -188,7 +199,9 @@ const LN2: f32 = 0.6931471805599453;`);
     : { array: "k8", colMajor: true, stride: dQ };
   const kOffset = (j: string, k: string) =>
     stage ? `${j} * ${N * ksStride}u + ${k} * 32u` : `k8_base + (kv0 + ${j} * ${N}u) * ${dQ}u + ${k} * 32u`;
-  const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
+  const sAt: MmaPlace = { array: "ss", colMajor: c.sColMajor === true, stride: ss };
+  // Word offset of S element (row, col) from a region's start, and of tile j.
+  const sTile = (j: string) => c.sColMajor ? `${j} * ${N * ss}u` : `${j} * ${N}u`;
   const pAt: MmaPlace = { array: "sp", colMajor: false, stride: bc };
   // V per key tile as [channels, bc keys].
   const vAt: MmaPlace = stage
@@ -249,7 +262,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // S = Q Kᵀ of tile t into this subgroup's S region (the one of t's parity with doubleS), and the
   // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
   // With a block map consecutive live tiles may share a parity: the regions alternate by iteration.
-  const sRegionOf = s.doubleS ? `ws + (${blockMap ? "it" : "t"} & 1u) * ${R * ss}u` : "ws";
+  const sRegionOf = s.doubleS ? `ws + (${blockMap ? "it" : "t"} & 1u) * ${s.sWords}u` : "ws";
+  // This invocation's element e of its half row: sb + e * sStep.
+  const sStep = c.sColMajor ? ss : 1;
   // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
   // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
   const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
@@ -311,11 +326,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         emit("    }");
       });
     });
-    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${j} * ${N}u`, tile("s", j))));
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("s", j))));
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
-    let sb = wst + r * ${ss}u + hh * ${half}u;`);
+    let sb = wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`};`);
   };
   // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
   const fullTile = `kv0 + ${bc}u <= P.s_kv${
@@ -342,7 +357,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
   const scoreExpr = (e: number) => {
-    const raw = `f32(ss[sb + ${e}u]) * dq`;
+    const raw = `f32(ss[sb + ${e * sStep}u]) * dq`;
     if (!rowBias) return raw;
     return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E}`;
   };
@@ -396,7 +411,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let full = ${fullTile};`);
       for (const e of range(half)) {
         emit(`    {
-      let y = ss[sb + ${e}u];
+      let y = ss[sb + ${e * sStep}u];
       let ok = full || (${liveExpr(e)});
       hi = select(hi, max(hi, y), ok);
       lo = select(lo, min(lo, y), ok);

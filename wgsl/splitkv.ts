@@ -56,6 +56,11 @@ export interface SplitKvConfig {
   subgroups: false | "" | "enable subgroups;\n";
   /** Flex: score_mod on each score, mask_mod as one more mask (no block map: decode steps). */
   flex?: FlexKernelConfig;
+  /**
+   * Paged K/V with this page size (a multiple of 16): bindings `tbl` (i32 [b, max_pages]) and
+   * `cache_len` (i32 [b]); each batch attends its own length, its band aligned bottom-right to it.
+   */
+  page?: number;
 }
 
 /** Derived sizes of a config. */
@@ -153,7 +158,9 @@ function quads(c: SplitKvConfig, x: string): string[] {
 /** A stable cache key for a config. */
 export function splitKvKey(c: SplitKvConfig): string {
   return `splitkv:${c.dtype}:${c.f16}:v${c.vw}:d${c.d}/${c.dV}:r${c.rows}:l${c.lanes}:t${c.threads}:` +
-    `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}${flexKey(c.flex)}`;
+    `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}${
+      c.page ? `:pg${c.page}` : ""
+    }${flexKey(c.flex)}`;
 }
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -175,7 +182,10 @@ export function splitKvKernel(c: SplitKvConfig): Kernel {
 
   if (c.subgroups) emit(c.subgroups);
   if (c.f16) emit("enable f16;");
-  emit(uniformBlock(UNIFORMS));
+  const uniforms: [string, UniformType][] = c.page
+    ? [...UNIFORMS, ["max_pages", "u32"], ["num_pages", "u32"]]
+    : UNIFORMS;
+  emit(uniformBlock(uniforms));
   const el = storageVec(c);
   emit(`@group(0) @binding(1) var<storage, read> q: array<${el}>;`);
   emit(`@group(0) @binding(2) var<storage, read> k: array<${el}>;`);
@@ -186,6 +196,17 @@ export function splitKvKernel(c: SplitKvConfig): Kernel {
   if (c.keyPadding) {
     emit(`@group(0) @binding(6) var<storage, read> mask: array<u32>;`);
     bindings.push("mask");
+  }
+  if (c.page) {
+    // Read-only storage: the lengths read at uniform indices are uniform (loop bounds below).
+    emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> tbl: array<i32>;`);
+    emit(`@group(0) @binding(${bindings.length + 2}) var<storage, read> cache_len: array<i32>;`);
+    bindings.push("tbl", "cache_len");
+    // The row of the page pool holding key `key` of batch `bb`; table entries clamped to the pool.
+    emit(`fn page_row(bb: u32, key: u32) -> u32 {
+  let pg = u32(clamp(tbl[bb * P.max_pages + key / ${c.page}u], 0i, i32(P.num_pages) - 1i));
+  return pg * ${c.page}u + key % ${c.page}u;
+}`);
   }
   if (KG > 1) {
     emit(`var<workgroup> sm_ml: array<vec2<f32>, ${KG * R}>;`);
@@ -209,7 +230,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let kg = lid / ${L}u;
   let r0 = rb * ${R}u;
   let c0 = P.j_start + split * P.chunk;
-  let c1 = min(c0 + P.chunk, P.j_end);`);
+${
+    c.page
+      ? `  // Each batch attends its own cache length, clamped into its table's span.
+  let skv_ = u32(clamp(cache_len[b], 0i, i32(P.max_pages * ${c.page}u)));
+  let off_ = i32(skv_) - i32(P.s_q);
+  let c1 = min(min(c0 + P.chunk, P.j_end), skv_);`
+      : `  let off_ = P.offset;
+  let c1 = min(c0 + P.chunk, P.j_end);`
+  }`);
   for (const r of range(R)) {
     emit(`  let ra${r} = min(r0 + ${r}u, P.rows - 1u);
   let i${r} = ra${r} / P.group;
@@ -218,8 +247,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   emit(`  var k_lo = i32(c0);
   var k_hi = i32(c1);`);
   if (c.band) {
-    emit(`  k_lo = max(k_lo, i32(i0) + P.offset - P.left);
-  k_hi = min(k_hi, i32(min(r0 + ${R - 1}u, P.rows - 1u) / P.group) + P.offset + P.right + 1i);`);
+    emit(`  k_lo = max(k_lo, i32(i0) + off_ - P.left);
+  k_hi = min(k_hi, i32(min(r0 + ${R - 1}u, P.rows - 1u) / P.group) + off_ + P.right + 1i);`);
   }
   emit(`  let nsteps = select(0u, u32(k_hi - k_lo + ${step - 1}i) / ${step}u, k_hi > k_lo);`);
 
@@ -241,20 +270,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit(`  var l${r} = 0.0;`);
     for (const g of range(GV)) for (const w of range(qw)) emit(`  var o${r}_${g}_${w} = vec4<f32>(0.0);`);
   }
-  emit(`  let k_base = b * P.k_sb + hk * P.k_sh;
-  let v_base = b * P.v_sb + hk * P.v_sh;
+  emit(`  let k_base = ${c.page ? "hk * P.k_sh" : "b * P.k_sb + hk * P.k_sh"};
+  let v_base = ${c.page ? "hk * P.v_sh" : "b * P.v_sb + hk * P.v_sh"};
   for (var st = 0u; st < nsteps; st++) {
     let j0 = k_lo + i32(st * ${step}u + kg * ${U}u);`);
   for (const u of range(U)) {
     emit(`    let key${u} = j0 + ${u}i;
-    let kc${u} = u32(min(key${u}, k_hi - 1i));`);
+    let kc${u} = u32(min(key${u}, k_hi - 1i));
+    let kr${u} = ${c.page ? `page_row(b, kc${u})` : `kc${u}`};`);
   }
   // Every load of the step first, so they are in flight together.
   for (const u of range(U)) {
-    for (const g of range(G)) emit(`    let kr${u}_${g} = k[k_base + kc${u} * P.k_ss + ${col(g, dvec)}];`);
+    for (const g of range(G)) emit(`    let kr${u}_${g} = k[k_base + kr${u} * P.k_ss + ${col(g, dvec)}];`);
   }
   for (const u of range(U)) {
-    for (const g of range(GV)) emit(`    let vr${u}_${g} = v[v_base + kc${u} * P.v_ss + ${col(g, dvecV)}];`);
+    for (const g of range(GV)) emit(`    let vr${u}_${g} = v[v_base + kr${u} * P.v_ss + ${col(g, dvecV)}];`);
   }
   if (c.keyPadding) {
     for (const u of range(U)) {
@@ -303,7 +333,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     emit(`    let ok${u} = key${u} < k_hi${c.keyPadding ? ` && mk${u}` : ""};`);
   }
   for (const r of range(R)) {
-    if (c.band) emit(`    let d${r} = i32(i${r}) + P.offset;`);
+    if (c.band) emit(`    let d${r} = i32(i${r}) + off_;`);
     for (const u of range(U)) {
       const band = c.band ? ` && key${u} - d${r} >= -P.left && key${u} - d${r} <= P.right` : "";
       // score_mod in natural-log units (q was pre-scaled into log2 units).
@@ -428,7 +458,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     label: `split-kv ${splitKvKey({ ...c, flex: undefined })}${c.flex ? " flex" : ""}`,
     code: out.join("\n") + "\n",
     bindings,
-    uniforms: UNIFORMS,
+    uniforms,
   };
 }
 
@@ -439,6 +469,8 @@ export interface SplitKvCombineConfig {
   f16: boolean;
   dV: number;
   lse: boolean;
+  /** Attention sinks: binding `sinks` (f32 [n]), one more denominator term per row. */
+  sinks?: boolean;
 }
 
 const COMBINE_UNIFORMS: [string, UniformType][] = [
@@ -480,6 +512,10 @@ export function splitKvCombineKernel(c: SplitKvCombineConfig): Kernel {
   if (c.lse) {
     L.push(`@group(0) @binding(4) var<storage, read_write> lse: array<f32>;`);
     bindings.push("lse");
+  }
+  if (c.sinks) {
+    L.push(`@group(0) @binding(${bindings.length + 1}) var<storage, read> sinks: array<f32>;`);
+    bindings.push("sinks");
   }
   if (c.dtype === "bf16" && !c.f16) L.push(BF16_PACK);
   const G = COMBINE_IN_FLIGHT;
@@ -537,7 +573,14 @@ ${merges}
     // 128 / (d / 4) blocks, 128 at d = 4.
     var mx = ${NEG};
     for (var u = 0u; u < ${subs}u; u++) { mx = max(mx, pm[u * ${cw}u + lid]); }
-    var sum = 0.0;
+${
+    c.sinks
+      ? `    // The sink joins the merge as one more term exp(sink) with no value (NEG or below: none).
+    let sk = max(sinks[h], ${NEG});
+    mx = max(mx, sk);
+`
+      : ""
+  }    var sum = ${c.sinks ? `select(exp(sk - mx), 0.0, sk <= ${NEG})` : "0.0"};
     var x = vec4<f32>(0.0);
     for (var u = 0u; u < ${subs}u; u++) {
       let e = exp(pm[u * ${cw}u + lid] - mx);
@@ -555,6 +598,6 @@ ${
   }  }
 }
 `);
-  const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}`;
+  const key = `splitkv-combine:${c.dtype}:${c.f16}:d${c.dV}:${c.lse}${c.sinks ? ":sk" : ""}`;
   return { key, label: key, code: L.join("\n"), bindings, uniforms: COMBINE_UNIFORMS };
 }

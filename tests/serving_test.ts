@@ -1,0 +1,452 @@
+/**
+ * Serving paths against the float64 reference of reference.ts, built independently of the cpu
+ * backend: sinks as `out · σ(lse − sink)` and `lse ⊕ sink` of the dense reference; packed batches
+ * as one dense reference call per sequence; paged caches as the reference over the pages gathered
+ * in table order. Then appendKvCache, and the refusals of bad offsets, tables and lengths.
+ */
+import assert from "node:assert/strict";
+import { appendKvCache, attentionWithLse, deviceInfo, explain, getDevice, WgattnError } from "../mod.ts";
+import type { AttentionOptions } from "../core/types.ts";
+import {
+  errorStats,
+  type Logical,
+  randomLogical,
+  referenceAttention,
+  type RefOptions,
+  rng,
+} from "./reference.ts";
+
+const info = await deviceInfo();
+const gpuBackends = info ? ["flash", "split-kv", "naive", "flash-subgroup"] : [];
+const TOL = { out: 2e-5, lse: 1e-4 };
+
+/** [b, n, s, d] logical → row-major Float32Array in "b s n d" order (packed and paged rows). */
+function bsnd(t: Logical, b: number, s0: number, s1: number): Float32Array {
+  const { n, s, d } = t.sizes;
+  const out = new Float32Array((s1 - s0) * n * d);
+  for (let i = s0; i < s1; i++) {
+    for (let h = 0; h < n; h++) {
+      for (let c = 0; c < d; c++) out[((i - s0) * n + h) * d + c] = t.data[((b * n + h) * s + i) * d + c];
+    }
+  }
+  return out;
+}
+
+/** The dense reference with sinks folded in (independent of the backends' formula). */
+function withSinks(
+  ref: { out: Float64Array; lse: Float64Array },
+  sinks: number[],
+  n: number,
+  sQ: number,
+  dV: number,
+) {
+  const out = Float64Array.from(ref.out), lse = Float64Array.from(ref.lse);
+  for (let r = 0; r < lse.length; r++) {
+    const sink = sinks[Math.floor(r / sQ) % n];
+    if (sink === -Infinity) continue;
+    const l = ref.lse[r];
+    const m = Math.max(l, sink);
+    const total = m + Math.log(Math.exp(l - m) + Math.exp(sink - m));
+    const w = l === -Infinity ? 0 : Math.exp(l - total);
+    for (let c = 0; c < dV; c++) out[r * dV + c] *= w;
+    lse[r] = total;
+  }
+  return { out, lse };
+}
+
+function host(t: Logical) {
+  const { b, n, s, d } = t.sizes;
+  return { data: Float32Array.from(t.data), shape: [b, n, s, d] };
+}
+
+function check(name: string, got: ArrayLike<number>, want: ArrayLike<number>, tol: number) {
+  const e = errorStats(got, want);
+  assert.ok(e.maxAbs < tol, `${name}: max abs error ${e.maxAbs}`);
+}
+
+async function gpuTensor<D extends "f32" | "i32">(
+  data: Float32Array | Int32Array,
+  shape: number[],
+  dtype: D,
+) {
+  const device = (await getDevice())!;
+  const buffer = device.createBuffer({
+    size: Math.max(16, Math.ceil(data.byteLength / 16) * 16),
+    usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+  });
+  device.queue.writeBuffer(buffer, 0, data as Float32Array<ArrayBuffer>);
+  return { buffer, shape, dtype };
+}
+
+async function readF32(t: unknown, count: number): Promise<Float32Array> {
+  const device = (await getDevice())!;
+  const buffer = (t as { buffer: GPUBuffer }).buffer;
+  const staging = device.createBuffer({
+    size: count * 4,
+    usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+  });
+  const enc = device.createCommandEncoder();
+  enc.copyBufferToBuffer(buffer, 0, staging, 0, count * 4);
+  device.queue.submit([enc.finish()]);
+  await staging.mapAsync(GPUMapMode.READ);
+  const out = new Float32Array(staging.getMappedRange().slice(0));
+  staging.unmap();
+  return out;
+}
+
+// ---- sinks ------------------------------------------------------------------------------------
+
+{
+  // s_q > s_kv with a causal band: the first 8 rows see no key, only their sink.
+  const [b, n, nKv, sQ, sKv, d] = [2, 4, 2, 24, 16, 32];
+  const random = rng(16);
+  const q = randomLogical({ b, n, s: sQ, d }, random);
+  const k = randomLogical({ b, n: nKv, s: sKv, d }, random);
+  const v = randomLogical({ b, n: nKv, s: sKv, d }, random);
+  const sinks = [0.5, -Infinity, 3, -2];
+  const ref = withSinks(referenceAttention(q, k, v, { isCausal: true }), sinks, n, sQ, d);
+  for (const backend of ["cpu", ...gpuBackends]) {
+    Deno.test(`sinks on ${backend}: b${b} n${n}/${nKv} s_q${sQ} s_kv${sKv} d${d} causal, empty rows, lse`, async (t) => {
+      const reasons = await explain(host(q), host(k), host(v), { isCausal: true, sinks, backend }).catch((
+        e,
+      ) => e);
+      if (reasons instanceof WgattnError) {
+        t.step({ name: `not served here: ${reasons.message}`, ignore: true, fn() {} });
+        return;
+      }
+      const { out, lse } = await attentionWithLse(host(q), host(k), host(v), {
+        isCausal: true,
+        sinks: Float32Array.from(sinks),
+        backend,
+      });
+      check("out", out.data, ref.out, TOL.out);
+      check("lse", lse.data, ref.lse, TOL.lse);
+    });
+  }
+  Deno.test(
+    "sinks: GPU sinks tensor and GPU q/k/v on split-kv's decode shape",
+    { ignore: !info },
+    async () => {
+      const q1 = randomLogical({ b, n, s: 1, d }, random);
+      const r1 = withSinks(referenceAttention(q1, k, v), sinks, n, 1, d);
+      const g = async (t: Logical) =>
+        await gpuTensor(Float32Array.from(t.data), [t.sizes.b, t.sizes.n, t.sizes.s, t.sizes.d], "f32");
+      const sinkT = await gpuTensor(Float32Array.from(sinks), [n], "f32");
+      const { out, lse } = await attentionWithLse(await g(q1), await g(k), await g(v), { sinks: sinkT });
+      check("out", await readF32(out, b * n * d), r1.out, TOL.out);
+      check("lse", await readF32(lse, b * n), r1.lse, TOL.lse);
+    },
+  );
+}
+
+// ---- packed batches ---------------------------------------------------------------------------
+
+{
+  const n = 4, nKv = 2, d = 32;
+  const lensQ = [5, 0, 33, 17], lensK = [9, 3, 40, 17];
+  const cu = (lens: number[]) =>
+    Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
+  const cuQ = cu(lensQ), cuK = cu(lensK);
+  const random = rng(7);
+  const seqs = lensQ.map((sq, i) => ({
+    q: randomLogical({ b: 1, n, s: sq, d }, random),
+    k: randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random),
+    v: randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random),
+  }));
+  const cat = (which: "q" | "k" | "v") => {
+    const parts = seqs.map((x) => bsnd(x[which], 0, 0, x[which].sizes.s));
+    const all = new Float32Array(parts.reduce((a, p) => a + p.length, 0));
+    let at = 0;
+    for (const p of parts) (all.set(p, at), at += p.length);
+    return all;
+  };
+  const totalQ = cuQ[lensQ.length], totalK = cuK[lensK.length];
+  const qT = { data: cat("q"), shape: [totalQ, n, d] };
+  const kT = { data: cat("k"), shape: [totalK, nKv, d] };
+  const vT = { data: cat("v"), shape: [totalK, nKv, d] };
+  const sinks = [0.25, 1, -1, 2];
+  /** Expected out [total_q, n, d] and lse [n, total_q]. */
+  const expected = (opts: RefOptions, withSink: boolean) => {
+    const out = new Float64Array(totalQ * n * d), lse = new Float64Array(n * totalQ);
+    seqs.forEach((x, i) => {
+      let r = referenceAttention(x.q, x.k, x.v, opts);
+      if (withSink) r = withSinks(r, sinks, n, lensQ[i], d);
+      for (let h = 0; h < n; h++) {
+        for (let row = 0; row < lensQ[i]; row++) {
+          lse[h * totalQ + cuQ[i] + row] = r.lse[h * lensQ[i] + row];
+          for (let c = 0; c < d; c++) {
+            out[((cuQ[i] + row) * n + h) * d + c] = r.out[(h * lensQ[i] + row) * d + c];
+          }
+        }
+      }
+    });
+    return { out, lse };
+  };
+  const cases: { name: string; opts: AttentionOptions; ref: RefOptions; sinks?: boolean; gpu?: boolean }[] = [
+    { name: "full", opts: {}, ref: {} },
+    {
+      name: "causal + window + sinks, GPU offsets and tensors",
+      opts: { isCausal: true, windowSize: [6, 0] },
+      ref: { isCausal: true, windowSize: [6, 0] },
+      sinks: true,
+      gpu: true,
+    },
+  ];
+  for (const backend of ["cpu", ...(info ? ["flash", "flash-subgroup"] : [])]) {
+    for (const c of cases) {
+      Deno.test(`packed batch on ${backend}: lengths q ${lensQ} k ${lensK}, n${n}/${nKv} d${d}, ${c.name}`, async (t) => {
+        const gpu = c.gpu && info;
+        const base: AttentionOptions = {
+          ...c.opts,
+          backend,
+          cuSeqlensQ: gpu ? await gpuTensor(cuQ, [cuQ.length], "i32") : cuQ,
+          cuSeqlensK: gpu ? await gpuTensor(cuK, [cuK.length], "i32") : cuK,
+          ...(c.sinks ? { sinks } : {}),
+        };
+        const why = await explain(qT, kT, vT, base).catch((e) => e);
+        if (why instanceof WgattnError) {
+          t.step({ name: `not served here: ${why.message}`, ignore: true, fn() {} });
+          return;
+        }
+        const ref = expected(c.ref, c.sinks === true);
+        if (gpu) {
+          const g = async (x: { data: Float32Array; shape: number[] }) =>
+            await gpuTensor(x.data, x.shape, "f32");
+          const { out, lse } = await attentionWithLse(await g(qT), await g(kT), await g(vT), base);
+          assert.deepEqual(out.shape, [totalQ, n, d]);
+          assert.deepEqual(lse.shape, [n, totalQ]);
+          check("out", await readF32(out, totalQ * n * d), ref.out, TOL.out);
+          check("lse", await readF32(lse, n * totalQ), ref.lse, TOL.lse);
+        } else {
+          const { out, lse } = await attentionWithLse(qT, kT, vT, base);
+          assert.deepEqual(out.shape, [totalQ, n, d]);
+          assert.deepEqual(lse.shape, [n, totalQ]);
+          check("out", out.data, ref.out, TOL.out);
+          check("lse", lse.data, ref.lse, TOL.lse);
+        }
+      });
+    }
+  }
+  Deno.test(
+    "packed batch: the router passes over backends without it, with their reasons",
+    { ignore: !info },
+    async () => {
+      const e = await explain(qT, kT, vT, { cuSeqlensQ: cuQ, cuSeqlensK: cuK });
+      assert.ok(e.backend === "flash" || e.backend === "flash-subgroup", e.backend);
+      const skipped = e.chain.filter((x) => !x.chosen).flatMap((x) => x.reasons).join("; ");
+      assert.match(skipped, /packed batches/);
+    },
+  );
+  Deno.test("packed batch: bad offsets refused before any work", async () => {
+    const bad: [string, Int32Array, Int32Array, RegExp][] = [
+      ["not from 0", Int32Array.from([1, 5, 6, 40, totalQ]), cuK, /start at 0/],
+      [
+        "decreasing",
+        Int32Array.from([0, 30, 20, totalQ]),
+        Int32Array.from([0, 1, 2, totalK]),
+        /must not decrease/,
+      ],
+      [
+        "short of the tensor",
+        Int32Array.from([0, 5, 6, totalQ - 1]),
+        Int32Array.from([0, 1, 2, totalK]),
+        /must end at q's length/,
+      ],
+      ["past the tensor", cuQ, Int32Array.from([0, 9, 12, 52, totalK + 1]), /must end at k's length/],
+      ["unequal counts", cuQ, Int32Array.from([0, totalK]), /as many offsets/],
+    ];
+    for (const [why, q, k, message] of bad) {
+      await assert.rejects(
+        attentionWithLse(qT, kT, vT, { cuSeqlensQ: q, cuSeqlensK: k }),
+        (e: unknown) => e instanceof WgattnError && e.code === "INVALID_OPTION" && message.test(e.message),
+        why,
+      );
+    }
+    await assert.rejects(
+      attentionWithLse(qT, kT, vT, { cuSeqlensQ: cuQ }),
+      (e: unknown) => e instanceof WgattnError && e.argument === "options.cuSeqlensK",
+    );
+    await assert.rejects(
+      attentionWithLse(qT, kT, vT, {
+        cuSeqlensQ: cuQ,
+        cuSeqlensK: cuK,
+        keyPaddingMask: { data: new Uint8Array(1), shape: [1, 1] },
+      }),
+      (e: unknown) => e instanceof WgattnError && e.argument === "options.keyPaddingMask",
+    );
+  });
+}
+
+// ---- paged caches -----------------------------------------------------------------------------
+
+{
+  const [b, n, nKv, d, page, numPages, maxPages] = [3, 4, 2, 32, 16, 12, 4];
+  const lens = [37, 16, 50];
+  const random = rng(11);
+  // Dense caches per batch, scattered over shuffled pages.
+  const dense = lens.map((s) => ({
+    k: randomLogical({ b: 1, n: nKv, s, d }, random),
+    v: randomLogical({ b: 1, n: nKv, s, d }, random),
+  }));
+  const order = [7, 2, 10, 0, 5, 11, 3, 8, 1, 9, 4, 6];
+  const table = new Int32Array(b * maxPages).fill(-1); // unused entries: no page
+  let next = 0;
+  lens.forEach((s, i) => {
+    for (let j = 0; j < Math.ceil(s / page); j++) table[i * maxPages + j] = order[next++];
+  });
+  const pool = (which: "k" | "v") => {
+    const data = new Float32Array(numPages * page * nKv * d).fill(NaN); // untouched rows poison a wrong read
+    lens.forEach((s, i) => {
+      const rows = bsnd(dense[i][which], 0, 0, s);
+      for (let j = 0; j < s; j++) {
+        const at = (table[i * maxPages + Math.floor(j / page)] * page + (j % page)) * nKv * d;
+        data.set(rows.subarray(j * nKv * d, (j + 1) * nKv * d), at);
+      }
+    });
+    return { data, shape: [numPages, page, nKv, d] };
+  };
+  const kP = pool("k"), vP = pool("v");
+  const blockTable = { data: table, shape: [b, maxPages] };
+  const cacheSeqlens = Int32Array.from(lens);
+  const expected = (q: Logical, opts: RefOptions) => {
+    const sQ = q.sizes.s;
+    const out = new Float64Array(b * n * sQ * d), lse = new Float64Array(b * n * sQ);
+    lens.forEach((_, i) => {
+      const qi: Logical = {
+        data: q.data.slice(i * n * sQ * d, (i + 1) * n * sQ * d),
+        sizes: { ...q.sizes, b: 1 },
+      };
+      const r = referenceAttention(qi, dense[i].k, dense[i].v, opts);
+      out.set(r.out, i * n * sQ * d);
+      lse.set(r.lse, i * n * sQ);
+    });
+    return { out, lse };
+  };
+  const cases = [
+    { name: "decode", sQ: 1, opts: {} },
+    { name: "prefill of 5, causal", sQ: 5, opts: { isCausal: true } },
+  ];
+  for (const backend of ["cpu", ...(info ? ["split-kv", "flash"] : [])]) {
+    for (const c of cases) {
+      Deno.test(`paged cache on ${backend}: b${b} n${n}/${nKv} d${d} pages of ${page}, lengths ${lens}, ${c.name}`, async () => {
+        const q = randomLogical({ b, n, s: c.sQ, d }, rng(c.sQ));
+        const ref = expected(q, c.opts);
+        const { out, lse } = await attentionWithLse(host(q), kP, vP, {
+          ...c.opts,
+          blockTable,
+          cacheSeqlens,
+          backend,
+        });
+        check("out", out.data, ref.out, TOL.out);
+        check("lse", lse.data, ref.lse, TOL.lse);
+      });
+    }
+  }
+  Deno.test("paged cache: GPU table and lengths (bad entries clamped), decode routed to split-kv", {
+    ignore: !info,
+  }, async () => {
+    const q = randomLogical({ b, n, s: 1, d }, rng(3));
+    const ref = expected(q, {});
+    const options: AttentionOptions = {
+      blockTable: await gpuTensor(table, [b, maxPages], "i32"),
+      cacheSeqlens: await gpuTensor(cacheSeqlens, [b], "i32"),
+    };
+    const e = await explain(host(q), kP, vP, options);
+    assert.equal(e.backend, "split-kv");
+    const { out } = await attentionWithLse(host(q), kP, vP, options);
+    check("out", out.data, ref.out, TOL.out);
+    // Garbage lengths and entries: clamped into the table and the pool (results wrong, reads in bounds).
+    const wild = {
+      blockTable: await gpuTensor(Int32Array.from(table, (x) => x < 0 ? 1 << 30 : x), [b, maxPages], "i32"),
+      cacheSeqlens: await gpuTensor(Int32Array.from([1 << 30, -5, 64]), [b], "i32"),
+    };
+    await attentionWithLse(host(q), kP, vP, wild); // must not fault the device
+  });
+  Deno.test("paged cache: bad tables and lengths refused before any work", async () => {
+    const q = host(randomLogical({ b, n, s: 1, d }, rng(4)));
+    const bad: [AttentionOptions, RegExp][] = [
+      [{
+        blockTable: { data: Int32Array.from(table, (x, i) => i === 1 ? 12 : x), shape: [b, maxPages] },
+        cacheSeqlens,
+      }, /names no page/],
+      [{ blockTable, cacheSeqlens: Int32Array.from([37, 16, 65]) }, /outside its block table/],
+      [{ blockTable: { data: table, shape: [b + 1, maxPages - 1] }, cacheSeqlens }, /\[b, max_pages\]/],
+      [{ blockTable }, /needs both/],
+    ];
+    for (const [options, message] of bad) {
+      await assert.rejects(
+        attentionWithLse(q, kP, vP, options),
+        (e: unknown) => e instanceof WgattnError && message.test(e.message),
+        String(message),
+      );
+    }
+    const odd = { data: new Float32Array(4 * 24 * nKv * d), shape: [4, 24, nKv, d] };
+    await assert.rejects(
+      attentionWithLse(q, odd, odd, { blockTable, cacheSeqlens }),
+      (e: unknown) => e instanceof WgattnError && /multiple of 16/.test(e.message),
+    );
+  });
+  Deno.test(
+    "appendKvCache: new rows land through the table, lengths advance on the GPU",
+    { ignore: !info },
+    async () => {
+      const device = (await getDevice())!;
+      const sNew = 3;
+      const fresh = (p: { data: Float32Array; shape: number[] }) => gpuTensor(p.data, p.shape, "f32");
+      const kC = await fresh(kP), vC = await fresh(vP);
+      const newK = randomLogical({ b, n: nKv, s: sNew, d }, rng(21));
+      const newV = randomLogical({ b, n: nKv, s: sNew, d }, rng(22));
+      const rows = (t: Logical) => {
+        const out = new Float32Array(b * sNew * nKv * d);
+        for (let i = 0; i < b; i++) {
+          const one: Logical = {
+            data: t.data.slice(i * nKv * sNew * d, (i + 1) * nKv * sNew * d),
+            sizes: { ...t.sizes, b: 1 },
+          };
+          out.set(bsnd(one, 0, 0, sNew), i * sNew * nKv * d);
+        }
+        return { data: out, shape: [b, sNew, nKv, d] };
+      };
+      // Batch 1 fills its page exactly: its new rows open the next one.
+      const table2 = Int32Array.from(table);
+      table2[1 * maxPages + 1] = order[next];
+      const lensGpu = await gpuTensor(cacheSeqlens, [b], "i32");
+      const tableGpu = await gpuTensor(table2, [b, maxPages], "i32");
+      await appendKvCache(rows(newK), rows(newV), kC, vC, {
+        blockTable: tableGpu,
+        cacheSeqlens: lensGpu,
+        advance: true,
+      });
+      const lensAfter = new Int32Array((await readF32(lensGpu, b)).buffer);
+      assert.deepEqual([...lensAfter], lens.map((x) => x + sNew));
+      const q = randomLogical({ b, n, s: 1, d }, rng(5));
+      const { out } = await attentionWithLse(host(q), kC, vC, {
+        blockTable: tableGpu,
+        cacheSeqlens: lensGpu,
+      });
+      // Reference: each dense cache with the new rows appended.
+      const sQ = 1;
+      const want = new Float64Array(b * n * d);
+      lens.forEach((s, i) => {
+        const grow = (old: Logical, add: Logical): Logical => {
+          const data = new Float64Array(nKv * (s + sNew) * d);
+          for (let h = 0; h < nKv; h++) {
+            data.set(old.data.subarray(h * s * d, (h + 1) * s * d), h * (s + sNew) * d);
+            data.set(
+              add.data.subarray((i * nKv + h) * sNew * d, (i * nKv + h + 1) * sNew * d),
+              (h * (s + sNew) + s) * d,
+            );
+          }
+          return { data, sizes: { b: 1, n: nKv, s: s + sNew, d } };
+        };
+        const qi: Logical = {
+          data: q.data.slice(i * n * sQ * d, (i + 1) * n * sQ * d),
+          sizes: { ...q.sizes, b: 1 },
+        };
+        want.set(referenceAttention(qi, grow(dense[i].k, newK), grow(dense[i].v, newV)).out, i * n * d);
+      });
+      check("out after append", out.data, want, TOL.out);
+      void device;
+    },
+  );
+}
