@@ -29,6 +29,7 @@ import {
 } from "../mod.ts";
 import { debug } from "../core/gpu.ts";
 import { flashTuning } from "../backends/flash.ts";
+import type { TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
 import { emulatingMma, realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
@@ -391,8 +392,8 @@ const mmaForm = emulatingMma() ? "emulated" : "real";
 const OZ: Sizes = { b: 1, n: 2, nKv: 1, sQ: 21, sKv: 45, d: 16 };
 
 /**
- * The approximate backends' cases; sage-mma's two main kernels (two-pass, its default, and one-pass)
- * each fuse the functions.
+ * The approximate backends' cases; sage-mma's two main kernels (two-pass, its default, staged here,
+ * and one-pass) each fuse the functions.
  */
 const APPROX_CASES: { backend: "sage" | "sage-mma"; skip: string; onePass?: boolean }[] = [
   { backend: "sage", skip: SAGE_SKIP },
@@ -400,21 +401,31 @@ const APPROX_CASES: { backend: "sage" | "sage-mma"; skip: string; onePass?: bool
   { backend: "sage-mma", skip: MMA_SKIP, onePass: true },
 ];
 
-/** Runs `fn` with sage-mma's one-pass kernel selected when `onePass`. */
-async function withKernel<T>(onePass: boolean | undefined, fn: () => Promise<T>): Promise<T> {
+/** sage-mma's two-pass kernel unstaged, with two S regions alternating per tile. */
+const UNSTAGED: Partial<TwoPassConfig> = { stage: false, doubleS: true };
+
+/** Runs `fn` with sage-mma's one-pass kernel selected when `onePass`, `tiles` merged over its config. */
+async function withKernel<T>(
+  onePass: boolean | undefined,
+  fn: () => Promise<T>,
+  tiles?: Partial<TwoPassConfig>,
+): Promise<T> {
   const saved = sageMmaTuning.twoPass;
   sageMmaTuning.twoPass = !onePass;
+  sageMmaTuning.override = tiles ?? null;
   try {
     return await fn();
   } finally {
     sageMmaTuning.twoPass = saved;
+    sageMmaTuning.override = null;
   }
 }
 
 /** A test name's backend part: sage-mma's form and kernel. */
-function approxLabel(backend: string, onePass?: boolean): string {
+function approxLabel(backend: string, onePass?: boolean, tiles?: Partial<TwoPassConfig>): string {
   if (backend !== "sage-mma") return backend;
-  return `${backend} (${mmaForm}, ${onePass ? "one-pass" : "two-pass"})`;
+  const kernel = onePass ? "one-pass" : tiles === UNSTAGED ? "two-pass unstaged, two S regions" : "two-pass";
+  return `${backend} (${mmaForm}, ${kernel})`;
 }
 
 for (const { backend, skip, onePass } of APPROX_CASES) {
@@ -507,16 +518,25 @@ const trustKvCall = Int32Array.from(
   (_, j) => (j < 64 || j >= 192 ? j % 2 : j < 128 ? 0 : tail(j)),
 );
 
-const TRUST_CASES: { backend: string; skip: string; approximate: boolean; onePass?: boolean }[] = [
+const TRUST_CASES: {
+  backend: string;
+  skip: string;
+  approximate: boolean;
+  onePass?: boolean;
+  tiles?: Partial<TwoPassConfig>;
+}[] = [
   { backend: "flash", skip: info ? "" : "no WebGPU adapter", approximate: false },
   { backend: "sage", skip: SAGE_SKIP, approximate: true },
   { backend: "sage-mma", skip: MMA_SKIP, approximate: true },
+  // The two-pass kernel's unstaged form too (its default here is staged): two S regions, which
+  // alternate per visited tile (live tiles need not alternate in parity).
+  { backend: "sage-mma", skip: MMA_SKIP, approximate: true, tiles: UNSTAGED },
   { backend: "sage-mma", skip: MMA_SKIP, approximate: true, onePass: true },
 ];
 
 for (const c of TRUST_CASES) {
   Deno.test({
-    name: `flex ${approxLabel(c.backend, c.onePass)}: empty tiles of a block mask ` +
+    name: `flex ${approxLabel(c.backend, c.onePass, c.tiles)}: empty tiles of a block mask ` +
       `are skipped and full ones skip the mask test, odd sizes ${JSON.stringify(TZ)}${
         c.skip ? ` [skipped: ${c.skip}]` : ""
       }`,
@@ -540,13 +560,17 @@ for (const c of TRUST_CASES) {
           maskMod: (b, h, i, j) => (j < 64 || j >= 192 ? true : j < 128 ? false : call.maskMod!(b, h, i, j)),
         });
         debug.poisonOutputs = true;
-        const { out, lse } = await withKernel(c.onePass, () =>
-          attentionWithLse(host(q), host(k), host(v), {
-            ...flex,
-            blockMask,
-            isCausal: true,
-            backend: c.backend,
-          }));
+        const { out, lse } = await withKernel(
+          c.onePass,
+          () =>
+            attentionWithLse(host(q), host(k), host(v), {
+              ...flex,
+              blockMask,
+              isCausal: true,
+              backend: c.backend,
+            }),
+          c.tiles,
+        );
         if (c.approximate) {
           assertSage(out.data as Float32Array, ref.out, "output");
           assertLse(lse.data as Float32Array, ref.lse, 0.02, "lse");

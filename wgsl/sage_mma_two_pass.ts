@@ -98,9 +98,6 @@ export function twoPassConfigProblems(
     problems.push("the tile must be M16 K32 with N 16 or 8");
   }
   if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
-  if (c.stage && c.flex?.blockMap) {
-    problems.push("staged tiles are prefetched in order, and a block map skips tiles (stage: false)");
-  }
   if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
   if (s.sharedBytes > limits.storage) {
     problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
@@ -361,17 +358,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (!rowBias) return raw;
     return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E}`;
   };
-  /** The key loop's head: every tile from t_lo, or with a block map its live ones only. */
-  let counted = false;
-  const loopHead = () => {
-    if (!blockMap) return emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+  // The tiles the loops visit and the staged prefetches fetch: every tile from t_lo, or with a block
+  // map its live ones only (t_first, t_second; in the loop tn1 and tn2 follow t).
+  const first = blockMap ? "t_first" : "t_lo", second = blockMap ? "t_second" : "t_lo + 1u";
+  const next1 = blockMap ? "tn1" : "t + 1u", next2 = blockMap ? "tn2" : "t + 2u";
+  if (blockMap) {
     // Every value here is workgroup-uniform (the map is read-only storage), as barriers and matrix
     // steps need.
-    emit(`  ${counted ? "" : "var "}it = 0u;
-  for (var t = flex_next(b, h, q0, q0 + rows_here, t_lo, t_hi); t < t_hi;
-       t = flex_next(b, h, q0, q0 + rows_here, t + 1u, t_hi)) {
-    let tile_state = flex_tile(b, h, q0, q0 + rows_here, t);`);
-    counted = true;
+    emit(
+      `  let t_first = flex_next(b, h, q0, q0 + rows_here, t_lo, t_hi);${
+        stage ? "\n  let t_second = flex_next(b, h, q0, q0 + rows_here, t_first + 1u, t_hi);" : ""
+      }
+  var tn1 = t_first;
+  var it = 0u;`,
+    );
+  }
+  /** The key loop's head. */
+  const loopHead = () => {
+    if (!blockMap) return emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+    emit(`  it = 0u;
+  for (var t = t_first; t < t_hi; t = tn1) {
+    let tile_state = flex_tile(b, h, q0, q0 + rows_here, t);
+    tn1 = flex_next(b, h, q0, q0 + rows_here, t + 1u, t_hi);${
+      stage ? "\n    let tn2 = flex_next(b, h, q0, q0 + rows_here, tn1 + 1u, t_hi);" : ""
+    }`);
   };
   const loopTail = () =>
     emit(
@@ -386,10 +396,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   if (!c.skipMaxPass) {
     if (stage) {
       // K tile t_lo in ks, t_lo + 1 in registers.
-      loadK("t_lo");
+      loadK(first);
       storeK();
       emit(`  workgroupBarrier();`);
-      loadK("t_lo + 1u");
+      loadK(second);
     }
     loopHead();
     // One S region: the previous tile's reads must end before this store; two: they alternate.
@@ -397,7 +407,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     computeS(!s.doubleS && !stage, () => {
       if (!stage) return;
       storeK();
-      loadK("t + 2u");
+      loadK(next2);
     });
     if (rowBias) {
       // The functions' results have no order the integers keep: the maximum of the values.
@@ -435,11 +445,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   if (stage) {
     // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
     // ks were before its last barriers.)
-    loadK("t_lo");
+    loadK(first);
     storeK();
-    loadV("t_lo");
+    loadV(first);
     emit(`  workgroupBarrier();`);
-    loadK("t_lo + 1u");
+    loadK(second);
   }
   loopHead();
   // The barrier after the previous tile's P writes already ordered its S reads before this store.
@@ -449,8 +459,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (!stage) return;
     storeV();
     storeK();
-    loadK("t + 2u");
-    loadV("t + 1u");
+    loadK(next2);
+    loadV(next1);
   });
   emit(`    let full = ${fullTile};`);
   for (const e of range(half)) {
