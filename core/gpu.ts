@@ -3,7 +3,6 @@ import { cachedPipeline, type GpuRuntime } from "./device.ts";
 import { type Kernel, packUniforms } from "../wgsl/common.ts";
 import { isGpuBuffer, queueWrite } from "../engines/engine.ts";
 import { engineFor } from "../engines/select.ts";
-import { hostCopy } from "../engines/host_copy.ts";
 
 /** A GPU timing session: compute passes recorded while it is active get timestamps. */
 export class Profiler {
@@ -464,7 +463,10 @@ export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: numbe
     // copied into by several threads when large (engines/host_copy.ts).
     const data = new ArrayBuffer(bytes);
     await mapped;
-    await hostCopy(new Uint8Array(data), new Uint8Array(staging.getMappedRange(0, size), 0, bytes));
+    await engineFor(device).copyOut(
+      new Uint8Array(data),
+      new Uint8Array(staging.getMappedRange(0, size), 0, bytes),
+    );
     staging.unmap();
     reusable = true;
     return data;

@@ -234,5 +234,6 @@ function dawnEngine(
     createComputePipeline: (device, descriptor) => hold(createPipelineInScope(device, descriptor)),
     hold,
     writeBuffer: stagedWrite,
+    copyOut: hostCopy,
   };
 }

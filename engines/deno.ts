@@ -2,7 +2,7 @@
  * Deno's own WebGPU (wgpu, with the Naga WGSL compiler): `navigator.gpu`, no flags needed. Also
  * the engine of a browser page, where `navigator.gpu` is the browser's.
  */
-import { type Engine, queueWrite } from "./engine.ts";
+import { type Engine, plainCopy, queueWrite } from "./engine.ts";
 
 function navigatorGpu(): GPU | undefined {
   return (globalThis.navigator as { gpu?: GPU } | undefined)?.gpu;
@@ -37,4 +37,5 @@ export const denoEngine: Engine = {
     return work;
   },
   writeBuffer: queueWrite,
+  copyOut: plainCopy,
 };

@@ -38,6 +38,17 @@ export interface Engine {
    * zeros. `bytes` must not change until the write is done.
    */
   writeBuffer(device: GPUDevice, buffer: GPUBuffer, bytes: Uint8Array<ArrayBuffer>): Promise<void> | void;
+  /**
+   * Copies host bytes `src` into the start of `dst` (a read-back out of a mapped buffer). Dawn's
+   * splits large copies over threads (engines/host_copy.ts); Deno's engine, whose every read-back
+   * waits about 11 ms anyway, copies on this thread.
+   */
+  copyOut(dst: Uint8Array, src: Uint8Array): Promise<void> | void;
+}
+
+/** {@link Engine.copyOut} on this thread. */
+export function plainCopy(dst: Uint8Array, src: Uint8Array): void {
+  dst.set(src);
 }
 
 /** `queue.writeBuffer` of whole 4-byte words (it takes no other), the ragged tail padded. */
