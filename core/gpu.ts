@@ -449,8 +449,16 @@ export function untrackBuffer(b: GPUBuffer): void {
   }
 }
 
-/** Copies a GPU buffer to host memory (one host wait). */
-export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
+/**
+ * Copies a GPU buffer to host memory (one host wait), into `into` when given (at least `bytes`
+ * long: a caller may allocate it while it waits for something else).
+ */
+export async function readBuffer(
+  device: GPUDevice,
+  src: GPUBuffer,
+  bytes: number,
+  into?: ArrayBuffer,
+): Promise<ArrayBuffer> {
   const size = Math.ceil(bytes / 4) * 4;
   const staging = takeStaging(device, size);
   let reusable = false;
@@ -461,7 +469,7 @@ export async function readBuffer(device: GPUDevice, src: GPUBuffer, bytes: numbe
     const mapped = engineFor(device).hold(staging.mapAsync(GPUMapMode.READ, 0, size));
     // Allocated while the GPU works (a large ArrayBuffer is zero-filled on this thread), then
     // copied into by several threads when large (engines/host_copy.ts).
-    const data = new ArrayBuffer(bytes);
+    const data = into ?? new ArrayBuffer(bytes);
     await mapped;
     await engineFor(device).copyOut(
       new Uint8Array(data),
