@@ -94,7 +94,7 @@ export function callTensors(c: CallSpec): { q: HostTensor; k: HostTensor; v: Hos
 /** The call in one line, e.g. `[1, 24, 4608, 128] f16 causal`. */
 export function describeCall(c: CallSpec): string {
   const kv = c.sKv !== c.s || c.nKv !== c.n || c.dV !== c.d
-    ? ` k/v [${c.b}, ${c.nKv}, ${c.sKv}, ${c.d}/${c.dV}]`
+    ? ` k/v [${c.b}, ${c.nKv}, ${c.sKv}, ${c.d}${c.dV !== c.d ? `/${c.dV}` : ""}]`
     : "";
   const o = c.options;
   return `q [${c.b}, ${c.n}, ${c.s}, ${c.d}]${kv} ${c.dtype}${o.isCausal ? " causal" : ""}${

@@ -143,7 +143,8 @@ export async function info(argv: readonly string[]): Promise<number> {
         beyond.push({ backend: name, reasons: [] });
       } catch (e) {
         if (!(e instanceof WgattnError) || e.code !== "BACKEND_UNSUPPORTED") throw e;
-        beyond.push({ backend: name, reasons: [e.message.replace(/^\[[A-Z_]+\] /, "")] });
+        // `actual` is "<name>: <its reasons>".
+        beyond.push({ backend: name, reasons: [(e.actual ?? e.message).replace(`${name}: `, "")] });
       }
     }
     report.call = { description: describeCall(call), explanation, beyond };
