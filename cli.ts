@@ -77,9 +77,13 @@ export async function main(argv: readonly string[]): Promise<number> {
       console.log(`wgattn ${meta.version}`);
       return 0;
     }
-    if (at < 0 || globals.flags.get("help")) {
+    if (globals.flags.get("help")) {
       console.log(HELP);
-      return at < 0 && !globals.flags.get("help") ? 2 : 0;
+      return 0;
+    }
+    if (at < 0) {
+      console.error(HELP); // no command: a usage error
+      return 2;
     }
     const name = argv[at];
     const command = COMMANDS[name];
