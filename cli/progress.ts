@@ -68,8 +68,9 @@ export class Progress {
       }
     })();
     const now = performance.now();
-    const text = `[${bar}] ${this.#done}/${this.#total} ${clock(now - this.#start)}  ${this.#label} ` +
-      `(${clock(now - this.#stepStart)})`;
+    // The times before the label, so that a narrow terminal cuts the label rather than them.
+    const text = `[${bar}] ${this.#done}/${this.#total} ${clock(now - this.#start)} ` +
+      `(this step ${clock(now - this.#stepStart)})  ${this.#label}`;
     write(`\r\x1b[2K${text.slice(0, columns - 1)}`);
   }
 }
