@@ -236,6 +236,11 @@ export async function bench(argv: readonly string[]): Promise<number> {
       actual: "none",
     });
   }
+  if (info.isFallbackAdapter && !quick && !flags.has("shapes") && !flags.has("shape")) {
+    console.error(
+      `note: ${info.adapter} is a software adapter: the full suite takes hours here; --quick runs a small one`,
+    );
+  }
   const gpuBackends = (await availableBackends()).filter((b) => b.name !== "cpu");
   const names = ["router", ...gpuBackends.map((b) => b.name), ...gpuBackends.flatMap((b) => b.aliases)];
   const backends = flags.has("backends")
