@@ -120,10 +120,13 @@ export function chooseSageMmaConfig(
     { warps, alias: true },
   ]);
   if (sageMmaTuning.twoPass) {
-    // K and V staged in workgroup memory, 32-key tiles, 4 subgroups first: on the H200 at the Flux
-    // shape that ran 3.35 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md,
-    // run 13). Then fewer subgroups, then the unstaged forms (two S regions, then one).
-    const twoPassLayouts = (small ? [1] : [4, 2, 1]).flatMap((warps) => [
+    // K and V staged in workgroup memory and 32-key tiles first: on the H200 at the Flux shape that
+    // ran 2.39 to 7.71 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md, run 13).
+    // 8 subgroups for d >= 128 without a band (flux 2.39 ms against 3.35 to 7.71 with 4; long 38.0
+    // against 51.8), 4 for d 64 and causal calls (sd3 2.77 against 3.63; causal 2.54 against 4.47);
+    // then fewer, then the unstaged forms (two S regions, then one) where staging does not fit.
+    const wide = p.d >= 128 && !hasBand(p) ? [8, 4, 2, 1] : [4, 8, 2, 1];
+    const twoPassLayouts = (small ? [1] : wide).flatMap((warps) => [
       { warps, stage: true, doubleS: false },
       { warps, stage: false, doubleS: true },
       { warps, stage: false, doubleS: false },
@@ -229,14 +232,12 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
 }
 
 /**
- * Why the router does not pick `sage-mma` by itself on a device that runs its real form: on the
- * H200 it measured slower than `sage` at every sequence length tried (bench/RESULTS.md, runs 11 and 12),
- * so there is no crossover yet. It stays ahead of `sage` in the registry so that this reason is
- * what explain() shows; when a version of the kernel beats `sage`, this becomes a length bound.
+ * Shortest query and key sequence for which the router picks `sage-mma` by itself. On the H200
+ * (bench/RESULTS.md, run 13) it beat `sage` at every length measured, from s = 512 (0.111 against
+ * 0.139 ms at b1 n24 d128) to 16384 (2.1x), and ran 51 TFLOP/s at s = 1024, above what the FP32
+ * pipes give flash; below 1024 the pre-pass weighs more and it is not measured against flash.
  */
-export const SAGE_MMA_SLOWER =
-  "measured slower than sage on the H200 (Flux [1, 24, 4608, 128] f16: 10.3 ms at best against 5.75 ms; " +
-  "s 1024 and 2048 alike; bench/RESULTS.md, runs 11 and 12): by name only (backend: 'sage-mma')";
+export const SAGE_MMA_MIN_SEQ = 1024;
 
 function unsuitedReasons(p: AttentionProblem): string[] {
   if (emulatingMma()) {
@@ -257,7 +258,13 @@ function unsuitedReasons(p: AttentionProblem): string[] {
       `the scale (router limit ${SAGE_MAX_SHARPNESS}x)`,
     ];
   }
-  return [SAGE_MMA_SLOWER];
+  if (Math.min(p.sQ, p.sKv) < SAGE_MMA_MIN_SEQ) {
+    return [
+      `s_q ${p.sQ} / s_kv ${p.sKv} under ${SAGE_MMA_MIN_SEQ}: its quantization pre-pass weighs more than ` +
+      "the matrix units save (measured from s = 512 against sage, not against flash below 1024)",
+    ];
+  }
+  return [];
 }
 
 async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void> {

@@ -14,7 +14,7 @@ import {
   EMULATE_MMA_VARIABLE,
   emulatingMma,
   realMmaReasons,
-  SAGE_MMA_SLOWER,
+  SAGE_MMA_MIN_SEQ,
   sageMmaBackend,
   sageMmaTuning,
 } from "../backends/sage_mma.ts";
@@ -259,7 +259,7 @@ Deno.test("sage-mma: the real form uses the subgroup-matrix builtins, the emulat
   assert.notEqual(sageMmaKernel(baseConfig).key, sageMmaKernel({ ...baseConfig, emulate: true }).key);
 });
 
-Deno.test("sage-mma: the router passes it over with its reason (slower than sage; f32; emulated form)", () => {
+Deno.test("sage-mma: the router picks it for long 16-bit calls with the real form, and says why not otherwise (short; f32; emulated form)", () => {
   const shape = [1, 2, 2048, 64];
   const count = shape.reduce((a, b) => a * b, 1);
   const t = (dtype: DType): HostTensor => ({
@@ -301,11 +301,28 @@ Deno.test("sage-mma: the router passes it over with its reason (slower than sage
       const x = t(dtype);
       return resolveProblem(x, x, x, {});
     };
-    // It runs here, but measured slower than sage on the H200: the router says so and picks sage.
+    // Long 16-bit calls on a device with the real form: the router's first choice, and the sage
+    // family's member for DiffSynth's name.
     assert.deepEqual(sageMmaBackend.unsupportedReasons(problem("f16"), fake), []);
     const f16 = decide(problem("f16"), fake, BACKENDS);
-    assert.equal(f16.backend.name, "sage");
-    assert.deepEqual(f16.chain.find((e) => e.backend === "sage-mma")!.reasons, [SAGE_MMA_SLOWER]);
+    assert.equal(f16.backend.name, "sage-mma");
+    assert.equal(
+      decide(problem("f16"), fake, BACKENDS, { requested: "sage_attention" }).backend.name,
+      "sage-mma",
+    );
+    // Short calls: passed over with the length bound.
+    const shortShape = [1, 2, SAGE_MMA_MIN_SEQ / 2, 64];
+    const s16 = {
+      data: new Float16Array(shortShape.reduce((a, b) => a * b, 1)),
+      shape: shortShape,
+      dtype: "f16" as const,
+    };
+    const short = decide(resolveProblem(s16, s16, s16, {}), fake, BACKENDS);
+    assert.notEqual(short.backend.name, "sage-mma");
+    assert.match(
+      short.chain.find((e) => e.backend === "sage-mma")!.reasons.join(),
+      new RegExp(`under ${SAGE_MMA_MIN_SEQ}`),
+    );
     const f32 = decide(problem("f32"), fake, BACKENDS);
     assert.notEqual(f32.backend.name, "sage-mma");
     assert.match(f32.chain.find((e) => e.backend === "sage-mma")!.reasons.join(), /f32 inputs/);
