@@ -325,6 +325,12 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
   const cases = [
     { name: "decode", sQ: 1, opts: {} },
     { name: "prefill of 5, causal", sQ: 5, opts: { isCausal: true } },
+    // The window starts inside a page: a kernel step's keys then cross into the next page.
+    {
+      name: "decode, window of 23",
+      sQ: 1,
+      opts: { isCausal: true, windowSize: [23, 0] as [number, number] },
+    },
   ];
   for (const backend of ["cpu", ...(info ? ["split-kv", "flash"] : [])]) {
     for (const c of cases) {
