@@ -122,10 +122,10 @@ export function chooseSageMmaConfig(
   if (sageMmaTuning.twoPass) {
     // K and V staged in workgroup memory and 32-key tiles first: on the H200 at the Flux shape that
     // ran 2.39 to 7.71 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md, run 13).
-    // 8 subgroups for d >= 128 without a band (flux 2.39 ms against 3.35 to 7.71 with 4; long 38.0
-    // against 51.8), 4 for d 64 and causal calls (sd3 2.77 against 3.63; causal 2.54 against 4.47);
-    // then fewer, then the unstaged forms (two S regions, then one) where staging does not fit.
-    const wide = p.d >= 128 && !hasBand(p) ? [8, 4, 2, 1] : [4, 8, 2, 1];
+    // 8 subgroups for d >= 128 (flux 2.38 ms against 3.44 with 4; long 38.0 against 51.4; causal
+    // b4 n32 s2048 1.79 against 2.55), 4 for smaller d (sd3, d 64: 2.77 against 3.63); then fewer,
+    // then the unstaged forms (two S regions, then one) where staging does not fit.
+    const wide = p.d >= 128 ? [8, 4, 2, 1] : [4, 8, 2, 1];
     const twoPassLayouts = (small ? [1] : wide).flatMap((warps) => [
       { warps, stage: true, doubleS: false },
       { warps, stage: false, doubleS: true },

@@ -276,16 +276,8 @@ ${
     let j0 = k_lo + i32(st * ${step}u + kg * ${U}u);`);
   for (const u of range(U)) {
     emit(`    let key${u} = j0 + ${u}i;
-    let kc${u} = u32(min(key${u}, k_hi - 1i));`);
-    if (!c.page) emit(`    let kr${u} = kc${u};`);
-    else if (u === 0) {
-      emit(`    let kr0 = page_row(b, kc0);
-    let po0 = kc0 % ${c.page}u;`);
-    } else {
-      // The step's keys are consecutive: one table read serves those in the first key's page.
-      emit(`    var kr${u} = kr0 + (kc${u} - kc0);
-    if (po0 + (kc${u} - kc0) >= ${c.page}u) { kr${u} = page_row(b, kc${u}); }`);
-    }
+    let kc${u} = u32(min(key${u}, k_hi - 1i));
+    let kr${u} = ${c.page ? `page_row(b, kc${u})` : `kc${u}`};`);
   }
   // Every load of the step first, so they are in flight together.
   for (const u of range(U)) {
