@@ -119,6 +119,20 @@ export function chooseSageMmaConfig(
     { warps, alias: false },
     { warps, alias: true },
   ]);
+  // What both kernels' configs take from the call and the device.
+  const common = (bc: number) => ({
+    dtype: p.dtype,
+    f16: caps.shaderF16,
+    d: p.d,
+    bc,
+    shape,
+    band: hasBand(p),
+    keyPadding: p.mask !== null,
+    lse,
+    emulate,
+    vTransposed: true,
+    flex: flexKernelConfig(p, true),
+  });
   if (sageMmaTuning.twoPass) {
     // K and V staged in workgroup memory and 32-key tiles first: on the H200 at the Flux shape that
     // ran 2.39 to 7.71 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md, run 13).
@@ -134,19 +148,9 @@ export function chooseSageMmaConfig(
     for (const bc of p.sKv <= 32 ? [32] : [32, 64]) {
       for (const layout of twoPassLayouts) {
         const c: TwoPassConfig = {
-          dtype: p.dtype,
-          f16: caps.shaderF16,
-          d: p.d,
+          ...common(bc),
           ...layout,
-          bc,
-          shape,
-          band: hasBand(p),
-          keyPadding: p.mask !== null,
-          lse,
-          emulate,
-          vTransposed: true,
           pv: p.sKv <= U8_PV_MAX_KEYS ? "u8" : "i8",
-          flex: flexKernelConfig(p, true),
           ...(sageMmaTuning.override ?? {}),
         };
         const problems = twoPassConfigProblems(c, limits);
@@ -158,21 +162,7 @@ export function chooseSageMmaConfig(
   }
   for (const bc of bcs) {
     for (const layout of layouts) {
-      const c: SageMmaConfig = {
-        dtype: p.dtype,
-        f16: caps.shaderF16,
-        d: p.d,
-        ...layout,
-        bc,
-        shape,
-        band: hasBand(p),
-        keyPadding: p.mask !== null,
-        lse,
-        emulate,
-        vTransposed: true,
-        flex: flexKernelConfig(p, true),
-        ...(sageMmaTuning.override ?? {}),
-      };
+      const c: SageMmaConfig = { ...common(bc), ...layout, ...(sageMmaTuning.override ?? {}) };
       const problems = sageMmaConfigProblems(c, limits);
       if (problems.length === 0) return c;
       last = problems.join("; ");

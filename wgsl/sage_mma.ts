@@ -156,6 +156,43 @@ export const SAGE_MMA_UNIFORMS: [string, UniformType][] = [
 ];
 
 /**
+ * The start of both main kernels' entry point (this and wgsl/sage_mma_two_pass.ts): the workgroup's
+ * (batch, head, query block), each invocation's subgroup, row and half, and the int8 operands' bases.
+ */
+export function sageMmaPrologue(
+  c: { threads: number; br: number; band: boolean; bc: number; dQ: number; dV: number; warps: number },
+): string {
+  const R = MMA_ROWS;
+  return `@compute @workgroup_size(${c.threads})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.blocks;
+  // Heaviest query blocks first under a causal band (bottom-right aligned: the last rows see most keys).
+  let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
+  let h = bh % P.n;
+  let b = bh / P.n;
+  let hk = h / P.group;
+  let q0 = blk * ${c.br}u;
+  let warp = lid / ${MMA_SUBGROUP}u;
+  let lane = lid % ${MMA_SUBGROUP}u;
+  // This invocation's row of the subgroup's 16 and its half of each tile's columns.
+  let r = lane % ${R}u;
+  let hh = lane / ${R}u;
+  let row = q0 + warp * ${R}u + r;
+  let rows_here = min(P.s_q - q0, ${c.br}u);
+  let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
+  let bhk = b * (P.n / P.group) + hk;
+  let ks_base = bhk * k_blocks;
+  let k8_base = ks_base * ${c.bc * c.dQ}u;
+  let v8_base = ks_base * ${c.bc * c.dV}u;
+  let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
+  let q_sc = q_scale[qb];
+  let q8_base = qb * ${R * c.dQ}u;`;
+}
+
+/**
  * The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], q_scale, k_scale, v_stat, [lse_bias] (with
  * the lse or a score_mod), then the flex bindings (mod buffers, [flex_blocks]).
  */
@@ -239,34 +276,8 @@ const LN2: f32 = 0.6931471805599453;`);
       : `v8_base + (kv0 + ${kk} * 32u) * ${dV}u + ${g} * ${N}u`;
   const oAt: MmaPlace = { array: oArr, colMajor: false, stride: so };
 
-  emit(`@compute @workgroup_size(${s.threads})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let wg = wid.x + wid.y * nwg.x;
-  if (wg >= P.groups) { return; }
-  let bh = wg / P.blocks;
-  // Heaviest query blocks first under a causal band (bottom-right aligned: the last rows see most keys).
-  let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
-  let h = bh % P.n;
-  let b = bh / P.n;
-  let hk = h / P.group;
-  let q0 = blk * ${br}u;
-  let warp = lid / ${MMA_SUBGROUP}u;
-  let lane = lid % ${MMA_SUBGROUP}u;
-  // This invocation's row of the subgroup's 16 and its half of the columns.
-  let r = lane % ${R}u;
-  let hh = lane / ${R}u;
-  let row = q0 + warp * ${R}u + r;
-  let rows_here = min(P.s_q - q0, ${br}u);
-  let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
-  let bhk = b * (P.n / P.group) + hk;
-  let ks_base = bhk * k_blocks;
-  let k8_base = ks_base * ${c.bc * dQ}u;
-  let v8_base = ks_base * ${c.bc * dV}u;
-  let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
-  let q_sc = q_scale[qb];
-  let q8_base = qb * ${R * dQ}u;
-  let ws = warp * ${c.alias ? region : R * ss}u;
+  emit(sageMmaPrologue({ threads: s.threads, br, band: c.band, bc: c.bc, dQ, dV, warps: c.warps }));
+  emit(`  let ws = warp * ${c.alias ? region : R * ss}u;
   let wo = warp * ${c.alias ? region : R * so}u;
   let wp = warp * ${R * c.bc}u;`);
   if (flex) {

@@ -27,7 +27,7 @@ import { BF16_PACK, isNanExpr, NEG_INF, uniformBlock } from "./common.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, flexKey } from "./flex.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
-import { MMA_ROWS, SAGE_MMA_UNIFORMS, type SageMmaConfig, sageMmaDims } from "./sage_mma.ts";
+import { MMA_ROWS, SAGE_MMA_UNIFORMS, type SageMmaConfig, sageMmaDims, sageMmaPrologue } from "./sage_mma.ts";
 
 /** Keys up to which u8 P·V fits u32 accumulators (255 · 255 · keys < 2^32). */
 export const U8_PV_MAX_KEYS = 65793;
@@ -210,33 +210,8 @@ const LN2: f32 = 0.6931471805599453;`);
       : `v8_base + kv0 * ${dV}u + ${g} * ${N * bc}u + ${kk} * 32u`;
   const oAt: MmaPlace = { array: "sp", colMajor: false, stride: N };
 
-  emit(`@compute @workgroup_size(${s.threads})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let wg = wid.x + wid.y * nwg.x;
-  if (wg >= P.groups) { return; }
-  let bh = wg / P.blocks;
-  let blk = ${c.band ? "P.blocks - 1u - (wg % P.blocks)" : "wg % P.blocks"};
-  let h = bh % P.n;
-  let b = bh / P.n;
-  let hk = h / P.group;
-  let q0 = blk * ${br}u;
-  let warp = lid / ${MMA_SUBGROUP}u;
-  let lane = lid % ${MMA_SUBGROUP}u;
-  // This invocation's row of the subgroup's 16 and its half of each tile's columns.
-  let r = lane % ${R}u;
-  let hh = lane / ${R}u;
-  let row = q0 + warp * ${R}u + r;
-  let rows_here = min(P.s_q - q0, ${br}u);
-  let k_blocks = (P.s_kv + ${bc - 1}u) / ${bc}u;
-  let bhk = b * (P.n / P.group) + hk;
-  let ks_base = bhk * k_blocks;
-  let k8_base = ks_base * ${bc * dQ}u;
-  let v8_base = ks_base * ${bc * dV}u;
-  let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
-  let q_sc = q_scale[qb];
-  let q8_base = qb * ${R * dQ}u;
-  let ws = warp * ${s.sRegion}u;
+  emit(sageMmaPrologue({ threads: s.threads, br, band: c.band, bc, dQ, dV, warps: c.warps }));
+  emit(`  let ws = warp * ${s.sRegion}u;
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;
   let ri = i32(row) + P.offset;`);
