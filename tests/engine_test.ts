@@ -143,9 +143,19 @@ Deno.test("engine: GPU buffers are recognized whatever engine made them (no inst
 
 // ---- Dawn's faults, in their own patterns ----------------------------------------------------
 
-/** A Dawn device for the tests below, whichever engine the suite runs on; null where Dawn cannot run. */
+/**
+ * A Dawn device for the tests below, whichever engine the suite runs on; null where Dawn cannot run.
+ * On Deno's engine a subprocess asks first whether Dawn finds an adapter here, so that a machine
+ * without one (CI's Mesa 22, which Dawn refuses) never loads dawn.node beside wgpu in this process.
+ * The suite's process, holding both, aborted at exit in glibc's free after every test had passed
+ * (2 runs in 8 on 2026-12-03); dawn.node's teardown beside wgpu is the suspect, not proven.
+ */
 const dawn = await (async () => {
   try {
+    if (requested !== "dawn") {
+      const found = await probe(["dawn-adapter"], ["--allow-read", "--allow-env", "--allow-ffi"]);
+      if (!found.adapter) return { unavailable: found.reason ?? "Dawn found no adapter" };
+    }
     const engine = requested === "dawn" && choice.engine.name === "dawn" ? choice.engine : await loadDawn();
     const adapter = requested === "dawn" ? await engineAdapter() : await engine.requestAdapter();
     return adapter ? { engine, device: await engine.hold(adapter.requestDevice()) } : null;
