@@ -209,3 +209,26 @@ export class MmaEmitter {
 function address(at: MmaPlace, row: string, col: string): string {
   return at.colMajor ? `${col} * ${at.stride}u + ${row}` : `${row} * ${at.stride}u + ${col}`;
 }
+
+/**
+ * How a generator walks matrix steps: `forEach` writes the steps out one by one in the real form
+ * (each tile a register variable, `name${i}`), and as a WGSL loop over an array of fragments in the
+ * emulated form (`name[i]`), whose multiplies are loops themselves: written out, lavapipe's compiler
+ * unrolls every call site and a d 256 kernel takes minutes to build. `tile` names tile `i` either way.
+ */
+export function mmaLoops(emulate: boolean, emit: (line: string) => void): {
+  forEach: (v: string, n: number, body: (i: string) => void) => void;
+  tile: (name: string, i: string) => string;
+} {
+  const forEach = (v: string, n: number, body: (i: string) => void) => {
+    if (!emulate) {
+      for (let i = 0; i < n; i++) body(`${i}u`);
+      return;
+    }
+    emit(`    for (var ${v} = 0u; ${v} < ${n}u; ${v}++) {`);
+    body(v);
+    emit(`    }`);
+  };
+  const tile = (name: string, i: string) => emulate ? `${name}[${i}]` : `${name}${parseInt(i)}`;
+  return { forEach, tile };
+}

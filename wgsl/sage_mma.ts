@@ -38,7 +38,7 @@ import {
 } from "./common.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
-import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
+import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
 import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageColumnSum, type SageInput, sageLoader } from "./sage.ts";
 
 /** Everything that changes the main kernel's text. */
@@ -156,6 +156,37 @@ export const SAGE_MMA_UNIFORMS: [string, UniformType][] = [
 ];
 
 /**
+ * Both main kernels' bindings, emitted in order: q8, k8, v8 (as `types` says), o, [mask], [lse],
+ * q_scale, k_scale, v_stat ([b, n_kv, 2, dV]: V's scale per channel, then its mean), [lse_bias]
+ * (with the lse or a score_mod), and the 16-bit unpacking helpers the dtype needs; the names in
+ * binding order come back (the flex declarations append theirs).
+ */
+export function sageMmaBindings(
+  c: Pick<SageMmaConfig, "dtype" | "f16" | "keyPadding" | "lse">,
+  types: { k8: string; v8: string; rowBias: boolean },
+  emit: (line: string) => void,
+): string[] {
+  const bindings = ["q8", "k8", "v8", "o"];
+  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
+@group(0) @binding(2) var<storage, read> k8: array<${types.k8}>;
+@group(0) @binding(3) var<storage, read> v8: array<${types.v8}>;
+@group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
+  const bind = (name: string, decl: string) => {
+    bindings.push(name);
+    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
+  };
+  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
+  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
+  bind("q_scale", "var<storage, read> q_scale: array<f32>;");
+  bind("k_scale", "var<storage, read> k_scale: array<f32>;");
+  bind("v_stat", "var<storage, read> v_stat: array<f32>;");
+  if (c.lse || types.rowBias) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
+  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
+  if (c.dtype === "bf16") emit(BF16_PACK);
+  return bindings;
+}
+
+/**
  * The start of both main kernels' entry point (this and wgsl/sage_mma_two_pass.ts): the workgroup's
  * (batch, head, query block), each invocation's subgroup, row and half, and the int8 operands' bases.
  */
@@ -212,16 +243,7 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
   const uniforms: [string, UniformType][] = blockMap
     ? [...SAGE_MMA_UNIFORMS, ...BLOCK_MAP_UNIFORMS]
     : SAGE_MMA_UNIFORMS;
-  // Matrix steps: written out one by one in the real form (each tile a register variable); loops
-  // over arrays of fragments in the emulated form, whose multiplies are loops themselves: written
-  // out, lavapipe's compiler unrolls every call site and a d 256 kernel takes minutes to build.
-  const forEach = (v: string, n: number, body: (i: string) => void) => {
-    if (!c.emulate) return range(n).forEach((i) => body(`${i}u`));
-    emit(`    for (var ${v} = 0u; ${v} < ${n}u; ${v}++) {`);
-    body(v);
-    emit(`    }`);
-  };
-  const tile = (name: string, i: string) => c.emulate ? `${name}[${i}]` : `${name}${parseInt(i)}`;
+  const { forEach, tile } = mmaLoops(c.emulate, emit);
   const tiles = (name: string, n: number, zero: (v: string) => void) => {
     if (c.emulate) emit(`    ${mma.zeroArray(name, n)}`);
     else range(n).forEach((i) => zero(`${name}${i}`));
@@ -229,25 +251,7 @@ export function sageMmaKernel(c: SageMmaConfig): Kernel {
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   emit(mma.header() + uniformBlock(uniforms));
-  const el = vecElement(c);
-  const bindings = ["q8", "k8", "v8", "o"];
-  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
-@group(0) @binding(2) var<storage, read> k8: array<i32>;
-@group(0) @binding(3) var<storage, read> v8: array<i32>;
-@group(0) @binding(4) var<storage, read_write> o: array<${el}>;`);
-  const bind = (name: string, decl: string) => {
-    bindings.push(name);
-    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
-  };
-  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
-  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
-  bind("q_scale", "var<storage, read> q_scale: array<f32>;");
-  bind("k_scale", "var<storage, read> k_scale: array<f32>;");
-  // v_stat: [b, n_kv, 2, dV]: V's scale per channel, then its mean.
-  bind("v_stat", "var<storage, read> v_stat: array<f32>;");
-  if (c.lse || rowBias) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
-  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
-  if (c.dtype === "bf16") emit(BF16_PACK);
+  const bindings = sageMmaBindings(c, { k8: "i32", v8: "i32", rowBias }, emit);
   const sArr = c.alias ? "sso" : "ss", oArr = c.alias ? "sso" : "so";
   const region = c.alias ? R * Math.max(ss, so) : 0;
   emit(

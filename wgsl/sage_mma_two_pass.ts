@@ -23,11 +23,18 @@
  * the maximum is then taken over the functions' results instead of the tile's integers).
  */
 import type { Kernel, UniformType } from "./common.ts";
-import { BF16_PACK, isNanExpr, NEG_INF, uniformBlock } from "./common.ts";
+import { isNanExpr, NEG_INF, uniformBlock } from "./common.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, flexKey } from "./flex.ts";
-import { storeVec, UNPACK, vecElement } from "./flash.ts";
-import { MMA_SUBGROUP, MmaEmitter, type MmaPlace, type MmaShape } from "./mma.ts";
-import { MMA_ROWS, SAGE_MMA_UNIFORMS, type SageMmaConfig, sageMmaDims, sageMmaPrologue } from "./sage_mma.ts";
+import { storeVec } from "./flash.ts";
+import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
+import {
+  MMA_ROWS,
+  SAGE_MMA_UNIFORMS,
+  sageMmaBindings,
+  type SageMmaConfig,
+  sageMmaDims,
+  sageMmaPrologue,
+} from "./sage_mma.ts";
 
 /** Keys up to which u8 P·V fits u32 accumulators (255 · 255 · keys < 2^32). */
 export const U8_PV_MAX_KEYS = 65793;
@@ -144,15 +151,7 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const uniforms: [string, UniformType][] = blockMap
     ? [...SAGE_MMA_UNIFORMS, ...BLOCK_MAP_UNIFORMS]
     : SAGE_MMA_UNIFORMS;
-  // Straight-line matrix steps in the real form; loops over fragment arrays in the emulated one
-  // (lavapipe unrolls every emulated multiply it is given written out).
-  const forEach = (v: string, n: number, body: (i: string) => void) => {
-    if (!c.emulate) return range(n).forEach((i) => body(`${i}u`));
-    emit(`    for (var ${v} = 0u; ${v} < ${n}u; ${v}++) {`);
-    body(v);
-    emit(`    }`);
-  };
-  const tile = (name: string, i: string) => c.emulate ? `${name}[${i}]` : `${name}${parseInt(i)}`;
+  const { forEach, tile } = mmaLoops(c.emulate, emit);
   const tiles = (e: MmaEmitter, name: string, n: number) => {
     if (c.emulate) emit(`  ${e.zeroArray(name, n)}`);
     else range(n).forEach((i) => emit(`  ${e.zero(`${name}${i}`)}`));
@@ -160,24 +159,12 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   emit(qk.header() + uniformBlock(uniforms));
-  const bindings = ["q8", "k8", "v8", "o"];
   // Staged K and V are copied as 16-byte words; unstaged ones are matrix-loaded from storage.
-  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
-@group(0) @binding(2) var<storage, read> k8: array<${stage ? "vec4<u32>" : "i32"}>;
-@group(0) @binding(3) var<storage, read> v8: array<${stage ? "vec4<u32>" : pWord}>;
-@group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
-  const bind = (name: string, decl: string) => {
-    bindings.push(name);
-    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
-  };
-  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
-  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
-  bind("q_scale", "var<storage, read> q_scale: array<f32>;");
-  bind("k_scale", "var<storage, read> k_scale: array<f32>;");
-  bind("v_stat", "var<storage, read> v_stat: array<f32>;");
-  if (c.lse || rowBias) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
-  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
-  if (c.dtype === "bf16") emit(BF16_PACK);
+  const bindings = sageMmaBindings(c, {
+    k8: stage ? "vec4<u32>" : "i32",
+    v8: stage ? "vec4<u32>" : pWord,
+    rowBias,
+  }, emit);
   emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;
 var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
 var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
