@@ -345,6 +345,21 @@ const scoreModText = (body: string) =>
   `fn score_mod(score: f32, b: u32, h: u32, q: u32, kv: u32) -> f32 { return ${body}; }`;
 const MASK_MOD = "fn mask_mod(b: u32, h: u32, q: u32, kv: u32) -> bool { return kv <= q; }";
 
+/** Two kernels with different text never share a cache key (`variants[i]` made `kernels[i]`). */
+function assertKeysFollowCode(kernels: { key: string; code: string }[], variants: unknown[]): void {
+  for (let i = 0; i < kernels.length; i++) {
+    for (let j = i + 1; j < kernels.length; j++) {
+      if (kernels[i].code !== kernels[j].code) {
+        assert.notEqual(
+          kernels[i].key,
+          kernels[j].key,
+          `${JSON.stringify(variants[i])} / ${JSON.stringify(variants[j])}`,
+        );
+      }
+    }
+  }
+}
+
 Deno.test("sage-mma: every option that changes the kernel text changes its cache key", () => {
   const variants: Partial<SageMmaConfig>[] = [
     {},
@@ -367,17 +382,7 @@ Deno.test("sage-mma: every option that changes the kernel text changes its cache
     { flex: { scoreMod: null, maskMod: MASK_MOD, buffers: [], blockMap: true } },
   ];
   const kernels = variants.map((v) => sageMmaKernel({ ...baseConfig, ...v }));
-  for (let i = 0; i < kernels.length; i++) {
-    for (let j = i + 1; j < kernels.length; j++) {
-      if (kernels[i].code !== kernels[j].code) {
-        assert.notEqual(
-          kernels[i].key,
-          kernels[j].key,
-          `${JSON.stringify(variants[i])} / ${JSON.stringify(variants[j])}`,
-        );
-      }
-    }
-  }
+  assertKeysFollowCode(kernels, variants);
   const t = (transposed: boolean) => sageMmaVKernel({ dtype: "f16", f16: false, d: 64, bc: 64, transposed });
   assert.notEqual(t(true).key, t(false).key);
 });
@@ -409,17 +414,7 @@ Deno.test("sage-mma two-pass: every option that changes the kernel text changes 
     { stage: true, flex: { scoreMod: null, maskMod: MASK_MOD, buffers: [], blockMap: true } },
   ];
   const kernels = variants.map((v) => sageMmaTwoPassKernel({ ...base, ...v }));
-  for (let i = 0; i < kernels.length; i++) {
-    for (let j = i + 1; j < kernels.length; j++) {
-      if (kernels[i].code !== kernels[j].code) {
-        assert.notEqual(
-          kernels[i].key,
-          kernels[j].key,
-          `${JSON.stringify(variants[i])} / ${JSON.stringify(variants[j])}`,
-        );
-      }
-    }
-  }
+  assertKeysFollowCode(kernels, variants);
   // The real form keeps every matrix step in the builtins; the staged form reads K and V from
   // workgroup memory, never matrix-loading them from storage.
   const staged = sageMmaTwoPassKernel({ ...base, stage: true }).code;
