@@ -12,6 +12,7 @@ import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand } from "../core/problem.ts";
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
+import { flexKey } from "../wgsl/flex.ts";
 import { workListKernel } from "../wgsl/serving.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 
@@ -67,6 +68,19 @@ export function chooseFlashConfig(
   // code is twice the size and compiled 4x longer (Mesa 25 lavapipe: 142 s against 37 s for one
   // d 64 case); tests/flash_test.ts forces the wide tiles there.
   const small = p.sQ <= SMALL_CALL_ROWS || caps.isFallbackAdapter;
+  // The search below depends on nothing else: routing and encoding ask again for every call.
+  const key = JSON.stringify([
+    { ...base, flex: flexKey(base.flex) },
+    small,
+    subgroups,
+    caps.subgroupMinSize,
+    limits,
+    flashTuning.override,
+  ]);
+  let known = configsFound.get(caps);
+  if (!known) configsFound.set(caps, known = new Map());
+  const found = known.get(key);
+  if (found !== undefined) return found;
   function* candidates(): Generator<FlashConfig> {
     if (small) {
       for (const tiling of TILINGS.filter((t) => t.br <= SMALL_CALL_ROWS && t.bc <= SMALL_CALL_ROWS)) {
@@ -89,8 +103,14 @@ export function chooseFlashConfig(
     }
   }
   const c = firstFitting(candidates(), limits);
-  return typeof c === "string" ? `no tile configuration fits this device (${c})` : c;
+  const result = typeof c === "string" ? `no tile configuration fits this device (${c})` : c;
+  if (known.size >= 256) known.clear();
+  known.set(key, result);
+  return result;
 }
+
+/** Configs found per device's capabilities, by what {@link chooseFlashConfig} reads. */
+const configsFound = new WeakMap<Capabilities, Map<string, FlashConfig | string>>();
 
 function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {
   return s.d === 1 && s.b % 4 === 0 && s.n % 4 === 0 && s.s % 4 === 0;

@@ -58,6 +58,12 @@ export interface SplitKvTuning {
   splits: number | null;
   /** Give each pass its own compute pass, so a profiler times them apart (benchmarks). */
   separatePasses: boolean;
+  /**
+   * Steps ahead whose rows configs load into registers ({@link SplitKvConfig.prefetch}). Default 1:
+   * on the H200, b 16 decode over 8192 keys 177 -> 169 µs dense (70.5% -> 74% of 4.3 TB/s), paged
+   * 187 -> 185; b 1 over 32768 keys 64.8 -> 62.9 µs; 2 was slower than 0 (bench/RESULTS.md, run 14).
+   */
+  prefetch: 0 | 1 | 2;
 }
 
 /** Test and benchmark hook. */
@@ -67,6 +73,7 @@ export const splitKvTuning: SplitKvTuning = {
   override: null,
   splits: null,
   separatePasses: false,
+  prefetch: 1,
 };
 
 const pow2Floor = (x: number) => 2 ** Math.floor(Math.log2(Math.max(1, x)));
@@ -126,6 +133,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       subgroups,
       flex: flexKernelConfig(p, false),
       page: p.paged?.pageSize,
+      prefetch: splitKvTuning.prefetch,
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);

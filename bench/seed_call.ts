@@ -31,6 +31,61 @@ const gpu = async (data: Float32Array<ArrayBuffer>): Promise<GpuTensor> => {
   await engine.writeBuffer(device, buffer, new Uint8Array(data.buffer));
   return { buffer, shape, dtype: "f32" };
 };
+// `--trace`: where one host call's time goes, from hooks on the engine (medians over 40 calls, ms
+// from the call's start): first upload asked, uploads copied, kernel submitted, read-back mapped,
+// copied out, returned.
+if (Deno.args.includes("--trace")) {
+  const marks: Record<string, number[]> = {};
+  let t0 = 0, firstWrite = -1, lastWriteDone = 0, mapped = 0, copiedOut = 0;
+  const e = engine as { -readonly [K in keyof typeof engine]: (typeof engine)[K] };
+  const { writeBuffer, copyOut } = e;
+  e.writeBuffer = (d, b, bytes) => {
+    if (firstWrite < 0) firstWrite = performance.now() - t0;
+    const r = writeBuffer(d, b, bytes);
+    if (r) r.then(() => (lastWriteDone = Math.max(lastWriteDone, performance.now() - t0)));
+    return r;
+  };
+  e.copyOut = (dst, src) => {
+    mapped = performance.now() - t0;
+    const r = copyOut(dst, src);
+    const done = () => (copiedOut = performance.now() - t0);
+    if (r) r.then(done);
+    else done();
+    return r;
+  };
+  let submits: number[] = [];
+  const queue = device.queue as GPUQueue & { submit: GPUQueue["submit"] };
+  const submit = queue.submit.bind(queue);
+  try {
+    queue.submit = (b: GPUCommandBuffer[]) => {
+      submits.push(performance.now() - t0);
+      return submit(b);
+    };
+  } catch { /* a native queue may refuse: no submit marks */ }
+  const push = (name: string, x: number) => (marks[name] ??= []).push(x);
+  for (let i = 0; i < 45; i++) {
+    firstWrite = -1, lastWriteDone = 0, submits = [];
+    t0 = performance.now();
+    await attentionForward(q, k, v);
+    const end = performance.now() - t0;
+    if (i < 5) continue;
+    push("firstUploadAsked", firstWrite);
+    push("uploadsCopied", lastWriteDone);
+    push("submits", submits.length);
+    push("lastSubmitBeforeReadback", submits.length >= 2 ? submits[submits.length - 2] : NaN);
+    push("readbackSubmitted", submits.length >= 1 ? submits[submits.length - 1] : NaN);
+    push("readbackMapped", mapped);
+    push("copiedOut", copiedOut);
+    push("returned", end);
+  }
+  console.log(JSON.stringify({
+    bench: "seed-call-trace",
+    engine: engine.name,
+    ...Object.fromEntries(Object.entries(marks).map(([k, v]) => [k, +median(v).toFixed(3)])),
+  }));
+  e.writeBuffer = writeBuffer;
+  e.copyOut = copyOut;
+}
 const threads = Deno.args.includes("--threads")
   ? Deno.args[Deno.args.indexOf("--threads") + 1].split(",").map(Number)
   : [1, 4, 8, 16];

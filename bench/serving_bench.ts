@@ -20,6 +20,7 @@ import { appendKvCache, attentionForward, deviceInfo, explain, getDevice, type G
 import { readEnvIfGranted } from "../core/api.ts";
 import { readBuffer } from "../core/gpu.ts";
 import { fillRepeating, randomBlock, timeOnGpu } from "./common.ts";
+import { splitKvTuning } from "../backends/splitkv.ts";
 
 const DRY = readEnvIfGranted("WGATTN_BENCH_DRY") === "1";
 const scale = (x: number) => (DRY ? x / 16 : x);
@@ -256,6 +257,63 @@ async function pagedPart(): Promise<void> {
     GBps: Math.round(bytes / msDense / 1e6),
     ofPeak: +(bytes * 1e3 / msDense / PEAK).toFixed(3),
   });
+  // `--paged-sweep`: split-kv's knobs on the paged and the dense cache, in two interleaved rounds.
+  if (Deno.args.includes("--paged-sweep")) {
+    const variants: { prefetch: 0 | 1 | 2; splits?: number; unroll?: number; threads?: number }[] = [];
+    for (const prefetch of [0, 1] as const) {
+      variants.push({ prefetch }, { prefetch, splits: 8 }, { prefetch, splits: 3 }, {
+        prefetch,
+        threads: 64,
+        splits: 8,
+      });
+    }
+    // The same pool read in order (batch i's page j is page i * max_pages + j): what the shuffle costs.
+    const inOrder = indices(Int32Array.from({ length: numPages }, (_, i) => i), [b, maxPages]);
+    // Issue 4's decode shape (b 1, s_kv 32768) over the pool's first bytes, head-major.
+    const b1 = {
+      q: { ...q.t, shape: [1, N, 1, D] },
+      k: { ...k.t, shape: [1, NKV, sKv * 4, D] },
+      v: { ...v.t, shape: [1, NKV, sKv * 4, D] },
+    };
+    for (let round = 0; round < 2; round++) {
+      for (const x of variants) {
+        splitKvTuning.prefetch = x.prefetch;
+        splitKvTuning.splits = x.splits ?? null;
+        const override = {
+          ...(x.unroll ? { unroll: x.unroll } : {}),
+          ...(x.threads ? { threads: x.threads } : {}),
+        };
+        splitKvTuning.override = Object.keys(override).length ? override : null;
+        const msP = await best({ q: q.t, k: k.t, v: v.t }, options);
+        const msD = await best(dense, denseOptions);
+        const msO = await best({ q: q.t, k: k.t, v: v.t }, { blockTable: inOrder, cacheSeqlens: lengths });
+        const msB1 = await best(b1, {});
+        // The same bytes read head-major ([b, n_kv, s_kv, d]): each workgroup streams one region.
+        const msH = await best({
+          q: q.t,
+          k: { ...dense.k, shape: [b, NKV, sKv, D] },
+          v: { ...dense.v, shape: [b, NKV, sKv, D] },
+        }, {});
+        line({
+          part: "paged sweep",
+          round,
+          variant: x,
+          pagedUs: +(msP * 1000).toFixed(2),
+          pagedOfPeak: +(bytes * 1e3 / msP / PEAK).toFixed(3),
+          denseUs: +(msD * 1000).toFixed(2),
+          denseOfPeak: +(bytes * 1e3 / msD / PEAK).toFixed(3),
+          headMajorUs: +(msH * 1000).toFixed(2),
+          headMajorOfPeak: +(bytes * 1e3 / msH / PEAK).toFixed(3),
+          inOrderPagedUs: +(msO * 1000).toFixed(2),
+          inOrderPagedOfPeak: +(bytes * 1e3 / msO / PEAK).toFixed(3),
+          decodeB1s32768Us: +(msB1 * 1000).toFixed(2),
+        });
+      }
+    }
+    splitKvTuning.splits = null;
+    splitKvTuning.override = null;
+    splitKvTuning.prefetch = 1;
+  }
   // Sampled rows against float64 through the table.
   const out = await attentionForward(q.t, k.t, v.t, options);
   const samples = [[0, 0], [5, 13], [15, 31]];
@@ -274,8 +332,15 @@ async function pagedPart(): Promise<void> {
   });
   line({ part: "paged decode", check: "sampled rows vs float64", rows: samples.length, maxAbs: err });
   // One append step (a decode step's new row per batch), lengths advanced on the GPU.
-  const shortLens = indices(new Int32Array(b).fill(sKv - 8), [b]);
+  const shortLens = indices(new Int32Array(b).fill(sKv - 9), [b]);
   const newRows = tensor([b, 1, NKV, D], 7);
+  // One step first: its kernel is compiled then (seconds on a cold pipeline cache), not timed.
+  await appendKvCache(newRows.t, newRows.t, k.t, v.t, {
+    blockTable: table,
+    cacheSeqlens: shortLens,
+    advance: true,
+  });
+  await readBuffer(device, shortLens.buffer, 16);
   const t0 = performance.now();
   for (let i = 0; i < 8; i++) {
     await appendKvCache(newRows.t, newRows.t, k.t, v.t, {
@@ -298,5 +363,5 @@ console.log(
     DRY ? " (dry)" : ""
   }`,
 );
-await packedPart();
+if (!Deno.args.includes("--paged-only")) await packedPart();
 await pagedPart();

@@ -7,7 +7,7 @@ export function readEnvIfGranted(name: string): string | undefined {
   const deno = (globalThis as { Deno?: typeof Deno }).Deno;
   if (!deno?.permissions?.querySync) return undefined;
   try {
-    if (deno.permissions.querySync({ name: "env", variable: name }).state !== "granted") return undefined;
+    if (envAccess(name) !== "granted") return undefined;
     const value = deno.env.get(name)?.trim();
     return value ? value : undefined;
   } catch {
@@ -22,11 +22,20 @@ export function readEnvIfGranted(name: string): string | undefined {
 export function envAccess(name: string): "granted" | "no-permission" | "no-env" {
   const deno = (globalThis as { Deno?: typeof Deno }).Deno;
   if (!deno?.permissions?.querySync) return "no-env";
+  if (granted.has(name)) return "granted";
   try {
-    return deno.permissions.querySync({ name: "env", variable: name }).state === "granted"
-      ? "granted"
-      : "no-permission";
+    if (deno.permissions.querySync({ name: "env", variable: name }).state !== "granted") {
+      return "no-permission";
+    }
+    granted.add(name);
+    return "granted";
   } catch {
     return "no-permission";
   }
 }
+
+/**
+ * Variables whose access was found granted: a query costs about 15 µs, and the router reads a few
+ * per call. (A grant revoked later makes `Deno.env.get` throw, which reads as unset.)
+ */
+const granted = new Set<string>();

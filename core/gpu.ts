@@ -326,6 +326,15 @@ export class GpuCall {
    * does not wait for the GPU.
    */
   async submit(): Promise<GPUError | null> {
+    return await (await this.queue()).refused;
+  }
+
+  /**
+   * {@link submit} in two steps: resolves once the work is on the queue (after the uploads), with
+   * the promise of whether the device refused it, so that work queued after it (a read-back) need
+   * not wait for that answer first.
+   */
+  async queue(): Promise<{ refused: Promise<GPUError | null> }> {
     this.endPass();
     const device = this.device;
     // Uploads first: their staging copies go to the queue ahead of this call's work.
@@ -334,7 +343,9 @@ export class GpuCall {
         await this.rt.engine.hold(Promise.all(this.writes));
       } catch (e) {
         this.abandon();
-        return new GPUValidationError(`an upload failed: ${(e as Error)?.message ?? e}`);
+        return {
+          refused: Promise.resolve(new GPUValidationError(`an upload failed: ${(e as Error)?.message ?? e}`)),
+        };
       }
     }
     let refused: Promise<GPUError | null>;
@@ -350,7 +361,7 @@ export class GpuCall {
       }
       this.temporaries.length = 0;
     }
-    return refused;
+    return { refused };
   }
 
   /** Drops temporaries without submitting (after an error while encoding). */

@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { appendKvCache, attentionWithLse, deviceInfo, explain, getDevice, WgattnError } from "../mod.ts";
 import type { AttentionOptions } from "../core/types.ts";
+import { splitKvTuning } from "../backends/splitkv.ts";
 import {
   errorStats,
   type Logical,
@@ -348,6 +349,33 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
       });
     }
   }
+  Deno.test(
+    "paged cache on split-kv, rows and table entries loaded ahead (the depths the default does not take)",
+    {
+      ignore: !info,
+    },
+    async () => {
+      try {
+        for (const prefetch of ([0, 1, 2] as const).filter((x) => x !== splitKvTuning.prefetch)) {
+          splitKvTuning.override = { prefetch };
+          for (const c of cases) {
+            const q = randomLogical({ b, n, s: c.sQ, d }, rng(c.sQ));
+            const ref = expected(q, c.opts);
+            const { out, lse } = await attentionWithLse(host(q), kP, vP, {
+              ...c.opts,
+              blockTable,
+              cacheSeqlens,
+              backend: "split-kv",
+            });
+            check(`prefetch ${prefetch}, ${c.name}: out`, out.data, ref.out, TOL.out);
+            check(`prefetch ${prefetch}, ${c.name}: lse`, lse.data, ref.lse, TOL.lse);
+          }
+        }
+      } finally {
+        splitKvTuning.override = null;
+      }
+    },
+  );
   Deno.test("paged cache: GPU table and lengths (bad entries clamped), decode routed to split-kv", {
     ignore: !info,
   }, async () => {

@@ -181,6 +181,31 @@ Deno.test({
 });
 
 Deno.test({
+  name: "split-kv: rows of the next steps loaded ahead (the depths the default does not take)",
+  ignore,
+  fn: async () => {
+    for (const prefetch of ([0, 1, 2] as const).filter((x) => x !== splitKvTuning.prefetch)) {
+      await tuned({ prefetch }, null, async () => {
+        await check({ dtype: "f16", b: 1, n: 8, nKv: 2, sQ: 1, sKv: 1000, d: 128 });
+        await check({ b: 1, n: 2, nKv: 1, sQ: 5, sKv: 300, d: 64, windowSize: [40, 3] });
+        await check({
+          dtype: "f16",
+          b: 2,
+          n: 4,
+          nKv: 2,
+          sQ: 2,
+          sKv: 1000,
+          d: 64,
+          keyPadding: [1000, 333],
+          isCausal: true,
+        });
+        await check({ b: 1, n: 4, nKv: 4, sQ: 1, sKv: 1, d: 64 });
+      });
+    }
+  },
+});
+
+Deno.test({
   name: "split-kv: 4-wide packed loads and f16 storage loads",
   ignore,
   fn: async () => {

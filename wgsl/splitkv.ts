@@ -61,6 +61,12 @@ export interface SplitKvConfig {
    * `cache_len` (i32 [b]); each batch attends its own length, its band aligned bottom-right to it.
    */
   page?: number;
+  /**
+   * Steps ahead whose K and V rows are loaded into registers (0, 1 or 2): the loads are in flight
+   * while the steps before compute (WGSL has no asynchronous copies). (Paged, reading the table
+   * entries one step before their rows measured slower on the H200: they are read with the rows.)
+   */
+  prefetch?: 0 | 1 | 2;
 }
 
 /** Derived sizes of a config. */
@@ -160,7 +166,7 @@ export function splitKvKey(c: SplitKvConfig): string {
   return `splitkv:${c.dtype}:${c.f16}:v${c.vw}:d${c.d}/${c.dV}:r${c.rows}:l${c.lanes}:t${c.threads}:` +
     `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}${
       c.page ? `:pg${c.page}` : ""
-    }${flexKey(c.flex)}`;
+    }${c.prefetch ? `:pf${c.prefetch}` : ""}${flexKey(c.flex)}`;
 }
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -271,20 +277,59 @@ ${
     for (const g of range(GV)) for (const w of range(qw)) emit(`  var o${r}_${g}_${w} = vec4<f32>(0.0);`);
   }
   emit(`  let k_base = ${c.page ? "hk * P.k_sh" : "b * P.k_sb + hk * P.k_sh"};
-  let v_base = ${c.page ? "hk * P.v_sh" : "b * P.v_sb + hk * P.v_sh"};
-  for (var st = 0u; st < nsteps; st++) {
+  let v_base = ${c.page ? "hk * P.v_sh" : "b * P.v_sb + hk * P.v_sh"};`);
+  // The row of the pool (or cache) holding key `kc`; the key clamped into [0, k_hi) first.
+  const row = (kc: string) => (c.page ? `page_row(b, ${kc})` : kc);
+  const loads = (decl: string, suffix: string, rowOf: (u: number) => string) => {
+    for (const u of range(U)) {
+      for (const g of range(G)) {
+        emit(`    ${decl}kr${u}_${g}${suffix} = k[k_base + ${rowOf(u)} * P.k_ss + ${col(g, dvec)}];`);
+      }
+    }
+    for (const u of range(U)) {
+      for (const g of range(GV)) {
+        emit(`    ${decl}vr${u}_${g}${suffix} = v[v_base + ${rowOf(u)} * P.v_ss + ${col(g, dvecV)}];`);
+      }
+    }
+  };
+  if (c.prefetch) {
+    // Rows of steps st+1 .. st+D in registers (sets n0 .. n{D-1}); each step takes set n0, shifts
+    // the others down and starts the loads of step st+D into the last.
+    const D = c.prefetch;
+    const key = (ahead: number, u: number) => `u32(max(min(j0 + ${ahead * step + u}i, k_hi - 1i), 0i))`;
+    emit(`  var j0 = k_lo + i32(kg * ${U}u);`);
+    for (let a = 0; a < D; a++) {
+      for (const u of range(U)) emit(`  let kp${a}_${u} = ${row(key(a, u))};`);
+      loads("var ", `n${a}`, (u) => `kp${a}_${u}`);
+    }
+    emit(`  for (var st = 0u; st < nsteps; st++) {`);
+    for (const u of range(U)) {
+      emit(`    let key${u} = j0 + ${u}i;
+    let kc${u} = u32(min(key${u}, k_hi - 1i));`);
+    }
+    for (const u of range(U)) {
+      for (const g of range(G)) emit(`    let kr${u}_${g} = kr${u}_${g}n0;`);
+      for (const g of range(GV)) emit(`    let vr${u}_${g} = vr${u}_${g}n0;`);
+    }
+    for (let a = 1; a < D; a++) {
+      for (const u of range(U)) {
+        for (const g of range(G)) emit(`    kr${u}_${g}n${a - 1} = kr${u}_${g}n${a};`);
+        for (const g of range(GV)) emit(`    vr${u}_${g}n${a - 1} = vr${u}_${g}n${a};`);
+      }
+    }
+    for (const u of range(U)) emit(`    let kn${u} = ${row(key(D, u))};`);
+    loads("", `n${D - 1}`, (u) => `kn${u}`);
+    emit(`    j0 += ${step}i;`);
+  } else {
+    emit(`  for (var st = 0u; st < nsteps; st++) {
     let j0 = k_lo + i32(st * ${step}u + kg * ${U}u);`);
-  for (const u of range(U)) {
-    emit(`    let key${u} = j0 + ${u}i;
+    for (const u of range(U)) {
+      emit(`    let key${u} = j0 + ${u}i;
     let kc${u} = u32(min(key${u}, k_hi - 1i));
-    let kr${u} = ${c.page ? `page_row(b, kc${u})` : `kc${u}`};`);
-  }
-  // Every load of the step first, so they are in flight together.
-  for (const u of range(U)) {
-    for (const g of range(G)) emit(`    let kr${u}_${g} = k[k_base + kr${u} * P.k_ss + ${col(g, dvec)}];`);
-  }
-  for (const u of range(U)) {
-    for (const g of range(GV)) emit(`    let vr${u}_${g} = v[v_base + kr${u} * P.v_ss + ${col(g, dvecV)}];`);
+    let kr${u} = ${row(`kc${u}`)};`);
+    }
+    // Every load of the step first, so they are in flight together.
+    loads("let ", "", (u) => `kr${u}`);
   }
   if (c.keyPadding) {
     for (const u of range(U)) {
