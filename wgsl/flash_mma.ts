@@ -508,14 +508,14 @@ export interface SliceConfig extends SageInput {
 
 /** Rows one workgroup of {@link flashMmaSliceKernel} slices (one invocation per vec4 of a row). */
 export function sliceRowsPerGroup(d: number): number {
-  return SAGE_THREADS / (sageMmaDims(d).dQ / 4);
+  return Math.floor(SAGE_THREADS / (sageMmaDims(d).dQ / 4));
 }
 
 /**
  * Splits the rows of Q or K into i8 slices under one scale per row (absmax / 127 · scale_mul),
  * laid out per block of `rows` rows as `[b, heads, blocks, slice, rows, dQ]` bytes (d padded to 32
  * with zeros, rows past s zeros), the scales as `[b, heads, blocks · rows]` at `sc_off` of
- * `scales`. One invocation per vec4 of a row, {@link sliceRowsPerGroup} rows per workgroup; the
+ * `scales`. One invocation per vec4 of a padded row, {@link sliceRowsPerGroup} rows per workgroup; the
  * row's absmax by an atomic maximum of the values' bits (a NaN's bits are the largest, so a NaN
  * makes the scale NaN, an Inf makes it Inf, and the row's slices zeros). Bindings: x, x8, scales.
  * Dispatch `b · heads · chunks` workgroups.
@@ -535,7 +535,7 @@ export function flashMmaSliceKernel(c: SliceConfig): Kernel {
 @group(0) @binding(2) var<storage, read_write> x8: array<i32>;
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
 var<workgroup> amax: array<atomic<u32>, ${rpg}>;
-${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
+${sageLoader(c)}@compute @workgroup_size(${rpg * w4})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
