@@ -326,19 +326,22 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    let kv0 = t * ${bc}u;`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of ss are done
     for (let o = 0; o <= upTo; o++) zeroTiles(`s${o}_`, bc / N, "    ");
+    // Each slice's matrix is loaded once per step and shared by the products that use it.
+    const products = sliceProducts(S, upTo);
+    const lefts = [...new Set(products.map((x) => x.a))], rights = [...new Set(products.map((x) => x.b))];
     forEach("k", dQ / 32, (k) => {
-      for (const { a, b, o } of sliceProducts(S, upTo)) {
-        emit("    {");
-        if (!qRegisters) emit("      " + mma.loadLeft("qa", qAt, qOffset(a, k)));
-        const left = qRegisters ? `qa${a}_${parseInt(k)}` : "qa";
-        forEach("j", bc / N, (j) => {
-          emit("      {");
-          emit("        " + mma.loadRight("kb", kAt, kOffset(b, j, k)));
-          emit("        " + mma.mma(tile(`s${o}_`, j), left, qAt, "kb", kAt));
-          emit("      }");
-        });
-        emit("    }");
-      }
+      emit("    {");
+      if (!qRegisters) { for (const a of lefts) emit("      " + mma.loadLeft(`qa${a}`, qAt, qOffset(a, k))); }
+      forEach("j", bc / N, (j) => {
+        emit("      {");
+        for (const b of rights) emit("        " + mma.loadRight(`kb${b}`, kAt, kOffset(b, j, k)));
+        for (const { a, b, o } of products) {
+          const left = qRegisters ? `qa${a}_${parseInt(k)}` : `qa${a}`;
+          emit("        " + mma.mma(tile(`s${o}_`, j), left, qAt, `kb${b}`, kAt));
+        }
+        emit("      }");
+      });
+      emit("    }");
     });
     for (let o = 0; o <= upTo; o++) {
       forEach(
@@ -409,19 +412,23 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    psum${a} += ${range(half).map((e) => `p${e}_${a}`).join(" + ")};`);
   }
   emit(`    workgroupBarrier();`);
+  const pvProducts = sliceProducts(S, c.order);
+  const pLefts = [...new Set(pvProducts.map((x) => x.a))], vRights = [...new Set(pvProducts.map((x) => x.b))];
   forEach("kk", bc / 32, (kk) => {
-    for (const { a, b, o } of sliceProducts(S, c.order)) {
-      emit("    {");
-      // Bytes: wp counts words.
-      emit("      " + mma.loadLeft("pa", pAt, `wp * 4u + ${a * pSlice * 4}u + ${kk} * 32u`));
-      forEach("g", dV / N, (g) => {
-        emit("      {");
-        emit("        " + mma.loadRight("vb", vAt, vOffset(b, g, kk)));
-        emit("        " + mma.mma(tile(`acc${o}_`, g), "pa", pAt, "vb", vAt));
-        emit("      }");
-      });
-      emit("    }");
+    emit("    {");
+    // Bytes: wp counts words.
+    for (const a of pLefts) {
+      emit("      " + mma.loadLeft(`pa${a}`, pAt, `wp * 4u + ${a * pSlice * 4}u + ${kk} * 32u`));
     }
+    forEach("g", dV / N, (g) => {
+      emit("      {");
+      for (const b of vRights) emit("        " + mma.loadRight(`vb${b}`, vAt, vOffset(b, g, kk)));
+      for (const { a, b, o } of pvProducts) {
+        emit("        " + mma.mma(tile(`acc${o}_`, g), `pa${a}`, pAt, `vb${b}`, vAt));
+      }
+      emit("      }");
+    });
+    emit("    }");
   });
   emit(`  }`);
 
