@@ -23,6 +23,7 @@ import { defaultRuntime } from "../core/device.ts";
 import { debug } from "../core/gpu.ts";
 import { resolveProblem } from "../core/problem.ts";
 import { decide } from "../core/router.ts";
+import { FAKE_MMA_DEVICE } from "./fake_mma_device.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse, explain } from "../mod.ts";
 import {
@@ -324,29 +325,7 @@ Deno.test("flash-mma: every option that changes the kernel text changes its cach
 });
 
 /** A device with the real form's tiles (for router checks; nothing runs on it). */
-const fake: Capabilities = {
-  engine: "dawn",
-  adapter: "fake",
-  isFallbackAdapter: false,
-  features: new Set(["subgroups", "chromium-experimental-subgroup-matrix"]),
-  shaderF16: false,
-  subgroups: true,
-  subgroupDirective: "enable subgroups;\n",
-  subgroupMinSize: 32,
-  subgroupMaxSize: 32,
-  packedInt8Dot: true,
-  timestamps: true,
-  subgroupMatrixConfigs: [{ componentType: "i8", resultComponentType: "i32", M: 16, N: 16, K: 32 }],
-  limits: {
-    maxStorageBufferBindingSize: 2 ** 31 - 4,
-    maxBufferSize: 2 ** 32 - 4,
-    maxComputeWorkgroupStorageSize: 49152,
-    maxComputeInvocationsPerWorkgroup: 1024,
-    maxComputeWorkgroupSizeX: 1024,
-    maxComputeWorkgroupsPerDimension: 65535,
-    maxStorageBuffersPerShaderStage: 16,
-  },
-} as unknown as Capabilities;
+const fake = FAKE_MMA_DEVICE;
 
 function problemOf(dtype: DType, s: number, sKv = s) {
   const t = (len: number): HostTensor => {
