@@ -121,7 +121,7 @@ const CASES: Case[] = [
     notOnDeno: ORDER3_ON_DENO,
   },
   {
-    name: "K and V staged in workgroup memory, GQA, causal",
+    name: "K and V staged in workgroup memory, one S region, GQA, causal",
     b: 1,
     n: 4,
     nKv: 2,
@@ -129,7 +129,7 @@ const CASES: Case[] = [
     sKv: 47,
     d: 64,
     isCausal: true,
-    tiles: { stage: "kv" },
+    tiles: { stage: "kv", oneS: true },
   },
   {
     name: "exact maximum pass (every product)",
@@ -315,6 +315,7 @@ Deno.test("flash-mma: every option that changes the kernel text changes its cach
     { stage: "kv" },
     { stage: "k" },
     { stage: "v" },
+    { oneS: true },
     { warps: 2 },
     { bc: 64 },
     { shape: { component: "i8", result: "i32", M: 16, N: 8, K: 32 } },

@@ -83,6 +83,12 @@ export interface FlashMmaConfig {
    * (both at d 128 fit one subgroup's S regions in 48 KB; K alone fits three).
    */
   stage?: "kv" | "k" | "v";
+  /**
+   * One S region per subgroup instead of one per order: the orders go through it in turn, highest
+   * first (the same Horner sums), two barriers per order instead of one per tile: less workgroup
+   * memory, so that staged tiles fit beside more subgroups.
+   */
+  oneS?: boolean;
 }
 
 /** The slice products (a, b) of order a + b up to `order`, with their order. */
@@ -135,7 +141,8 @@ export function flashMmaShape(c: FlashMmaConfig) {
   const orders = c.order + 1;
   // S: one region of 16 rows per order (i32, +4 words a row against bank conflicts); it also holds
   // the orders' output tiles at the end.
-  const ss = c.bc + 4, sWords = MMA_ROWS * ss, sRegion = orders * sWords;
+  const ss = c.bc + 4, sWords = MMA_ROWS * ss;
+  const sRegion = c.oneS ? Math.max(sWords, orders * MMA_ROWS * c.shape.N) : orders * sWords;
   // P: the slices of 16 rows of bc keys, bytes.
   const pSlice = (MMA_ROWS * c.bc) / 4, pRegion = c.slices * pSlice;
   // The row pair's exchange: the maximum and Σp per slice (and the NaN flag).
@@ -201,7 +208,7 @@ export function flashMmaKey(c: FlashMmaConfig): string {
     `x${c.slices}o${c.order}m${c.maxOrder}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}` +
     `${c.qRegisters && !c.emulate ? ":qreg" : ""}${c.skipMaxPass ? ":skip1" : ""}${
       c.stage ? `:stage-${c.stage}` : ""
-    }`;
+    }${c.oneS ? ":ones" : ""}`;
 }
 
 /** The main kernel's uniforms: sage-mma's, and where K's and V's scales start in `scales`. */
@@ -400,20 +407,40 @@ const LN2: f32 = 0.6931471805599453;`);
       });
       emit("    }");
     });
-    for (let o = 0; o <= upTo; o++) {
+    const storeOrder = (o: number, at: number) =>
       forEach(
         "j",
         bc / N,
-        (j) => emit("    " + mma.store(sAt, `ws + ${o * sWords}u + ${j} * ${N}u`, tile(`s${o}_`, j))),
+        (j) => emit("    " + mma.store(sAt, `ws + ${at}u + ${j} * ${N}u`, tile(`s${o}_`, j))),
       );
+    if (c.oneS) {
+      // Highest order first: y = A_o + y / F, the Horner sums of `combine`.
+      for (let o = upTo; o >= 0; o--) {
+        if (o < upTo) emit(`    workgroupBarrier();`); // the reads of the order before are done
+        storeOrder(o, 0);
+        emit(`    workgroupBarrier();`);
+        if (o === upTo) {
+          afterStore();
+          emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
+        }
+        for (const e of range(half)) {
+          emit(
+            o === upTo
+              ? `    var y${e} = f32(ss[sb + ${e}u]);`
+              : `    y${e} = f32(ss[sb + ${e}u]) + (y${e}) * ${INV_F};`,
+          );
+        }
+      }
+    } else {
+      for (let o = 0; o <= upTo; o++) storeOrder(o, o * sWords);
+      emit(`    workgroupBarrier();`);
+      afterStore();
+      emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
     }
-    emit(`    workgroupBarrier();`);
-    afterStore();
-    emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
     for (const e of range(half)) {
       const vals = range(upTo + 1).map((o) => `f32(ss[sb + ${o * sWords + e}u])`);
       const ksc = `scales[ksb + kv0 + hh * ${half}u + ${e}u]`;
-      const x = `(${combine(vals)}) * q_sc * ${ksc}`;
+      const x = `(${c.oneS ? `y${e}` : combine(vals)}) * q_sc * ${ksc}`;
       emit(
         margin > 0
           ? `    let x${e} = ${x} + abs(q_sc * ${ksc}) * f32(${margin.toPrecision(9)});`
