@@ -16,11 +16,15 @@ export interface Similarity {
   cosine: number;
   /** sum |actual - expected| / sum |expected|. */
   relL1: number;
+  /** max |actual - expected|. */
+  maxAbs: number;
+  /** sqrt(sum (actual - expected)² / sum expected²). */
+  relL2: number;
 }
 
-/** Cosine similarity and relative L1 error (NaN anywhere gives NaN). */
+/** Cosine similarity, relative L1 and L2 errors and the max abs error (NaN anywhere gives NaN). */
 export function similarity(actual: ArrayLike<number>, expected: ArrayLike<number>): Similarity {
-  let dot = 0, na = 0, ne = 0, diff = 0, norm = 0;
+  let dot = 0, na = 0, ne = 0, diff = 0, norm = 0, diff2 = 0, maxAbs = 0, nan = false;
   for (let i = 0; i < expected.length; i++) {
     const a = actual[i], e = expected[i];
     dot += a * e;
@@ -28,8 +32,17 @@ export function similarity(actual: ArrayLike<number>, expected: ArrayLike<number
     ne += e * e;
     diff += Math.abs(a - e);
     norm += Math.abs(e);
+    diff2 += (a - e) * (a - e);
+    const dd = Math.abs(a - e);
+    if (Number.isNaN(dd)) nan = true;
+    else if (dd > maxAbs) maxAbs = dd;
   }
-  return { cosine: dot / Math.sqrt(na * ne), relL1: diff / norm };
+  return {
+    cosine: dot / Math.sqrt(na * ne),
+    relL1: diff / norm,
+    maxAbs: nan ? NaN : maxAbs,
+    relL2: Math.sqrt(diff2 / ne),
+  };
 }
 
 /** Offset of the outlier channels of K. */

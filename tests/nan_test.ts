@@ -66,6 +66,17 @@ const SAGE_MMA_BLOCKS = {
   ignore: "sage-mma quantizes q and k per block, so a NaN in q or k reaches its block (as sage)",
 } as const;
 
+/**
+ * `flash-mma` splits q and k per row (one scale each), so a NaN in q or k reaches exactly the scores
+ * it takes part in; v per channel over the sequence (padded keys included), so a NaN in v makes its
+ * channel NaN in every row of the head.
+ */
+const FLASH_MMA_V_CHANNEL = { extraNaN: true } as const;
+const FLASH_MMA_INF = {
+  ignore:
+    "flash-mma splits k per row: an Inf makes the key's scale infinite and all its scores NaN (0 · Inf)",
+} as const;
+
 const CASES: NanCase[] = [
   {
     name: "NaN in q reaches its own row only",
@@ -91,7 +102,7 @@ const CASES: NanCase[] = [
     name: "NaN in v reaches that column of the rows attending its key",
     poison: ({ v }) => void (v[at(1, 7, 3)] = NaN),
     expectNaN: true,
-    weaker: { "sage-mma": SAGE_MMA_V_CHANNEL },
+    weaker: { "sage-mma": SAGE_MMA_V_CHANNEL, "flash-mma": FLASH_MMA_V_CHANNEL },
   },
   {
     name: "NaN in v, causal: only the rows that see the key",
@@ -104,6 +115,7 @@ const CASES: NanCase[] = [
       "flash-subgroup": FLASH_V_LEAK,
       sage: FLASH_V_LEAK,
       "sage-mma": SAGE_MMA_V_CHANNEL,
+      "flash-mma": FLASH_MMA_V_CHANNEL,
     },
   },
   {
@@ -120,13 +132,14 @@ const CASES: NanCase[] = [
       "flash-subgroup": FLASH_V_LEAK,
       sage: SAGE_BLOCKS,
       "sage-mma": SAGE_MMA_PADDED,
+      "flash-mma": FLASH_MMA_V_CHANNEL,
     },
   },
   {
     name: "+Inf in k: rows with a positive score to it are NaN (inf - inf), others see -inf (masked)",
     poison: ({ k }) => void (k[at(1, 11, 4)] = Infinity),
     expectNaN: true,
-    weaker: { sage: SAGE_BLOCKS, "sage-mma": SAGE_MMA_BLOCKS },
+    weaker: { sage: SAGE_BLOCKS, "sage-mma": SAGE_MMA_BLOCKS, "flash-mma": FLASH_MMA_INF },
   },
   {
     name: "-Infinity in an additive mask masks the key; a row of -Infinity is zeros",

@@ -22,6 +22,7 @@ import { defaultRuntime } from "../core/device.ts";
 import { debug } from "../core/gpu.ts";
 import { resolveProblem } from "../core/problem.ts";
 import { decide } from "../core/router.ts";
+import { FAKE_MMA_DEVICE } from "./fake_mma_device.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse } from "../mod.ts";
 import { type SageMmaConfig, sageMmaKernel, sageMmaVKernel } from "../wgsl/sage_mma.ts";
@@ -271,29 +272,7 @@ Deno.test("sage-mma: the router picks it for long 16-bit calls with the real for
     shape,
     dtype,
   });
-  const fake = {
-    engine: "dawn",
-    adapter: "fake",
-    isFallbackAdapter: false,
-    features: new Set(["subgroups", "chromium-experimental-subgroup-matrix"]),
-    shaderF16: false,
-    subgroups: true,
-    subgroupDirective: "enable subgroups;\n",
-    subgroupMinSize: 32,
-    subgroupMaxSize: 32,
-    packedInt8Dot: true,
-    timestamps: true,
-    subgroupMatrixConfigs: [{ componentType: "i8", resultComponentType: "i32", M: 16, N: 16, K: 32 }],
-    limits: {
-      maxStorageBufferBindingSize: 2 ** 31 - 4,
-      maxBufferSize: 2 ** 32 - 4,
-      maxComputeWorkgroupStorageSize: 49152,
-      maxComputeInvocationsPerWorkgroup: 1024,
-      maxComputeWorkgroupSizeX: 1024,
-      maxComputeWorkgroupsPerDimension: 65535,
-      maxStorageBuffersPerShaderStage: 16,
-    },
-  } as const;
+  const fake = FAKE_MMA_DEVICE;
   const saved = sageMmaTuning.emulate;
   sageMmaTuning.emulate = false;
   try {

@@ -189,9 +189,20 @@ export function sageMmaBindings(
 /**
  * The start of both main kernels' entry point (this and wgsl/sage_mma_two_pass.ts): the workgroup's
  * (batch, head, query block), each invocation's subgroup, row and half, and the int8 operands' bases.
+ * wgsl/flash_mma.ts passes dQ and dV times its slice count (a tile holds every slice).
  */
 export function sageMmaPrologue(
-  c: { threads: number; br: number; band: boolean; bc: number; dQ: number; dV: number; warps: number },
+  c: {
+    threads: number;
+    br: number;
+    band: boolean;
+    bc: number;
+    dQ: number;
+    dV: number;
+    warps: number;
+    /** WGSL of the row's Q scale `q_sc` (default one per block of 16 rows: `q_scale[qb]`). */
+    qScale?: string;
+  },
 ): string {
   const R = MMA_ROWS;
   return `@compute @workgroup_size(${c.threads})
@@ -219,7 +230,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let k8_base = ks_base * ${c.bc * c.dQ}u;
   let v8_base = ks_base * ${c.bc * c.dV}u;
   let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
-  let q_sc = q_scale[qb];
+  let q_sc = ${c.qScale ?? "q_scale[qb]"};
   let q8_base = qb * ${R * c.dQ}u;`;
 }
 

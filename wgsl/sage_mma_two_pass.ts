@@ -124,6 +124,43 @@ export function twoPassKey(c: TwoPassConfig): string {
 }
 
 /**
+ * WGSL expressions of which keys of tile t an invocation's half row takes part in (shared with
+ * wgsl/flash_mma.ts): `fullTile`, true when every key of the tile does (not past s_kv, inside the
+ * band, no key padding or mask function to test), and `liveExpr(e)`, whether column e of the half row
+ * does. In scope: kv0, q0, rows_here, ri, hh, b, P (s_kv, offset, left, right, m_sb, m_sj), [mask],
+ * [tile_state], [fr and mask_mod].
+ */
+export function keyMaskExprs(
+  c: { bc: number; band: boolean; keyPadding: boolean; blockMap: boolean; maskMod: boolean },
+): { fullTile: string; liveExpr: (e: number) => string } {
+  const { bc, blockMap, maskMod } = c;
+  const half = bc / 2;
+  // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
+  const fullTile = `kv0 + ${bc}u <= P.s_kv${
+    c.band
+      ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+        bc - 1
+      }i - (i32(q0) + P.offset) <= P.right`
+      : ""
+  }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
+  const liveExpr = (e: number) => {
+    const col = `(kv0 + hh * ${half}u + ${e}u)`;
+    let ok = `${col} < P.s_kv`;
+    if (c.keyPadding) {
+      ok +=
+        ` && ((mask[(b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) >> 2u] >> (((b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) & 3u) * 8u)) & 0xffu) != 0u`;
+    }
+    if (c.band) ok += ` && i32(${col}) - ri >= -P.left && i32(${col}) - ri <= P.right`;
+    // A full tile of the map needs no test (its band and key checks still apply).
+    if (maskMod) {
+      ok += ` && (${blockMap ? "tile_state == 2u || " : ""}mask_mod(b, h, fr, min(${col}, P.s_kv - 1u)))`;
+    }
+    return ok;
+  };
+  return { fullTile, liveExpr };
+}
+
+/**
  * The two-pass main kernel. Bindings as the one-pass kernel's: q8, k8, v8 (u8 bytes for `pv: u8`,
  * laid out per key tile as [channels, bc keys]), o, [mask], [lse], q_scale, k_scale, v_stat,
  * [lse_bias] (with the lse or a score_mod), then the flex bindings (mod buffers, [flex_blocks]).
@@ -291,28 +328,13 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    let dq = q_sc * k_scale[ks_base + t];
     let sb = wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`};`);
   };
-  // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
-  const fullTile = `kv0 + ${bc}u <= P.s_kv${
-    c.band
-      ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
-        bc - 1
-      }i - (i32(q0) + P.offset) <= P.right`
-      : ""
-  }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
-  const liveExpr = (e: number) => {
-    const col = `(kv0 + hh * ${half}u + ${e}u)`;
-    let ok = `${col} < P.s_kv`;
-    if (c.keyPadding) {
-      ok +=
-        ` && ((mask[(b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) >> 2u] >> (((b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) & 3u) * 8u)) & 0xffu) != 0u`;
-    }
-    if (c.band) ok += ` && i32(${col}) - ri >= -P.left && i32(${col}) - ri <= P.right`;
-    // A full tile of the map needs no test (its band and key checks still apply).
-    if (maskMod) {
-      ok += ` && (${blockMap ? "tile_state == 2u || " : ""}mask_mod(b, h, fr, min(${col}, P.s_kv - 1u)))`;
-    }
-    return ok;
-  };
+  const { fullTile, liveExpr } = keyMaskExprs({
+    bc,
+    band: c.band,
+    keyPadding: c.keyPadding,
+    blockMap,
+    maskMod,
+  });
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
   const scoreExpr = (e: number) => {

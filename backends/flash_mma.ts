@@ -1,0 +1,314 @@
+/**
+ * `flash-mma`: exact attention on int8 matrix tiles. A pre-pass splits q and k per row, and v per
+ * channel, into int8 slices under one scale each (three slices for f32, two for f16 and bf16;
+ * wgsl/flash_mma.ts), then a two-pass kernel computes Q·Kᵀ and P·V as sums of slice products,
+ * each exact in i32 on the matrix units (Dawn's `chromium-experimental-subgroup-matrix`: NVIDIA
+ * tensor cores), the products of one order sharing an accumulator, the orders combined in f32 (the
+ * scheme after Ozaki by which FP64 and FP32 products are emulated on integer tensor cores). Its
+ * error is within a few f32 roundings of `flash`'s (tests/flash_mma_test.ts prints both against
+ * float64).
+ *
+ * Serves what `flash` serves but flex functions and serving layouts (causal and window with the
+ * tiles outside skipped, GQA, key padding, layouts with d contiguous, d up to 256, any s up to
+ * {@link flashMmaMaxKeys} keys, f32/f16/bf16, lse) on devices with i8 -> i32 M16 K32 tiles and
+ * subgroups of exactly 32; with `WGATTN_EMULATE_MMA=1` (or {@link flashMmaTuning}.emulate) the
+ * emulated form of the same tiles (plain WGSL) runs on any adapter, for tests (never picked by the
+ * router). The router puts it ahead of `flash-subgroup` for f32 calls from
+ * {@link FLASH_MMA_MIN_SEQ} on.
+ */
+import { kernelOf } from "../wgsl/common.ts";
+import type { GpuBackend, GpuIO } from "./backend.ts";
+import { flashUnsupportedReasons } from "./flash.ts";
+import type { Capabilities } from "../core/device.ts";
+import { readEnvIfGranted } from "../core/env.ts";
+import type { GpuCall } from "../core/gpu.ts";
+import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
+import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
+import { MMA_ROWS, sageMmaDims } from "../wgsl/sage_mma.ts";
+import {
+  type FlashMmaConfig,
+  flashMmaConfigProblems,
+  flashMmaKernel,
+  flashMmaMaxKeys,
+  flashMmaSliceKernel,
+  flashMmaVKernel,
+  sliceRowsPerGroup,
+  V_COLUMNS,
+} from "../wgsl/flash_mma.ts";
+import { EMULATE_MMA_VARIABLE, realMmaReasons } from "./sage_mma.ts";
+
+/**
+ * Test and benchmark hooks: `override` merges over the chosen config (slices, order, maxOrder,
+ * warps, bc, shape, qRegisters, skipMaxPass); `emulate` forces the form (null: the variable
+ * decides); `minSeq` replaces {@link FLASH_MMA_MIN_SEQ} (router tests).
+ */
+export const flashMmaTuning: {
+  override: Partial<FlashMmaConfig> | null;
+  emulate: boolean | null;
+  minSeq: number | null;
+} = { override: null, emulate: null, minSeq: null };
+
+/** Whether the emulated form is selected. */
+export function emulatingFlashMma(): boolean {
+  return flashMmaTuning.emulate ?? readEnvIfGranted(EMULATE_MMA_VARIABLE) === "1";
+}
+
+/**
+ * Shortest query and key sequence for which the router picks `flash-mma` for f32 calls, ahead of
+ * `flash-subgroup`. Not measured yet: the H200 measurement (bench/flash_mma_bench.ts, flash-mma
+ * against flash-subgroup at the seed, Flux and SD3 shapes) sets it to the crossover it finds; until
+ * then it is infinite and the router never picks it by itself.
+ */
+export const FLASH_MMA_MIN_SEQ = Number.POSITIVE_INFINITY;
+
+/** Tiles tried in order on a device with subgroup matrices. */
+const REAL_SHAPES: readonly MmaShape[] = [
+  { component: "i8", result: "i32", M: 16, N: 16, K: 32 },
+  { component: "i8", result: "i32", M: 16, N: 8, K: 32 },
+];
+
+/** Slices per operand for a dtype: f32 needs three (about 23 bits), f16 and bf16 two (15). */
+export function slicesFor(dtype: AttentionProblem["dtype"]): number {
+  return dtype === "f32" ? 3 : 2;
+}
+
+/**
+ * Products the maximum pass keeps. f32 (three slices): orders 0 and 1, the three products of
+ * order 2 bounded instead (a margin of 3·dQ/254² · |q_sc·k_sc|, 0.05 log2 units at d 128 for inputs
+ * in [-8, 8], so P's largest value stays above 0.96): half the pass's matrix work for no measurable
+ * error. Two slices keep both orders: order 1's margin (127·dQ·|q_sc·k_sc|) would cost P bits.
+ */
+export function maxOrderFor(slices: number): number {
+  return slices >= 3 ? slices - 2 : slices - 1;
+}
+
+/** The main kernel's config for a call on a device, or the reason there is none. */
+export function chooseFlashMmaConfig(
+  p: AttentionProblem,
+  caps: Capabilities,
+  lse: boolean,
+  emulate = emulatingFlashMma(),
+): FlashMmaConfig | string {
+  const limits = {
+    storage: caps.limits.maxComputeWorkgroupStorageSize,
+    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
+  };
+  const shape = emulate
+    ? REAL_SHAPES[0]
+    : REAL_SHAPES.find((s) => hasMmaConfig(caps.subgroupMatrixConfigs, s));
+  if (!shape) return "no int8 subgroup-matrix tile on this device";
+  const slices = slicesFor(p.dtype);
+  // Three S regions of 16 rows per subgroup (one per order): 4 subgroups of 32-key tiles fill 36 KB.
+  const warpsList = p.sQ <= MMA_ROWS ? [1] : [4, 2, 1];
+  let last = "no tile fits";
+  for (const bc of [32, 64]) {
+    for (const warps of warpsList) {
+      const c: FlashMmaConfig = {
+        dtype: p.dtype,
+        f16: caps.shaderF16,
+        d: p.d,
+        warps,
+        bc,
+        shape,
+        band: hasBand(p),
+        keyPadding: p.mask !== null,
+        lse,
+        emulate,
+        slices,
+        order: slices - 1,
+        maxOrder: maxOrderFor(slices),
+        qRegisters: true,
+        ...(flashMmaTuning.override ?? {}),
+      };
+      const problems = flashMmaConfigProblems(c, limits);
+      if (problems.length === 0) return c;
+      last = problems.join("; ");
+    }
+  }
+  return `no int8 matrix tile configuration fits this device (${last})`;
+}
+
+/** Bytes of the scratch buffers and where each tensor's scales start in `scales` (in f32). */
+function scratchSizes(p: AttentionProblem, c: FlashMmaConfig) {
+  const { dQ, dV } = sageMmaDims(p.d);
+  const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
+  const blocks = Math.ceil(p.sQ / (MMA_ROWS * c.warps));
+  // The last workgroup's extra subgroups read up to `warps` blocks past the end (rows never stored).
+  const qRows = (p.b * p.n * qBlocks + c.warps) * MMA_ROWS;
+  const kRows = p.b * p.nKv * kBlocks * c.bc;
+  return {
+    qBlocks,
+    kBlocks,
+    blocks,
+    q8: qRows * dQ * c.slices,
+    k8: kRows * dQ * c.slices,
+    v8: kRows * dV * c.slices,
+    kSc: qRows,
+    vSc: qRows + kRows,
+    scales: (qRows + kRows + p.b * p.nKv * dV) * 4,
+  };
+}
+
+function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
+  const reasons = flashUnsupportedReasons(p, caps, false);
+  if (!caps) return reasons;
+  reasons.push(...servingReasons(p, {}));
+  if (p.flex) reasons.push("flex functions (scoreMod, maskMod) are not fused in its kernel");
+  const emulate = emulatingFlashMma();
+  if (!emulate) reasons.push(...realMmaReasons(caps));
+  if (reasons.length === 0) {
+    const c = chooseFlashMmaConfig(p, caps, true, emulate);
+    if (typeof c === "string") reasons.push(c);
+    else {
+      const maxKeys = flashMmaMaxKeys(c);
+      if (p.sKv > maxKeys) {
+        reasons.push(
+          `s_kv ${p.sKv} is over ${maxKeys}, past which its i32 P·V accumulators could overflow ` +
+            `(${c.slices} slices, products up to order ${c.order})`,
+        );
+      }
+      const sizes = scratchSizes(p, c);
+      if (Math.max(sizes.q8, sizes.k8, sizes.v8, sizes.scales) > caps.limits.maxStorageBufferBindingSize) {
+        reasons.push("its int8 slices of q, k or v do not fit one storage binding");
+      }
+      const buffers = 5 + (p.mask ? 1 : 0) + 1;
+      if (buffers > caps.limits.maxStorageBuffersPerShaderStage) {
+        reasons.push(
+          `its kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
+        );
+      }
+    }
+  }
+  return reasons;
+}
+
+/** The minimum sequence the router needs before it picks `flash-mma` (tests may lower it). */
+function minSeq(): number {
+  return flashMmaTuning.minSeq ?? FLASH_MMA_MIN_SEQ;
+}
+
+function unsuitedReasons(p: AttentionProblem): string[] {
+  if (emulatingFlashMma()) {
+    return [
+      `${EMULATE_MMA_VARIABLE}=1 selects its emulated form, for tests (slower than flash): by name only`,
+    ];
+  }
+  if (p.dtype !== "f32") {
+    return [
+      "16-bit inputs: flash-subgroup is exact for them too and is not measured slower; choose it with " +
+      "backend: 'flash-mma' or WGATTN_IMPLEMENTATION=flash-mma",
+    ];
+  }
+  const least = minSeq();
+  if (!Number.isFinite(least)) {
+    return [
+      "not yet measured faster than flash-subgroup (FLASH_MMA_MIN_SEQ awaits the H200 crossover); choose " +
+      "it with backend: 'flash-mma' or WGATTN_IMPLEMENTATION=flash-mma",
+    ];
+  }
+  if (Math.min(p.sQ, p.sKv) < least) {
+    return [
+      `s_q ${p.sQ} / s_kv ${p.sKv} under ${least}: flash-subgroup measured faster there (FLASH_MMA_MIN_SEQ)`,
+    ];
+  }
+  return [];
+}
+
+async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<void> {
+  const caps = call.rt.caps;
+  const lse = io.lse !== null;
+  const c = chooseFlashMmaConfig(p, caps, lse);
+  if (typeof c === "string") throw new Error(c);
+  const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
+  const main = kernelOf(flashMmaKernel, c);
+  const sliceQ = kernelOf(flashMmaSliceKernel, { ...input, rows: MMA_ROWS, slices: c.slices });
+  const sliceK = kernelOf(flashMmaSliceKernel, { ...input, rows: c.bc, slices: c.slices });
+  const sliceV = kernelOf(flashMmaVKernel, { ...input, bc: c.bc, slices: c.slices });
+  const [mainPipe, qPipe, kPipe, vPipe] = await Promise.all(
+    [main, sliceQ, sliceK, sliceV].map((k) => call.pipeline(k)),
+  );
+  const sz = scratchSizes(p, c);
+  const q8 = call.scratch(sz.q8, "flash-mma q slices");
+  const k8 = call.scratch(sz.k8, "flash-mma k slices");
+  const v8 = call.scratch(sz.v8, "flash-mma v slices");
+  const scales = call.scratch(sz.scales, "flash-mma scales");
+  const v4 = (x: number) => x / 4;
+  const { dV } = sageMmaDims(p.d);
+  const rpg = sliceRowsPerGroup(p.d);
+
+  // 1. q and k split per row (q's scale carries the softmax scale and log2 e).
+  const qTotal = sz.qBlocks * MMA_ROWS, kTotal = sz.kBlocks * c.bc;
+  const qChunks = Math.ceil(qTotal / rpg), kChunks = Math.ceil(kTotal / rpg);
+  call.dispatch(qPipe, sliceQ, { x: io.q, x8: q8, scales }, {
+    heads: p.n,
+    chunks: qChunks,
+    total: qTotal,
+    s: p.sQ,
+    sb: v4(p.q.strides.b),
+    sh: v4(p.q.strides.n),
+    ss: v4(p.q.strides.s),
+    scale_mul: p.scale * Math.LOG2E,
+    sc_off: 0,
+  }, p.b * p.n * qChunks);
+  call.dispatch(kPipe, sliceK, { x: io.k, x8: k8, scales }, {
+    heads: p.nKv,
+    chunks: kChunks,
+    total: kTotal,
+    s: p.sKv,
+    sb: v4(p.k.strides.b),
+    sh: v4(p.k.strides.n),
+    ss: v4(p.k.strides.s),
+    scale_mul: 1,
+    sc_off: sz.kSc,
+  }, p.b * p.nKv * kChunks);
+  // 2. v split per channel.
+  const cgroups = Math.ceil(dV / 4 / V_COLUMNS);
+  call.dispatch(vPipe, sliceV, { x: io.v, v8, scales }, {
+    cgroups,
+    s: p.sKv,
+    rows: kTotal,
+    heads: p.nKv,
+    sb: v4(p.v.strides.b),
+    sh: v4(p.v.strides.n),
+    ss: v4(p.v.strides.s),
+    sc_off: sz.vSc,
+  }, p.b * p.nKv * cgroups);
+  // 3. The matrix kernel.
+  const ms = p.mask?.strides ?? { b: 0, j: 0 };
+  const buffers: Record<string, GPUBuffer> = { q8, k8, v8, o: io.out, scales };
+  if (io.mask) buffers.mask = io.mask;
+  if (io.lse) buffers.lse = io.lse;
+  const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
+  call.dispatch(mainPipe, main, buffers, {
+    n: p.n,
+    group: p.n / p.nKv,
+    s_q: p.sQ,
+    s_kv: p.sKv,
+    blocks: sz.blocks,
+    q_blocks: sz.qBlocks,
+    offset: diagonalOffset(p),
+    left: Math.min(p.left, bound),
+    right: Math.min(p.right, bound),
+    o_sb: v4(p.out.strides.b),
+    o_sh: v4(p.out.strides.n),
+    o_ss: v4(p.out.strides.s),
+    m_sb: ms.b,
+    m_sj: ms.j,
+    k_sc: sz.kSc,
+    v_sc: sz.vSc,
+  }, p.b * p.n * sz.blocks);
+}
+
+/** Exact attention on int8 matrix tiles (Ozaki-style slices). */
+export const flashMmaBackend: GpuBackend = {
+  kind: "gpu",
+  name: "flash-mma",
+  aliases: ["flash_mma"],
+  summary:
+    "exact attention on int8 subgroup matrices: f32 operands split into int8 slices (Ozaki), exact i32 " +
+    "slice products",
+  producesLse: true,
+  unsupportedReasons,
+  unsuitedReasons,
+  encode,
+};

@@ -1,0 +1,771 @@
+/**
+ * The `flash-mma` kernels: exact attention on int8 matrix tiles (wgsl/mma.ts), after Ozaki's
+ * splitting of floating-point operands into integer slices.
+ *
+ * Slices. A row x of Q or K (or a channel of V, or a score's P) is held as
+ * `x ≈ scale · (x_0 + x_1/F + x_2/F² + …)` with `F` = {@link SLICE_BASE} = 254 and every slice an
+ * i8 in [-127, 127]: `y = x · 127 / absmax`, `x_0 = round(y)`, then each next slice rounds the
+ * residual times F (a residual of a round is within ±1/2, so ±127 holds it). Three slices carry
+ * about 23 bits (a residual of at most 2^-24 · absmax), two about 15 (enough for f16 and bf16).
+ * The dot product of split operands is a sum of slice products `x_a · y_b / F^(a+b)`, each computed
+ * exactly in i32 by the matrix units; products of one order o = a + b share an i32 accumulator
+ * (products of different orders would overflow one), and the orders are combined in f32 per
+ * element after the tile, `A_0 + (A_1 + A_2/F)/F`. Products of order above `order` are left out
+ * (for three slices, order 2 keeps six of the nine: the dropped ones weigh at most 2/F³ ≈ 2^-23 of
+ * |x|·|y| per term).
+ *
+ * Pre-pass: {@link flashMmaSliceKernel} splits Q (per row, one scale each, carrying the softmax
+ * scale and log2 e; blocks of 16 rows) and K (per key; tiles of bc keys) into slices, packed four to
+ * an i32 word along d (padded to 32); {@link flashMmaVKernel} splits V per channel (one scale per
+ * channel over the sequence), laid out per key tile as [slice][channels][bc keys]. The scales of all
+ * three go to one f32 buffer (`scales`: Q's rows, then K's keys at `k_sc`, then V's channels at
+ * `v_sc`), so the main kernel binds 5 to 7 storage buffers.
+ *
+ * Main kernel ({@link flashMmaKernel}), two passes as sage-mma's (wgsl/sage_mma_two_pass.ts): a
+ * workgroup of `warps` subgroups serves 16·warps query rows of one (batch, head), each subgroup 16.
+ *   1. The maximum: per key tile, S = Q·Kᵀ from the slice products of order up to `maxOrder`,
+ *      stored per order to the subgroup's S region, combined per element, each row's maximum kept.
+ *      With `maxOrder` < `order` a proven bound of the products left out is added (so P ≤ 1 holds).
+ *   2. S again (every kept order), P = exp2(s - max) ∈ [0, 1] split into slices of P·127 (a
+ *      fixed scale), P·V from the slice products of order up to `order`, one i32 accumulator tile
+ *      per order and V tile that stays in the matrix registers across the whole key loop (exact up
+ *      to {@link flashMmaMaxKeys} keys), and the row sum Σp from the same slices, exact in i32.
+ * The end combines the orders per element, times V's channel scale, over Σp. A NaN or Inf in a
+ * row of q or k makes its scale non-finite, so exactly the scores it takes part in are NaN, and a
+ * NaN score makes its row NaN (a flag, not a float comparison); V's per-channel scale carries a
+ * non-finite value to its channel.
+ */
+import type { DType } from "../core/types.ts";
+import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
+import { storeVec, UNPACK, vecElement } from "./flash.ts";
+import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
+import { SAGE_THREADS, type SageInput, sageLoader } from "./sage.ts";
+import { MMA_ROWS, SAGE_MMA_UNIFORMS, sageMmaDims, sageMmaPrologue } from "./sage_mma.ts";
+import { keyMaskExprs } from "./sage_mma_two_pass.ts";
+
+/** The factor between consecutive slices. */
+export const SLICE_BASE = 254;
+/** The largest magnitude of a slice (i8, symmetric). */
+export const SLICE_TOP = 127;
+const I32_MAX = 2 ** 31 - 1;
+
+/** Everything that changes the main kernel's text. */
+export interface FlashMmaConfig {
+  dtype: DType;
+  f16: boolean;
+  /** Head dim of q, k, v (a multiple of 4, at most 256). */
+  d: number;
+  /** Subgroups (of 32 invocations) per workgroup; query rows per workgroup are 16·warps. */
+  warps: number;
+  /** Keys per tile (a multiple of 32). */
+  bc: number;
+  /** The matrix tile: i8 -> i32, M16 K32, N 16 or 8. */
+  shape: MmaShape;
+  band: boolean;
+  keyPadding: boolean;
+  lse: boolean;
+  /** Plain-WGSL matrix steps (any adapter) instead of subgroup matrices. */
+  emulate: boolean;
+  /** Slices per operand (2 to 4). */
+  slices: number;
+  /** Highest order a + b of the slice products kept, in Q·Kᵀ and P·V (0 to 2·(slices - 1)). */
+  order: number;
+  /** Highest order kept in the maximum pass (at most `order`; below it a proven margin is added). */
+  maxOrder: number;
+  /** Real form: Q's slices loaded once into matrix registers (else loaded at each use). */
+  qRegisters: boolean;
+  /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
+  skipMaxPass?: boolean;
+  /**
+   * K's and V's tiles (every slice) copied into workgroup memory by all invocations, the matrix loads
+   * then reading workgroup memory (rows padded by 16 bytes) instead of storage: sage-mma's staging
+   * ran 6x faster on the H200. One barrier more per tile in pass 2. "k" or "v" stages one of them
+   * (both at d 128 fit one subgroup's S regions in 48 KB; K alone fits three).
+   */
+  stage?: "kv" | "k" | "v";
+  /**
+   * One S region per subgroup instead of one per order: the orders go through it in turn, highest
+   * first (the same Horner sums), two barriers per order instead of one per tile: less workgroup
+   * memory, so that staged tiles fit beside more subgroups.
+   */
+  oneS?: boolean;
+}
+
+/** The slice products (a, b) of order a + b up to `order`, with their order. */
+export function sliceProducts(slices: number, order: number): { a: number; b: number; o: number }[] {
+  const out: { a: number; b: number; o: number }[] = [];
+  for (let o = 0; o <= order; o++) {
+    for (let a = 0; a < slices; a++) {
+      const b = o - a;
+      if (b >= 0 && b < slices) out.push({ a, b, o });
+    }
+  }
+  return out;
+}
+
+/** Products of each order (index o) up to `order`. */
+function productCounts(slices: number, order: number): number[] {
+  const counts = Array.from({ length: order + 1 }, () => 0);
+  for (const p of sliceProducts(slices, order)) counts[p.o]++;
+  return counts;
+}
+
+/**
+ * Most keys whose P·V sums fit the i32 accumulators: 127² per product and key, times the products
+ * of the fullest order. Past it the backend refuses the call (no flush to f32 is generated).
+ */
+export function flashMmaMaxKeys(c: Pick<FlashMmaConfig, "slices" | "order">): number {
+  const most = Math.max(...productCounts(c.slices, c.order));
+  return Math.floor(I32_MAX / (SLICE_TOP * SLICE_TOP * most));
+}
+
+/**
+ * The bound on the slice products of orders `maxOrder + 1 .. order` of one score, in units of the
+ * score's two scales (times `|q_sc · k_sc|` it bounds the maximum pass's shortfall), with a slack
+ * of 2^-16 for f32 rounding. Zero when the maximum pass keeps every order.
+ */
+export function maxPassMargin(c: Pick<FlashMmaConfig, "slices" | "order" | "maxOrder" | "d">): number {
+  const { dQ } = sageMmaDims(c.d);
+  const counts = productCounts(c.slices, c.order);
+  let m = 0;
+  for (let o = c.maxOrder + 1; o <= c.order; o++) {
+    m += (counts[o] * SLICE_TOP * SLICE_TOP * dQ) / SLICE_BASE ** o;
+  }
+  return m * (1 + 2 ** -16);
+}
+
+/** Derived sizes. */
+export function flashMmaShape(c: FlashMmaConfig) {
+  const { dQ, dV } = sageMmaDims(c.d);
+  const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
+  const orders = c.order + 1;
+  // S: one region of 16 rows per order (i32, +4 words a row against bank conflicts); it also holds
+  // the orders' output tiles at the end.
+  const ss = c.bc + 4, sWords = MMA_ROWS * ss;
+  const sRegion = c.oneS ? Math.max(sWords, orders * MMA_ROWS * c.shape.N) : orders * sWords;
+  // P: the slices of 16 rows of bc keys, bytes.
+  const pSlice = (MMA_ROWS * c.bc) / 4, pRegion = c.slices * pSlice;
+  // The row pair's exchange: the maximum and Σp per slice (and the NaN flag).
+  const redWords = (2 + c.slices) * MMA_SUBGROUP;
+  const perWarp = sRegion + pRegion + redWords;
+  // Staged tiles: bytes between a K row (key) and a V row (channel), every slice's rows in turn.
+  const ksStride = dQ + 16, vsStride = c.bc + 16;
+  const kStaged = c.stage?.includes("k") ? (c.slices * c.bc * ksStride) / 4 : 0;
+  const vStaged = c.stage?.includes("v") ? (c.slices * dV * vsStride) / 4 : 0;
+  return {
+    ksStride,
+    vsStride,
+    kStaged,
+    vStaged,
+    dQ,
+    dV,
+    br,
+    threads,
+    orders,
+    ss,
+    sWords,
+    sRegion,
+    pSlice,
+    pRegion,
+    redWords,
+    sharedBytes: 4 * (perWarp * c.warps + kStaged + vStaged),
+  };
+}
+
+/** Why a config is not valid for a device with these limits (empty when valid). */
+export function flashMmaConfigProblems(
+  c: FlashMmaConfig,
+  limits: { storage: number; invocations: number },
+): string[] {
+  const s = flashMmaShape(c);
+  const problems: string[] = [];
+  if (c.d % 4 !== 0 || c.d > 256) problems.push("d must be a multiple of 4 up to 256");
+  if (c.shape.M !== 16 || c.shape.K !== 32 || (c.shape.N !== 16 && c.shape.N !== 8)) {
+    problems.push("the tile must be M16 K32 with N 16 or 8");
+  }
+  if (c.shape.component !== "i8" || c.shape.result !== "i32") {
+    problems.push("only i8 -> i32 tiles are generated");
+  }
+  if (c.bc % 32 !== 0) problems.push("bc must be a multiple of 32");
+  if (!Number.isInteger(c.slices) || c.slices < 1 || c.slices > 4) problems.push("slices must be 1 to 4");
+  if (!Number.isInteger(c.order) || c.order < 0 || c.order > 2 * (c.slices - 1)) {
+    problems.push(`order must be 0 to ${2 * (c.slices - 1)} for ${c.slices} slices`);
+  }
+  if (!Number.isInteger(c.maxOrder) || c.maxOrder < 0 || c.maxOrder > c.order) {
+    problems.push("maxOrder must be 0 to order");
+  }
+  if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
+  if (s.sharedBytes > limits.storage) {
+    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
+  }
+  return problems;
+}
+
+/** A stable cache key. */
+export function flashMmaKey(c: FlashMmaConfig): string {
+  const t = c.shape;
+  return `flash-mma:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
+    `x${c.slices}o${c.order}m${c.maxOrder}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}` +
+    `${c.qRegisters && !c.emulate ? ":qreg" : ""}${c.skipMaxPass ? ":skip1" : ""}${
+      c.stage ? `:stage-${c.stage}` : ""
+    }${c.oneS ? ":ones" : ""}`;
+}
+
+/** The main kernel's uniforms: sage-mma's, and where K's and V's scales start in `scales`. */
+export const FLASH_MMA_UNIFORMS: [string, UniformType][] = [
+  ...SAGE_MMA_UNIFORMS,
+  ["k_sc", "u32"],
+  ["v_sc", "u32"],
+];
+
+/** `F^-1` as a WGSL literal. */
+const INV_F = `f32(${(1 / SLICE_BASE).toPrecision(9)})`;
+
+/** WGSL of Σ_o vals[o] / F^o by Horner's rule (smallest terms first). */
+function combine(vals: string[]): string {
+  let acc = vals[vals.length - 1];
+  for (let o = vals.length - 2; o >= 0; o--) acc = `${vals[o]} + (${acc}) * ${INV_F}`;
+  return acc;
+}
+
+/**
+ * WGSL statements splitting `y` (already scaled to [-127, 127], f32 or vec4<f32>) into `slices`
+ * i32 slices named `${out}0..`: round, then the residual times F, rounded, and so on.
+ */
+export function sliceStatements(
+  y: string,
+  out: string,
+  slices: number,
+  vec: boolean,
+  indent: string,
+): string {
+  const T = vec ? "vec4<f32>" : "f32", I = vec ? "vec4<i32>" : "i32";
+  const top = vec ? `vec4<f32>(${SLICE_TOP}.0)` : `${SLICE_TOP}.0`;
+  const L = [`${indent}var ${out}y: ${T} = ${y};`];
+  for (let a = 0; a < slices; a++) {
+    const r = a === 0 ? `clamp(round(${out}y), -${top}, ${top})` : `round(${out}y)`;
+    L.push(`${indent}let ${out}r${a} = ${r};`);
+    L.push(`${indent}let ${out}${a} = ${I}(${out}r${a});`);
+    if (a + 1 < slices) L.push(`${indent}${out}y = (${out}y - ${out}r${a}) * ${SLICE_BASE}.0;`);
+  }
+  return L.join("\n");
+}
+
+/** WGSL packing four i32 slice values (each in [-127, 127]) into an i32 word, byte i from `v[i]`. */
+function packBytes(v: string[]): string {
+  return `i32((u32(${v[0]}) & 0xffu) | ((u32(${v[1]}) & 0xffu) << 8u) | ((u32(${
+    v[2]
+  }) & 0xffu) << 16u) | (u32(${v[3]}) << 24u))`;
+}
+
+/**
+ * The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], scales. Dispatch b·n·ceil(s_q / (16·warps))
+ * workgroups.
+ */
+export function flashMmaKernel(c: FlashMmaConfig): Kernel {
+  const s = flashMmaShape(c);
+  const { dQ, dV, br, ss, sWords, sRegion, pSlice, pRegion, redWords } = s;
+  const { N } = c.shape;
+  const R = MMA_ROWS, half = c.bc / 2, bc = c.bc, S = c.slices;
+  const mma = new MmaEmitter(c.shape, c.emulate, "lane");
+  const L: string[] = [];
+  const emit = (line: string) => L.push(line);
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  const { forEach, tile } = mmaLoops(c.emulate, emit);
+  const zeroTiles = (name: string, n: number, indent: string) => {
+    if (c.emulate) emit(`${indent}${mma.zeroArray(name, n)}`);
+    else range(n).forEach((i) => emit(`${indent}${mma.zero(`${name}${i}`)}`));
+  };
+  const qRegisters = c.qRegisters && !c.emulate;
+
+  if (c.dtype === "f16" && c.f16) emit("enable f16;");
+  emit(mma.header() + uniformBlock(FLASH_MMA_UNIFORMS));
+  const bindings = ["q8", "k8", "v8", "o"];
+  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
+@group(0) @binding(2) var<storage, read> k8: array<i32>;
+@group(0) @binding(3) var<storage, read> v8: array<i32>;
+@group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
+  const bind = (name: string, decl: string) => {
+    bindings.push(name);
+    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
+  };
+  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
+  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
+  bind("scales", "var<storage, read> scales: array<f32>;");
+  if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
+  if (c.dtype === "bf16") emit(BF16_PACK);
+  emit(`var<workgroup> ss: array<i32, ${c.warps * sRegion}>;
+var<workgroup> sp: array<i32, ${c.warps * pRegion}>;
+var<workgroup> red: array<u32, ${c.warps * redWords}>;${
+    (s.kStaged ? `\nvar<workgroup> ks: array<i32, ${s.kStaged}>;` : "") +
+    (s.vStaged ? `\nvar<workgroup> vs: array<i32, ${s.vStaged}>;` : "")
+  }
+var<private> NAN_BITS: u32 = 0x7fc00000u;
+const NEG: f32 = -3.0e38;
+const LN2: f32 = 0.6931471805599453;`);
+
+  // Operand places (offsets and strides in elements of the component type: i8 bytes, i32 words).
+  const qAt: MmaPlace = { array: "q8", colMajor: false, stride: dQ };
+  const stageK = s.kStaged > 0, stageV = s.vStaged > 0, { ksStride, vsStride } = s;
+  // Kᵀ: key j's column is its row.
+  const kAt: MmaPlace = stageK
+    ? { array: "ks", colMajor: true, stride: ksStride }
+    : { array: "k8", colMajor: true, stride: dQ };
+  const sAt: MmaPlace = { array: "ss", colMajor: false, stride: ss };
+  const pAt: MmaPlace = { array: "sp", colMajor: false, stride: bc };
+  // Per key tile [channels, bc keys].
+  const vAt: MmaPlace = stageV
+    ? { array: "vs", colMajor: true, stride: vsStride }
+    : { array: "v8", colMajor: true, stride: bc };
+  const oAt: MmaPlace = { array: "ss", colMajor: false, stride: N };
+  const qOffset = (a: number, k: string) => `q8_base + ${a * R * dQ}u + ${k} * 32u`;
+  const kOffset = (b: number, j: string, k: string) =>
+    stageK
+      ? `${b * bc * ksStride}u + ${j} * ${N * ksStride}u + ${k} * 32u`
+      : `k8_base + t * ${bc * dQ * S}u + ${b * bc * dQ}u + ${j} * ${N * dQ}u + ${k} * 32u`;
+  const vOffset = (b: number, g: string, kk: string) =>
+    stageV
+      ? `${b * dV * vsStride}u + ${g} * ${N * vsStride}u + ${kk} * 32u`
+      : `v8_base + t * ${bc * dV * S}u + ${b * dV * bc}u + ${g} * ${N * bc}u + ${kk} * 32u`;
+  /** Copies tile t of k8 (or v8) into ks (vs): `rowWords` words a row, rows `strideWords` apart. */
+  const copyTile = (
+    src: string,
+    base: string,
+    dst: string,
+    rows: number,
+    rowWords: number,
+    strideWords: number,
+  ) =>
+    emit(`    for (var i = lid; i < ${rows * rowWords}u; i += ${s.threads}u) {
+      ${dst}[(i / ${rowWords}u) * ${strideWords}u + i % ${rowWords}u] = ${src}[${base} / 4u + t * ${
+      rows * rowWords
+    }u + i];
+    }`);
+  const copyK = () => copyTile("k8", "k8_base", "ks", S * bc, dQ / 4, ksStride / 4);
+  const copyV = () => copyTile("v8", "v8_base", "vs", S * dV, bc / 4, vsStride / 4);
+
+  // A tile holds every slice: the prologue's int8 bases count slices · dQ (and · dV) per row.
+  emit(sageMmaPrologue({
+    threads: s.threads,
+    br,
+    band: c.band,
+    bc,
+    dQ: dQ * S,
+    dV: dV * S,
+    warps: c.warps,
+    qScale: `scales[qb * ${R}u + r]`,
+  }));
+  emit(`  let ws = warp * ${sRegion}u;
+  let wp = warp * ${pRegion}u;
+  let wr = warp * ${redWords}u;
+  let ri = i32(row) + P.offset;
+  let ksb = P.k_sc + ks_base * ${bc}u;
+  let vsb = P.v_sc + bhk * ${dV}u;`);
+  if (qRegisters) {
+    for (let a = 0; a < S; a++) {
+      for (const k of range(dQ / 32)) emit("  " + mma.loadLeft(`qa${a}_${k}`, qAt, qOffset(a, `${k}`)));
+    }
+  }
+  emit(`  var j_lo = 0i;
+  var j_hi = i32(P.s_kv);`);
+  if (c.band) {
+    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
+  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+  }
+  emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
+  let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
+
+  /** S of tile t from the products up to `upTo`, one region per order, then each score's f32 `x${e}`. */
+  const computeS = (
+    upTo: number,
+    barrierFirst: boolean,
+    margin: number,
+    afterStore: () => void = () => {},
+  ) => {
+    emit(`    let kv0 = t * ${bc}u;`);
+    if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of ss are done
+    if (stageK) {
+      // Every invocation has passed two barriers since the previous tile's reads of ks.
+      copyK();
+      emit(`    workgroupBarrier();`);
+    }
+    for (let o = 0; o <= upTo; o++) zeroTiles(`s${o}_`, bc / N, "    ");
+    // Each slice's matrix is loaded once per step and shared by the products that use it.
+    const products = sliceProducts(S, upTo);
+    const lefts = [...new Set(products.map((x) => x.a))], rights = [...new Set(products.map((x) => x.b))];
+    forEach("k", dQ / 32, (k) => {
+      emit("    {");
+      if (!qRegisters) { for (const a of lefts) emit("      " + mma.loadLeft(`qa${a}`, qAt, qOffset(a, k))); }
+      forEach("j", bc / N, (j) => {
+        emit("      {");
+        for (const b of rights) emit("        " + mma.loadRight(`kb${b}`, kAt, kOffset(b, j, k)));
+        for (const { a, b, o } of products) {
+          const left = qRegisters ? `qa${a}_${parseInt(k)}` : `qa${a}`;
+          emit("        " + mma.mma(tile(`s${o}_`, j), left, qAt, `kb${b}`, kAt));
+        }
+        emit("      }");
+      });
+      emit("    }");
+    });
+    const storeOrder = (o: number, at: number) =>
+      forEach(
+        "j",
+        bc / N,
+        (j) => emit("    " + mma.store(sAt, `ws + ${at}u + ${j} * ${N}u`, tile(`s${o}_`, j))),
+      );
+    if (c.oneS) {
+      // Highest order first: y = A_o + y / F, the Horner sums of `combine`.
+      for (let o = upTo; o >= 0; o--) {
+        if (o < upTo) emit(`    workgroupBarrier();`); // the reads of the order before are done
+        storeOrder(o, 0);
+        emit(`    workgroupBarrier();`);
+        if (o === upTo) {
+          afterStore();
+          emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
+        }
+        for (const e of range(half)) {
+          emit(
+            o === upTo
+              ? `    var y${e} = f32(ss[sb + ${e}u]);`
+              : `    y${e} = f32(ss[sb + ${e}u]) + (y${e}) * ${INV_F};`,
+          );
+        }
+      }
+    } else {
+      for (let o = 0; o <= upTo; o++) storeOrder(o, o * sWords);
+      emit(`    workgroupBarrier();`);
+      afterStore();
+      emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
+    }
+    for (const e of range(half)) {
+      const vals = range(upTo + 1).map((o) => `f32(ss[sb + ${o * sWords + e}u])`);
+      const ksc = `scales[ksb + kv0 + hh * ${half}u + ${e}u]`;
+      const x = `(${c.oneS ? `y${e}` : combine(vals)}) * q_sc * ${ksc}`;
+      emit(
+        margin > 0
+          ? `    let x${e} = ${x} + abs(q_sc * ${ksc}) * f32(${margin.toPrecision(9)});`
+          : `    let x${e} = ${x};`,
+      );
+    }
+  };
+  const { fullTile, liveExpr } = keyMaskExprs({
+    bc,
+    band: c.band,
+    keyPadding: c.keyPadding,
+    blockMap: false,
+    maskMod: false,
+  });
+
+  // ---- pass 1: each row's maximum (log2 units) ----
+  emit(`  var m = NEG;`);
+  if (!c.skipMaxPass) {
+    emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+    computeS(c.maxOrder, true, maxPassMargin(c));
+    emit(`    let full = ${fullTile};`);
+    // A NaN score is left out here (max() with NaN is unspecified); pass 2 flags it.
+    for (const e of range(half)) {
+      emit(`    m = select(m, max(m, x${e}), (full || (${liveExpr(e)})) && !${isNanExpr(`x${e}`)});`);
+    }
+    emit(`  }
+  red[wr + lane] = bitcast<u32>(m);
+  workgroupBarrier();
+  m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));`);
+  } else {
+    emit(`  m = 8.0;`);
+  }
+
+  // ---- pass 2: P = exp2(s - m) in slices of P·127, P·V accumulated per order in integer tiles ----
+  for (let a = 0; a < S; a++) emit(`  var psum${a} = 0i;`);
+  emit(`  var bad = false;`);
+  for (let o = 0; o <= c.order; o++) zeroTiles(`acc${o}_`, dV / N, "  ");
+  emit(`  for (var t = t_lo; t < t_hi; t++) {`);
+  // The barrier after the previous tile's P writes ordered its S reads before this store.
+  // Staged: V tile t goes in after the S barrier, which every invocation passes after its P·V of the
+  // previous tile; the P barrier below orders it before this tile's P·V.
+  computeS(c.order, false, 0, () => {
+    if (stageV) copyV();
+  });
+  emit(`    let full = ${fullTile};`);
+  for (const e of range(half)) {
+    emit(`    let ok${e} = full || (${liveExpr(e)});
+    bad = bad || (ok${e} && ${isNanExpr(`x${e}`)});
+    let pf${e} = select(0.0, min(exp2(x${e} - m), 1.0), ok${e} && !${isNanExpr(`x${e}`)});`);
+    emit(sliceStatements(`pf${e} * ${SLICE_TOP}.0`, `p${e}_`, S, false, "    "));
+  }
+  const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
+  for (let a = 0; a < S; a++) {
+    for (const w of range(half / 4)) {
+      const e = 4 * w;
+      emit(`    sp[${pb} + ${a * pSlice + w}u] = ${packBytes(range(4).map((i) => `p${e + i}_${a}`))};`);
+    }
+    emit(`    psum${a} += ${range(half).map((e) => `p${e}_${a}`).join(" + ")};`);
+  }
+  emit(`    workgroupBarrier();`);
+  const pvProducts = sliceProducts(S, c.order);
+  const pLefts = [...new Set(pvProducts.map((x) => x.a))], vRights = [...new Set(pvProducts.map((x) => x.b))];
+  forEach("kk", bc / 32, (kk) => {
+    emit("    {");
+    // Bytes: wp counts words.
+    for (const a of pLefts) {
+      emit("      " + mma.loadLeft(`pa${a}`, pAt, `wp * 4u + ${a * pSlice * 4}u + ${kk} * 32u`));
+    }
+    forEach("g", dV / N, (g) => {
+      emit("      {");
+      for (const b of vRights) emit("        " + mma.loadRight(`vb${b}`, vAt, vOffset(b, g, kk)));
+      for (const { a, b, o } of pvProducts) {
+        emit("        " + mma.mma(tile(`acc${o}_`, g), `pa${a}`, pAt, `vb${b}`, vAt));
+      }
+      emit("      }");
+    });
+    emit("    }");
+  });
+  emit(`  }`);
+
+  // ---- finish: Σp over both halves, each output tile's orders through the S region ----
+  const sums = range(S).map((a) => `red[wr + ${(2 + a) * MMA_SUBGROUP}u + `);
+  for (let a = 0; a < S; a++) emit(`  ${sums[a]}lane] = bitcast<u32>(psum${a});`);
+  emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = select(0u, 1u, bad);
+  workgroupBarrier();`);
+  for (let a = 0; a < S; a++) {
+    emit(`  let pt${a} = f32(bitcast<i32>(${sums[a]}lane]) + bitcast<i32>(${sums[a]}(lane ^ ${R}u)]));`);
+  }
+  emit(`  let nan = (red[wr + ${MMA_SUBGROUP}u + lane] | red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)]) != 0u;
+  let l = ${combine(range(S).map((a) => `pt${a}`))};
+  let live = l > 0.0;
+  let inv = select(0.0, 1.0 / l, live);
+  let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss;`);
+  const perInv = N / 2;
+  forEach("g", dV / N, (g) => {
+    emit(`    workgroupBarrier();`);
+    for (let o = 0; o <= c.order; o++) {
+      emit("    " + mma.store(oAt, `ws + ${o * R * N}u`, tile(`acc${o}_`, g)));
+    }
+    emit(`    workgroupBarrier();
+    {
+      let c0 = ${g} * ${N}u + hh * ${perInv}u;
+      let ob = ws + r * ${N}u + hh * ${perInv}u;`);
+    for (let q = 0; q < perInv / 4; q++) {
+      const vals = range(4).map((i) => {
+        const e = 4 * q + i;
+        const a = combine(range(c.order + 1).map((o) => `f32(ss[ob + ${o * R * N + e}u])`));
+        return `select(select((${a}) * inv * scales[vsb + c0 + ${e}u], 0.0, !live), bitcast<f32>(NAN_BITS), nan)`;
+      });
+      const guard = dV > c.d ? `c0 + ${4 * q}u < ${c.d}u && ` : "";
+      emit(
+        `      if (${guard}row < P.s_q) { o[obase + c0 / 4u + ${q}u] = ${
+          storeVec(c, `vec4<f32>(${vals.join(", ")})`)
+        }; }`,
+      );
+    }
+    emit(`    }`);
+  });
+  if (c.lse) {
+    // Σp counts P in units of 1/127.
+    emit(`  if (row < P.s_q && hh == 0u) {
+    lse[bh * P.s_q + row] = select(select(${NEG_INF}, (m + log2(l / ${SLICE_TOP}.0)) * LN2, live), bitcast<f32>(NAN_BITS), nan);
+  }`);
+  }
+  emit(`}`);
+  emit(mma.helpers());
+  return {
+    key: flashMmaKey(c),
+    label: flashMmaKey(c),
+    code: L.join("\n") + "\n",
+    bindings,
+    uniforms: FLASH_MMA_UNIFORMS,
+  };
+}
+
+// ---- pre-pass ---------------------------------------------------------------------------------
+
+const SLICE_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["heads", "u32"],
+  // Workgroups per head, and rows per head in the sliced layout (blocks · block rows).
+  ["chunks", "u32"],
+  ["total", "u32"],
+  ["s", "u32"],
+  // Strides of x in vec4 units (b, head, s).
+  ["sb", "u32"],
+  ["sh", "u32"],
+  ["ss", "u32"],
+  // Multiplies the stored scale (Q: softmax scale · log2 e).
+  ["scale_mul", "f32"],
+  // Where this tensor's scales start in `scales`.
+  ["sc_off", "u32"],
+];
+
+/** Everything that changes a row-slicing kernel's text. */
+export interface SliceConfig extends SageInput {
+  /** Rows per block of the sliced layout (16 for Q, bc for K). */
+  rows: number;
+  slices: number;
+}
+
+/** Rows one workgroup of {@link flashMmaSliceKernel} slices (one invocation per vec4 of a row). */
+export function sliceRowsPerGroup(d: number): number {
+  return Math.floor(SAGE_THREADS / (sageMmaDims(d).dQ / 4));
+}
+
+/**
+ * Splits the rows of Q or K into i8 slices under one scale per row (absmax / 127 · scale_mul),
+ * laid out per block of `rows` rows as `[b, heads, blocks, slice, rows, dQ]` bytes (d padded to 32
+ * with zeros, rows past s zeros), the scales as `[b, heads, blocks · rows]` at `sc_off` of
+ * `scales`. One invocation per vec4 of a padded row, {@link sliceRowsPerGroup} rows per workgroup; the
+ * row's absmax by an atomic maximum of the values' bits (a NaN's bits are the largest, so a NaN
+ * makes the scale NaN, an Inf makes it Inf, and the row's slices zeros). Bindings: x, x8, scales.
+ * Dispatch `b · heads · chunks` workgroups.
+ */
+export function flashMmaSliceKernel(c: SliceConfig): Kernel {
+  const { dQ } = sageMmaDims(c.d);
+  const d4 = c.d / 4, w4 = dQ / 4, rpg = sliceRowsPerGroup(c.d);
+  const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
+  const key = `flash-mma-slice:${c.dtype}:${c.f16}:d${c.d}:r${c.rows}:x${c.slices}`;
+  const words = range(c.slices).map((a) =>
+    `    x8[((blk * ${c.slices}u + ${a}u) * ${c.rows}u + row % ${c.rows}u) * ${w4}u + word] = ${
+      packBytes(["x", "y", "z", "w"].map((f) => `v${a}.${f}`))
+    };`
+  ).join("\n");
+  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(SLICE_UNIFORMS) +
+    `@group(0) @binding(1) var<storage, read> x: array<${el}>;
+@group(0) @binding(2) var<storage, read_write> x8: array<i32>;
+@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+var<workgroup> amax: array<atomic<u32>, ${rpg}>;
+${sageLoader(c)}@compute @workgroup_size(${rpg * w4})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.chunks;
+  let lr = lid / ${w4}u;
+  let word = lid % ${w4}u;
+  let row = (wg % P.chunks) * ${rpg}u + lr;
+  let b = bh / P.heads;
+  let h = bh % P.heads;
+  var v = vec4<f32>(0.0);
+  if (row < P.s && word < ${d4}u) { v = ld(b * P.sb + h * P.sh + row * P.ss + word); }
+  if (lid < ${rpg}u) { atomicStore(&amax[lid], 0u); }
+  workgroupBarrier();
+  let bits = bitcast<vec4<u32>>(v) & vec4<u32>(0x7fffffffu);
+  atomicMax(&amax[lr], max(max(bits.x, bits.y), max(bits.z, bits.w)));
+  workgroupBarrier();
+  let ab = atomicLoad(&amax[lr]);
+  let finite = ab < 0x7f800000u;
+  let inv = select(0.0, ${SLICE_TOP}.0 / bitcast<f32>(ab), finite && ab > 0u);
+  if (row < P.total) {
+    let blk = bh * (P.total / ${c.rows}u) + row / ${c.rows}u;
+    if (word == 0u) { scales[P.sc_off + bh * P.total + row] = bitcast<f32>(ab) / ${SLICE_TOP}.0 * P.scale_mul; }
+${sliceStatements("select(vec4<f32>(0.0), v * inv, vec4<bool>(finite))", "v", c.slices, true, "    ")}
+${words}
+  }
+}
+`;
+  return { key, label: key, code, bindings: ["x", "x8", "scales"], uniforms: SLICE_UNIFORMS };
+}
+
+function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}
+
+const V_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["cgroups", "u32"],
+  ["s", "u32"],
+  // Keys per head in the sliced layout (k_blocks · bc): keys past s are zeros.
+  ["rows", "u32"],
+  ["heads", "u32"],
+  // Strides of v in vec4 units (b, head, s).
+  ["sb", "u32"],
+  ["sh", "u32"],
+  ["ss", "u32"],
+  ["sc_off", "u32"],
+];
+
+/** vec4 columns of V one {@link flashMmaVKernel} workgroup covers. */
+export const V_COLUMNS = 8;
+
+/**
+ * Splits V into i8 slices per channel (one scale per channel over the sequence, absmax / 127, at
+ * `sc_off` of `scales` as `[b, n_kv, dV]`), laid out per key tile as `[b, n_kv, tiles, slice, dV,
+ * bc]` bytes (four keys of one channel per word). One workgroup per (batch, K/V head,
+ * {@link V_COLUMNS} vec4 columns): the absmax by a tree over strided rows, then the slices.
+ * Bindings: x, v8, scales. Dispatch `b · n_kv · cgroups` workgroups, `cgroups = ceil(dV / 4 / V_COLUMNS)`.
+ */
+export function flashMmaVKernel(c: SageInput & { bc: number; slices: number }): Kernel {
+  const { dV } = sageMmaDims(c.d);
+  const d4 = c.d / 4, w4 = dV / 4, cw = V_COLUMNS, lanes = SAGE_THREADS / cw, bw = c.bc / 4;
+  const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
+  const key = `flash-mma-v:${c.dtype}:${c.f16}:d${c.d}:bc${c.bc}:x${c.slices}`;
+  const stores = range(c.slices).map((a) => {
+    const at = `((tile * ${c.slices}u + ${a}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u`;
+    return `      {
+        let at = ${at};
+        v8[at] = bitcast<i32>(w${a}.x);
+        v8[at + ${bw}u] = bitcast<i32>(w${a}.y);
+        v8[at + ${2 * bw}u] = bitcast<i32>(w${a}.z);
+        v8[at + ${3 * bw}u] = bitcast<i32>(w${a}.w);
+      }`;
+  }).join("\n");
+  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
+    `@group(0) @binding(1) var<storage, read> x: array<${el}>;
+@group(0) @binding(2) var<storage, read_write> v8: array<i32>;
+@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+var<workgroup> red: array<vec4<u32>, ${SAGE_THREADS}>;
+${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let bh = wg / P.cgroups;
+  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let lane = lid / ${cw}u;
+  let live = col < ${d4}u;
+  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
+  // The absmax by the values' bits: a NaN's are the largest.
+  var mx = vec4<u32>(0u);
+  if (live) {
+    for (var r = lane; r < P.s; r += ${lanes}u) {
+      mx = max(mx, bitcast<vec4<u32>>(ld(base + r * P.ss)) & vec4<u32>(0x7fffffffu));
+    }
+  }
+  red[lid] = mx;
+  workgroupBarrier();
+  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
+    if (lane < st) { red[lid] = max(red[lid], red[lid + st * ${cw}u]); }
+    workgroupBarrier();
+  }
+  let ab = red[lid % ${cw}u];
+  let finite = ab < vec4<u32>(0x7f800000u);
+  let inv = select(vec4<f32>(0.0), vec4<f32>(${SLICE_TOP}.0) / bitcast<vec4<f32>>(ab), finite & (ab > vec4<u32>(0u)));
+  if (lane == 0u && col < ${w4}u) {
+    let sc = select(vec4<f32>(0.0), bitcast<vec4<f32>>(ab) / ${SLICE_TOP}.0, vec4<bool>(live));
+    let at = P.sc_off + bh * ${dV}u + col * 4u;
+    scales[at] = sc.x;
+    scales[at + 1u] = sc.y;
+    scales[at + 2u] = sc.z;
+    scales[at + 3u] = sc.w;
+  }
+  if (col < ${w4}u) {
+    for (var r4 = lane; r4 < P.rows / 4u; r4 += ${lanes}u) {
+${range(c.slices).map((a) => `      var w${a} = vec4<u32>(0u);`).join("\n")}
+      for (var i = 0u; i < 4u; i++) {
+        let r = r4 * 4u + i;
+        if (live && r < P.s) {
+          let x = ld(base + r * P.ss);
+${sliceStatements("select(vec4<f32>(0.0), x * inv, finite)", "q", c.slices, true, "          ")}
+${
+      range(c.slices).map((a) =>
+        `          w${a} |= (bitcast<vec4<u32>>(q${a}) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);`
+      )
+        .join("\n")
+    }
+        }
+      }
+      let tile = bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u;
+${stores}
+    }
+  }
+}
+`;
+  return { key, label: key, code, bindings: ["x", "v8", "scales"], uniforms: V_UNIFORMS };
+}
