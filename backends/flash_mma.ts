@@ -203,7 +203,8 @@ function unsuitedReasons(p: AttentionProblem): string[] {
   if (!Number.isFinite(least)) {
     return [
       "measured slower than flash-subgroup at every shape on the H200 (Flux f32: 40.8 ms against 9.0; " +
-      "bench/RESULTS.md, run 14); choose it with backend: 'flash-mma' or WGATTN_IMPLEMENTATION=flash-mma",
+      "bench/RESULTS.md, run 14; FLASH_MMA_MIN_SEQ is infinite); choose it with backend: 'flash-mma' or " +
+      "WGATTN_IMPLEMENTATION=flash-mma",
     ];
   }
   if (Math.min(p.sQ, p.sKv) < least) {
