@@ -22,7 +22,7 @@ import { flashUnsupportedReasons } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import { readEnvIfGranted } from "../core/env.ts";
 import type { GpuCall } from "../core/gpu.ts";
-import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
+import { type AttentionProblem, hasBand, servingReasons } from "../core/problem.ts";
 import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
 import { MMA_ROWS, sageMmaDims } from "../wgsl/sage_mma.ts";
 import {
@@ -35,7 +35,7 @@ import {
   sliceRowsPerGroup,
   V_COLUMNS,
 } from "../wgsl/flash_mma.ts";
-import { EMULATE_MMA_VARIABLE, realMmaReasons } from "./sage_mma.ts";
+import { EMULATE_MMA_VARIABLE, mmaMainUniforms, realMmaReasons } from "./sage_mma.ts";
 
 /**
  * Test and benchmark hooks: `override` merges over the chosen config (slices, order, maxOrder,
@@ -275,29 +275,16 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     sc_off: sz.vSc,
   }, p.b * p.nKv * cgroups);
   // 3. The matrix kernel.
-  const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = { q8, k8, v8, o: io.out, scales };
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
-  const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
-  call.dispatch(mainPipe, main, buffers, {
-    n: p.n,
-    group: p.n / p.nKv,
-    s_q: p.sQ,
-    s_kv: p.sKv,
-    blocks: sz.blocks,
-    q_blocks: sz.qBlocks,
-    offset: diagonalOffset(p),
-    left: Math.min(p.left, bound),
-    right: Math.min(p.right, bound),
-    o_sb: v4(p.out.strides.b),
-    o_sh: v4(p.out.strides.n),
-    o_ss: v4(p.out.strides.s),
-    m_sb: ms.b,
-    m_sj: ms.j,
-    k_sc: sz.kSc,
-    v_sc: sz.vSc,
-  }, p.b * p.n * sz.blocks);
+  call.dispatch(
+    mainPipe,
+    main,
+    buffers,
+    { ...mmaMainUniforms(p, sz), k_sc: sz.kSc, v_sc: sz.vSc },
+    p.b * p.n * sz.blocks,
+  );
 }
 
 /** Exact attention on int8 matrix tiles (Ozaki-style slices). */

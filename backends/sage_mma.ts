@@ -307,7 +307,6 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     ss: v4(p.v.strides.s),
   }, p.b * p.nKv * vgroups);
   // 5. The matrix kernel.
-  const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const buffers: Record<string, GPUBuffer> = {
     q8,
     k8,
@@ -323,9 +322,27 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.flex) Object.assign(buffers, io.flex);
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
+  call.dispatch(
+    mainPipe,
+    main,
+    buffers,
+    { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz) },
+    p.b * p.n * sz.blocks,
+  );
+}
+
+/**
+ * Uniforms shared by the matrix kernels' main dispatch (sage-mma's and flash-mma's): sizes, the band
+ * (unbounded sides as a bound that cannot overflow i32), output and key-padding strides.
+ */
+export function mmaMainUniforms(
+  p: AttentionProblem,
+  sz: { blocks: number; qBlocks: number },
+): Record<string, number> {
+  const v4 = (x: number) => x / 4;
+  const ms = p.mask?.strides ?? { b: 0, j: 0 };
   const bound = p.sQ + p.sKv + Math.abs(diagonalOffset(p));
-  call.dispatch(mainPipe, main, buffers, {
-    ...(map?.uniforms ?? {}),
+  return {
     n: p.n,
     group: p.n / p.nKv,
     s_q: p.sQ,
@@ -340,7 +357,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     o_ss: v4(p.out.strides.s),
     m_sb: ms.b,
     m_sj: ms.j,
-  }, p.b * p.n * sz.blocks);
+  };
 }
 
 /** SageAttention on int8 matrix tiles. */

@@ -35,12 +35,17 @@
  * NaN score makes its row NaN (a flag, not a float comparison); V's per-channel scale carries a
  * non-finite value to its channel.
  */
-import type { DType } from "../core/types.ts";
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
-import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
+import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace } from "./mma.ts";
 import { SAGE_THREADS, type SageInput, sageLoader } from "./sage.ts";
-import { MMA_ROWS, SAGE_MMA_UNIFORMS, sageMmaDims, sageMmaPrologue } from "./sage_mma.ts";
+import {
+  MMA_ROWS,
+  type MmaKernelConfig,
+  SAGE_MMA_UNIFORMS,
+  sageMmaDims,
+  sageMmaPrologue,
+} from "./sage_mma.ts";
 import { keyMaskExprs } from "./sage_mma_two_pass.ts";
 
 /** The factor between consecutive slices. */
@@ -49,23 +54,8 @@ export const SLICE_BASE = 254;
 export const SLICE_TOP = 127;
 const I32_MAX = 2 ** 31 - 1;
 
-/** Everything that changes the main kernel's text. */
-export interface FlashMmaConfig {
-  dtype: DType;
-  f16: boolean;
-  /** Head dim of q, k, v (a multiple of 4, at most 256). */
-  d: number;
-  /** Subgroups (of 32 invocations) per workgroup; query rows per workgroup are 16·warps. */
-  warps: number;
-  /** Keys per tile (a multiple of 32). */
-  bc: number;
-  /** The matrix tile: i8 -> i32, M16 K32, N 16 or 8. */
-  shape: MmaShape;
-  band: boolean;
-  keyPadding: boolean;
-  lse: boolean;
-  /** Plain-WGSL matrix steps (any adapter) instead of subgroup matrices. */
-  emulate: boolean;
+/** Everything that changes the main kernel's text (its tile: i8 -> i32). */
+export interface FlashMmaConfig extends MmaKernelConfig {
   /** Slices per operand (2 to 4). */
   slices: number;
   /** Highest order a + b of the slice products kept, in Q·Kᵀ and P·V (0 to 2·(slices - 1)). */

@@ -41,8 +41,8 @@ import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } 
 import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
 import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageColumnSum, type SageInput, sageLoader } from "./sage.ts";
 
-/** Everything that changes the main kernel's text. */
-export interface SageMmaConfig {
+/** What every matrix-tile attention kernel's text depends on (sage-mma's and flash-mma's). */
+export interface MmaKernelConfig {
   dtype: DType;
   f16: boolean;
   /** Head dim of q, k, v (a multiple of 4, at most 256). */
@@ -58,6 +58,10 @@ export interface SageMmaConfig {
   lse: boolean;
   /** Plain-WGSL matrix steps (any adapter) instead of subgroup matrices. */
   emulate: boolean;
+}
+
+/** Everything that changes the main kernel's text. */
+export interface SageMmaConfig extends MmaKernelConfig {
   /**
    * One result tile live at a time (each stored as soon as it is complete) instead of all the S
    * tiles, then all the O tiles, accumulated together: fewer registers, less independent work.
