@@ -151,6 +151,7 @@ export function chooseSageMmaConfig(
           ...common(bc),
           ...layout,
           pv: p.sKv <= U8_PV_MAX_KEYS ? "u8" : "i8",
+          varlen: p.varlen !== null,
           ...(sageMmaTuning.override ?? {}),
         };
         const problems = twoPassConfigProblems(c, limits);
@@ -197,7 +198,8 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   if (!caps) return reasons;
   // Its int8 pre-pass quantizes dense [b, n, s, d] blocks, and K smoothing shifts each row's scores
   // by q·mean(k), which a sink logit would have to follow.
-  reasons.push(...servingReasons(p, {}));
+  // Packed batches: the two-pass kernel masks each row to its own sequence's keys.
+  reasons.push(...servingReasons(p, { varlen: sageMmaTuning.twoPass }));
   const emulate = emulatingMma();
   if (!emulate) reasons.push(...realMmaReasons(caps));
   if (reasons.length === 0) {
@@ -319,6 +321,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
   if (rowBias) buffers.lse_bias = rowBias;
+  if (p.varlen) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK! });
   if (io.flex) Object.assign(buffers, io.flex);
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
@@ -326,7 +329,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     mainPipe,
     main,
     buffers,
-    { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz) },
+    { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 },
     p.b * p.n * sz.blocks,
   );
 }

@@ -60,6 +60,49 @@ export interface TwoPassConfig extends SageMmaConfig {
   sColMajor?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
+  /**
+   * A packed batch: q, k and v are [1, total, heads, d] with sequences at offsets `cuq`, `cuk` (i32,
+   * b + 1 each); each row attends its own sequence's keys, its band aligned bottom-right within it.
+   */
+  varlen?: boolean;
+}
+
+/** Uniforms a packed batch adds: the number of sequences. */
+export const PACKED_UNIFORMS: [string, UniformType][] = [["seqs", "u32"]];
+
+/**
+ * WGSL, after the prologue, of a packed batch's positions: the sequences of the block's first and last
+ * rows (`sq_a`, `sq_z`; `one_seq` when they are one), the block's diagonal offset `off` and keys
+ * [sk_lo, sk_hi) (those of `sq_a`), and this row's keys [rk_lo, rk_hi) and diagonal `ri`. Every value
+ * but the row's is workgroup-uniform (offsets read at uniform indices of read-only storage).
+ */
+export function packedPrologue(): string {
+  return `  let sq_a = seq_of(q0);
+  let sq_z = seq_of(q0 + rows_here - 1u);
+  let one_seq = sq_a == sq_z;
+  let sk_lo = cuk[sq_a];
+  let sk_hi = cuk[sq_a + 1u];
+  let off = sk_hi - cuq[sq_a + 1u];
+  let sq_r = seq_of(min(row, P.s_q - 1u));
+  let rk_lo = cuk[sq_r];
+  let rk_hi = cuk[sq_r + 1u];
+  let ri = i32(row) + rk_hi - cuq[sq_r + 1u];`;
+}
+
+/** The packed batch's bindings and the sequence of a row (the last i with cuq[i] <= t). */
+export function packedDeclarations(first: number): string {
+  return `@group(0) @binding(${first}) var<storage, read> cuq: array<i32>;
+@group(0) @binding(${first + 1}) var<storage, read> cuk: array<i32>;
+fn seq_of(t: u32) -> u32 {
+  var lo = 0u;
+  var hi = P.seqs;
+  loop {
+    if (hi - lo <= 1u) { break; }
+    let mid = (lo + hi) / 2u;
+    if (u32(cuq[mid]) <= t) { lo = mid; } else { hi = mid; }
+  }
+  return lo;
+}`;
 }
 
 /** Derived sizes of the two-pass kernel. */
@@ -119,8 +162,8 @@ export function twoPassKey(c: TwoPassConfig): string {
     `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}${
       c.sColMajor ? ":scol" : ""
     }:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.skipMaxPass ? ":skip1" : ""}${
-      flexKey(c.flex)
-    }`;
+      c.varlen ? ":packed" : ""
+    }${flexKey(c.flex)}`;
 }
 
 /**
@@ -131,21 +174,34 @@ export function twoPassKey(c: TwoPassConfig): string {
  * [tile_state], [fr and mask_mod].
  */
 export function keyMaskExprs(
-  c: { bc: number; band: boolean; keyPadding: boolean; blockMap: boolean; maskMod: boolean },
+  c: {
+    bc: number;
+    band: boolean;
+    keyPadding: boolean;
+    blockMap: boolean;
+    maskMod: boolean;
+    varlen?: boolean;
+  },
 ): { fullTile: string; liveExpr: (e: number) => string } {
   const { bc, blockMap, maskMod } = c;
   const half = bc / 2;
+  // A packed batch (varlen): the block's diagonal offset `off`, its one sequence's keys [sk_lo,
+  // sk_hi) when `one_seq`, and each row's own keys [rk_lo, rk_hi) (see packedPrologue).
+  const offset = c.varlen ? "off" : "P.offset";
   // Which of the invocation's columns of tile t take part (not past s_kv, not masked, in the band).
   const fullTile = `kv0 + ${bc}u <= P.s_kv${
+    c.varlen ? ` && one_seq && i32(kv0) >= sk_lo && i32(kv0 + ${bc}u) <= sk_hi` : ""
+  }${
     c.band
-      ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + P.offset) >= -P.left && i32(kv0) + ${
+      ? ` && i32(kv0) - (i32(q0 + rows_here) - 1i + ${offset}) >= -P.left && i32(kv0) + ${
         bc - 1
-      }i - (i32(q0) + P.offset) <= P.right`
+      }i - (i32(q0) + ${offset}) <= P.right`
       : ""
   }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
   const liveExpr = (e: number) => {
     const col = `(kv0 + hh * ${half}u + ${e}u)`;
     let ok = `${col} < P.s_kv`;
+    if (c.varlen) ok += ` && i32(${col}) >= rk_lo && i32(${col}) < rk_hi`;
     if (c.keyPadding) {
       ok +=
         ` && ((mask[(b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) >> 2u] >> (((b * P.m_sb + min(${col}, P.s_kv - 1u) * P.m_sj) & 3u) * 8u)) & 0xffu) != 0u`;
@@ -185,9 +241,11 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const maskMod = flex?.maskMod != null;
   // K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
   const rowBias = flex?.scoreMod != null;
-  const uniforms: [string, UniformType][] = blockMap
-    ? [...SAGE_MMA_UNIFORMS, ...BLOCK_MAP_UNIFORMS]
-    : SAGE_MMA_UNIFORMS;
+  const uniforms: [string, UniformType][] = [
+    ...SAGE_MMA_UNIFORMS,
+    ...(blockMap ? BLOCK_MAP_UNIFORMS : []),
+    ...(c.varlen ? PACKED_UNIFORMS : []),
+  ];
   const { forEach, tile } = mmaLoops(c.emulate, emit);
   const tiles = (e: MmaEmitter, name: string, n: number) => {
     if (c.emulate) emit(`  ${e.zeroArray(name, n)}`);
@@ -202,6 +260,10 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
     v8: stage ? "vec4<u32>" : pWord,
     rowBias,
   }, emit);
+  if (c.varlen) {
+    emit(packedDeclarations(bindings.length + 1));
+    bindings.push("cuq", "cuk");
+  }
   emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;
 var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
 var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
@@ -237,8 +299,8 @@ const LN2: f32 = 0.6931471805599453;`);
   emit(sageMmaPrologue({ threads: s.threads, br, band: c.band, bc, dQ, dV, warps: c.warps }));
   emit(`  let ws = warp * ${s.sRegion}u;
   let wp = warp * ${s.pRegion}u;
-  let wr = warp * ${2 * MMA_SUBGROUP}u;
-  let ri = i32(row) + P.offset;`);
+  let wr = warp * ${2 * MMA_SUBGROUP}u;`);
+  emit(c.varlen ? packedPrologue() : `  let ri = i32(row) + P.offset;`);
   if (flex) {
     emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
   }
@@ -246,11 +308,26 @@ const LN2: f32 = 0.6931471805599453;`);
   if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
   }
-  emit(`  var j_lo = 0i;
+  if (c.varlen) {
+    // The keys of the block's sequences; the band narrows them where the block is one sequence
+    // (across a boundary its rows' bands do not bound the union: each row masks its own).
+    // Clamped into the tensor: GPU offsets are not checked (a bad entry gives wrong rows, never a
+    // read outside the buffers or a key loop past s_kv).
+    emit(`  var j_lo = max(sk_lo, 0i);
+  var j_hi = min(cuk[sq_z + 1u], i32(P.s_kv));`);
+    if (c.band) {
+      emit(`  if (one_seq) {
+    j_lo = max(j_lo, i32(q0) + off - P.left);
+    j_hi = min(j_hi, i32(q0 + rows_here) - 1i + off + P.right + 1i);
+  }`);
+    }
+  } else {
+    emit(`  var j_lo = 0i;
   var j_hi = i32(P.s_kv);`);
-  if (c.band) {
-    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
+    if (c.band) {
+      emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
   j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+    }
   }
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
@@ -334,6 +411,7 @@ const LN2: f32 = 0.6931471805599453;`);
     keyPadding: c.keyPadding,
     blockMap,
     maskMod,
+    varlen: c.varlen,
   });
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
