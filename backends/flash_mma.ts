@@ -114,6 +114,7 @@ export function chooseFlashMmaConfig(
         keyPadding: p.mask !== null,
         lse,
         emulate,
+        varlen: p.varlen !== null,
         slices,
         order: slices - 1,
         maxOrder: maxOrderFor(slices),
@@ -152,7 +153,7 @@ function scratchSizes(p: AttentionProblem, c: FlashMmaConfig) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
-  reasons.push(...servingReasons(p, {}));
+  reasons.push(...servingReasons(p, { varlen: true }));
   if (p.flex) reasons.push("flex functions (scoreMod, maskMod) are not fused in its kernel");
   const emulate = emulatingFlashMma();
   if (!emulate) reasons.push(...realMmaReasons(caps));
@@ -278,11 +279,12 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const buffers: Record<string, GPUBuffer> = { q8, k8, v8, o: io.out, scales };
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
+  if (p.varlen) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK! });
   call.dispatch(
     mainPipe,
     main,
     buffers,
-    { ...mmaMainUniforms(p, sz), k_sc: sz.kSc, v_sc: sz.vSc },
+    { ...mmaMainUniforms(p, sz), k_sc: sz.kSc, v_sc: sz.vSc, seqs: p.varlen?.seqs ?? 0 },
     p.b * p.n * sz.blocks,
   );
 }

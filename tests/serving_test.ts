@@ -9,6 +9,7 @@ import { appendKvCache, attentionWithLse, deviceInfo, explain, getDevice, Wgattn
 import type { AttentionOptions } from "../core/types.ts";
 import { splitKvTuning } from "../backends/splitkv.ts";
 import { realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
+import { flashMmaTuning } from "../backends/flash_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
 import {
@@ -231,59 +232,77 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
       });
     }
   }
-  // sage-mma (approximate: SageAttention's bar), on its emulated form where no matrix units exist.
-  Deno.test({
-    name:
-      `packed batch on sage-mma: lengths q ${lensQ} k ${lensK}, n${n}/${nKv} d${d}, full and causal + window`,
-    ignore: !info,
-    async fn(t) {
-      const saved = sageMmaTuning.emulate;
-      const caps = (await defaultRuntime())?.caps;
-      // The real form where the device has int8 subgroup matrices, else the emulated one.
-      sageMmaTuning.emulate = caps && realMmaReasons(caps).length === 0 ? saved : true;
-      const bandCase = {
-        name: "causal + window",
-        opts: { isCausal: true, windowSize: [6, 0] } as AttentionOptions,
-        ref: { isCausal: true, windowSize: [6, 0] } as RefOptions,
-      };
-      try {
-        // The chosen layout, then one subgroup per workgroup: blocks of 16 rows, some in one sequence.
-        for (const override of [null, { warps: 1 }]) {
-          sageMmaTuning.override = override;
-          for (const c of [cases[0], bandCase]) {
-            const base: AttentionOptions = {
-              ...c.opts,
-              backend: "sage-mma",
-              cuSeqlensQ: cuQ,
-              cuSeqlensK: cuK,
-            };
-            const why = await explain(qT, kT, vT, base).catch((e) => e);
-            if (why instanceof WgattnError) {
-              t.step({ name: `not served here: ${why.message}`, ignore: true, fn() {} });
-              return;
-            }
-            const ref = expected(c.ref, false);
-            const { out, lse } = await attentionWithLse(qT, kT, vT, base);
-            assert.deepEqual(out.shape, [totalQ, n, d]);
-            const acc = similarity(out.data, ref.out);
-            const label = `${c.name}${override ? ", 1 subgroup" : ""}`;
-            console.log(
-              `  sage-mma packed, ${label}: cosine ${acc.cosine.toFixed(6)}, relative L1 ${
-                acc.relL1.toFixed(5)
-              }`,
-            );
-            assert.ok(acc.cosine >= 0.999 && acc.relL1 <= 0.03, `${label}: ${JSON.stringify(acc)}`);
-            let lseErr = 0;
-            ref.lse.forEach((x, i) => (lseErr = Math.max(lseErr, Math.abs(lse.data[i] - x))));
-            assert.ok(lseErr <= 0.05, `${label}: lse max abs ${lseErr}`);
-          }
-        }
-      } finally {
-        sageMmaTuning.emulate = saved;
-        sageMmaTuning.override = null;
-      }
+  // The matrix-tile backends, on their emulated form where no matrix units exist: sage-mma against
+  // SageAttention's bar (approximate), flash-mma against float64 as flash (exact).
+  const matrixBackends = [
+    {
+      name: "sage-mma",
+      tuning: sageMmaTuning as { emulate: boolean | null; override: object | null },
+      exact: false,
     },
-  });
+    {
+      name: "flash-mma",
+      tuning: flashMmaTuning as { emulate: boolean | null; override: object | null },
+      exact: true,
+    },
+  ];
+  for (const mb of matrixBackends) {
+    Deno.test({
+      name:
+        `packed batch on ${mb.name}: lengths q ${lensQ} k ${lensK}, n${n}/${nKv} d${d}, full and causal + window`,
+      ignore: !info,
+      async fn(t) {
+        const saved = mb.tuning.emulate;
+        const caps = (await defaultRuntime())?.caps;
+        // The real form where the device has int8 subgroup matrices, else the emulated one.
+        mb.tuning.emulate = caps && realMmaReasons(caps).length === 0 ? saved : true;
+        const bandCase = {
+          name: "causal + window",
+          opts: { isCausal: true, windowSize: [6, 0] } as AttentionOptions,
+          ref: { isCausal: true, windowSize: [6, 0] } as RefOptions,
+        };
+        try {
+          // The chosen layout, then one subgroup per workgroup: blocks of 16 rows, some in one sequence.
+          for (const override of [null, { warps: 1 }]) {
+            mb.tuning.override = override;
+            for (const c of [cases[0], bandCase]) {
+              const base: AttentionOptions = {
+                ...c.opts,
+                backend: mb.name,
+                cuSeqlensQ: cuQ,
+                cuSeqlensK: cuK,
+              };
+              const why = await explain(qT, kT, vT, base).catch((e) => e);
+              if (why instanceof WgattnError) {
+                t.step({ name: `not served here: ${why.message}`, ignore: true, fn() {} });
+                return;
+              }
+              const ref = expected(c.ref, false);
+              const { out, lse } = await attentionWithLse(qT, kT, vT, base);
+              assert.deepEqual(out.shape, [totalQ, n, d]);
+              const label = `${mb.name}, ${c.name}${override ? ", 1 subgroup" : ""}`;
+              if (mb.exact) {
+                check(`${label}: out`, out.data, ref.out, TOL.out);
+                check(`${label}: lse`, lse.data, ref.lse, TOL.lse);
+                continue;
+              }
+              const acc = similarity(out.data, ref.out);
+              console.log(
+                `  packed, ${label}: cosine ${acc.cosine.toFixed(6)}, relative L1 ${acc.relL1.toFixed(5)}`,
+              );
+              assert.ok(acc.cosine >= 0.999 && acc.relL1 <= 0.03, `${label}: ${JSON.stringify(acc)}`);
+              let lseErr = 0;
+              ref.lse.forEach((x, i) => (lseErr = Math.max(lseErr, Math.abs(lse.data[i] - x))));
+              assert.ok(lseErr <= 0.05, `${label}: lse max abs ${lseErr}`);
+            }
+          }
+        } finally {
+          mb.tuning.emulate = saved;
+          mb.tuning.override = null;
+        }
+      },
+    });
+  }
   Deno.test(
     "packed batch: the router passes over backends without it, with their reasons",
     { ignore: !info },

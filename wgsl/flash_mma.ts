@@ -46,7 +46,13 @@ import {
   sageMmaDims,
   sageMmaPrologue,
 } from "./sage_mma.ts";
-import { keyMaskExprs } from "./sage_mma_two_pass.ts";
+import {
+  blockKeyRange,
+  keyMaskExprs,
+  PACKED_UNIFORMS,
+  packedDeclarations,
+  rowDiagonal,
+} from "./sage_mma_two_pass.ts";
 
 /** The factor between consecutive slices. */
 export const SLICE_BASE = 254;
@@ -79,6 +85,8 @@ export interface FlashMmaConfig extends MmaKernelConfig {
    * memory, so that staged tiles fit beside more subgroups.
    */
   oneS?: boolean;
+  /** A packed batch (as sage-mma's two-pass kernel: wgsl/sage_mma_two_pass.ts, `varlen`). */
+  varlen?: boolean;
 }
 
 /** The slice products (a, b) of order a + b up to `order`, with their order. */
@@ -198,7 +206,7 @@ export function flashMmaKey(c: FlashMmaConfig): string {
     `x${c.slices}o${c.order}m${c.maxOrder}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}` +
     `${c.qRegisters && !c.emulate ? ":qreg" : ""}${c.skipMaxPass ? ":skip1" : ""}${
       c.stage ? `:stage-${c.stage}` : ""
-    }${c.oneS ? ":ones" : ""}`;
+    }${c.oneS ? ":ones" : ""}${c.varlen ? ":packed" : ""}`;
 }
 
 /** The main kernel's uniforms: sage-mma's, and where K's and V's scales start in `scales`. */
@@ -269,7 +277,8 @@ export function flashMmaKernel(c: FlashMmaConfig): Kernel {
   const qRegisters = c.qRegisters && !c.emulate;
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
-  emit(mma.header() + uniformBlock(FLASH_MMA_UNIFORMS));
+  const uniforms = c.varlen ? [...FLASH_MMA_UNIFORMS, ...PACKED_UNIFORMS] : FLASH_MMA_UNIFORMS;
+  emit(mma.header() + uniformBlock(uniforms));
   const bindings = ["q8", "k8", "v8", "o"];
   emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
 @group(0) @binding(2) var<storage, read> k8: array<i32>;
@@ -282,6 +291,10 @@ export function flashMmaKernel(c: FlashMmaConfig): Kernel {
   if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
   if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
   bind("scales", "var<storage, read> scales: array<f32>;");
+  if (c.varlen) {
+    emit(packedDeclarations(bindings.length + 1));
+    bindings.push("cuq", "cuk");
+  }
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
   emit(`var<workgroup> ss: array<i32, ${c.warps * sRegion}>;
@@ -345,10 +358,10 @@ const LN2: f32 = 0.6931471805599453;`);
     warps: c.warps,
     qScale: `scales[qb * ${R}u + r]`,
   }));
+  emit(rowDiagonal(c));
   emit(`  let ws = warp * ${sRegion}u;
   let wp = warp * ${pRegion}u;
   let wr = warp * ${redWords}u;
-  let ri = i32(row) + P.offset;
   let ksb = P.k_sc + ks_base * ${bc}u;
   let vsb = P.v_sc + bhk * ${dV}u;`);
   if (qRegisters) {
@@ -356,12 +369,7 @@ const LN2: f32 = 0.6931471805599453;`);
       for (const k of range(dQ / 32)) emit("  " + mma.loadLeft(`qa${a}_${k}`, qAt, qOffset(a, `${k}`)));
     }
   }
-  emit(`  var j_lo = 0i;
-  var j_hi = i32(P.s_kv);`);
-  if (c.band) {
-    emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
-  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
-  }
+  emit(blockKeyRange(c));
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
 
@@ -444,6 +452,7 @@ const LN2: f32 = 0.6931471805599453;`);
     keyPadding: c.keyPadding,
     blockMap: false,
     maskMod: false,
+    varlen: c.varlen,
   });
 
   // ---- pass 1: each row's maximum (log2 units) ----
@@ -562,7 +571,7 @@ const LN2: f32 = 0.6931471805599453;`);
     label: flashMmaKey(c),
     code: L.join("\n") + "\n",
     bindings,
-    uniforms: FLASH_MMA_UNIFORMS,
+    uniforms,
   };
 }
 

@@ -89,6 +89,43 @@ export function packedPrologue(): string {
   let ri = i32(row) + rk_hi - cuq[sq_r + 1u];`;
 }
 
+/**
+ * WGSL of each invocation's row diagonal `ri` (key index of the row's bottom-right-aligned diagonal)
+ * and, for a packed batch, the positions of {@link packedPrologue}.
+ */
+export function rowDiagonal(c: { varlen?: boolean }): string {
+  return c.varlen ? packedPrologue() : `  let ri = i32(row) + P.offset;`;
+}
+
+/**
+ * WGSL of the keys a query block visits, [j_lo, j_hi) (shared by the matrix kernels): all keys, or
+ * the band's; a packed batch's block visits its sequences' keys, narrowed by the band when the block
+ * is one sequence (across a boundary its rows' bands do not bound the union: each row masks its own).
+ */
+export function blockKeyRange(c: { band: boolean; varlen?: boolean }): string {
+  const lines: string[] = [];
+  if (c.varlen) {
+    // Clamped into the tensor: GPU offsets are not checked (a bad entry gives wrong rows, never a
+    // read outside the buffers or a key loop past s_kv).
+    lines.push(`  var j_lo = max(sk_lo, 0i);
+  var j_hi = min(cuk[sq_z + 1u], i32(P.s_kv));`);
+    if (c.band) {
+      lines.push(`  if (one_seq) {
+    j_lo = max(j_lo, i32(q0) + off - P.left);
+    j_hi = min(j_hi, i32(q0 + rows_here) - 1i + off + P.right + 1i);
+  }`);
+    }
+  } else {
+    lines.push(`  var j_lo = 0i;
+  var j_hi = i32(P.s_kv);`);
+    if (c.band) {
+      lines.push(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
+  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
+    }
+  }
+  return lines.join("\n");
+}
+
 /** The packed batch's bindings and the sequence of a row (the last i with cuq[i] <= t). */
 export function packedDeclarations(first: number): string {
   return `@group(0) @binding(${first}) var<storage, read> cuq: array<i32>;
@@ -300,7 +337,7 @@ const LN2: f32 = 0.6931471805599453;`);
   emit(`  let ws = warp * ${s.sRegion}u;
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;`);
-  emit(c.varlen ? packedPrologue() : `  let ri = i32(row) + P.offset;`);
+  emit(rowDiagonal(c));
   if (flex) {
     emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
   }
@@ -308,27 +345,7 @@ const LN2: f32 = 0.6931471805599453;`);
   if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
   }
-  if (c.varlen) {
-    // The keys of the block's sequences; the band narrows them where the block is one sequence
-    // (across a boundary its rows' bands do not bound the union: each row masks its own).
-    // Clamped into the tensor: GPU offsets are not checked (a bad entry gives wrong rows, never a
-    // read outside the buffers or a key loop past s_kv).
-    emit(`  var j_lo = max(sk_lo, 0i);
-  var j_hi = min(cuk[sq_z + 1u], i32(P.s_kv));`);
-    if (c.band) {
-      emit(`  if (one_seq) {
-    j_lo = max(j_lo, i32(q0) + off - P.left);
-    j_hi = min(j_hi, i32(q0 + rows_here) - 1i + off + P.right + 1i);
-  }`);
-    }
-  } else {
-    emit(`  var j_lo = 0i;
-  var j_hi = i32(P.s_kv);`);
-    if (c.band) {
-      emit(`  j_lo = max(j_lo, i32(q0) + P.offset - P.left);
-  j_hi = min(j_hi, i32(q0 + rows_here) - 1i + P.offset + P.right + 1i);`);
-    }
-  }
+  emit(blockKeyRange(c));
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
 
