@@ -23,7 +23,6 @@ import type { Capabilities } from "../core/device.ts";
 import { readEnvIfGranted } from "../core/env.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, hasBand, servingReasons } from "../core/problem.ts";
-import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
 import { MMA_ROWS, sageMmaDims } from "../wgsl/sage_mma.ts";
 import {
   type FlashMmaConfig,
@@ -35,7 +34,7 @@ import {
   sliceRowsPerGroup,
   V_COLUMNS,
 } from "../wgsl/flash_mma.ts";
-import { EMULATE_MMA_VARIABLE, mmaMainUniforms, realMmaReasons } from "./sage_mma.ts";
+import { EMULATE_MMA_VARIABLE, mmaMainUniforms, mmaTileFor, realMmaReasons } from "./sage_mma.ts";
 
 /**
  * Test and benchmark hooks: `override` merges over the chosen config (slices, order, maxOrder,
@@ -61,12 +60,6 @@ export function emulatingFlashMma(): boolean {
  */
 export const FLASH_MMA_MIN_SEQ = Number.POSITIVE_INFINITY;
 
-/** Tiles tried in order on a device with subgroup matrices. */
-const REAL_SHAPES: readonly MmaShape[] = [
-  { component: "i8", result: "i32", M: 16, N: 16, K: 32 },
-  { component: "i8", result: "i32", M: 16, N: 8, K: 32 },
-];
-
 /** Slices per operand for a dtype: f32 needs three (about 23 bits), f16 and bf16 two (15). */
 export function slicesFor(dtype: AttentionProblem["dtype"]): number {
   return dtype === "f32" ? 3 : 2;
@@ -89,13 +82,7 @@ export function chooseFlashMmaConfig(
   lse: boolean,
   emulate = emulatingFlashMma(),
 ): FlashMmaConfig | string {
-  const limits = {
-    storage: caps.limits.maxComputeWorkgroupStorageSize,
-    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
-  };
-  const shape = emulate
-    ? REAL_SHAPES[0]
-    : REAL_SHAPES.find((s) => hasMmaConfig(caps.subgroupMatrixConfigs, s));
+  const { shape, limits } = mmaTileFor(caps, emulate);
   if (!shape) return "no int8 subgroup-matrix tile on this device";
   const slices = slicesFor(p.dtype);
   // Three S regions of 16 rows per subgroup (one per order): 4 subgroups of 32-key tiles fill 36 KB.

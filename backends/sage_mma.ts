@@ -76,6 +76,25 @@ const REAL_SHAPES: readonly MmaShape[] = [
   { component: "i8", result: "i32", M: 16, N: 8, K: 32 },
 ];
 
+/**
+ * The int8 tile the matrix backends (sage-mma, flash-mma) build on for this device (the emulated form
+ * takes the first), or null, with the limits their configs must meet.
+ */
+export function mmaTileFor(
+  caps: Capabilities,
+  emulate: boolean,
+): { shape: MmaShape | null; limits: { storage: number; invocations: number } } {
+  return {
+    shape: emulate
+      ? REAL_SHAPES[0]
+      : REAL_SHAPES.find((s) => hasMmaConfig(caps.subgroupMatrixConfigs, s)) ?? null,
+    limits: {
+      storage: caps.limits.maxComputeWorkgroupStorageSize,
+      invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
+    },
+  };
+}
+
 /** Why the real form cannot run on this device (empty when it can). */
 export function realMmaReasons(caps: Capabilities): string[] {
   const reasons: string[] = [];
@@ -101,13 +120,7 @@ export function chooseSageMmaConfig(
   lse: boolean,
   emulate = emulatingMma(),
 ): AnySageMmaConfig | string {
-  const limits = {
-    storage: caps.limits.maxComputeWorkgroupStorageSize,
-    invocations: caps.limits.maxComputeInvocationsPerWorkgroup,
-  };
-  const shape = emulate
-    ? REAL_SHAPES[0]
-    : REAL_SHAPES.find((s) => hasMmaConfig(caps.subgroupMatrixConfigs, s));
+  const { shape, limits } = mmaTileFor(caps, emulate);
   if (!shape) return "no int8 subgroup-matrix tile on this device";
   const small = p.sQ <= MMA_ROWS;
   const bcs = p.sKv <= 32 ? [32] : [64, 32];

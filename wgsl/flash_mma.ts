@@ -41,6 +41,7 @@ import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace } from "./mma.ts";
 import { SAGE_THREADS, type SageInput, sageLoader } from "./sage.ts";
 import {
   MMA_ROWS,
+  mmaConfigProblems,
   type MmaKernelConfig,
   SAGE_MMA_UNIFORMS,
   sageMmaDims,
@@ -175,12 +176,7 @@ export function flashMmaConfigProblems(
   c: FlashMmaConfig,
   limits: { storage: number; invocations: number },
 ): string[] {
-  const s = flashMmaShape(c);
-  const problems: string[] = [];
-  if (c.d % 4 !== 0 || c.d > 256) problems.push("d must be a multiple of 4 up to 256");
-  if (c.shape.M !== 16 || c.shape.K !== 32 || (c.shape.N !== 16 && c.shape.N !== 8)) {
-    problems.push("the tile must be M16 K32 with N 16 or 8");
-  }
+  const problems = mmaConfigProblems(c, flashMmaShape(c), limits);
   if (c.shape.component !== "i8" || c.shape.result !== "i32") {
     problems.push("only i8 -> i32 tiles are generated");
   }
@@ -191,10 +187,6 @@ export function flashMmaConfigProblems(
   }
   if (!Number.isInteger(c.maxOrder) || c.maxOrder < 0 || c.maxOrder > c.order) {
     problems.push("maxOrder must be 0 to order");
-  }
-  if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
-  if (s.sharedBytes > limits.storage) {
-    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
   }
   return problems;
 }

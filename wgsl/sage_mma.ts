@@ -106,25 +106,37 @@ export function sageMmaShape(c: SageMmaConfig) {
   return { dQ, dV, br, threads, ss, so, sharedBytes: 4 * perWarp * c.warps };
 }
 
-/** Why a config is not valid for a device with these limits (empty when valid). */
-export function sageMmaConfigProblems(
-  c: SageMmaConfig,
+/**
+ * Problems every matrix kernel's config shares (head dim, tile, threads, workgroup memory), given
+ * its derived sizes; each kernel adds its own.
+ */
+export function mmaConfigProblems(
+  c: MmaKernelConfig,
+  s: { threads: number; sharedBytes: number },
   limits: { storage: number; invocations: number },
 ): string[] {
-  const s = sageMmaShape(c);
   const problems: string[] = [];
   if (c.d % 4 !== 0 || c.d > 256) problems.push("d must be a multiple of 4 up to 256");
   if (c.shape.M !== 16 || c.shape.K !== 32 || (c.shape.N !== 16 && c.shape.N !== 8)) {
     problems.push("the tile must be M16 K32 with N 16 or 8");
   }
-  if (c.shape.component !== "i8" || c.shape.result !== "i32") {
-    problems.push("only i8 -> i32 tiles are generated");
-  }
-  if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
   if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
   if (s.sharedBytes > limits.storage) {
     problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
   }
+  return problems;
+}
+
+/** Why a config is not valid for a device with these limits (empty when valid). */
+export function sageMmaConfigProblems(
+  c: SageMmaConfig,
+  limits: { storage: number; invocations: number },
+): string[] {
+  const problems = mmaConfigProblems(c, sageMmaShape(c), limits);
+  if (c.shape.component !== "i8" || c.shape.result !== "i32") {
+    problems.push("only i8 -> i32 tiles are generated");
+  }
+  if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
   return problems;
 }
 

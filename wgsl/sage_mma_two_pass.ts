@@ -29,6 +29,7 @@ import { storeVec } from "./flash.ts";
 import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
 import {
   MMA_ROWS,
+  mmaConfigProblems,
   SAGE_MMA_UNIFORMS,
   sageMmaBindings,
   type SageMmaConfig,
@@ -178,17 +179,8 @@ export function twoPassConfigProblems(
   c: TwoPassConfig,
   limits: { storage: number; invocations: number },
 ): string[] {
-  const s = twoPassShape(c);
-  const problems: string[] = [];
-  if (c.d % 4 !== 0 || c.d > 256) problems.push("d must be a multiple of 4 up to 256");
-  if (c.shape.M !== 16 || c.shape.K !== 32 || (c.shape.N !== 16 && c.shape.N !== 8)) {
-    problems.push("the tile must be M16 K32 with N 16 or 8");
-  }
+  const problems = mmaConfigProblems(c, twoPassShape(c), limits);
   if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
-  if (s.threads > limits.invocations) problems.push(`${s.threads} threads > ${limits.invocations}`);
-  if (s.sharedBytes > limits.storage) {
-    problems.push(`${s.sharedBytes} B workgroup memory > ${limits.storage}`);
-  }
   return problems;
 }
 
