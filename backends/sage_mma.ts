@@ -164,6 +164,8 @@ export function chooseSageMmaConfig(
           ...common(bc),
           ...layout,
           pv: p.sKv <= U8_PV_MAX_KEYS ? "u8" : "i8",
+          // Kept out of the config (and its cache key) unless set.
+          ...(p.scale < 0 ? { negativeScale: true } : {}),
           varlen: p.varlen !== null,
           ...(sageMmaTuning.override ?? {}),
         };
@@ -215,6 +217,10 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   reasons.push(...servingReasons(p, { varlen: sageMmaTuning.twoPass }));
   const emulate = emulatingMma();
   if (!emulate) reasons.push(...realMmaReasons(caps));
+  // The two-pass kernel sums each row's P bytes with dot4U8Packed.
+  if (!caps.packedInt8Dot && sageMmaTuning.twoPass) {
+    reasons.push("the device has no dot4U8Packed (WGSL packed_4x8_integer_dot_product)");
+  }
   if (reasons.length === 0) {
     const c = chooseSageMmaConfig(p, caps, true, emulate);
     if (typeof c === "string") reasons.push(c);

@@ -61,6 +61,8 @@ interface Case {
   windowSize?: number | [number, number];
   keyPadding?: number[];
   lse?: boolean;
+  /** Softmax scale (default 1/√d). */
+  scale?: number;
   tiles?: Partial<TwoPassConfig>;
   /** The one-pass kernel (wgsl/sage_mma.ts) instead of the two-pass one. */
   onePass?: boolean;
@@ -142,6 +144,33 @@ const CASES: Case[] = [
     tiles: { stage: true },
   },
   {
+    name: "random, conversions by I2F/F2I (fastMath off), staged, causal",
+    b: 1,
+    n: 2,
+    sQ: 70,
+    sKv: 200,
+    d: 64,
+    dtype: "f16",
+    outliers: false,
+    isCausal: true,
+    lse: true,
+    tiles: { stage: true, fastMath: false },
+  },
+  {
+    name: "K outliers, negative softmax scale (the largest score is the smallest integer), staged, causal",
+    b: 1,
+    n: 2,
+    sQ: 70,
+    sKv: 200,
+    d: 64,
+    dtype: "f16",
+    outliers: true,
+    isCausal: true,
+    lse: true,
+    scale: -0.125,
+    tiles: { stage: true },
+  },
+  {
     name: "random, the one-pass kernel, window",
     b: 1,
     n: 2,
@@ -165,6 +194,7 @@ function label(c: Case): string {
   if (c.isCausal) parts.push("causal");
   if (c.windowSize !== undefined) parts.push(`window=${JSON.stringify(c.windowSize)}`);
   if (c.keyPadding) parts.push(`keyPadding [${c.keyPadding}]`);
+  if (c.scale !== undefined) parts.push(`scale ${c.scale}`);
   if (c.lse) parts.push("lse");
   return parts.join(" ");
 }
@@ -196,6 +226,7 @@ async function run(c: Case): Promise<Similarity & { lseErr: number }> {
   const ref: RefOptions = {};
   if (c.isCausal) options.isCausal = ref.isCausal = true;
   if (c.windowSize !== undefined) options.windowSize = ref.windowSize = c.windowSize;
+  if (c.scale !== undefined) options.scale = ref.scale = c.scale;
   if (c.keyPadding) {
     const sKv = c.sKv ?? c.sQ;
     const data = new Uint8Array(c.b * sKv);
@@ -377,6 +408,9 @@ Deno.test("sage-mma two-pass: every option that changes the kernel text changes 
     { stage: true, sColMajor: true },
     { sColMajor: true },
     { skipMaxPass: true },
+    { fastMath: false },
+    { negativeScale: true },
+    { fastMath: false, negativeScale: true },
     { warps: 2 },
     { bc: 32 },
     { shape: N8 },

@@ -101,6 +101,17 @@ export class MmaEmitter {
     return [...this.#helpers.values()].join("");
   }
 
+  /** A result matrix with every element `value` (a WGSL scalar of the result type). */
+  splat(value: string): string {
+    if (this.emulate) return `${this.#resultType}(${Array(this.fragment).fill(value).join(", ")})`;
+    return `subgroupMatrixScalarAdd(${this.#resultType}(), ${value})`;
+  }
+
+  /** `var name: array<result, count>` of copies of the result matrix `init` (emulated form). */
+  copyArray(name: string, count: number, init: string): string {
+    return `var ${name} = array<${this.#resultType}, ${count}>(${Array(count).fill(init).join(", ")});`;
+  }
+
   get #resultType(): string {
     const { result, M, N } = this.shape;
     return this.emulate

@@ -59,6 +59,17 @@ export interface TwoPassConfig extends SageMmaConfig {
    * of 16 bytes, so a row-major tile's rows repeat banks every 8).
    */
   sColMajor?: boolean;
+  /**
+   * Conversions on the FP32 pipes instead of the quarter-rate I2F, FRND and F2I per score (default
+   * on; false is the ablation): the S tiles accumulate from 1.5·2^23's bits, so each score's word is
+   * already the f32 1.5·2^23 + s (exact: |s| < 2^22 for d up to 256), dequantized by one fma with the
+   * tile's constant; P·pmax + 2^23 holds round(P·pmax) in its low byte; the row sum by dot4U8Packed
+   * over the packed P words; the maximum pass keeps one integer extreme (the largest, or with a
+   * negative softmax scale the smallest).
+   */
+  fastMath?: boolean;
+  /** The softmax scale is negative (the largest score is then the smallest integer). */
+  negativeScale?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -188,11 +199,11 @@ export function twoPassConfigProblems(
 export function twoPassKey(c: TwoPassConfig): string {
   const t = c.shape;
   return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
-    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}${
-      c.sColMajor ? ":scol" : ""
-    }:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.skipMaxPass ? ":skip1" : ""}${
-      c.varlen ? ":packed" : ""
-    }${flexKey(c.flex)}`;
+    `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}${c.sColMajor ? ":scol" : ""}${
+      c.fastMath === false ? ":i2f" : ""
+    }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
+      c.skipMaxPass ? ":skip1" : ""
+    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /**
@@ -257,6 +268,9 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const { N } = c.shape;
   const R = MMA_ROWS, half = c.bc / 2, bc = c.bc;
   const u8 = c.pv === "u8";
+  const fast = c.fastMath !== false;
+  // An S word as the f32 of its integer: fast math's words carry the 1.5·2^23 bias.
+  const intValue = (word: string) => fast ? `(bitcast<f32>(${word}) - 12582912.0)` : `f32(${word})`;
   const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
   const qk = new MmaEmitter(c.shape, c.emulate, "lane");
   const pv = new MmaEmitter(pvShape, c.emulate, "lane");
@@ -337,6 +351,8 @@ const LN2: f32 = 0.6931471805599453;`);
   if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
   }
+  // Fast math: every S tile starts from 1.5·2^23's bits (see fastMath).
+  if (fast) emit(`  let s_bias = ${qk.splat("1262485504i")};`);
   emit(blockKeyRange(c));
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
@@ -397,7 +413,10 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    let kv0 = t * ${bc}u;
     let wst = ${sRegionOf};`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
-    if (c.emulate) emit(`    ${qk.zeroArray("s", bc / N)}`);
+    if (fast) {
+      if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
+      else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
+    } else if (c.emulate) emit(`    ${qk.zeroArray("s", bc / N)}`);
     else range(bc / N).forEach((j) => emit(`    ${qk.zero(`s${j}`)}`));
     forEach("k", dQ / 32, (k) => {
       if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
@@ -425,10 +444,15 @@ const LN2: f32 = 0.6931471805599453;`);
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
   const scoreExpr = (e: number) => {
-    const raw = `f32(ss[sb + ${e * sStep}u]) * dq`;
+    const raw = `${intValue(`ss[sb + ${e * sStep}u]`)} * dq`;
     if (!rowBias) return raw;
     return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E}`;
   };
+  // Fast math: score e minus the row maximum plus log2(pmax), in log2 units, so that exp2 gives
+  // p·pmax: the biased word's f32 times dq plus the tile's constant dc (its rounding, a shift of the
+  // whole tile under 2^-23 of 1.5·2^23·dq, is far below the int8 scores' own error).
+  const fastScoreExpr = (e: number) =>
+    rowBias ? `${scoreExpr(e)} + lp` : `fma(bitcast<f32>(ss[sb + ${e * sStep}u]), dq, dc)`;
   // The tiles the loops visit and the staged prefetches fetch: every tile from t_lo, or with a block
   // map its live ones only (t_first, t_second; in the loop tn1 and tn2 follow t).
   const first = blockMap ? "t_first" : "t_lo", second = blockMap ? "t_second" : "t_lo + 1u";
@@ -486,6 +510,18 @@ const LN2: f32 = 0.6931471805599453;`);
       for (const e of range(half)) {
         emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(e)}));`);
       }
+    } else if (fast) {
+      // The biased words are positive (over 2^30): 0 marks "no live key" for the largest, i32's
+      // maximum for the smallest (a negative scale's largest score).
+      const [op, none, some] = c.negativeScale
+        ? ["min", "2147483647i", "x < 2147483647i"]
+        : ["max", "0i", "x > 0i"];
+      emit(`    var x = ${none};
+    let full = ${fullTile};`);
+      for (const e of range(half)) {
+        emit(`    x = select(x, ${op}(x, ss[sb + ${e * sStep}u]), full || (${liveExpr(e)}));`);
+      }
+      emit(`    if (${some}) { m = max(m, ${intValue("x")} * dq); }`);
     } else {
       emit(`    var hi = -2147483647i;
     var lo = 2147483647i;
@@ -512,6 +548,7 @@ const LN2: f32 = 0.6931471805599453;`);
 
   // ---- pass 2: P = exp2(s - m) quantized under one scale, P·V accumulated in integer tiles ----
   emit(`  var psum = 0u;`);
+  if (fast) emit(`  let lp = ${Math.log2(pmax)} - m;`);
   tiles(pv, "acc", dV / N);
   if (stage) {
     // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
@@ -534,19 +571,38 @@ const LN2: f32 = 0.6931471805599453;`);
     loadV(next1);
   });
   emit(`    let full = ${fullTile};`);
-  for (const e of range(half)) {
-    // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
-    const p = `u32(round(min(exp2(${scoreExpr(e)} - m), 1.0) * ${pmax}.0))`;
-    emit(`    let p${e} = select(0u, ${p}, full || (${liveExpr(e)}));`);
-  }
   const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
+  if (fast && !rowBias) emit(`    let dc = fma(-12582912.0, dq, lp);`);
+  for (const e of range(half)) {
+    const live = `full || (${liveExpr(e)})`;
+    if (fast) {
+      // p·pmax + 2^23 is 2^23 + round(p·pmax) exactly (ties to even, as round()): the low byte.
+      emit(
+        `    let p${e} = bitcast<u32>(select(0.0, min(exp2(${
+          fastScoreExpr(e)
+        }), ${pmax}.0), ${live}) + 8388608.0);`,
+      );
+    } else {
+      // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
+      emit(
+        `    let p${e} = select(0u, u32(round(min(exp2(${scoreExpr(e)} - m), 1.0) * ${pmax}.0)), ${live});`,
+      );
+    }
+  }
   for (const w of range(half / 4)) {
     const e = 4 * w;
-    const word = `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
-    emit(`    sp[${pb} + ${w}u] = ${u8 ? word : `i32(${word})`};`);
+    const word = fast
+      ? `(p${e} & 0xffu) | ((p${e + 1} & 0xffu) << 8u) | ((p${e + 2} & 0xffu) << 16u) | (p${e + 3} << 24u)`
+      : `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
+    emit(`    let pw${w} = ${word};
+    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
   }
-  emit(`    psum += ${range(half).map((e) => `p${e}`).join(" + ")};
-    workgroupBarrier();`);
+  emit(
+    fast
+      ? `    psum += ${range(half / 4).map((w) => `dot4U8Packed(pw${w}, 0x01010101u)`).join(" + ")};`
+      : `    psum += ${range(half).map((e) => `p${e}`).join(" + ")};`,
+  );
+  emit(`    workgroupBarrier();`);
   forEach("kk", bc / 32, (kk) => {
     emit("    {");
     emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
