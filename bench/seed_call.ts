@@ -91,6 +91,32 @@ const threads = Deno.args.includes("--threads")
   : [1, 4, 8, 16];
 const calls = 40;
 const [gq, gk, gv] = await Promise.all([q, k, v].map((t) => gpu(t.data)));
+// `--back-to-back N`: N host calls in a row per thread count (what a loop of calls sees), nothing
+// measured between them.
+if (Deno.args.includes("--back-to-back")) {
+  const n = Number(Deno.args[Deno.args.indexOf("--back-to-back") + 1]);
+  for (const t of threads) {
+    hostCopyTuning.threads = t;
+    for (let i = 0; i < 5; i++) await attentionForward(q, k, v);
+    const ends: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const t0 = performance.now();
+      await attentionForward(q, k, v);
+      ends.push(performance.now() - t0);
+    }
+    const sorted = [...ends].sort((a, b) => a - b);
+    const at = (f: number) => +sorted[Math.floor(f * (n - 1))].toFixed(3);
+    console.log(JSON.stringify({
+      bench: "seed-call-back-to-back",
+      engine: engine.name,
+      copyThreads: t,
+      medianMs: at(0.5),
+      p10Ms: at(0.1),
+      p90Ms: at(0.9),
+      calls: n,
+    }));
+  }
+}
 for (const t of threads) {
   hostCopyTuning.threads = t;
   for (let i = 0; i < 5; i++) await attentionForward(q, k, v);

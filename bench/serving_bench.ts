@@ -152,6 +152,16 @@ async function packedPart(): Promise<void> {
     ],
     ["padded + keyPaddingMask", paddedOptions, padded],
   ];
+  // `--packed-backends a,b`: the packed (host offsets) and padded calls again on each backend named.
+  const named = Deno.args.includes("--packed-backends")
+    ? Deno.args[Deno.args.indexOf("--packed-backends") + 1].split(",")
+    : [];
+  for (const backend of named) {
+    runs.push(
+      [`packed, host offsets, ${backend}`, { ...runs[0][1], backend }, runs[0][2]],
+      [`padded + keyPaddingMask, ${backend}`, { ...paddedOptions, backend }, padded],
+    );
+  }
   const times: Record<string, number> = {};
   for (const [name, options, inputs] of runs) {
     const e = await explain(inputs.q, inputs.k, inputs.v, options);
@@ -174,6 +184,16 @@ async function packedPart(): Promise<void> {
     speedupGpu: +(times["padded + keyPaddingMask"] / times["packed, GPU offsets"]).toFixed(2),
     goal: 1.5,
   });
+  for (const backend of named) {
+    line({
+      part: "packed",
+      shape,
+      backend,
+      speedupHost: +(times[`padded + keyPaddingMask, ${backend}`] / times[`packed, host offsets, ${backend}`])
+        .toFixed(2),
+      goal: 1.5,
+    });
+  }
   // Sampled rows of both against float64: first, middle and last rows of a few sequences and heads.
   const outP = await attentionForward(q.t, k.t, v.t, { isCausal: true, cuSeqlensQ: cu, cuSeqlensK: cu });
   const outD = await attentionForward(padded.q, padded.k, padded.v, paddedOptions);
