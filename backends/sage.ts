@@ -203,6 +203,14 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
       if (Math.max(sizes.q8, sizes.k8, sizes.bias) > limit) {
         reasons.push("its int8 copies of q and k do not fit one storage binding");
       }
+      // A packed batch's kernel binds q8, k8, v, o, the two scales, the lse and its bias, the
+      // offsets and both work lists.
+      const buffers = 12;
+      if (p.varlen && buffers > caps.limits.maxStorageBuffersPerShaderStage) {
+        reasons.push(
+          `its packed-batch kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
+        );
+      }
     }
   }
   return reasons;
