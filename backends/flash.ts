@@ -202,24 +202,28 @@ export async function encodeFlash(
  * The work list of a packed batch (see wgsl/flash.ts): built here from host offsets, with exactly
  * the sequences' query blocks as work items; from GPU offsets by a one-thread kernel, with a bound
  * of items (each sequence's last block may be partial: at most one more per sequence), those past
- * the real total returning at once.
+ * the real total returning at once. `side` "k" builds the same over the key offsets in blocks of
+ * `rows` keys (`sage`'s K quantization blocks).
  */
-async function varlenWorkList(
+export async function varlenWorkList(
   p: AttentionProblem,
   io: GpuIO,
   call: GpuCall,
-  br: number,
+  rows: number,
+  side: "q" | "k" = "q",
 ): Promise<{ wl: GPUBuffer; items: number }> {
   const v = p.varlen!;
-  if (v.cuQ.residency === "host") {
+  const cu = side === "q" ? v.cuQ : v.cuK, total = side === "q" ? p.sQ : p.sKv;
+  if (cu.residency === "host") {
     const wl = new Uint32Array(v.seqs + 1);
-    for (let s = 0; s < v.seqs; s++) wl[s + 1] = wl[s] + Math.ceil((v.cuQ.data[s + 1] - v.cuQ.data[s]) / br);
+    for (let s = 0; s < v.seqs; s++) wl[s + 1] = wl[s] + Math.ceil((cu.data[s + 1] - cu.data[s]) / rows);
     return { wl: call.upload(wl, "wgattn varlen work list"), items: wl[v.seqs] };
   }
-  const kernel = workListKernel(br);
+  const kernel = workListKernel(rows);
   const wl = call.scratch((v.seqs + 1) * 4, "wgattn varlen work list");
-  call.dispatch(await call.pipeline(kernel), kernel, { cuq: io.cuQ!, wl }, { seqs: v.seqs, total: p.sQ }, 1);
-  return { wl, items: Math.ceil(p.sQ / br) + v.seqs };
+  const offsets = side === "q" ? io.cuQ! : io.cuK!;
+  call.dispatch(await call.pipeline(kernel), kernel, { cuq: offsets, wl }, { seqs: v.seqs, total }, 1);
+  return { wl, items: Math.ceil(total / rows) + v.seqs };
 }
 
 /** The fused FlashAttention-2 backend. */

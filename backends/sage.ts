@@ -6,15 +6,19 @@
  * once per score and keeps the softmax and P V in f32. All in one compute pass, without waiting.
  *
  * Serves what `flash` serves (causal, window, GQA, key padding, layouts, f32/f16/bf16, lse, flex
- * functions and block masks) where the device has `dot4I8Packed`. Smoothing shifts each row's
+ * functions and block masks, packed batches) but paged caches and sinks, where the device has
+ * `dot4I8Packed`. A packed batch is quantized in blocks aligned to each sequence's start (its
+ * query blocks are the kernel's work items, its key blocks the key tiles of its sequence), by two
+ * work lists as flash's; K's mean is taken over all packed keys of a head (a shift common to all of
+ * a row's keys). Smoothing shifts each row's
  * scores by `scale * q . mean(k)`: the pre-pass writes that per row and the kernel adds it back to
  * the lse and, before a score_mod, to each score. Its output is approximate (relative L1 error
  * about 2e-3, cosine similarity to float64 about 0.99999, tests/sage_test.ts), so the router picks
  * it by itself only for 16-bit inputs on long sequences, where it measured 1.4x to 1.5x faster than
- * flash; f32 inputs get it only by name.
+ * flash (a packed batch: for its longest sequences); f32 inputs get it only by name.
  */
 import { flexKernelConfig, type GpuBackend, type GpuIO } from "./backend.ts";
-import { flashUnsupportedReasons } from "./flash.ts";
+import { flashUnsupportedReasons, varlenWorkList } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
@@ -71,6 +75,14 @@ function unsuitedReasons(p: AttentionProblem): string[] {
       `the scale (router limit ${SAGE_MAX_SHARPNESS}x)`,
     ];
   }
+  // A packed batch: its longest sequences (for GPU offsets, the totals), as a batch of short
+  // sequences is as many short calls.
+  if (p.varlen && Math.min(p.varlen.maxSq, p.varlen.maxSkv) < SAGE_MIN_SEQ) {
+    return [
+      `longest packed sequence q ${p.varlen.maxSq} / k ${p.varlen.maxSkv} under ${SAGE_MIN_SEQ}: its ` +
+      "quantization pre-pass does not pay off (flash measured faster at s = 128)",
+    ];
+  }
   if (Math.min(p.sQ, p.sKv) < SAGE_MIN_SEQ) {
     return [
       `s_q ${p.sQ} / s_kv ${p.sKv} under ${SAGE_MIN_SEQ}: its quantization pre-pass does not pay off ` +
@@ -104,6 +116,7 @@ export function chooseSageConfig(
     swizzle: true,
     qk: "int8",
     flex: flexKernelConfig(p, true),
+    varlen: p.varlen !== null,
   } as const;
   function* candidates(): Generator<FlashConfig> {
     // Few query rows or a software adapter: the smallest tile, flat, as flash does (backends/flash.ts).
@@ -137,10 +150,27 @@ export function needsRowBias(p: AttentionProblem, lse: boolean): boolean {
   return lse || p.flex?.scoreMod != null;
 }
 
-/** Bytes of the pre-pass's scratch buffers. */
-function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
+/**
+ * Quantization blocks per head of a packed batch's q (side "q", blocks of `rows` query rows) or k:
+ * each sequence's own, counted from host offsets; for GPU offsets the work list's bound (each
+ * sequence's last block may be partial: at most one more per sequence).
+ */
+function packedBlocks(p: AttentionProblem, rows: number, side: "q" | "k"): number {
+  const v = p.varlen!;
+  const cu = side === "q" ? v.cuQ : v.cuK;
+  if (cu.residency === "gpu") return Math.ceil((side === "q" ? p.sQ : p.sKv) / rows) + v.seqs;
+  let blocks = 0;
+  for (let s = 0; s < v.seqs; s++) blocks += Math.ceil((cu.data[s + 1] - cu.data[s]) / rows);
+  return blocks;
+}
+
+/**
+ * Bytes of the pre-pass's scratch buffers; `items`: a packed batch's blocks per head (b is 1), q's
+ * and k's.
+ */
+function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean, items?: { q: number; k: number }) {
   const dQ = sagePaddedDim(p.d);
-  const qBlocks = Math.ceil(p.sQ / c.br), kBlocks = Math.ceil(p.sKv / c.bc);
+  const qBlocks = items?.q ?? Math.ceil(p.sQ / c.br), kBlocks = items?.k ?? Math.ceil(p.sKv / c.bc);
   return {
     qBlocks,
     kBlocks,
@@ -156,9 +186,10 @@ function scratchSizes(p: AttentionProblem, c: FlashConfig, lse: boolean) {
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
   const reasons = flashUnsupportedReasons(p, caps, false);
   if (!caps) return reasons;
-  // Its int8 pre-pass quantizes dense [b, n, s, d] blocks, and K smoothing shifts each row's scores
-  // by q·mean(k), which a sink logit would have to follow.
-  reasons.push(...servingReasons(p, {}));
+  // K smoothing shifts each row's scores by q·mean(k), which a sink logit would have to follow; its
+  // int8 blocks of a paged cache would have to follow the table. Packed batches: blocks aligned to
+  // each sequence's start (wgsl/sage.ts).
+  reasons.push(...servingReasons(p, { varlen: true }));
   if (!caps.packedInt8Dot) {
     reasons.push("the device has no dot4I8Packed (WGSL packed_4x8_integer_dot_product)");
   }
@@ -166,10 +197,19 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
     const c = chooseSageConfig(p, caps, false);
     if (typeof c === "string") reasons.push(c);
     else {
-      const sizes = scratchSizes(p, c, true);
+      const items = p.varlen ? { q: packedBlocks(p, c.br, "q"), k: packedBlocks(p, c.bc, "k") } : undefined;
+      const sizes = scratchSizes(p, c, true, items);
       const limit = caps.limits.maxStorageBufferBindingSize;
       if (Math.max(sizes.q8, sizes.k8, sizes.bias) > limit) {
         reasons.push("its int8 copies of q and k do not fit one storage binding");
+      }
+      // A packed batch's kernel binds q8, k8, v, o, the two scales, the lse and its bias, the
+      // offsets and both work lists.
+      const buffers = 12;
+      if (p.varlen && buffers > caps.limits.maxStorageBuffersPerShaderStage) {
+        reasons.push(
+          `its packed-batch kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
+        );
       }
     }
   }
@@ -181,16 +221,23 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const lse = io.lse !== null;
   const c = chooseSageConfig(p, caps, lse);
   if (typeof c === "string") throw new Error(c);
-  const input = { dtype: p.dtype, f16: c.f16, d: p.d };
+  const input = { dtype: p.dtype, f16: c.f16, d: p.d, varlen: p.varlen !== null };
   const main = kernelOf(flashKernel, c);
-  const meanK = kernelOf(sageMeanKernel, input);
+  const meanK = kernelOf(sageMeanKernel, { dtype: p.dtype, f16: c.f16, d: p.d });
   const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false });
   const bias = needsRowBias(p, lse);
   const quantQ = kernelOf(sageQuantKernel, { ...input, rows: c.br, smooth: false, bias });
   const [mainPipe, meanPipe, quantKPipe, quantQPipe] = await Promise.all(
     [main, meanK, quantK, quantQ].map((k) => call.pipeline(k)),
   );
-  const sz = scratchSizes(p, c, lse);
+  // A packed batch: the work lists of each sequence's own query blocks (the kernel's) and key blocks.
+  const lists = p.varlen
+    ? {
+      q: await varlenWorkList(p, io, call, c.br, "q"),
+      k: await varlenWorkList(p, io, call, c.bc, "k"),
+    }
+    : null;
+  const sz = scratchSizes(p, c, lse, lists ? { q: lists.q.items, k: lists.k.items } : undefined);
   const q8 = call.scratch(sz.q8, "sage q int8");
   const k8 = call.scratch(sz.k8, "sage k int8");
   const qScale = call.scratch(sz.qScale, "sage q scales");
@@ -204,6 +251,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
     blocks: { q: sz.qBlocks, k: sz.kBlocks },
     smooth: sageTuning.smooth,
+    varlen: lists ? { q: lists.q.wl, k: lists.k.wl } : undefined,
   });
   // 4. The flash kernel in int8 mode.
   const ms = p.mask?.strides ?? { b: 0, j: 0 };
@@ -211,6 +259,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
   if (rowBias) buffers.lse_bias = rowBias;
+  if (lists) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK!, wl: lists.q.wl, wlk: lists.k.wl });
   if (io.flex) Object.assign(buffers, io.flex);
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, c.br, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
@@ -242,7 +291,9 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     o_ss: v4(p.out.strides.s),
     m_sb: ms.b,
     m_sj: ms.j,
-  }, p.b * p.n * sz.qBlocks);
+    seqs: p.varlen?.seqs ?? 0,
+    k_items: sz.kBlocks,
+  }, lists ? sz.qBlocks * p.n : p.b * p.n * sz.qBlocks);
 }
 
 /** The int8 Q·Kᵀ (SageAttention-style) backend. */
@@ -290,6 +341,11 @@ export function encodeSageQuantization(
     };
     blocks: { q: number; k: number };
     smooth: boolean;
+    /**
+     * A packed batch: the work lists of q's and k's blocks (`blocks` their totals or bounds); each
+     * sequence's blocks start at its own first row.
+     */
+    varlen?: { q: GPUBuffer; k: GPUBuffer };
   },
 ): void {
   const { pipes, buffers: b } = o;
@@ -305,7 +361,10 @@ export function encodeSageQuantization(
       ss: v4(p.k.strides.s),
     }, p.b * p.nKv * cgroups);
   }
-  call.dispatch(pipes.quantKPipe, pipes.quantK, { x: io.k, x8: b.k8, x_scale: b.kScale, mean: b.mean }, {
+  const vl = o.varlen;
+  const kBuffers: Record<string, GPUBuffer> = { x: io.k, x8: b.k8, x_scale: b.kScale, mean: b.mean };
+  if (vl) Object.assign(kBuffers, { cu: io.cuK!, wl: vl.k });
+  call.dispatch(pipes.quantKPipe, pipes.quantK, kBuffers, {
     heads: p.nKv,
     group: 1,
     n_kv: p.nKv,
@@ -316,12 +375,14 @@ export function encodeSageQuantization(
     ss: v4(p.k.strides.s),
     scale_mul: 1,
     bias_scale: 0,
+    seqs: p.varlen?.seqs ?? 0,
   }, p.b * p.nKv * o.blocks.k);
   const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: b.q8, x_scale: b.qScale };
   if (b.bias) {
     qBuffers.mean = b.mean;
     qBuffers.bias = b.bias;
   }
+  if (vl) Object.assign(qBuffers, { cu: io.cuQ!, wl: vl.q });
   call.dispatch(pipes.quantQPipe, pipes.quantQ, qBuffers, {
     heads: p.n,
     group: p.n / p.nKv,
@@ -333,5 +394,6 @@ export function encodeSageQuantization(
     ss: v4(p.q.strides.s),
     scale_mul: p.scale * Math.LOG2E,
     bias_scale: p.scale,
+    seqs: p.varlen?.seqs ?? 0,
   }, p.b * p.n * o.blocks.q);
 }

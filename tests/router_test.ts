@@ -265,6 +265,36 @@ Deno.test("router (registry): the priority choice is the first registered backen
   }
 });
 
+Deno.test("router (registry): sage serves packed batches, picked by their longest sequences", () => {
+  const caps = fakeCaps({}, { maxStorageBuffersPerShaderStage: 16 });
+  const sage = byName("sage");
+  if (!sage) return;
+  /** A packed f16 batch of these lengths, n 2, d 64. */
+  const packed = (lens: number[]) => {
+    const total = lens.reduce((a, x) => a + x, 0);
+    const t = {
+      data: new Float16Array(total * 2 * 64).fill(0.5),
+      shape: [total, 2, 64],
+      dtype: "f16" as const,
+    };
+    const cu = Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
+    return resolveProblem(t, t, t, { cuSeqlensQ: cu, cuSeqlensK: cu, isCausal: true });
+  };
+  const long = packed([2048, 300, 2304]);
+  assert.deepEqual(sage.unsupportedReasons(long, caps), []);
+  assert.deepEqual(sage.unsuitedReasons!(long, caps), []);
+  const d = decide(long, caps, BACKENDS);
+  assert.equal(d.backend.name, "sage");
+  assert.deepEqual(d.chain.find((c) => c.backend === "sage"), { backend: "sage", chosen: true, reasons: [] });
+  // As many short calls: the pre-pass does not pay off, though the total is past SAGE_MIN_SEQ.
+  const short = packed(Array(16).fill(256));
+  assert.match(sage.unsuitedReasons!(short, caps).join(), /longest packed sequence q 256 \/ k 256/);
+  assert.notEqual(decide(short, caps, BACKENDS).backend.name, "sage");
+  // Its packed-batch kernel binds 12 storage buffers.
+  assert.match(sage.unsupportedReasons(long, fakeCaps()).join(), /binds 12 storage buffers/);
+  assert.notEqual(decide(long, fakeCaps(), BACKENDS).backend.name, "sage");
+});
+
 Deno.test("router (registry): no adapter (caps null) gives cpu, each GPU backend saying why", () => {
   const d = decide(problem(), null, BACKENDS);
   assert.equal(d.backend.name, "cpu");

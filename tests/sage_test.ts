@@ -24,6 +24,7 @@ import { BACKEND_FAMILIES, decide, lookupBackend } from "../core/router.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse, explain } from "../mod.ts";
 import { type FlashConfig, flashKernel } from "../wgsl/flash.ts";
+import { sageQuantKernel } from "../wgsl/sage.ts";
 import {
   OUTLIER_OFFSET,
   outlierChannels,
@@ -434,4 +435,55 @@ Deno.test("sage: flash's f32 kernel text is the same with qk f32 or unset; int8 
   assert.notEqual(int8.key, plain.key);
   assert.match(int8.code, /dot4I8Packed/);
   assert.deepEqual(int8.bindings, ["q8", "k8", "v", "o", "mask", "lse", "q_scale", "k_scale", "lse_bias"]);
+});
+
+Deno.test("sage: a packed batch's kernels bind the offsets and work lists; paged caches stay refused", () => {
+  const base: FlashConfig = {
+    dtype: "f16",
+    f16: false,
+    d: 64,
+    br: 32,
+    bc: 64,
+    rt: 8,
+    ct: 16,
+    dk: 32,
+    vc: 16,
+    band: true,
+    keyPadding: false,
+    lse: true,
+    subgroups: false,
+    swizzle: true,
+    qk: "int8",
+  };
+  const packed = flashKernel({ ...base, varlen: true });
+  // backends/sage.ts counts these 12 against maxStorageBuffersPerShaderStage.
+  assert.deepEqual(packed.bindings, [
+    "q8",
+    "k8",
+    "v",
+    "o",
+    "lse",
+    "q_scale",
+    "k_scale",
+    "lse_bias",
+    "cuq",
+    "cuk",
+    "wl",
+    "wlk",
+  ]);
+  assert.ok(packed.uniforms.some(([name]) => name === "k_items"));
+  assert.ok(!flashKernel(base).uniforms.some(([name]) => name === "k_items"));
+  assert.throws(() => flashKernel({ ...base, page: 16 }), /paged caches no int8 scores/);
+  assert.throws(() => flashKernel({ ...base, varlen: true, keyPadding: true }), /no masks/);
+  const quant = sageQuantKernel({
+    dtype: "f16",
+    f16: false,
+    d: 64,
+    rows: 32,
+    smooth: false,
+    bias: true,
+    varlen: true,
+  });
+  assert.deepEqual(quant.bindings, ["x", "x8", "x_scale", "mean", "bias", "cu", "wl"]);
+  assert.match(quant.key, /:vl$/);
 });

@@ -1,8 +1,9 @@
 /**
  * Serving paths against the float64 reference of reference.ts, built independently of the cpu
  * backend: sinks as `out · σ(lse − sink)` and `lse ⊕ sink` of the dense reference; packed batches
- * as one dense reference call per sequence; paged caches as the reference over the pages gathered
- * in table order. Then appendKvCache, and the refusals of bad offsets, tables and lengths.
+ * as one dense reference call per sequence (sage and sage-mma against SageAttention's bar); paged
+ * caches as the reference over the pages gathered in table order. Then appendKvCache, and the
+ * refusals of bad offsets, tables and lengths.
  */
 import assert from "node:assert/strict";
 import { appendKvCache, attentionWithLse, deviceInfo, explain, getDevice, WgattnError } from "../mod.ts";
@@ -10,15 +11,23 @@ import type { AttentionOptions } from "../core/types.ts";
 import { splitKvTuning } from "../backends/splitkv.ts";
 import { realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
 import { flashMmaTuning } from "../backends/flash_mma.ts";
+import { chooseSageConfig, sageBackend, sageTuning } from "../backends/sage.ts";
 import { defaultRuntime } from "../core/device.ts";
+import { debug } from "../core/gpu.ts";
+import { resolveProblem } from "../core/problem.ts";
+import type { HostTensor } from "../core/types.ts";
+import type { FlashConfig } from "../wgsl/flash.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
+  fromHostArray,
   type Logical,
   randomLogical,
   referenceAttention,
   type RefOptions,
   rng,
+  roundTo,
+  toHostArray,
 } from "./reference.ts";
 
 const info = await deviceInfo();
@@ -350,6 +359,160 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
       }),
       (e: unknown) => e instanceof WgattnError && e.argument === "options.keyPaddingMask",
     );
+  });
+}
+
+// ---- packed batches on sage ---------------------------------------------------------------------
+
+{
+  // sage quantizes q and k in blocks aligned to each sequence's start (wgsl/sage.ts): lengths
+  // shorter than a tile (5, 9, 3), not multiples of it (17, 33, 70, 75), empty (0), and one whose
+  // first causal rows see no key (q 20 over k 12). With 64-row tiles every block of the whole
+  // tensor would straddle sequences; with the software adapter's 16-row tiles several blocks
+  // make one sequence.
+  const n = 4, nKv = 2, d = 32;
+  const lensQ = [5, 0, 70, 17, 20], lensK = [9, 3, 75, 17, 12];
+  const cu = (lens: number[]) =>
+    Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
+  const cuQ = cu(lensQ), cuK = cu(lensK);
+  const totalQ = cuQ[lensQ.length], totalK = cuK[lensK.length];
+  const inputs = (dtype: "f32" | "f16") => {
+    const random = rng(dtype === "f32" ? 23 : 29);
+    const round = (t: Logical): Logical => ({ data: roundTo(t.data, dtype), sizes: t.sizes });
+    const seqs = lensQ.map((sq, i) => ({
+      q: round(randomLogical({ b: 1, n, s: sq, d }, random)),
+      k: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
+      v: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
+    }));
+    const cat = (which: "q" | "k" | "v", heads: number, total: number) => {
+      const all = new Float32Array(total * heads * d);
+      let at = 0;
+      for (const x of seqs) {
+        const part = bsnd(x[which], 0, 0, x[which].sizes.s);
+        all.set(part, at);
+        at += part.length;
+      }
+      return { data: toHostArray(all, dtype), shape: [total, heads, d], dtype } as HostTensor;
+    };
+    /** Expected out [total_q, n, d] and lse [n, total_q]: one reference call per sequence. */
+    const expected = (opts: RefOptions) => {
+      const out = new Float64Array(totalQ * n * d), lse = new Float64Array(n * totalQ);
+      seqs.forEach((x, i) => {
+        const r = referenceAttention(x.q, x.k, x.v, opts);
+        for (let h = 0; h < n; h++) {
+          for (let row = 0; row < lensQ[i]; row++) {
+            lse[h * totalQ + cuQ[i] + row] = r.lse[h * lensQ[i] + row];
+            for (let c = 0; c < d; c++) {
+              out[((cuQ[i] + row) * n + h) * d + c] = r.out[(h * lensQ[i] + row) * d + c];
+            }
+          }
+        }
+      });
+      return { out, lse };
+    };
+    return { q: cat("q", n, totalQ), k: cat("k", nKv, totalK), v: cat("v", nKv, totalK), expected };
+  };
+  const sageCases: {
+    name: string;
+    dtype: "f32" | "f16";
+    causal: boolean;
+    gpuOffsets: boolean;
+    tiles?: Partial<FlashConfig>;
+  }[] = [
+    { name: "host offsets", dtype: "f32", causal: false, gpuOffsets: false },
+    { name: "GPU offsets", dtype: "f32", causal: true, gpuOffsets: true },
+    { name: "host offsets", dtype: "f16", causal: true, gpuOffsets: false },
+    { name: "GPU offsets", dtype: "f16", causal: false, gpuOffsets: true },
+    // The 64-row tiles GPUs get (the software adapter takes 16): blocks of 64 rows and keys.
+    {
+      name: "host offsets, 64x64 tiles",
+      dtype: "f16",
+      causal: true,
+      gpuOffsets: false,
+      tiles: { br: 64, bc: 64, rt: 16, ct: 16, vc: 4, dk: 32, pointers: false },
+    },
+    {
+      name: "GPU offsets, 64x64 tiles",
+      dtype: "f32",
+      causal: false,
+      gpuOffsets: true,
+      tiles: { br: 64, bc: 64, rt: 16, ct: 16, vc: 4, dk: 32, pointers: false },
+    },
+  ];
+  const caps = info ? (await defaultRuntime())?.caps : undefined;
+  const sageSkip = !caps ? "no WebGPU adapter" : !caps.packedInt8Dot ? "no dot4I8Packed on this device" : "";
+  for (const c of sageCases) {
+    const label = `packed batch on sage: lengths q ${lensQ} k ${lensK}, n${n}/${nKv} d${d} ${c.dtype}, ${
+      c.causal ? "causal" : "full"
+    }, ${c.name}, lse`;
+    Deno.test({
+      name: `${label}${sageSkip ? ` [skipped: ${sageSkip}]` : ""}`,
+      ignore: sageSkip !== "",
+      async fn() {
+        const { q, k, v, expected } = inputs(c.dtype);
+        const options: AttentionOptions = {
+          backend: "sage",
+          isCausal: c.causal,
+          cuSeqlensQ: c.gpuOffsets ? await gpuTensor(cuQ, [cuQ.length], "i32") : cuQ,
+          cuSeqlensK: c.gpuOffsets ? await gpuTensor(cuK, [cuK.length], "i32") : cuK,
+        };
+        assert.equal((await explain(q, k, v, options)).backend, "sage");
+        const ref = expected({ isCausal: c.causal });
+        sageTuning.override = c.tiles ?? null;
+        debug.poisonOutputs = true;
+        try {
+          if (c.tiles) {
+            const p = resolveProblem(q, k, v, options);
+            const chosen = chooseSageConfig(p, caps!, true);
+            assert.ok(typeof chosen !== "string" && chosen.br === 64 && chosen.varlen, String(chosen));
+          }
+          const { out, lse } = await attentionWithLse(q, k, v, options);
+          assert.deepEqual(out.shape, [totalQ, n, d]);
+          assert.deepEqual(lse.shape, [n, totalQ]);
+          const got = fromHostArray((out as HostTensor).data, c.dtype);
+          const acc = similarity(got, ref.out);
+          console.log(`  ${label}: cosine ${acc.cosine.toFixed(6)}, relative L1 ${acc.relL1.toFixed(5)}`);
+          assert.ok(acc.cosine >= 0.999 && acc.relL1 <= 0.03, JSON.stringify(acc));
+          // Rows that see no key: output 0 and lse -Infinity, as the reference.
+          let lseErr = 0;
+          ref.lse.forEach((x, i) => {
+            const y = (lse as HostTensor).data[i];
+            if (x === -Infinity) assert.equal(y, -Infinity, `lse ${i}`);
+            else lseErr = Math.max(lseErr, Number.isNaN(y) ? Infinity : Math.abs(y - x));
+          });
+          console.log(`    lse max abs error ${lseErr.toExponential(2)}`);
+          assert.ok(lseErr <= 0.05, `lse max abs error ${lseErr}`);
+        } finally {
+          sageTuning.override = null;
+          debug.poisonOutputs = false;
+        }
+      },
+    });
+  }
+  Deno.test({
+    name: `packed batch: explain() of a long f16 batch gives no packed refusal for sage${
+      sageSkip ? ` [skipped: ${sageSkip}]` : ""
+    }`,
+    ignore: sageSkip !== "",
+    async fn() {
+      const lens = [2048, 300, 2304], total = lens.reduce((a, x) => a + x, 0);
+      const t = {
+        data: new Float16Array(total * 2 * 64).fill(0.5),
+        shape: [total, 2, 64],
+        dtype: "f16" as const,
+      };
+      const offsets = cu(lens);
+      const options: AttentionOptions = { cuSeqlensQ: offsets, cuSeqlensK: offsets, isCausal: true };
+      const e = await explain(t, t, t, options);
+      assert.deepEqual(sageBackend.unsupportedReasons(resolveProblem(t, t, t, options), caps!), []);
+      // Where the device has int8 matrix units sage-mma comes first, and the chain ends there.
+      const entry = e.chain.find((x) => x.backend === "sage");
+      if (realMmaReasons(caps!).length === 0) assert.ok(entry || e.backend === "sage-mma", e.backend);
+      else {
+        assert.equal(e.backend, "sage");
+        assert.deepEqual(entry?.reasons, []);
+      }
+    },
   });
 }
 

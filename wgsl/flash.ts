@@ -29,6 +29,8 @@
  * smoothed (its mean removed), which shifts a row's scores by `scale * q . mean(k)`: the pre-pass
  * writes that per row (`lse_bias`), added back to the lse, and with a score_mod to each score
  * before the function sees it (the softmax ignores the shift, an arbitrary score_mod does not).
+ * A packed batch's blocks are aligned to each sequence's start: query block `blk` of sequence b is
+ * pre-pass block `wl[b] + blk` of its head, its key tile t block `wlk[b] + t` of its K/V head.
  */
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
@@ -92,6 +94,8 @@ export interface FlashConfig {
   /**
    * Packed batch: bindings `cuq`, `cuk` (i32 offsets) and `wl` (u32, the first work item of each
    * sequence: its query blocks, prefix-summed); the dispatch is (work item, head) with no padding.
+   * With `qk: "int8"` also `wlk` (the same over the key blocks of bc, the pre-pass's K blocks) and
+   * uniform `k_items` (K blocks per K/V head): the pre-pass's blocks start at each sequence's start.
    */
   varlen?: boolean;
   /** Paged K/V with this page size (a multiple of 16): bindings `tbl` (i32 [b, max_pages]) and `cache_len`. */
@@ -309,14 +313,19 @@ export function flashKernel(c: FlashConfig): Kernel {
   // int8 (sage): K smoothing shifted each row's scores; a score_mod gets them back exact (`lse_bias`).
   const rowBias = int8 && flex?.scoreMod != null;
   const blockMap = flex?.blockMap === true;
-  if ((c.varlen || c.page) && (flex || int8 || c.keyPadding)) {
-    throw new Error("packed batches and paged caches take no masks, flex functions or int8 scores");
+  if ((c.varlen || c.page) && (flex || c.keyPadding) || (c.page && int8)) {
+    throw new Error(
+      "packed batches and paged caches take no masks or flex functions, paged caches no int8 scores",
+    );
   }
+  // int8 packed batch: K blocks per sequence (see the int8 prologue below).
+  const varlen8 = int8 && c.varlen === true;
   const uniforms: [string, UniformType][] = flex
     ? [...UNIFORMS, ["flex_scale", "f32"], ...(blockMap ? BLOCK_MAP_UNIFORMS : [])]
     : [
       ...UNIFORMS,
       ...SERVING_UNIFORMS.filter(([name]) => name === "seqs" ? c.varlen : c.page && name !== "seqs"),
+      ...(varlen8 ? [["k_items", "u32"]] as [string, UniformType][] : []),
     ];
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
   /** Start of key `key` of k or v (`base` is the head's start); paged K/V go through the table. */
@@ -357,6 +366,7 @@ export function flashKernel(c: FlashConfig): Kernel {
   const servingBindings: [string, string][] = [
     ...(c.sinks ? [["sinks", "f32"]] as [string, string][] : []),
     ...(c.varlen ? [["cuq", "i32"], ["cuk", "i32"], ["wl", "u32"]] as [string, string][] : []),
+    ...(varlen8 ? [["wlk", "u32"]] as [string, string][] : []),
     ...(c.page ? [["tbl", "i32"], ["cache_len", "i32"]] as [string, string][] : []),
   ];
   for (const [name, type] of servingBindings) {
@@ -441,16 +451,30 @@ ${
     for (const g of range(td / 4)) emit(`  let vrow${g} = &kvs[tx + ${c.ct * g}u];`);
   }
   if (int8) {
-    // Packed blocks: q8 [b, n, blocks * br, dq4], k8 [b, n_kv, k_blocks * bc, dq4] (zero padded).
-    emit(`  let k_blocks = (skv_ + ${c.bc - 1}u) / ${c.bc}u;
+    if (varlen8) {
+      // Packed batch: blocks aligned to each sequence's start, q8 [n, blocks, br, dq4] (block
+      // wl[b] + blk of head h is this one), k8 [n_kv, k_items, bc, dq4] (the sequence's first key
+      // block is wlk[b], its K work list entry), zero padded.
+      emit(`  let ks_base = hk * P.k_items + wlk[b];
+  let k8_base = ks_base * ${c.bc * dq4}u;
+  let q_blk = h * P.blocks + wl[b] + blk;
+  let q_sc = q_scale[q_blk];`);
+    } else {
+      // Packed blocks: q8 [b, n, blocks * br, dq4], k8 [b, n_kv, k_blocks * bc, dq4] (zero padded).
+      emit(`  let k_blocks = (skv_ + ${c.bc - 1}u) / ${c.bc}u;
   let ks_base = (b * (P.n / P.group) + hk) * k_blocks;
   let k8_base = ks_base * ${c.bc * dq4}u;
   let q_blk = (b * P.n + h) * P.blocks + blk;
   let q_sc = q_scale[q_blk];`);
+    }
     if (rowBias) {
       // Each thread's rows' scale * q . mean(k) (natural-log units), clamped into the sequence.
       for (const i of range(tm)) {
-        emit(`  let rb${i} = lse_bias[(b * P.n + h) * P.s_q + min(q0 + ty + ${c.rt * i}u, P.s_q - 1u)];`);
+        emit(
+          c.varlen
+            ? `  let rb${i} = lse_bias[h * P.s_q + cq0 + min(q0 + ty + ${c.rt * i}u, sq_ - 1u)];`
+            : `  let rb${i} = lse_bias[(b * P.n + h) * P.s_q + min(q0 + ty + ${c.rt * i}u, P.s_q - 1u)];`,
+        );
       }
     }
     // The Q block stays in workgroup memory for the whole key loop (the loop's barrier publishes it).
@@ -857,7 +881,7 @@ ${indent}}`);
       // K was smoothed (its mean removed): lse_bias adds back the row's scale * q . mean(k) (with a
       // score_mod the scores had it added already).
       emit(`      if (tx == 0u) {
-        let li = (b * P.n + h) * P.s_q + r;
+        let li = ${lseRow};
         lse[li] = select(select(${NEG_INF}, (m${i} + log2(lt${i})) * LN2 + lse_bias[li], lt${i} > 0.0), lt${i}, ${
         isNanExpr(`lt${i}`)
       });

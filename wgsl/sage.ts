@@ -14,7 +14,11 @@
  *    which the main kernel adds back to the lse (the smoothing shifted it).
  *
  * Layouts: packed `[b, heads, blocks * rows, dQ / 4]` u32, scales `[b, heads, blocks]`, the mean
- * `[b, n_kv, d]` f32, the lse bias `[b, n, s_q]` f32.
+ * `[b, n_kv, d]` f32, the lse bias `[b, n, s_q]` f32. A packed batch (`varlen`, b = 1) is quantized
+ * in blocks aligned to each sequence's start, so none straddles two sequences and each lines up with
+ * the flash kernel's tiles: block `i` of a head is entry `i` of a work list (each sequence's blocks
+ * prefix-summed, as the kernel's), packed `[heads, blocks, rows, dQ / 4]` and scales `[heads,
+ * blocks]`; the mean is over all packed keys of a head and the lse bias `[n, total_q]` by packed row.
  */
 import type { DType } from "../core/types.ts";
 import { type Kernel, POS_INF, uniformBlock, type UniformType } from "./common.ts";
@@ -51,6 +55,11 @@ export interface SageQuantConfig extends SageInput {
   bias: boolean;
   /** Pad d to this multiple in the packed rows (default 16; see {@link sagePaddedDim}). */
   pad?: 16 | 32;
+  /**
+   * Packed batch (b = 1): blocks aligned to each sequence's start, bindings `cu` (i32 offsets) and
+   * `wl` (u32, each sequence's first block, its blocks prefix-summed; `wl[seqs]` the total).
+   */
+  varlen?: boolean;
 }
 
 function element(c: SageInput): string {
@@ -167,18 +176,49 @@ const QUANT_UNIFORMS: [string, UniformType][] = [
   ["bias_scale", "f32"],
 ];
 
+/** Uniforms of the packed-batch form: the sequence count. */
+const QUANT_VARLEN_UNIFORMS: [string, UniformType][] = [...QUANT_UNIFORMS, ["seqs", "u32"]];
+
 /** A stable cache key for a quantization config. */
 export function sageQuantKey(c: SageQuantConfig): string {
   return `sage-quant:${c.dtype}:${c.f16}:d${c.d}:r${c.rows}:${c.smooth ? "smooth" : "plain"}:${
     c.bias ? "bias" : "nobias"
-  }${c.pad === 32 ? ":p32" : ""}`;
+  }${c.pad === 32 ? ":p32" : ""}${c.varlen ? ":vl" : ""}`;
+}
+
+/**
+ * The packed-batch prologue: workgroup `wg` is block `wg % blocks` of head `wg / blocks` (blocks: the
+ * work list's total, or its bound for GPU offsets; those past the total return at once). The block's
+ * sequence by binary search over `wl`, its rows from the sequence's start, offsets clamped into the
+ * tensor as the flash kernel clamps them. Every value here is workgroup-uniform (read-only storage
+ * at uniform indices), as the barriers below need.
+ */
+function varlenQuantPrologue(rows: number, d4: number): string {
+  return `  let h = wg / P.blocks;
+  let item = wg % P.blocks;
+  if (item >= wl[P.seqs]) { return; }
+  var lo_s = 0u;
+  var hi_s = P.seqs;
+  loop {
+    if (hi_s - lo_s <= 1u) { break; }
+    let mid = (lo_s + hi_s) / 2u;
+    if (wl[mid] <= item) { lo_s = mid; } else { hi_s = mid; }
+  }
+  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
+  let c1 = u32(clamp(cu[lo_s + 1u], i32(c0), i32(P.s)));
+  let r0 = min(c0 + (item - wl[lo_s]) * ${rows}u, c1);
+  let bh = h;
+  let base = h * P.sh;
+  let mb = (h / P.group) * ${d4}u;
+  let rows = min(c1 - r0, ${rows}u);`;
 }
 
 /**
  * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): absmax
  * (after smoothing) by a tree in workgroup memory, then `round(x * 127 / absmax)` packed four to
  * a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
- * then `mean` (smooth or bias) and `bias` (bias).
+ * then `mean` (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is
+ * the work list's total or a bound of it, workgroups past the total return at once).
  */
 export function sageQuantKernel(c: SageQuantConfig): Kernel {
   const d4 = c.d / 4, words = sagePaddedDim(c.d, c.pad ?? 16) / 4, t = SAGE_THREADS;
@@ -194,21 +234,31 @@ export function sageQuantKernel(c: SageQuantConfig): Kernel {
     decls += `@group(0) @binding(${bindings.length + 1}) var<storage, read_write> bias: array<f32>;\n`;
     bindings.push("bias");
   }
+  if (c.varlen) {
+    // Read-only: reads at uniform indices are uniform (the exit and the rows steer the barriers).
+    for (const [name, type] of [["cu", "i32"], ["wl", "u32"]]) {
+      decls += `@group(0) @binding(${bindings.length + 1}) var<storage, read> ${name}: array<${type}>;\n`;
+      bindings.push(name);
+    }
+  }
   const value = (col: string) => c.smooth ? `(ld(row + ${col}) - mean[mb + ${col}])` : `ld(row + ${col})`;
-  const code = header(c, QUANT_UNIFORMS) + sageLoader(c) + decls +
+  const uniforms = c.varlen ? QUANT_VARLEN_UNIFORMS : QUANT_UNIFORMS;
+  const code = header(c, uniforms) + sageLoader(c) + decls +
     `var<workgroup> red: array<f32, ${t}>;
 @compute @workgroup_size(${t})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
-  let bh = wg / P.blocks;
+${
+      c.varlen ? varlenQuantPrologue(c.rows, d4) : `  let bh = wg / P.blocks;
   let r0 = (wg % P.blocks) * ${c.rows}u;
   let b = bh / P.heads;
   let h = bh % P.heads;
   let base = b * P.sb + h * P.sh;
   let mb = (b * P.n_kv + h / P.group) * ${d4}u;
-  let rows = min(P.s - r0, ${c.rows}u);
+  let rows = min(P.s - r0, ${c.rows}u);`
+    }
   // A NaN or Inf in the block makes absmax, and so the block's scale, +Inf, and its values
   // quantize to 0: every score of the block is then 0 * Inf = NaN, and the NaN reaches exactly the
   // rows that attend the block (max() with a NaN is unspecified in WGSL, hence the bit test).
@@ -255,5 +305,5 @@ ${
     }}
 `;
   const key = sageQuantKey(c);
-  return { key, label: key, code, bindings, uniforms: QUANT_UNIFORMS };
+  return { key, label: key, code, bindings, uniforms };
 }
