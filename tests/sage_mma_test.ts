@@ -157,8 +157,7 @@ const CASES: Case[] = [
     tiles: { stage: true, fastMath: false },
   },
   {
-    name:
-      "K outliers, negative softmax scale (the largest score is the smallest integer), staged, S one tile at a time, causal",
+    name: "K outliers, negative softmax scale (the largest score is the smallest integer), staged, causal",
     b: 1,
     n: 2,
     sQ: 70,
@@ -169,7 +168,7 @@ const CASES: Case[] = [
     isCausal: true,
     lse: true,
     scale: -0.125,
-    tiles: { stage: true, qReload: true, sOneTile: true },
+    tiles: { stage: true },
   },
   {
     name: "random, the one-pass kernel, window",
@@ -412,8 +411,6 @@ Deno.test("sage-mma two-pass: every option that changes the kernel text changes 
     { fastMath: false },
     { negativeScale: true },
     { fastMath: false, negativeScale: true },
-    { qReload: true },
-    { sOneTile: true },
     { warps: 2 },
     { bc: 32 },
     { shape: N8 },

@@ -70,13 +70,6 @@ export interface TwoPassConfig extends SageMmaConfig {
   fastMath?: boolean;
   /** The softmax scale is negative (the largest score is then the smallest integer). */
   negativeScale?: boolean;
-  /**
-   * Register pressure: the Q tiles matrix-loaded from storage at each use (the same addresses every
-   * key tile: L1 hits) instead of held in registers through the key loop.
-   */
-  qReload?: boolean;
-  /** Register pressure: S's result tiles one at a time, each stored when its d/32 steps are done. */
-  sOneTile?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -208,11 +201,9 @@ export function twoPassKey(c: TwoPassConfig): string {
   return `sage-mma-2p:${c.dtype}:${c.f16}:d${c.d}:w${c.warps}:bc${c.bc}:${t.component}${t.M}x${t.N}x${t.K}:` +
     `${c.pv}:${c.stage ? "stage" : c.doubleS ? "ds" : "ss"}${c.sColMajor ? ":scol" : ""}${
       c.fastMath === false ? ":i2f" : ""
-    }${c.negativeScale ? ":neg" : ""}${c.qReload ? ":qre" : ""}${
-      c.sOneTile ? ":s1" : ""
-    }:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${c.skipMaxPass ? ":skip1" : ""}${
-      c.varlen ? ":packed" : ""
-    }${flexKey(c.flex)}`;
+    }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
+      c.skipMaxPass ? ":skip1" : ""
+    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /**
@@ -357,7 +348,7 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
   }
   if (rowBias) emit(`  let rb = lse_bias[bh * P.s_q + fr];`);
-  if (!c.emulate && !c.qReload) {
+  if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
   }
   // Fast math: every S tile starts from 1.5·2^23's bits (see fastMath).
@@ -422,32 +413,21 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    let kv0 = t * ${bc}u;
     let wst = ${sRegionOf};`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
-    // Q's tile k: held in registers (qa0..), or loaded here (emulated form: its offset).
-    const qLoaded = c.emulate || c.qReload === true;
-    const qkStep = (j: string, k: string, acc: string) => {
-      emit("    {");
-      if (qLoaded) emit("      " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
-      emit("      " + qk.loadRight(`kb`, kAt, kOffset(j, k)));
-      emit("      " + qk.mma(acc, qLoaded ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
-      emit("    }");
-    };
-    if (c.sOneTile) {
+    if (fast) {
+      if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
+      else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
+    } else if (c.emulate) emit(`    ${qk.zeroArray("s", bc / N)}`);
+    else range(bc / N).forEach((j) => emit(`    ${qk.zero(`s${j}`)}`));
+    forEach("k", dQ / 32, (k) => {
+      if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
       forEach("j", bc / N, (j) => {
         emit("    {");
-        emit(fast ? `    var s = s_bias;` : `    ${qk.zero("s")}`);
-        forEach("k", dQ / 32, (k) => qkStep(j, k, "s"));
-        emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, "s"));
+        emit("      " + qk.loadRight(`kb`, kAt, kOffset(j, k)));
+        emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
         emit("    }");
       });
-    } else {
-      if (fast) {
-        if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
-        else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
-      } else if (c.emulate) emit(`    ${qk.zeroArray("s", bc / N)}`);
-      else range(bc / N).forEach((j) => emit(`    ${qk.zero(`s${j}`)}`));
-      forEach("k", dQ / 32, (k) => forEach("j", bc / N, (j) => qkStep(j, k, tile("s", j))));
-      forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("s", j))));
-    }
+    });
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("s", j))));
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
