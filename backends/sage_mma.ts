@@ -148,7 +148,8 @@ export function chooseSageMmaConfig(
   });
   if (sageMmaTuning.twoPass) {
     // K and V staged in workgroup memory and 32-key tiles first: on the H200 at the Flux shape that
-    // ran 2.39 to 7.71 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md, run 13).
+    // ran 2.39 to 7.71 ms, against 13.0 with 64-key tiles and 15.3 unstaged (bench/RESULTS.md, run 13);
+    // with fast math 1.88 to 1.91 ms, 64-key tiles 13.7 (run 15).
     // 8 subgroups for d >= 128 (flux 2.38 ms against 3.44 with 4; long 38.0 against 51.4; causal
     // b4 n32 s2048 1.79 against 2.55), 4 for smaller d (sd3, d 64: 2.77 against 3.63); then fewer,
     // then the unstaged forms (two S regions, then one) where staging does not fit.
