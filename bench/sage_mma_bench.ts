@@ -4,7 +4,7 @@
  * queries beside other backends, in TFLOP/s (4·b·n·s_q·s_kv·d, halved for causal).
  *
  *     deno run -A bench/sage_mma_bench.ts --shapes flux,seed --dtypes f16 --backends sage-mma,sage
- *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true}]'] [--reps 10]
+ *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--accuracy-override '{"warps":4}'] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true}]'] [--reps 10]
  *
  * Each step reports its own failure (e.g. a kernel that does not compile) and the run goes on.
  */
@@ -26,6 +26,8 @@ const accuracyRows = Number(arg("accuracy", "256"));
 const reps = Number(arg("reps", "10"));
 const crossover = arg("crossover", "").split(",").filter((x) => x).map(Number);
 const sweep = JSON.parse(arg("sweep", "[]")) as (Partial<TwoPassConfig> & { onePass?: boolean })[];
+// `--accuracy-override JSON`: the config override the accuracy step runs under (default none).
+const accuracyOverride = JSON.parse(arg("accuracy-override", "null")) as Partial<TwoPassConfig> | null;
 // Accuracy inputs: random, K outliers, causal.
 const accuracyCases = arg("accuracy-cases", "random,outliers,causal").split(",");
 
@@ -69,6 +71,7 @@ if (accuracyRows > 0) {
       ]];
       for (const [, outliers, causal] of all.filter(([name]) => accuracyCases.includes(name))) {
         await step(`accuracy ${s.name} ${dtype}`, async () => {
+          sageMmaTuning.override = accuracyOverride;
           const r = await sageAccuracy({
             b: s.b,
             n: s.n,
@@ -79,8 +82,8 @@ if (accuracyRows > 0) {
             outliers,
             rows: accuracyRows,
             backend: "sage-mma",
-          });
-          console.log(JSON.stringify({ kind: "accuracy", name: s.name, ...r }));
+          }).finally(() => sageMmaTuning.override = null);
+          console.log(JSON.stringify({ kind: "accuracy", name: s.name, override: accuracyOverride, ...r }));
           console.log(
             `  accuracy sage-mma ${s.name} ${dtype}${causal ? " causal" : ""}${
               outliers ? " K outliers" : " random"
