@@ -17,6 +17,7 @@ import { debug } from "../core/gpu.ts";
 import { resolveProblem } from "../core/problem.ts";
 import type { HostTensor } from "../core/types.ts";
 import type { FlashConfig } from "../wgsl/flash.ts";
+import type { SplitKvConfig } from "../wgsl/splitkv.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
@@ -579,6 +580,8 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
     sinks?: boolean;
     /** Forced chunk count (splitKvTuning.splits). */
     splits?: number;
+    /** Fixed config parts (splitKvTuning.override). */
+    override?: Partial<SplitKvConfig>;
   }[] = [
     { name: "full, host offsets", dtype: "f32", opts: {}, gpuOffsets: false },
     { name: "causal, host offsets", dtype: "f32", opts: { isCausal: true }, gpuOffsets: false },
@@ -599,6 +602,14 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
     },
     { name: "causal, host offsets", dtype: "f16", opts: { isCausal: true }, gpuOffsets: false },
     { name: "full, GPU offsets", dtype: "f16", opts: {}, gpuOffsets: true },
+    // Blocks of 3 rows: a sequence's 8 rows (4 positions x group 2) span three, the last partial.
+    {
+      name: "causal, host offsets, row blocks of 3",
+      dtype: "f32",
+      opts: { isCausal: true },
+      gpuOffsets: false,
+      override: { rows: 3 },
+    },
   ];
   const caps = info ? (await defaultRuntime())?.caps : undefined;
   for (const c of skvCases) {
@@ -618,6 +629,7 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
         assert.equal((await explain(q, k, v, options)).backend, "split-kv");
         const ref = expected(c.opts, c.sinks === true);
         splitKvTuning.splits = c.splits ?? null;
+        splitKvTuning.override = c.override ?? null;
         debug.poisonOutputs = true;
         try {
           // Several chunks, some past the shorter sequences' keys; rows laid out for the longest
@@ -628,6 +640,7 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
           const plan = splitKvPlan(p, config, caps!);
           assert.ok(plan.splits > 1 && plan.chunk > 3, JSON.stringify(plan));
           assert.equal(plan.rowsAll, (n / nKv) * (c.gpuOffsets ? totalQ : Math.max(...lensQ)));
+          if (c.override?.rows) assert.equal(plan.rowBlocks, Math.ceil(plan.rowsAll / c.override.rows));
           const { out, lse } = await attentionWithLse(q, k, v, options);
           assert.deepEqual(out.shape, [totalQ, n, d]);
           assert.deepEqual(lse.shape, [n, totalQ]);
@@ -636,6 +649,7 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
           check("lse", (lse as HostTensor).data, ref.lse, TOL.lse);
         } finally {
           splitKvTuning.splits = null;
+          splitKvTuning.override = null;
           debug.poisonOutputs = false;
         }
       },
