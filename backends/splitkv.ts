@@ -4,11 +4,16 @@
  * serving every query head of a GQA group (K and V are read once per group), writing a partial
  * output and log-sum-exp; a second pass merges them. Serves f32/f16/bf16, GQA, causal and window
  * (bottom-right), key-padding masks, every layout whose head dim is contiguous, attention sinks (in
- * the merge) and paged K/V (rows read through the block table, each batch its own length).
+ * the merge), paged K/V (rows read through the block table, each batch its own length) and packed
+ * batches (`cuSeqlensQ`/`cuSeqlensK`: each sequence its own query rows and keys, its band aligned
+ * bottom-right within it; workgroups are laid out for the longest sequence, and those past a
+ * shorter one's rows or keys do nothing).
  *
  * The router picks it only while `s_q * (n / n_kv)` (the query rows sharing one K/V head) is at
  * most {@link SPLITKV_MAX_ROWS} and s_q at most {@link SPLITKV_MAX_SQ}; past that `flash` reuses
- * each K/V tile over more rows.
+ * each K/V tile over more rows. For a packed batch s_q is the longest sequence's query count (with
+ * GPU offsets, whose lengths the host cannot see, the total: a bound), so a packed decode batch
+ * (one query row per sequence) takes it and a packed prefill does not.
  */
 import { kernelOf } from "../wgsl/common.ts";
 import { flexKernelConfig, type GpuBackend, gpuBaseReasons, type GpuIO } from "./backend.ts";
@@ -89,6 +94,19 @@ const MAX_THREADS = 128;
  */
 const MAX_KEY_GROUPS = 16;
 
+/**
+ * Query positions the kernel serves per sequence (batch): s_q, or for a packed batch the longest
+ * sequence's (with GPU offsets the total, a bound).
+ */
+function queryRows(p: AttentionProblem): number {
+  return p.varlen ? p.varlen.maxSq : p.sQ;
+}
+
+/** Sequences (batches) of the dispatch. */
+function batches(p: AttentionProblem): number {
+  return p.varlen ? p.varlen.seqs : p.b;
+}
+
 /** The pass-1 config for a call on a device, or the reason there is none. */
 export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): SplitKvConfig | string {
   const sixteen = p.dtype !== "f32";
@@ -102,7 +120,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
   const maxLanes = subgroups === false ? 8 : Math.min(16, caps.subgroupMinSize);
   const lanes = Math.min(pow2Floor(dvec), pow2Floor(maxLanes));
   const perRow = (Math.ceil(p.d / vw / lanes) + Math.ceil(p.dV / vw / lanes)) * vw;
-  const rowsAll = (p.n / p.nKv) * p.sQ;
+  const rowsAll = (p.n / p.nKv) * queryRows(p);
   const rows = Math.max(1, Math.min(rowsAll, Math.floor(splitKvTuning.registerBudget / perRow), 8));
   const limits = {
     storage: caps.limits.maxComputeWorkgroupStorageSize,
@@ -134,6 +152,7 @@ export function chooseSplitKvConfig(p: AttentionProblem, caps: Capabilities): Sp
       flex: flexKernelConfig(p, false),
       page: p.paged?.pageSize,
       prefetch: splitKvTuning.prefetch,
+      ...(p.varlen ? { varlen: true } : {}),
       ...(splitKvTuning.override ?? {}),
     };
     const problems = splitKvConfigProblems(c, limits);
@@ -149,8 +168,10 @@ function stridesOk(s: { b: number; n: number; s: number; d: number }): boolean {
 
 /** The keys any query row may see: [lo, hi). */
 function keyRange(p: AttentionProblem): [number, number] {
-  // A paged cache's band is aligned to each batch's own length: the kernel narrows it.
+  // A paged cache's band is aligned to each batch's own length: the kernel narrows it. So is a
+  // packed batch's, over its longest sequence's keys.
   if (p.paged) return [0, p.sKv];
+  if (p.varlen) return [0, p.varlen.maxSkv];
   const offset = diagonalOffset(p);
   const lo = Math.max(0, Number.isFinite(p.left) ? offset - p.left : 0);
   const hi = Math.min(p.sKv, Number.isFinite(p.right) ? p.sQ - 1 + offset + p.right + 1 : p.sKv);
@@ -160,11 +181,13 @@ function keyRange(p: AttentionProblem): [number, number] {
 /** How a call is laid out over workgroups: row blocks, chunks and the scratch they need. */
 export function splitKvPlan(p: AttentionProblem, c: SplitKvConfig, caps: Capabilities) {
   const s = splitKvShape(c);
-  const rowsAll = (p.n / p.nKv) * p.sQ;
+  // Packed: the rows of the longest sequence (a bound), each sequence's row blocks past its own
+  // rows return at once; the scratch holds every packed row (b = 1, s_q = total_q).
+  const rowsAll = (p.n / p.nKv) * queryRows(p);
   const rowBlocks = Math.ceil(rowsAll / c.rows);
   const [lo, hi] = keyRange(p);
   const keys = Math.max(1, hi - lo);
-  const perSplit = p.b * p.nKv * rowBlocks;
+  const perSplit = batches(p) * p.nKv * rowBlocks;
   const totalRows = p.b * p.n * p.sQ;
   const budget = Math.min(caps.limits.maxStorageBufferBindingSize, SCRATCH_BUDGET_BYTES);
   const byScratch = Math.max(1, Math.floor(budget / (totalRows * p.dV * 4)));
@@ -176,7 +199,7 @@ export function splitKvPlan(p: AttentionProblem, c: SplitKvConfig, caps: Capabil
   splits = Math.max(1, Math.min(splits, bySteps, byScratch, SPLITKV_MAX_SPLITS));
   const chunk = Math.ceil(Math.ceil(keys / splits) / s.step) * s.step;
   splits = Math.ceil(keys / chunk);
-  return { rowBlocks, splits, chunk, lo, hi, totalRows, workgroups: perSplit * splits };
+  return { rowsAll, rowBlocks, splits, chunk, lo, hi, totalRows, workgroups: perSplit * splits };
 }
 
 function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): string[] {
@@ -188,7 +211,7 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
   if (p.mask && !p.mask.keyPadding) {
     reasons.push("only key-padding masks (bool [b, s_kv]) are fused; other masks need naive");
   }
-  reasons.push(...servingReasons(p, { sinks: true, paged: true }));
+  reasons.push(...servingReasons(p, { sinks: true, paged: true, varlen: true }));
   if (![p.q.strides, p.k.strides, p.v.strides, p.out.strides].every(stridesOk)) {
     reasons.push("a layout whose head dim is not contiguous (or not 4-aligned)");
   }
@@ -200,18 +223,31 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
       if (plan.totalRows * plan.splits * p.dV * 4 > caps.limits.maxStorageBufferBindingSize) {
         reasons.push("its partial outputs do not fit one storage binding");
       }
+      const maxDim = caps.limits.maxComputeWorkgroupsPerDimension;
+      if (p.varlen && plan.workgroups > maxDim * maxDim) {
+        reasons.push(
+          `a packed batch's row bound (${plan.rowsAll} rows per K/V head in each of ${p.varlen.seqs} ` +
+            `sequences${p.varlen.cuQ.residency === "gpu" ? ", from GPU offsets: total_q" : ""}) needs ` +
+            `${plan.workgroups} workgroups > ${maxDim * maxDim}`,
+        );
+      }
     }
   }
   return reasons;
 }
 
 function unsuitedReasons(p: AttentionProblem): string[] {
-  const rows = (p.n / p.nKv) * p.sQ;
+  // A packed batch: its longest sequence's query rows (GPU offsets: total_q, a bound).
+  const sQ = queryRows(p);
+  const what = !p.varlen ? "s_q" : p.varlen.cuQ.residency === "host" ? "longest sequence's s_q" : "total_q";
+  const rows = (p.n / p.nKv) * sQ;
   if (rows > SPLITKV_MAX_ROWS) {
-    return [`s_q x group = ${rows} query rows per K/V head > ${SPLITKV_MAX_ROWS}: flash reuses K/V better`];
+    return [
+      `${what} x group = ${rows} query rows per K/V head > ${SPLITKV_MAX_ROWS}: flash reuses K/V better`,
+    ];
   }
-  if (p.sQ > SPLITKV_MAX_SQ) {
-    return [`s_q = ${p.sQ} > ${SPLITKV_MAX_SQ}: flash's query tiles are well filled`];
+  if (sQ > SPLITKV_MAX_SQ) {
+    return [`${what} = ${sQ} > ${SPLITKV_MAX_SQ}: flash's query tiles are well filled`];
   }
   return [];
 }
@@ -242,12 +278,13 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.mask) buffers.mask = io.mask;
   if (io.flex) Object.assign(buffers, io.flex);
   if (p.paged) Object.assign(buffers, { tbl: io.table!, cache_len: io.seqlens! });
+  if (p.varlen) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK! });
   call.dispatch(pipe, kernel, buffers, {
     n: p.n,
     n_kv: p.nKv,
     group: p.n / p.nKv,
     s_q: p.sQ,
-    rows: (p.n / p.nKv) * p.sQ,
+    rows: plan.rowsAll,
     row_blocks: plan.rowBlocks,
     splits: plan.splits,
     chunk: plan.chunk,
@@ -270,6 +307,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     m_sj: ms.j,
     max_pages: p.paged?.maxPages ?? 0,
     num_pages: p.paged?.numPages ?? 0,
+    seqs: p.varlen?.seqs ?? 0,
+    s_kv: p.sKv,
   }, plan.workgroups);
   if (splitKvTuning.separatePasses) call.endPass();
   const combineBuffers: Record<string, GPUBuffer> = { po, plse, o: io.out };

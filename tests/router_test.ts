@@ -295,6 +295,51 @@ Deno.test("router (registry): sage serves packed batches, picked by their longes
   assert.notEqual(decide(long, fakeCaps(), BACKENDS).backend.name, "sage");
 });
 
+Deno.test("router (registry): split-kv takes packed decode batches, by their longest sequence, not packed prefill", () => {
+  const caps = fakeCaps();
+  const splitKv = byName("split-kv");
+  if (!splitKv) return;
+  /** A packed f16 batch, n 8 / n_kv 2, d 64: query lengths lensQ over key lengths lensK. */
+  const packed = (lensQ: number[], lensK: number[]) => {
+    const cu = (lens: number[]) =>
+      Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
+    const t = (total: number, heads: number) => ({
+      data: new Float16Array(total * heads * 64).fill(0.5),
+      shape: [total, heads, 64],
+      dtype: "f16" as const,
+    });
+    const tq = lensQ.reduce((a, x) => a + x, 0), tk = lensK.reduce((a, x) => a + x, 0);
+    return resolveProblem(t(tq, 8), t(tk, 2), t(tk, 2), {
+      cuSeqlensQ: cu(lensQ),
+      cuSeqlensK: cu(lensK),
+      isCausal: true,
+    });
+  };
+  // Decode: one query row per sequence; 64 sequences (total_q 64 > SPLITKV_MAX_SQ, but each 1 row).
+  const lensK = Array.from({ length: 64 }, (_, i) => 100 + 37 * i);
+  const decode = packed(lensK.map(() => 1), lensK);
+  assert.deepEqual(splitKv.unsupportedReasons(decode, caps), []);
+  assert.deepEqual(splitKv.unsuitedReasons!(decode, caps), []);
+  const d = decide(decode, caps, BACKENDS);
+  assert.equal(d.backend.name, "split-kv");
+  // A few speculative rows per sequence still: 4 rows x group 4 = 16 per K/V head.
+  assert.equal(
+    decide(packed(lensK.map((_, i) => 1 + (i % 4)), lensK), caps, BACKENDS).backend.name,
+    "split-kv",
+  );
+  // Prefill: the longest sequence's 300 query rows are flash's.
+  const prefill = packed([300, 1, 40], [300, 500, 40]);
+  assert.deepEqual(splitKv.unsupportedReasons(prefill, caps), []);
+  assert.match(splitKv.unsuitedReasons!(prefill, caps).join(), /longest sequence's s_q x group = 1200/);
+  const p = decide(prefill, caps, BACKENDS);
+  assert.notEqual(p.backend.name, "split-kv");
+  assert.match(p.chain.find((c) => c.backend === "split-kv")!.reasons.join(), /longest sequence's s_q/);
+  // A layout past what one dispatch can hold (64 sequences x 2 K/V heads > 8 x 8 workgroups) is refused.
+  const tiny = fakeCaps({}, { maxComputeWorkgroupsPerDimension: 8 });
+  assert.match(splitKv.unsupportedReasons(decode, tiny).join(), /packed batch's row bound .* > 64/);
+  assert.notEqual(decide(decode, tiny, BACKENDS).backend.name, "split-kv");
+});
+
 Deno.test("router (registry): no adapter (caps null) gives cpu, each GPU backend saying why", () => {
   const d = decide(problem(), null, BACKENDS);
   assert.equal(d.backend.name, "cpu");

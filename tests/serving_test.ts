@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { appendKvCache, attentionWithLse, deviceInfo, explain, getDevice, WgattnError } from "../mod.ts";
 import type { AttentionOptions } from "../core/types.ts";
-import { splitKvTuning } from "../backends/splitkv.ts";
+import { chooseSplitKvConfig, splitKvPlan, splitKvTuning } from "../backends/splitkv.ts";
 import { realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
 import { flashMmaTuning } from "../backends/flash_mma.ts";
 import { chooseSageConfig, sageBackend, sageTuning } from "../backends/sage.ts";
@@ -17,6 +17,7 @@ import { debug } from "../core/gpu.ts";
 import { resolveProblem } from "../core/problem.ts";
 import type { HostTensor } from "../core/types.ts";
 import type { FlashConfig } from "../wgsl/flash.ts";
+import type { SplitKvConfig } from "../wgsl/splitkv.ts";
 import { similarity } from "../bench/sage_accuracy.ts";
 import {
   errorStats,
@@ -313,13 +314,17 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
     });
   }
   Deno.test(
-    "packed batch: the router passes over backends without it, with their reasons",
+    "packed batch: the router passes over backends unsuited to it, with their reasons",
     { ignore: !info },
     async () => {
       const e = await explain(qT, kT, vT, { cuSeqlensQ: cuQ, cuSeqlensK: cuK });
       assert.ok(e.backend === "flash" || e.backend === "flash-subgroup", e.backend);
+      // split-kv serves packed batches, but this one's longest sequence (33 query rows) is flash's.
+      const splitKv = e.chain.find((x) => x.backend === "split-kv");
+      assert.ok(splitKv && !splitKv.chosen, JSON.stringify(e.chain));
+      assert.match(splitKv.reasons.join("; "), /longest sequence's s_q = 33 > 32/);
       const skipped = e.chain.filter((x) => !x.chosen).flatMap((x) => x.reasons).join("; ");
-      assert.match(skipped, /packed batches/);
+      assert.doesNotMatch(skipped, /does not read packed batches/);
     },
   );
   Deno.test("packed batch: bad offsets refused before any work", async () => {
@@ -512,6 +517,222 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
         assert.equal(e.backend, "sage");
         assert.deepEqual(entry?.reasons, []);
       }
+    },
+  });
+}
+
+// ---- packed batches on split-kv ---------------------------------------------------------------
+
+{
+  // Decode-like packed batches (1 to 4 query rows per sequence) over unequal keys: a sequence with
+  // no queries (6 keys), one with no keys (its row sees nothing: out 0, lse -Infinity), one whose
+  // keys (3) are fewer than a chunk and whose first causal row sees none (q 4 over k 3), and the
+  // longest (70 keys) split into several chunks, which the shorter sequences' keys do not reach.
+  const n = 4, nKv = 2, d = 32;
+  const lensQ = [1, 0, 4, 2, 3, 1, 4], lensK = [37, 6, 3, 70, 1, 0, 12];
+  const cu = (lens: number[]) =>
+    Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
+  const cuQ = cu(lensQ), cuK = cu(lensK);
+  const totalQ = cuQ[lensQ.length], totalK = cuK[lensK.length];
+  const sinks = [0.25, 1, -1, 2];
+  const inputs = (dtype: "f32" | "f16") => {
+    const random = rng(dtype === "f32" ? 31 : 37);
+    const round = (t: Logical): Logical => ({ data: roundTo(t.data, dtype), sizes: t.sizes });
+    const seqs = lensQ.map((sq, i) => ({
+      q: round(randomLogical({ b: 1, n, s: sq, d }, random)),
+      k: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
+      v: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
+    }));
+    const cat = (which: "q" | "k" | "v", heads: number, total: number) => {
+      const all = new Float32Array(total * heads * d);
+      let at = 0;
+      for (const x of seqs) {
+        const part = bsnd(x[which], 0, 0, x[which].sizes.s);
+        all.set(part, at);
+        at += part.length;
+      }
+      return { data: toHostArray(all, dtype), shape: [total, heads, d], dtype } as HostTensor;
+    };
+    /** Expected out [total_q, n, d] and lse [n, total_q]: one reference call per sequence. */
+    const expected = (opts: RefOptions, withSink: boolean) => {
+      const out = new Float64Array(totalQ * n * d), lse = new Float64Array(n * totalQ);
+      seqs.forEach((x, i) => {
+        let r = referenceAttention(x.q, x.k, x.v, opts);
+        if (withSink) r = withSinks(r, sinks, n, lensQ[i], d);
+        for (let h = 0; h < n; h++) {
+          for (let row = 0; row < lensQ[i]; row++) {
+            lse[h * totalQ + cuQ[i] + row] = r.lse[h * lensQ[i] + row];
+            for (let c = 0; c < d; c++) {
+              out[((cuQ[i] + row) * n + h) * d + c] = r.out[(h * lensQ[i] + row) * d + c];
+            }
+          }
+        }
+      });
+      return { out, lse };
+    };
+    return { q: cat("q", n, totalQ), k: cat("k", nKv, totalK), v: cat("v", nKv, totalK), expected };
+  };
+  const skvCases: {
+    name: string;
+    dtype: "f32" | "f16";
+    opts: RefOptions;
+    gpuOffsets: boolean;
+    sinks?: boolean;
+    /** Forced chunk count (splitKvTuning.splits). */
+    splits?: number;
+    /** Fixed config parts (splitKvTuning.override). */
+    override?: Partial<SplitKvConfig>;
+  }[] = [
+    { name: "full, host offsets", dtype: "f32", opts: {}, gpuOffsets: false },
+    { name: "causal, host offsets", dtype: "f32", opts: { isCausal: true }, gpuOffsets: false },
+    {
+      name: "causal + sinks, GPU offsets",
+      dtype: "f32",
+      opts: { isCausal: true },
+      gpuOffsets: true,
+      sinks: true,
+    },
+    { name: "full, GPU offsets, many chunks", dtype: "f32", opts: {}, gpuOffsets: true, splits: 64 },
+    {
+      name: "causal + window [5, 0], host offsets, many chunks",
+      dtype: "f32",
+      opts: { isCausal: true, windowSize: [5, 0] },
+      gpuOffsets: false,
+      splits: 64,
+    },
+    { name: "causal, host offsets", dtype: "f16", opts: { isCausal: true }, gpuOffsets: false },
+    { name: "full, GPU offsets", dtype: "f16", opts: {}, gpuOffsets: true },
+    // Blocks of 3 rows: a sequence's 8 rows (4 positions x group 2) span three, the last partial.
+    {
+      name: "causal, host offsets, row blocks of 3",
+      dtype: "f32",
+      opts: { isCausal: true },
+      gpuOffsets: false,
+      override: { rows: 3 },
+    },
+  ];
+  const caps = info ? (await defaultRuntime())?.caps : undefined;
+  for (const c of skvCases) {
+    Deno.test({
+      name:
+        `packed batch on split-kv: lengths q ${lensQ} k ${lensK}, n${n}/${nKv} d${d} ${c.dtype}, ${c.name}, lse`,
+      ignore: !info,
+      async fn() {
+        const { q, k, v, expected } = inputs(c.dtype);
+        const options: AttentionOptions = {
+          ...(c.opts as AttentionOptions),
+          backend: "split-kv",
+          cuSeqlensQ: c.gpuOffsets ? await gpuTensor(cuQ, [cuQ.length], "i32") : cuQ,
+          cuSeqlensK: c.gpuOffsets ? await gpuTensor(cuK, [cuK.length], "i32") : cuK,
+          ...(c.sinks ? { sinks } : {}),
+        };
+        assert.equal((await explain(q, k, v, options)).backend, "split-kv");
+        const ref = expected(c.opts, c.sinks === true);
+        splitKvTuning.splits = c.splits ?? null;
+        splitKvTuning.override = c.override ?? null;
+        debug.poisonOutputs = true;
+        try {
+          // Several chunks, some past the shorter sequences' keys; rows laid out for the longest
+          // sequence (host offsets) or for total_q (GPU offsets: a bound).
+          const p = resolveProblem(q, k, v, options);
+          const config = chooseSplitKvConfig(p, caps!);
+          assert.ok(typeof config !== "string" && config.varlen === true, String(config));
+          const plan = splitKvPlan(p, config, caps!);
+          assert.ok(plan.splits > 1 && plan.chunk > 3, JSON.stringify(plan));
+          assert.equal(plan.rowsAll, (n / nKv) * (c.gpuOffsets ? totalQ : Math.max(...lensQ)));
+          if (c.override?.rows) assert.equal(plan.rowBlocks, Math.ceil(plan.rowsAll / c.override.rows));
+          const { out, lse } = await attentionWithLse(q, k, v, options);
+          assert.deepEqual(out.shape, [totalQ, n, d]);
+          assert.deepEqual(lse.shape, [n, totalQ]);
+          const got = fromHostArray((out as HostTensor).data, c.dtype);
+          check("out", got, ref.out, c.dtype === "f32" ? TOL.out : 4e-3);
+          check("lse", (lse as HostTensor).data, ref.lse, TOL.lse);
+        } finally {
+          splitKvTuning.splits = null;
+          splitKvTuning.override = null;
+          debug.poisonOutputs = false;
+        }
+      },
+    });
+  }
+  Deno.test({
+    name: "packed batch on split-kv, rows loaded ahead at the depths the default does not take",
+    ignore: !info,
+    async fn() {
+      const { q, k, v, expected } = inputs("f32");
+      debug.poisonOutputs = true;
+      try {
+        for (const prefetch of ([0, 1, 2] as const).filter((x) => x !== splitKvTuning.prefetch)) {
+          splitKvTuning.override = { prefetch };
+          for (const isCausal of [false, true]) {
+            const { out, lse } = await attentionWithLse(q, k, v, {
+              backend: "split-kv",
+              isCausal,
+              cuSeqlensQ: await gpuTensor(cuQ, [cuQ.length], "i32"),
+              cuSeqlensK: cuK,
+            });
+            const ref = expected({ isCausal }, false);
+            check(
+              `prefetch ${prefetch}, causal ${isCausal}: out`,
+              (out as HostTensor).data,
+              ref.out,
+              TOL.out,
+            );
+            check(
+              `prefetch ${prefetch}, causal ${isCausal}: lse`,
+              (lse as HostTensor).data,
+              ref.lse,
+              TOL.lse,
+            );
+          }
+        }
+      } finally {
+        splitKvTuning.override = null;
+        debug.poisonOutputs = false;
+      }
+    },
+  });
+  Deno.test({
+    name: "packed batch on split-kv: garbage GPU offsets are clamped into the tensors",
+    ignore: !info,
+    async fn() {
+      const { q, k, v } = inputs("f32");
+      const wild = (x: number[]) => gpuTensor(Int32Array.from(x), [x.length], "i32");
+      for (
+        const [wq, wk] of [
+          [[0, 1 << 30, -5, 3, 2, 9, 1 << 30, -1], [0, 5, 1 << 30, -7, 200, 12, 3, 1 << 30]],
+          [[-1, -1, 0, 0, 0, 0, 0, totalQ], [totalK, 0, totalK, 0, totalK, 0, totalK, 0]],
+        ]
+      ) {
+        // Results are wrong, reads and writes stay in bounds: the device must not fault.
+        await attentionWithLse(q, k, v, {
+          backend: "split-kv",
+          cuSeqlensQ: await wild(wq),
+          cuSeqlensK: await wild(wk),
+        });
+      }
+      // And the device still computes right afterwards.
+      const { expected } = inputs("f32");
+      const { out } = await attentionWithLse(q, k, v, {
+        backend: "split-kv",
+        cuSeqlensQ: cuQ,
+        cuSeqlensK: cuK,
+      });
+      check("out after garbage offsets", (out as HostTensor).data, expected({}, false).out, TOL.out);
+    },
+  });
+  Deno.test({
+    name: "packed batch: a decode batch (one query row per sequence) is routed to split-kv",
+    ignore: !info,
+    async fn() {
+      const { k, v } = inputs("f32");
+      const ones = lensK.map(() => 1);
+      const q = { data: new Float32Array(ones.length * n * d).fill(0.5), shape: [ones.length, n, d] };
+      const e = await explain(q, k, v, { cuSeqlensQ: cu(ones), cuSeqlensK: cuK });
+      assert.equal(e.backend, "split-kv");
+      // This block's batch (up to 4 rows per sequence) is decode-like too.
+      const { q: q4 } = inputs("f32");
+      assert.equal((await explain(q4, k, v, { cuSeqlensQ: cuQ, cuSeqlensK: cuK })).backend, "split-kv");
     },
   });
 }

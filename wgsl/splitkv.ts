@@ -16,6 +16,10 @@
  * Pass 2 (`splitKvCombineKernel`): one workgroup per output row merges the chunks' partials by
  * their log-sum-exp (each thread a strided subset as an online merge, then the subsets in workgroup
  * memory) and writes the output in its layout and dtype (and the row's lse).
+ *
+ * Packed batches (`varlen`): the batch index of pass 1 is the sequence, its rows and keys found
+ * through the offsets `cuq`, `cuk`; the partials are laid out by packed row, so pass 2 serves them
+ * unchanged with b = 1 and s_q = total_q (output `[total_q, n, dV]`, lse `[n, total_q]`).
  */
 import type { DType } from "../core/types.ts";
 import { flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
@@ -67,6 +71,16 @@ export interface SplitKvConfig {
    * entries one step before their rows measured slower on the H200: they are read with the rows.)
    */
   prefetch?: 0 | 1 | 2;
+  /**
+   * Packed batch: bindings `cuq`, `cuk` (i32 offsets, seqs + 1 each; uniforms `seqs`, `s_kv`). The
+   * dispatch's batch index is the sequence: its query rows `[cuq[s], cuq[s + 1])` and keys
+   * `[cuk[s], cuk[s + 1])` (offsets clamped into the tensors), its band aligned bottom-right within
+   * it. `rows` (uniform) is the capacity (group x the longest sequence, or a bound of it): row blocks
+   * and rows past a sequence's own do nothing, chunks past its keys write empty partials (lse -inf).
+   * Partials are laid out by packed row, `(h * s_q + cq0 + i)`, as the combine pass reads them with
+   * b = 1 and s_q = total_q. No key padding, flex or paged K/V.
+   */
+  varlen?: boolean;
 }
 
 /** Derived sizes of a config. */
@@ -166,7 +180,7 @@ export function splitKvKey(c: SplitKvConfig): string {
   return `splitkv:${c.dtype}:${c.f16}:v${c.vw}:d${c.d}/${c.dV}:r${c.rows}:l${c.lanes}:t${c.threads}:` +
     `u${c.unroll}:${c.band}:${c.keyPadding}:${c.subgroups === false ? "wg" : "sg"}${
       c.page ? `:pg${c.page}` : ""
-    }${c.prefetch ? `:pf${c.prefetch}` : ""}${flexKey(c.flex)}`;
+    }${c.prefetch ? `:pf${c.prefetch}` : ""}${c.varlen ? ":vl" : ""}${flexKey(c.flex)}`;
 }
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -186,10 +200,15 @@ export function splitKvKernel(c: SplitKvConfig): Kernel {
   const out: string[] = [];
   const emit = (line: string) => out.push(line);
 
+  if (c.varlen && (c.page || c.keyPadding || c.flex)) {
+    throw new Error("split-kv: packed batches take no key padding, flex functions or paged K/V");
+  }
   if (c.subgroups) emit(c.subgroups);
   if (c.f16) emit("enable f16;");
   const uniforms: [string, UniformType][] = c.page
     ? [...UNIFORMS, ["max_pages", "u32"], ["num_pages", "u32"]]
+    : c.varlen
+    ? [...UNIFORMS, ["seqs", "u32"], ["s_kv", "u32"]]
     : UNIFORMS;
   emit(uniformBlock(uniforms));
   const el = storageVec(c);
@@ -213,6 +232,12 @@ export function splitKvKernel(c: SplitKvConfig): Kernel {
   let pg = u32(clamp(tbl[bb * P.max_pages + key / ${c.page}u], 0i, i32(P.num_pages) - 1i));
   return pg * ${c.page}u + key % ${c.page}u;
 }`);
+  }
+  if (c.varlen) {
+    // Read-only storage: the offsets read at uniform indices are uniform (loop bounds below).
+    emit(`@group(0) @binding(${bindings.length + 1}) var<storage, read> cuq: array<i32>;`);
+    emit(`@group(0) @binding(${bindings.length + 2}) var<storage, read> cuk: array<i32>;`);
+    bindings.push("cuq", "cuk");
   }
   if (KG > 1) {
     emit(`var<workgroup> sm_ml: array<vec2<f32>, ${KG * R}>;`);
@@ -242,11 +267,25 @@ ${
   let skv_ = u32(clamp(cache_len[b], 0i, i32(P.max_pages * ${c.page}u)));
   let off_ = i32(skv_) - i32(P.s_q);
   let c1 = min(min(c0 + P.chunk, P.j_end), skv_);`
+      : c.varlen
+      ? `  // Sequence b's query rows and keys, the offsets clamped into the tensors.
+  if (b >= P.seqs) { return; }
+  let cq0 = u32(clamp(cuq[b], 0i, i32(P.s_q)));
+  let sq_ = u32(clamp(cuq[b + 1u], i32(cq0), i32(P.s_q))) - cq0;
+  let ck0 = u32(clamp(cuk[b], 0i, i32(P.s_kv)));
+  let skv_ = u32(clamp(cuk[b + 1u], i32(ck0), i32(P.s_kv))) - ck0;
+  // Its rows, at most the dispatch's capacity: row blocks past them have nothing to do.
+  let rows_ = min(sq_ * P.group, P.rows);
+  if (r0 >= rows_) { return; }
+  let off_ = i32(skv_) - i32(sq_);
+  let c1 = min(min(c0 + P.chunk, P.j_end), skv_);`
       : `  let off_ = P.offset;
   let c1 = min(c0 + P.chunk, P.j_end);`
   }`);
+  // The rows of this call (packed: of this sequence).
+  const rowsOf = c.varlen ? "rows_" : "P.rows";
   for (const r of range(R)) {
-    emit(`  let ra${r} = min(r0 + ${r}u, P.rows - 1u);
+    emit(`  let ra${r} = min(r0 + ${r}u, ${rowsOf} - 1u);
   let i${r} = ra${r} / P.group;
   let h${r} = hk * P.group + ra${r} % P.group;`);
   }
@@ -254,7 +293,7 @@ ${
   var k_hi = i32(c1);`);
   if (c.band) {
     emit(`  k_lo = max(k_lo, i32(i0) + off_ - P.left);
-  k_hi = min(k_hi, i32(min(r0 + ${R - 1}u, P.rows - 1u) / P.group) + off_ + P.right + 1i);`);
+  k_hi = min(k_hi, i32(min(r0 + ${R - 1}u, ${rowsOf} - 1u) / P.group) + off_ + P.right + 1i);`);
   }
   emit(`  let nsteps = select(0u, u32(k_hi - k_lo + ${step - 1}i) / ${step}u, k_hi > k_lo);`);
 
@@ -264,7 +303,11 @@ ${
     n: number,
   ) => (L * (g + 1) > n ? `min(lane + ${L * g}u, ${n - 1}u)` : `lane + ${L * g}u`);
   for (const r of range(R)) {
-    emit(`  let qb${r} = b * P.q_sb + h${r} * P.q_sh + i${r} * P.q_ss;`);
+    emit(
+      c.varlen
+        ? `  let qb${r} = h${r} * P.q_sh + (cq0 + i${r}) * P.q_ss;`
+        : `  let qb${r} = b * P.q_sb + h${r} * P.q_sh + i${r} * P.q_ss;`,
+    );
     for (const g of range(G)) {
       emit(`  let qr${r}_${g} = q[qb${r} + ${col(g, dvec)}];`);
       const live = L * (g + 1) > dvec
@@ -276,8 +319,16 @@ ${
     emit(`  var l${r} = 0.0;`);
     for (const g of range(GV)) for (const w of range(qw)) emit(`  var o${r}_${g}_${w} = vec4<f32>(0.0);`);
   }
-  emit(`  let k_base = ${c.page ? "hk * P.k_sh" : "b * P.k_sb + hk * P.k_sh"};
+  if (c.varlen) {
+    // The sequence's first key row, kept inside k and v: with no keys (nothing attended) prefetched
+    // loads still read key 0.
+    emit(`  let kb0_ = min(ck0, max(P.s_kv, 1u) - 1u);
+  let k_base = hk * P.k_sh + kb0_ * P.k_ss;
+  let v_base = hk * P.v_sh + kb0_ * P.v_ss;`);
+  } else {
+    emit(`  let k_base = ${c.page ? "hk * P.k_sh" : "b * P.k_sb + hk * P.k_sh"};
   let v_base = ${c.page ? "hk * P.v_sh" : "b * P.v_sb + hk * P.v_sh"};`);
+  }
   // The row of the pool (or cache) holding key `kc`; the key clamped into [0, k_hi) first.
   const row = (kc: string) => (c.page ? `page_row(b, ${kc})` : kc);
   const loads = (decl: string, suffix: string, rowOf: (u: number) => string) => {
@@ -490,8 +541,10 @@ ${
   const dqv = c.dV / 4;
   emit(`  if (kg == 0u) {`);
   for (const r of range(R)) {
-    emit(`    if (r0 + ${r}u < P.rows) {
-      let slot = ((b * P.n + h${r}) * P.s_q + i${r}) * P.splits + split;
+    emit(`    if (r0 + ${r}u < ${rowsOf}) {
+      let slot = ${
+      c.varlen ? `(h${r} * P.s_q + cq0 + i${r})` : `((b * P.n + h${r}) * P.s_q + i${r})`
+    } * P.splits + split;
       let inv = select(0.0, 1.0 / lt${r}, lt${r} > 0.0);`);
     for (const g of range(GV)) {
       for (const w of range(qw)) {
