@@ -14,6 +14,7 @@
  *   source .gpu/setup.sh && deno run -A bench/serving_bench.ts | tee $OUT/serving.log && \
  *     python3 bench/serving_torch.py | tee -a $OUT/serving.log
  *
+ * `--packed-decode` times one decode step of a packed batch instead (see packedDecodePart).
  * `WGATTN_BENCH_DRY=1` shrinks every shape 16x so the script runs on any adapter.
  */
 import { appendKvCache, attentionForward, deviceInfo, explain, getDevice, type GpuTensor } from "../mod.ts";
@@ -378,10 +379,100 @@ async function pagedPart(): Promise<void> {
   for (const t of [q.t, k.t, v.t, out, newRows.t]) t.buffer.destroy();
 }
 
+/**
+ * `--packed-decode`: one decode step of 32 sequences packed (one query row each, 512 to 8192 keys,
+ * n 32/8, d 128, f16), on the router's choice and on flash, against the same step padded to the
+ * longest cache with keyPaddingMask; K and V bytes read per second against the 4.3 TB/s peak.
+ */
+async function packedDecodePart(): Promise<void> {
+  const seqs = 32;
+  const kLens = Array.from(
+    { length: seqs },
+    (_, i) => Math.round(scale(512 + (i * (8192 - 512)) / (seqs - 1))),
+  );
+  const longest = Math.max(...kLens);
+  const sum = (xs: number[]) => xs.reduce((a, x) => a + x, 0);
+  const cuq = Int32Array.from({ length: seqs + 1 }, (_, i) => i);
+  const cuk = Int32Array.from([0, ...kLens.map((_, i) => sum(kLens.slice(0, i + 1)))]);
+  const total = cuk[seqs];
+  const q = tensor([seqs, N, D], 4), k = tensor([total, NKV, D], 5), v = tensor([total, NKV, D], 6);
+  const bytes = 2 * total * NKV * D * 2;
+  const shape = `${seqs} seqs x 1 query row, keys ${kLens[0]}..${longest} (${total}), n${N}/${NKV} d${D} f16`;
+  const packed = { cuSeqlensQ: cuq, cuSeqlensK: cuk };
+  // Padded: every cache copied to the start of its batch of `longest` rows ("b s n d").
+  const pad = (src: GpuTensor) => {
+    const buffer = device.createBuffer({ size: seqs * longest * NKV * D * 2, usage: USAGE });
+    const enc = device.createCommandEncoder();
+    kLens.forEach((len, i) =>
+      enc.copyBufferToBuffer(
+        src.buffer,
+        cuk[i] * NKV * D * 2,
+        buffer,
+        i * longest * NKV * D * 2,
+        len * NKV * D * 2,
+      )
+    );
+    device.queue.submit([enc.finish()]);
+    return { buffer, shape: [seqs, longest, NKV, D], dtype: "f16" as const };
+  };
+  const keep = new Uint8Array(seqs * longest);
+  kLens.forEach((len, i) => keep.fill(1, i * longest, i * longest + len));
+  const qDense = { buffer: q.t.buffer, shape: [seqs, 1, N, D], dtype: "f16" as const };
+  const paddedInputs = { q: qDense, k: pad(k.t), v: pad(v.t) };
+  const paddedOptions = {
+    qPattern: "b s n d",
+    kPattern: "b s n d",
+    vPattern: "b s n d",
+    outPattern: "b s n d",
+    keyPaddingMask: { data: keep, shape: [seqs, longest] },
+  };
+  const runs: [string, object, { q: GpuTensor; k: GpuTensor; v: GpuTensor }][] = [
+    ["packed, router", packed, { q: q.t, k: k.t, v: v.t }],
+    ["packed, flash", { ...packed, backend: "flash" }, { q: q.t, k: k.t, v: v.t }],
+    ["padded + keyPaddingMask, router", paddedOptions, paddedInputs],
+  ];
+  for (const [name, options, inputs] of runs) {
+    const e = await explain(inputs.q, inputs.k, inputs.v, options);
+    const ms = await best(inputs, options);
+    line({
+      part: "packed decode",
+      shape,
+      run: name,
+      backend: e.backend,
+      us: +(ms * 1000).toFixed(2),
+      GBps: +(bytes / ms / 1e6).toFixed(0),
+      ofPeak: +(bytes / ms / 1e-3 / PEAK).toFixed(3),
+    });
+  }
+  // Sampled rows against float64: first, middle and last sequence, a few heads.
+  const out = await attentionForward(q.t, k.t, v.t, packed);
+  const samples: [number, number][] = [[0, 0], [15, 7], [31, 31]];
+  const rows = await readRows(out.buffer, samples.map(([s, h]) => (s * N + h) * D * 2), D * 2);
+  const at = (b: Float16Array, heads: number) => (t: number, h: number, c: number) =>
+    b[((t * heads + h) * D + c) % b.length];
+  const [qa, ka, va] = [at(q.block, N), at(k.block, NKV), at(v.block, NKV)];
+  let err = 0;
+  samples.forEach(([s, h], r) => {
+    const hk = Math.floor(h / (N / NKV));
+    const want = refRow(
+      (c) => qa(s, h, c),
+      kLens[s],
+      (j, c) => ka(cuk[s] + j, hk, c),
+      (j, c) => va(cuk[s] + j, hk, c),
+    );
+    err = Math.max(err, maxDiff(rows.subarray(r * D, (r + 1) * D), want));
+  });
+  line({ part: "packed decode", check: "sampled rows vs float64", rows: samples.length, maxAbs: err });
+  for (const x of [q.t, k.t, v.t, paddedInputs.k, paddedInputs.v, out]) x.buffer.destroy();
+}
+
 console.log(
   `adapter: ${info?.adapter}; deno ${Deno.version.deno}; date ${new Date().toISOString()}${
     DRY ? " (dry)" : ""
   }`,
 );
-if (!Deno.args.includes("--paged-only")) await packedPart();
-await pagedPart();
+if (Deno.args.includes("--packed-decode")) await packedDecodePart();
+else {
+  if (!Deno.args.includes("--paged-only")) await packedPart();
+  await pagedPart();
+}
