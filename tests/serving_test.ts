@@ -154,38 +154,53 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
   );
 }
 
-// ---- packed batches ---------------------------------------------------------------------------
+/** The b + 1 offsets of sequences of these lengths. */
+function offsetsOf(lens: number[]): Int32Array {
+  return Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
+}
 
-{
-  const n = 4, nKv = 2, d = 32;
-  const lensQ = [5, 0, 33, 17], lensK = [9, 3, 40, 17];
-  const cu = (lens: number[]) =>
-    Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
-  const cuQ = cu(lensQ), cuK = cu(lensK);
-  const random = rng(7);
-  const seqs = lensQ.map((sq, i) => ({
-    q: randomLogical({ b: 1, n, s: sq, d }, random),
-    k: randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random),
-    v: randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random),
-  }));
-  const cat = (which: "q" | "k" | "v") => {
-    const parts = seqs.map((x) => bsnd(x[which], 0, 0, x[which].sizes.s));
-    const all = new Float32Array(parts.reduce((a, p) => a + p.length, 0));
-    let at = 0;
-    for (const p of parts) (all.set(p, at), at += p.length);
-    return all;
-  };
+/**
+ * A packed batch of random sequences (q `lensQ[i]` rows of n heads, k and v `lensK[i]` rows of nKv heads,
+ * head dim d, values rounded to `dtype`): its offsets, the packed host tensors `[total, heads, d]`, and
+ * the float64 expectation from one dense reference call per sequence (sinks folded in when given):
+ * out `[total_q, n, d]`, lse `[n, total_q]`.
+ */
+function packedBatch(
+  o: {
+    lensQ: number[];
+    lensK: number[];
+    n: number;
+    nKv: number;
+    d: number;
+    dtype: "f32" | "f16";
+    seed: number;
+  },
+) {
+  const { lensQ, lensK, n, nKv, d, dtype } = o;
+  const cuQ = offsetsOf(lensQ), cuK = offsetsOf(lensK);
   const totalQ = cuQ[lensQ.length], totalK = cuK[lensK.length];
-  const qT = { data: cat("q"), shape: [totalQ, n, d] };
-  const kT = { data: cat("k"), shape: [totalK, nKv, d] };
-  const vT = { data: cat("v"), shape: [totalK, nKv, d] };
-  const sinks = [0.25, 1, -1, 2];
-  /** Expected out [total_q, n, d] and lse [n, total_q]. */
-  const expected = (opts: RefOptions, withSink: boolean) => {
+  const random = rng(o.seed);
+  const round = (t: Logical): Logical => ({ data: roundTo(t.data, dtype), sizes: t.sizes });
+  const seqs = lensQ.map((sq, i) => ({
+    q: round(randomLogical({ b: 1, n, s: sq, d }, random)),
+    k: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
+    v: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
+  }));
+  const cat = (which: "q" | "k" | "v", heads: number, total: number) => {
+    const all = new Float32Array(total * heads * d);
+    let at = 0;
+    for (const x of seqs) {
+      const part = bsnd(x[which], 0, 0, x[which].sizes.s);
+      all.set(part, at);
+      at += part.length;
+    }
+    return { data: toHostArray(all, dtype), shape: [total, heads, d], dtype } as HostTensor;
+  };
+  const expected = (opts: RefOptions, sinks?: number[]) => {
     const out = new Float64Array(totalQ * n * d), lse = new Float64Array(n * totalQ);
     seqs.forEach((x, i) => {
       let r = referenceAttention(x.q, x.k, x.v, opts);
-      if (withSink) r = withSinks(r, sinks, n, lensQ[i], d);
+      if (sinks) r = withSinks(r, sinks, n, lensQ[i], d);
       for (let h = 0; h < n; h++) {
         for (let row = 0; row < lensQ[i]; row++) {
           lse[h * totalQ + cuQ[i] + row] = r.lse[h * lensQ[i] + row];
@@ -197,6 +212,29 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
     });
     return { out, lse };
   };
+  return {
+    cuQ,
+    cuK,
+    totalQ,
+    totalK,
+    q: cat("q", n, totalQ),
+    k: cat("k", nKv, totalK),
+    v: cat("v", nKv, totalK),
+    expected,
+  };
+}
+
+// ---- packed batches ---------------------------------------------------------------------------
+
+{
+  const n = 4, nKv = 2, d = 32;
+  const lensQ = [5, 0, 33, 17], lensK = [9, 3, 40, 17];
+  const batch = packedBatch({ lensQ, lensK, n, nKv, d, dtype: "f32", seed: 7 });
+  const { cuQ, cuK, totalQ, totalK } = batch;
+  const [qT, kT, vT] = [batch.q, batch.k, batch.v] as { data: Float32Array; shape: number[] }[];
+  const sinks = [0.25, 1, -1, 2];
+  const expected = (opts: RefOptions, withSink: boolean) =>
+    batch.expected(opts, withSink ? sinks : undefined);
   const cases: { name: string; opts: AttentionOptions; ref: RefOptions; sinks?: boolean; gpu?: boolean }[] = [
     { name: "full", opts: {}, ref: {} },
     {
@@ -377,46 +415,9 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
   // make one sequence.
   const n = 4, nKv = 2, d = 32;
   const lensQ = [5, 0, 70, 17, 20], lensK = [9, 3, 75, 17, 12];
-  const cu = (lens: number[]) =>
-    Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
-  const cuQ = cu(lensQ), cuK = cu(lensK);
-  const totalQ = cuQ[lensQ.length], totalK = cuK[lensK.length];
-  const inputs = (dtype: "f32" | "f16") => {
-    const random = rng(dtype === "f32" ? 23 : 29);
-    const round = (t: Logical): Logical => ({ data: roundTo(t.data, dtype), sizes: t.sizes });
-    const seqs = lensQ.map((sq, i) => ({
-      q: round(randomLogical({ b: 1, n, s: sq, d }, random)),
-      k: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
-      v: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
-    }));
-    const cat = (which: "q" | "k" | "v", heads: number, total: number) => {
-      const all = new Float32Array(total * heads * d);
-      let at = 0;
-      for (const x of seqs) {
-        const part = bsnd(x[which], 0, 0, x[which].sizes.s);
-        all.set(part, at);
-        at += part.length;
-      }
-      return { data: toHostArray(all, dtype), shape: [total, heads, d], dtype } as HostTensor;
-    };
-    /** Expected out [total_q, n, d] and lse [n, total_q]: one reference call per sequence. */
-    const expected = (opts: RefOptions) => {
-      const out = new Float64Array(totalQ * n * d), lse = new Float64Array(n * totalQ);
-      seqs.forEach((x, i) => {
-        const r = referenceAttention(x.q, x.k, x.v, opts);
-        for (let h = 0; h < n; h++) {
-          for (let row = 0; row < lensQ[i]; row++) {
-            lse[h * totalQ + cuQ[i] + row] = r.lse[h * lensQ[i] + row];
-            for (let c = 0; c < d; c++) {
-              out[((cuQ[i] + row) * n + h) * d + c] = r.out[(h * lensQ[i] + row) * d + c];
-            }
-          }
-        }
-      });
-      return { out, lse };
-    };
-    return { q: cat("q", n, totalQ), k: cat("k", nKv, totalK), v: cat("v", nKv, totalK), expected };
-  };
+  const { cuQ, cuK, totalQ } = packedBatch({ lensQ, lensK, n, nKv, d, dtype: "f32", seed: 23 });
+  const inputs = (dtype: "f32" | "f16") =>
+    packedBatch({ lensQ, lensK, n, nKv, d, dtype, seed: dtype === "f32" ? 23 : 29 });
   const sageCases: {
     name: string;
     dtype: "f32" | "f16";
@@ -506,7 +507,7 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
         shape: [total, 2, 64],
         dtype: "f16" as const,
       };
-      const offsets = cu(lens);
+      const offsets = offsetsOf(lens);
       const options: AttentionOptions = { cuSeqlensQ: offsets, cuSeqlensK: offsets, isCausal: true };
       const e = await explain(t, t, t, options);
       assert.deepEqual(sageBackend.unsupportedReasons(resolveProblem(t, t, t, options), caps!), []);
@@ -530,47 +531,13 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
   // longest (70 keys) split into several chunks, which the shorter sequences' keys do not reach.
   const n = 4, nKv = 2, d = 32;
   const lensQ = [1, 0, 4, 2, 3, 1, 4], lensK = [37, 6, 3, 70, 1, 0, 12];
-  const cu = (lens: number[]) =>
-    Int32Array.from([0, ...lens.map((_, i) => lens.slice(0, i + 1).reduce((a, x) => a + x, 0))]);
-  const cuQ = cu(lensQ), cuK = cu(lensK);
-  const totalQ = cuQ[lensQ.length], totalK = cuK[lensK.length];
+  const { cuQ, cuK, totalQ, totalK } = packedBatch({ lensQ, lensK, n, nKv, d, dtype: "f32", seed: 31 });
   const sinks = [0.25, 1, -1, 2];
   const inputs = (dtype: "f32" | "f16") => {
-    const random = rng(dtype === "f32" ? 31 : 37);
-    const round = (t: Logical): Logical => ({ data: roundTo(t.data, dtype), sizes: t.sizes });
-    const seqs = lensQ.map((sq, i) => ({
-      q: round(randomLogical({ b: 1, n, s: sq, d }, random)),
-      k: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
-      v: round(randomLogical({ b: 1, n: nKv, s: lensK[i], d }, random)),
-    }));
-    const cat = (which: "q" | "k" | "v", heads: number, total: number) => {
-      const all = new Float32Array(total * heads * d);
-      let at = 0;
-      for (const x of seqs) {
-        const part = bsnd(x[which], 0, 0, x[which].sizes.s);
-        all.set(part, at);
-        at += part.length;
-      }
-      return { data: toHostArray(all, dtype), shape: [total, heads, d], dtype } as HostTensor;
-    };
-    /** Expected out [total_q, n, d] and lse [n, total_q]: one reference call per sequence. */
-    const expected = (opts: RefOptions, withSink: boolean) => {
-      const out = new Float64Array(totalQ * n * d), lse = new Float64Array(n * totalQ);
-      seqs.forEach((x, i) => {
-        let r = referenceAttention(x.q, x.k, x.v, opts);
-        if (withSink) r = withSinks(r, sinks, n, lensQ[i], d);
-        for (let h = 0; h < n; h++) {
-          for (let row = 0; row < lensQ[i]; row++) {
-            lse[h * totalQ + cuQ[i] + row] = r.lse[h * lensQ[i] + row];
-            for (let c = 0; c < d; c++) {
-              out[((cuQ[i] + row) * n + h) * d + c] = r.out[(h * lensQ[i] + row) * d + c];
-            }
-          }
-        }
-      });
-      return { out, lse };
-    };
-    return { q: cat("q", n, totalQ), k: cat("k", nKv, totalK), v: cat("v", nKv, totalK), expected };
+    const batch = packedBatch({ lensQ, lensK, n, nKv, d, dtype, seed: dtype === "f32" ? 31 : 37 });
+    const expected = (opts: RefOptions, withSink: boolean) =>
+      batch.expected(opts, withSink ? sinks : undefined);
+    return { ...batch, expected };
   };
   const skvCases: {
     name: string;
@@ -728,7 +695,7 @@ async function readF32(t: unknown, count: number): Promise<Float32Array> {
       const { k, v } = inputs("f32");
       const ones = lensK.map(() => 1);
       const q = { data: new Float32Array(ones.length * n * d).fill(0.5), shape: [ones.length, n, d] };
-      const e = await explain(q, k, v, { cuSeqlensQ: cu(ones), cuSeqlensK: cuK });
+      const e = await explain(q, k, v, { cuSeqlensQ: offsetsOf(ones), cuSeqlensK: cuK });
       assert.equal(e.backend, "split-kv");
       // This block's batch (up to 4 rows per sequence) is decode-like too.
       const { q: q4 } = inputs("f32");

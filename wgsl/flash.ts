@@ -35,6 +35,7 @@
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
+import { workListSearch } from "./serving.ts";
 
 /** Everything that changes the flash kernel's text. */
 export interface FlashConfig {
@@ -280,14 +281,7 @@ function varlenPrologue(c: FlashConfig): string {
   return `  let h = wg % P.n;
   let item = wg / P.n;
   if (item >= wl[P.seqs]) { return; }
-  var lo_s = 0u;
-  var hi_s = P.seqs;
-  loop {
-    if (hi_s - lo_s <= 1u) { break; }
-    let mid = (lo_s + hi_s) / 2u;
-    if (wl[mid] <= item) { lo_s = mid; } else { hi_s = mid; }
-  }
-  let b = lo_s;
+${workListSearch()}  let b = lo_s;
   let local_blk = item - wl[b];
   // Heaviest query blocks of a sequence first under a causal band.
   let blk = ${c.band ? "wl[b + 1u] - wl[b] - 1u - local_blk" : "local_blk"};

@@ -22,6 +22,7 @@
  */
 import type { DType } from "../core/types.ts";
 import { type Kernel, POS_INF, uniformBlock, type UniformType } from "./common.ts";
+import { workListSearch } from "./serving.ts";
 
 /** Threads of the pre-pass workgroups (the WebGPU minimum for maxComputeInvocationsPerWorkgroup). */
 export const SAGE_THREADS = 256;
@@ -197,14 +198,7 @@ function varlenQuantPrologue(rows: number, d4: number): string {
   return `  let h = wg / P.blocks;
   let item = wg % P.blocks;
   if (item >= wl[P.seqs]) { return; }
-  var lo_s = 0u;
-  var hi_s = P.seqs;
-  loop {
-    if (hi_s - lo_s <= 1u) { break; }
-    let mid = (lo_s + hi_s) / 2u;
-    if (wl[mid] <= item) { lo_s = mid; } else { hi_s = mid; }
-  }
-  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
+${workListSearch()}  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
   let c1 = u32(clamp(cu[lo_s + 1u], i32(c0), i32(P.s)));
   let r0 = min(c0 + (item - wl[lo_s]) * ${rows}u, c1);
   let bh = h;

@@ -4,6 +4,22 @@
  */
 import { type Kernel, uniformBlock, type UniformType } from "./common.ts";
 
+/**
+ * WGSL finding work item `item`'s sequence `lo_s` in a packed batch's work list `wl` (binding) of
+ * `P.seqs` sequences: the last s with `wl[s] <= item`, by binary search. Workgroup-uniform when
+ * `item` is (the list is read-only storage).
+ */
+export function workListSearch(): string {
+  return `  var lo_s = 0u;
+  var hi_s = P.seqs;
+  loop {
+    if (hi_s - lo_s <= 1u) { break; }
+    let mid = (lo_s + hi_s) / 2u;
+    if (wl[mid] <= item) { lo_s = mid; } else { hi_s = mid; }
+  }
+`;
+}
+
 const WORK_LIST_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["seqs", "u32"],
