@@ -213,17 +213,36 @@ export async function varlenWorkList(
   side: "q" | "k" = "q",
 ): Promise<{ wl: GPUBuffer; items: number }> {
   const v = p.varlen!;
-  const cu = side === "q" ? v.cuQ : v.cuK, total = side === "q" ? p.sQ : p.sKv;
+  const cu = side === "q" ? v.cuQ : v.cuK;
   if (cu.residency === "host") {
-    const wl = new Uint32Array(v.seqs + 1);
-    for (let s = 0; s < v.seqs; s++) wl[s + 1] = wl[s] + Math.ceil((cu.data[s + 1] - cu.data[s]) / rows);
+    const wl = hostWorkList(cu.data, v.seqs, rows);
     return { wl: call.upload(wl, "wgattn varlen work list"), items: wl[v.seqs] };
   }
   const kernel = workListKernel(rows);
   const wl = call.scratch((v.seqs + 1) * 4, "wgattn varlen work list");
   const offsets = side === "q" ? io.cuQ! : io.cuK!;
+  const total = side === "q" ? p.sQ : p.sKv;
   call.dispatch(await call.pipeline(kernel), kernel, { cuq: offsets, wl }, { seqs: v.seqs, total }, 1);
-  return { wl, items: Math.ceil(total / rows) + v.seqs };
+  return { wl, items: varlenItems(p, rows, side) };
+}
+
+/**
+ * Work items (blocks of `rows`) of a packed batch's query rows (side "q") or keys per head, as
+ * {@link varlenWorkList} lays them out: exact from host offsets; from GPU offsets a bound (each
+ * sequence's last block may be partial: at most one more per sequence).
+ */
+export function varlenItems(p: AttentionProblem, rows: number, side: "q" | "k"): number {
+  const v = p.varlen!;
+  const cu = side === "q" ? v.cuQ : v.cuK;
+  if (cu.residency === "host") return hostWorkList(cu.data, v.seqs, rows)[v.seqs];
+  return Math.ceil((side === "q" ? p.sQ : p.sKv) / rows) + v.seqs;
+}
+
+/** `wl[s]`: the blocks of `rows` of the sequences before s (`wl[seqs]` their total). */
+function hostWorkList(cu: Int32Array, seqs: number, rows: number): Uint32Array {
+  const wl = new Uint32Array(seqs + 1);
+  for (let s = 0; s < seqs; s++) wl[s + 1] = wl[s] + Math.ceil((cu[s + 1] - cu[s]) / rows);
+  return wl;
 }
 
 /** The fused FlashAttention-2 backend. */

@@ -18,7 +18,7 @@
  * flash (a packed batch: for its longest sequences); f32 inputs get it only by name.
  */
 import { flexKernelConfig, type GpuBackend, type GpuIO } from "./backend.ts";
-import { flashUnsupportedReasons, varlenWorkList } from "./flash.ts";
+import { flashUnsupportedReasons, varlenItems, varlenWorkList } from "./flash.ts";
 import type { Capabilities } from "../core/device.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
@@ -151,20 +151,6 @@ export function needsRowBias(p: AttentionProblem, lse: boolean): boolean {
 }
 
 /**
- * Quantization blocks per head of a packed batch's q (side "q", blocks of `rows` query rows) or k:
- * each sequence's own, counted from host offsets; for GPU offsets the work list's bound (each
- * sequence's last block may be partial: at most one more per sequence).
- */
-function packedBlocks(p: AttentionProblem, rows: number, side: "q" | "k"): number {
-  const v = p.varlen!;
-  const cu = side === "q" ? v.cuQ : v.cuK;
-  if (cu.residency === "gpu") return Math.ceil((side === "q" ? p.sQ : p.sKv) / rows) + v.seqs;
-  let blocks = 0;
-  for (let s = 0; s < v.seqs; s++) blocks += Math.ceil((cu.data[s + 1] - cu.data[s]) / rows);
-  return blocks;
-}
-
-/**
  * Bytes of the pre-pass's scratch buffers; `items`: a packed batch's blocks per head (b is 1), q's
  * and k's.
  */
@@ -197,15 +183,15 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
     const c = chooseSageConfig(p, caps, false);
     if (typeof c === "string") reasons.push(c);
     else {
-      const items = p.varlen ? { q: packedBlocks(p, c.br, "q"), k: packedBlocks(p, c.bc, "k") } : undefined;
+      const items = p.varlen ? { q: varlenItems(p, c.br, "q"), k: varlenItems(p, c.bc, "k") } : undefined;
       const sizes = scratchSizes(p, c, true, items);
       const limit = caps.limits.maxStorageBufferBindingSize;
       if (Math.max(sizes.q8, sizes.k8, sizes.bias) > limit) {
         reasons.push("its int8 copies of q and k do not fit one storage binding");
       }
-      // A packed batch's kernel binds q8, k8, v, o, the two scales, the lse and its bias, the
-      // offsets and both work lists.
-      const buffers = 12;
+      // A packed batch's kernel with the lse binds q8, k8, v, o, the two scales, the lse and its bias,
+      // the offsets and both work lists.
+      const buffers = kernelOf(flashKernel, { ...c, lse: true }).bindings.length;
       if (p.varlen && buffers > caps.limits.maxStorageBuffersPerShaderStage) {
         reasons.push(
           `its packed-batch kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,

@@ -99,6 +99,21 @@ function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return e;
 }
 
+/**
+ * A packed f16 tensor's sequences (lengths `lens` at offsets `cu`, `heads` heads) copied to the start of
+ * batches of `longest` rows, zeros after: `[seqs, longest, heads, D]` ("b s n d").
+ */
+function padSequences(src: GpuTensor, heads: number, lens: number[], cu: Int32Array, longest: number) {
+  const row = heads * D * 2;
+  const buffer = device.createBuffer({ size: lens.length * longest * row, usage: USAGE });
+  const enc = device.createCommandEncoder();
+  lens.forEach((len, i) =>
+    enc.copyBufferToBuffer(src.buffer, cu[i] * row, buffer, i * longest * row, len * row)
+  );
+  device.queue.submit([enc.finish()]);
+  return { buffer, shape: [lens.length, longest, heads, D], dtype: "f16" as const };
+}
+
 async function best(inputs: { q: GpuTensor; k: GpuTensor; v: GpuTensor }, options: object): Promise<number> {
   const warm = await attentionForward(inputs.q, inputs.k, inputs.v, options);
   await readBuffer(device, warm.buffer, 16);
@@ -115,21 +130,7 @@ async function packedPart(): Promise<void> {
   const total = cu[16];
   const q = tensor([total, N, D], 1), k = tensor([total, NKV, D], 2), v = tensor([total, NKV, D], 3);
   // The padded batch: each sequence's rows copied to the start of its batch, zeros after ("b s n d").
-  const pad = (src: GpuTensor, heads: number) => {
-    const buffer = device.createBuffer({ size: 16 * longest * heads * D * 2, usage: USAGE });
-    const enc = device.createCommandEncoder();
-    lens.forEach((len, i) => {
-      enc.copyBufferToBuffer(
-        src.buffer,
-        cu[i] * heads * D * 2,
-        buffer,
-        i * longest * heads * D * 2,
-        len * heads * D * 2,
-      );
-    });
-    device.queue.submit([enc.finish()]);
-    return { buffer, shape: [16, longest, heads, D], dtype: "f16" as const };
-  };
+  const pad = (src: GpuTensor, heads: number) => padSequences(src, heads, lens, cu, longest);
   const padded = { q: pad(q.t, N), k: pad(k.t, NKV), v: pad(v.t, NKV) };
   const keep = new Uint8Array(16 * longest);
   lens.forEach((len, i) => keep.fill(1, i * longest, i * longest + len));
@@ -400,21 +401,7 @@ async function packedDecodePart(): Promise<void> {
   const shape = `${seqs} seqs x 1 query row, keys ${kLens[0]}..${longest} (${total}), n${N}/${NKV} d${D} f16`;
   const packed = { cuSeqlensQ: cuq, cuSeqlensK: cuk };
   // Padded: every cache copied to the start of its batch of `longest` rows ("b s n d").
-  const pad = (src: GpuTensor) => {
-    const buffer = device.createBuffer({ size: seqs * longest * NKV * D * 2, usage: USAGE });
-    const enc = device.createCommandEncoder();
-    kLens.forEach((len, i) =>
-      enc.copyBufferToBuffer(
-        src.buffer,
-        cuk[i] * NKV * D * 2,
-        buffer,
-        i * longest * NKV * D * 2,
-        len * NKV * D * 2,
-      )
-    );
-    device.queue.submit([enc.finish()]);
-    return { buffer, shape: [seqs, longest, NKV, D], dtype: "f16" as const };
-  };
+  const pad = (src: GpuTensor) => padSequences(src, NKV, kLens, cuk, longest);
   const keep = new Uint8Array(seqs * longest);
   kLens.forEach((len, i) => keep.fill(1, i * longest, i * longest + len));
   const qDense = { buffer: q.t.buffer, shape: [seqs, 1, N, D], dtype: "f16" as const };

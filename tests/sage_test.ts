@@ -410,23 +410,26 @@ Deno.test("sage: the router picks it for long 16-bit calls, by name otherwise", 
   await Promise.resolve();
 });
 
+/** A flash config the kernel-text tests below vary. */
+const TEXT_BASE: FlashConfig = {
+  dtype: "f16",
+  f16: false,
+  d: 64,
+  br: 32,
+  bc: 64,
+  rt: 8,
+  ct: 16,
+  dk: 32,
+  vc: 16,
+  band: true,
+  keyPadding: true,
+  lse: true,
+  subgroups: false,
+  swizzle: true,
+};
+
 Deno.test("sage: flash's f32 kernel text is the same with qk f32 or unset; int8 has its own key", () => {
-  const base: FlashConfig = {
-    dtype: "f16",
-    f16: false,
-    d: 64,
-    br: 32,
-    bc: 64,
-    rt: 8,
-    ct: 16,
-    dk: 32,
-    vc: 16,
-    band: true,
-    keyPadding: true,
-    lse: true,
-    subgroups: false,
-    swizzle: true,
-  };
+  const base = TEXT_BASE;
   const plain = flashKernel(base), f32 = flashKernel({ ...base, qk: "f32" });
   const int8 = flashKernel({ ...base, qk: "int8" });
   assert.equal(f32.code, plain.code);
@@ -438,25 +441,9 @@ Deno.test("sage: flash's f32 kernel text is the same with qk f32 or unset; int8 
 });
 
 Deno.test("sage: a packed batch's kernels bind the offsets and work lists; paged caches stay refused", () => {
-  const base: FlashConfig = {
-    dtype: "f16",
-    f16: false,
-    d: 64,
-    br: 32,
-    bc: 64,
-    rt: 8,
-    ct: 16,
-    dk: 32,
-    vc: 16,
-    band: true,
-    keyPadding: false,
-    lse: true,
-    subgroups: false,
-    swizzle: true,
-    qk: "int8",
-  };
+  const base: FlashConfig = { ...TEXT_BASE, keyPadding: false, qk: "int8" };
   const packed = flashKernel({ ...base, varlen: true });
-  // backends/sage.ts counts these 12 against maxStorageBuffersPerShaderStage.
+  // backends/sage.ts counts these against maxStorageBuffersPerShaderStage.
   assert.deepEqual(packed.bindings, [
     "q8",
     "k8",

@@ -35,7 +35,7 @@
 import type { DType } from "../core/types.ts";
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
-import { workListSearch } from "./serving.ts";
+import { sequenceRange, workListSearch } from "./serving.ts";
 
 /** Everything that changes the flash kernel's text. */
 export interface FlashConfig {
@@ -285,11 +285,7 @@ ${workListSearch()}  let b = lo_s;
   let local_blk = item - wl[b];
   // Heaviest query blocks of a sequence first under a causal band.
   let blk = ${c.band ? "wl[b + 1u] - wl[b] - 1u - local_blk" : "local_blk"};
-  let cq0 = u32(clamp(cuq[b], 0i, i32(P.s_q)));
-  let sq_ = u32(clamp(cuq[b + 1u], i32(cq0), i32(P.s_q))) - cq0;
-  let ck0 = u32(clamp(cuk[b], 0i, i32(P.s_kv)));
-  let skv_ = u32(clamp(cuk[b + 1u], i32(ck0), i32(P.s_kv))) - ck0;
-  let off_ = i32(skv_) - i32(sq_);`;
+${sequenceRange()}  let off_ = i32(skv_) - i32(sq_);`;
 }
 
 /** Generates the flash kernel for `c`. */

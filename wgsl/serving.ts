@@ -20,6 +20,19 @@ export function workListSearch(): string {
 `;
 }
 
+/**
+ * WGSL of packed sequence `b`'s query rows `[cq0, cq0 + sq_)` and keys `[ck0, ck0 + skv_)` from the
+ * offsets `cuq`, `cuk` (bindings), clamped into the tensors (`P.s_q`, `P.s_kv`): a bad GPU offset gives
+ * wrong rows, never a read outside the buffers.
+ */
+export function sequenceRange(): string {
+  return `  let cq0 = u32(clamp(cuq[b], 0i, i32(P.s_q)));
+  let sq_ = u32(clamp(cuq[b + 1u], i32(cq0), i32(P.s_q))) - cq0;
+  let ck0 = u32(clamp(cuk[b], 0i, i32(P.s_kv)));
+  let skv_ = u32(clamp(cuk[b + 1u], i32(ck0), i32(P.s_kv))) - ck0;
+`;
+}
+
 const WORK_LIST_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["seqs", "u32"],

@@ -23,6 +23,7 @@
  */
 import type { DType } from "../core/types.ts";
 import { flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
+import { sequenceRange } from "./serving.ts";
 import {
   BF16_PACK,
   isMinusInfExpr,
@@ -270,11 +271,7 @@ ${
       : c.varlen
       ? `  // Sequence b's query rows and keys, the offsets clamped into the tensors.
   if (b >= P.seqs) { return; }
-  let cq0 = u32(clamp(cuq[b], 0i, i32(P.s_q)));
-  let sq_ = u32(clamp(cuq[b + 1u], i32(cq0), i32(P.s_q))) - cq0;
-  let ck0 = u32(clamp(cuk[b], 0i, i32(P.s_kv)));
-  let skv_ = u32(clamp(cuk[b + 1u], i32(ck0), i32(P.s_kv))) - ck0;
-  // Its rows, at most the dispatch's capacity: row blocks past them have nothing to do.
+${sequenceRange()}  // Its rows, at most the dispatch's capacity: row blocks past them have nothing to do.
   let rows_ = min(sq_ * P.group, P.rows);
   if (r0 >= rows_) { return; }
   let off_ = i32(skv_) - i32(sq_);
