@@ -25,7 +25,15 @@ import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "
 import { firstFitting, type FlashConfig, flashKernel } from "../wgsl/flash.ts";
 import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
-import { SAGE_MEAN_COLUMNS, sageMeanKernel, sagePaddedDim, sageQuantKernel } from "../wgsl/sage.ts";
+import {
+  SAGE_MEAN_COLUMNS,
+  SAGE_THREADS,
+  sageMeanKernel,
+  sagePaddedDim,
+  sageQuantKernel,
+  sageStatsChunks,
+  sageStatsKernel,
+} from "../wgsl/sage.ts";
 import { type Kernel, kernelOf } from "../wgsl/common.ts";
 
 /** Tile shapes tried in order (as flash's); the first valid for the device and head dim wins. */
@@ -209,12 +217,11 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: c.f16, d: p.d, varlen: p.varlen !== null };
   const main = kernelOf(flashKernel, c);
-  const meanK = kernelOf(sageMeanKernel, { dtype: p.dtype, f16: c.f16, d: p.d });
   const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false });
   const bias = needsRowBias(p, lse);
   const quantQ = kernelOf(sageQuantKernel, { ...input, rows: c.br, smooth: false, bias });
-  const [mainPipe, meanPipe, quantKPipe, quantQPipe] = await Promise.all(
-    [main, meanK, quantK, quantQ].map((k) => call.pipeline(k)),
+  const [mainPipe, quantKPipe, quantQPipe] = await Promise.all(
+    [main, quantK, quantQ].map((k) => call.pipeline(k)),
   );
   // A packed batch: the work lists of each sequence's own query blocks (the kernel's) and key blocks.
   const lists = p.varlen
@@ -232,11 +239,11 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const rowBias = bias ? call.scratch(sz.bias, "sage row bias") : null;
   const v4 = (x: number) => x / 4;
 
+  if (sageTuning.smooth) await encodeKMean(call, p, io.k, mean);
   encodeSageQuantization(call, p, io, {
-    pipes: { meanPipe, meanK, quantKPipe, quantK, quantQPipe, quantQ },
+    pipes: { quantKPipe, quantK, quantQPipe, quantQ },
     buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
     blocks: { q: sz.qBlocks, k: sz.kBlocks },
-    smooth: sageTuning.smooth,
     varlen: lists ? { q: lists.q.wl, k: lists.k.wl } : undefined,
   });
   // 4. The flash kernel in int8 mode.
@@ -297,8 +304,6 @@ export const sageBackend: GpuBackend = {
 
 /** Pipelines and kernels of sage's quantization pre-pass (wgsl/sage.ts). */
 export interface SageQuantPipes {
-  meanPipe: GPUComputePipeline;
-  meanK: Kernel;
   quantKPipe: GPUComputePipeline;
   quantK: Kernel;
   quantQPipe: GPUComputePipeline;
@@ -306,9 +311,8 @@ export interface SageQuantPipes {
 }
 
 /**
- * Records sage's quantization pre-pass, shared with `sage-mma`: K's mean over the sequence per
- * (batch, K/V head, channel) unless `smooth` is false, K - mean to int8 per block of keys, and Q to
- * int8 per block of rows with a scale that carries the softmax scale in log2 units (and, for the
+ * Records sage's quantization pre-pass, shared with `sage-mma`, after K's mean ({@link encodeKMean},
+ * left zero when K is not smoothed): K - mean to int8 per block of keys, and Q to int8 per block of rows with a scale that carries the softmax scale in log2 units (and, for the
  * log-sum-exp or a score_mod, each row's scale·q·mean(k) in `bias`).
  */
 export function encodeSageQuantization(
@@ -326,7 +330,6 @@ export function encodeSageQuantization(
       bias: GPUBuffer | null;
     };
     blocks: { q: number; k: number };
-    smooth: boolean;
     /**
      * A packed batch: the work lists of q's and k's blocks (`blocks` their totals or bounds); each
      * sequence's blocks start at its own first row.
@@ -336,17 +339,6 @@ export function encodeSageQuantization(
 ): void {
   const { pipes, buffers: b } = o;
   const v4 = (x: number) => x / 4;
-  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
-  if (o.smooth) {
-    call.dispatch(pipes.meanPipe, pipes.meanK, { x: io.k, mean: b.mean }, {
-      heads: p.nKv,
-      cgroups,
-      s: p.sKv,
-      sb: v4(p.k.strides.b),
-      sh: v4(p.k.strides.n),
-      ss: v4(p.k.strides.s),
-    }, p.b * p.nKv * cgroups);
-  }
   const vl = o.varlen;
   const kBuffers: Record<string, GPUBuffer> = { x: io.k, x8: b.k8, x_scale: b.kScale, mean: b.mean };
   if (vl) Object.assign(kBuffers, { cu: io.cuK!, wl: vl.k });
@@ -382,4 +374,60 @@ export function encodeSageQuantization(
     bias_scale: p.scale,
     seqs: p.varlen?.seqs ?? 0,
   }, p.b * p.n * o.blocks.q);
+}
+
+/**
+ * Records the partial column statistics ({@link sageStatsKernel}) of the call's `k` or `v` (buffer
+ * `x`) over chunks of keys, side by side, into a scratch buffer; resolves to it and the chunk count
+ * per head. `extremes` adds each chunk's largest and smallest value to its sums.
+ */
+export async function encodeColumnStats(
+  call: GpuCall,
+  p: AttentionProblem,
+  which: "k" | "v",
+  x: GPUBuffer,
+  extremes: boolean,
+): Promise<{ part: GPUBuffer; chunks: number }> {
+  const kernel = kernelOf(sageStatsKernel, { dtype: p.dtype, f16: call.rt.caps.shaderF16, d: p.d, extremes });
+  const pipe = await call.pipeline(kernel);
+  const { chunk, chunks } = sageStatsChunks(p.sKv);
+  const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
+  const part = call.scratch(
+    p.b * p.nKv * chunks * (extremes ? 3 : 1) * p.d * 4,
+    `wgattn ${which} partial statistics`,
+  );
+  const strides = p[which].strides;
+  call.dispatch(pipe, kernel, { x, part }, {
+    heads: p.nKv,
+    cgroups,
+    chunks,
+    chunk,
+    s: p.sKv,
+    sb: strides.b / 4,
+    sh: strides.n / 4,
+    ss: strides.s / 4,
+  }, p.b * p.nKv * cgroups * chunks);
+  return { part, chunks };
+}
+
+/**
+ * Records K's mean over the sequence per (batch, K/V head, channel) into `mean` (`[b, n_kv, d]`
+ * f32): partial sums over chunks of keys, then one invocation per column adds them up.
+ */
+export async function encodeKMean(
+  call: GpuCall,
+  p: AttentionProblem,
+  k: GPUBuffer,
+  mean: GPUBuffer,
+): Promise<void> {
+  const { part, chunks } = await encodeColumnStats(call, p, "k", k, false);
+  const kernel = kernelOf(sageMeanKernel, { d: p.d });
+  const columns = p.b * p.nKv * p.d / 4;
+  call.dispatch(
+    await call.pipeline(kernel),
+    kernel,
+    { part, mean },
+    { columns, chunks, s: p.sKv },
+    Math.ceil(columns / SAGE_THREADS),
+  );
 }

@@ -22,7 +22,7 @@ import { readEnvIfGranted } from "../core/env.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
-import { SAGE_MEAN_COLUMNS, sageMeanKernel, sageQuantKernel } from "../wgsl/sage.ts";
+import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageQuantKernel } from "../wgsl/sage.ts";
 import {
   MMA_ROWS,
   type SageMmaConfig,
@@ -30,6 +30,8 @@ import {
   sageMmaDims,
   sageMmaKernel,
   sageMmaVKernel,
+  sageMmaVStatKernel,
+  V_TILE_ROWS,
 } from "../wgsl/sage_mma.ts";
 import {
   sageMmaTwoPassKernel,
@@ -37,7 +39,13 @@ import {
   twoPassConfigProblems,
   U8_PV_MAX_KEYS,
 } from "../wgsl/sage_mma_two_pass.ts";
-import { encodeSageQuantization, needsRowBias, SAGE_MAX_SHARPNESS } from "./sage.ts";
+import {
+  encodeColumnStats,
+  encodeKMean,
+  encodeSageQuantization,
+  needsRowBias,
+  SAGE_MAX_SHARPNESS,
+} from "./sage.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 
 /** The environment variable that selects the emulated (plain WGSL) matrix steps. */
@@ -286,7 +294,6 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
   const main = isTwoPass(c) ? kernelOf(sageMmaTwoPassKernel, c) : kernelOf(sageMmaKernel, c);
-  const meanK = kernelOf(sageMeanKernel, input);
   const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
   const bias = needsRowBias(p, lse);
   const quantQ = kernelOf(sageQuantKernel, { ...input, rows: MMA_ROWS, smooth: false, bias, pad: 32 });
@@ -296,8 +303,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     transposed: isTwoPass(c) || c.vTransposed === true,
     offset: isTwoPass(c) && c.pv === "u8",
   });
-  const [mainPipe, meanPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
-    [main, meanK, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
+  const [mainPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
+    [main, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
   );
   const sz = scratchSizes(p, c, lse);
   const q8 = call.scratch(sz.q8, "sage-mma q int8");
@@ -311,23 +318,26 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const v4 = (x: number) => x / 4;
   const { dV } = sageMmaDims(p.d);
 
+  await encodeKMean(call, p, io.k, mean);
   encodeSageQuantization(call, p, io, {
-    pipes: { meanPipe, meanK, quantKPipe, quantK, quantQPipe, quantQ },
+    pipes: { quantKPipe, quantK, quantQPipe, quantQ },
     buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
     blocks: { q: sz.qBlocks, k: sz.kBlocks },
-    smooth: true,
   });
-  // 4. V - mean to int8 per channel.
+  // 4. V's per-channel mean and absmax, then V - mean to int8 per channel.
+  await encodeVStat(call, p, io.v, vStat);
   const vgroups = Math.ceil(dV / 4 / SAGE_MEAN_COLUMNS);
+  const rows = sz.kBlocks * c.bc, tiles = Math.ceil(rows / V_TILE_ROWS);
   call.dispatch(quantVPipe, quantV, { x: io.v, v8, v_stat: vStat }, {
     cgroups: vgroups,
+    tiles,
     s: p.sKv,
-    rows: sz.kBlocks * c.bc,
+    rows,
     heads: p.nKv,
     sb: v4(p.v.strides.b),
     sh: v4(p.v.strides.n),
     ss: v4(p.v.strides.s),
-  }, p.b * p.nKv * vgroups);
+  }, p.b * p.nKv * vgroups * tiles);
   // 5. The matrix kernel.
   const buffers: Record<string, GPUBuffer> = {
     q8,
@@ -352,6 +362,26 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 },
     p.b * p.n * sz.blocks,
   );
+}
+
+/**
+ * Records V's per-channel scale and mean into `vStat` (`[b, n_kv, 2, dV]`, {@link sageMmaVStatKernel}):
+ * partial sums and extremes over chunks of keys, then one invocation per column combines them.
+ */
+export async function encodeVStat(
+  call: GpuCall,
+  p: AttentionProblem,
+  v: GPUBuffer,
+  vStat: GPUBuffer,
+): Promise<void> {
+  const { part, chunks } = await encodeColumnStats(call, p, "v", v, true);
+  const kernel = kernelOf(sageMmaVStatKernel, { d: p.d });
+  const columns = p.b * p.nKv * sageMmaDims(p.d).dV / 4;
+  call.dispatch(await call.pipeline(kernel), kernel, { part, v_stat: vStat }, {
+    columns,
+    chunks,
+    s: p.sKv,
+  }, Math.ceil(columns / SAGE_THREADS));
 }
 
 /**

@@ -440,3 +440,71 @@ Deno.test("sage-mma two-pass: every option that changes the kernel text changes 
   assert.notEqual(v(true).key, v(false).key);
   assert.match(v(true).code, /0x80808080u/);
 });
+
+// The pre-pass's column statistics (K's mean for sage and sage-mma, V's scale and mean for sage-mma)
+// are gathered per chunk of keys side by side, then combined: checked over one chunk, a ragged second
+// one, and the most chunks a head gets (32, each wider than the 256-row minimum), against float64
+// means and the absmax of the centred values, with a NaN and an Inf in two channels and head dims
+// whose padding to dV leaves channels without values.
+for (const [b, nKv, s, d] of [[1, 2, 200, 20], [2, 1, 300, 64], [1, 3, 9000, 20]]) {
+  Deno.test(`sage pre-pass: column statistics over chunks of keys, b${b} n${nKv} s${s} d${d}`, {
+    ignore: !rt,
+  }, async () => {
+    const { GpuCall, readBuffer, releaseBuffer } = await import("../core/gpu.ts");
+    const { encodeKMean } = await import("../backends/sage.ts");
+    const { encodeVStat } = await import("../backends/sage_mma.ts");
+    const { sageMmaDims } = await import("../wgsl/sage_mma.ts");
+    const shape = [b, nKv, s, d], count = b * nKv * s * d;
+    const next = rng(s + d);
+    // Channel 3 sits far from zero (an outlier channel): its mean must come out of the sums, not 0.
+    const x = Float32Array.from({ length: count }, (_, i) => next() * 2 - 1 + (i % d === 3 ? 40 : 0));
+    const at = (bb: number, h: number, r: number, ch: number) => ((bb * nKv + h) * s + r) * d + ch;
+    x[at(0, nKv - 1, s - 1, 7)] = NaN;
+    x[at(b - 1, 0, Math.floor(s / 2), 0)] = Infinity;
+    const tensor = { data: x, shape };
+    const q = { data: new Float32Array(b * nKv * d).fill(0.5), shape: [b, nKv, 1, d] };
+    const p = resolveProblem(q, tensor, tensor);
+    const { dV } = sageMmaDims(d);
+    const call = new GpuCall(rt!, "test column statistics");
+    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+    const input = call.upload(x, "test v");
+    const mean = call.createBuffer(b * nKv * d * 4, usage, "test mean");
+    const vStat = call.createBuffer(b * nKv * 2 * dV * 4, usage, "test v stat");
+    await encodeKMean(call, p, input, mean);
+    await encodeVStat(call, p, input, vStat);
+    assert.equal(await call.submit(), null);
+    const kMean = new Float32Array(await readBuffer(rt!.device, mean, b * nKv * d * 4));
+    const stat = new Float32Array(await readBuffer(rt!.device, vStat, b * nKv * 2 * dV * 4));
+    releaseBuffer(mean);
+    releaseBuffer(vStat);
+    for (let bh = 0; bh < b * nKv; bh++) {
+      for (let ch = 0; ch < dV; ch++) {
+        const scale = stat[bh * 2 * dV + ch], vMean = stat[bh * 2 * dV + dV + ch];
+        if (ch >= d) {
+          assert.deepEqual([scale, vMean], [0, 0], `padding channel ${ch} of head ${bh}`);
+          continue;
+        }
+        let sum = 0, finite = true;
+        for (let r = 0; r < s; r++) {
+          const v = x[(bh * s + r) * d + ch];
+          if (Number.isFinite(v)) sum += v;
+          else finite = false;
+        }
+        const m = kMean[bh * d + ch];
+        const want = sum / s;
+        assert.ok(Math.abs(m - want) <= 1e-5 * (1 + Math.abs(want)), `K mean ${bh}/${ch}: ${m} vs ${want}`);
+        // The same sums in the same order: V's mean is K's to the bit.
+        assert.equal(vMean, m, `V mean ${bh}/${ch}`);
+        let amax = 0;
+        for (let r = 0; r < s && finite; r++) {
+          amax = Math.max(amax, Math.abs(Math.fround(x[(bh * s + r) * d + ch] - m)));
+        }
+        const wantScale = finite ? amax / 127 : Infinity;
+        assert.ok(
+          finite ? Math.abs(scale - wantScale) <= 1e-6 * wantScale : scale === Infinity,
+          `V scale ${bh}/${ch}: ${scale} vs ${wantScale}`,
+        );
+      }
+    }
+  });
+}

@@ -2,7 +2,8 @@
  * The `sage` pre-pass (SageAttention's quantization in WGSL): small kernels that run before the
  * flash kernel's int8 mode (`qk: "int8"` in wgsl/flash.ts), in the same compute pass.
  *
- * 1. {@link sageMeanKernel}: the mean of K over the sequence per (batch, K/V head, channel).
+ * 1. {@link sageStatsKernel} then {@link sageMeanKernel}: the mean of K over the sequence per
+ *    (batch, K/V head, channel), from partial sums over chunks of rows.
  *    Subtracting it from every key ("smoothing") adds the same constant `q . mean` to every score
  *    of a query row, which the softmax ignores, and removes the channel offsets (outlier channels)
  *    that would otherwise spend K's int8 range.
@@ -21,7 +22,7 @@
  * blocks]`; the mean is over all packed keys of a head and the lse bias `[n, total_q]` by packed row.
  */
 import type { DType } from "../core/types.ts";
-import { type Kernel, POS_INF, uniformBlock, type UniformType } from "./common.ts";
+import { type Kernel, NEG_INF, POS_INF, uniformBlock, type UniformType } from "./common.ts";
 import { workListSearch } from "./serving.ts";
 
 /** Threads of the pre-pass workgroups (the WebGPU minimum for maxComputeInvocationsPerWorkgroup). */
@@ -97,10 +98,25 @@ function header(c: SageInput, uniforms: [string, UniformType][]): string {
     `@group(0) @binding(1) var<storage, read> x: array<${element(c)}>;\n`;
 }
 
-const MEAN_UNIFORMS: [string, UniformType][] = [
+/**
+ * Rows of a head that one column-statistics workgroup covers ({@link sageStatsKernel}), and how many
+ * such chunks a head has: at least 256 rows (8 per lane), and at most 32 chunks, so that the mean's
+ * serial loop over them stays short. The chunks of a head run side by side: one workgroup per head
+ * walking the whole sequence (the first form) left most SMs idle behind a long chain of loads
+ * (Flux: 96 workgroups of 144 steps each, three times over for V).
+ */
+export function sageStatsChunks(s: number): { chunk: number; chunks: number } {
+  const lanes = SAGE_THREADS / SAGE_MEAN_COLUMNS;
+  const chunk = Math.max(8 * lanes, Math.ceil(s / 32 / lanes) * lanes);
+  return { chunk, chunks: Math.max(1, Math.ceil(s / chunk)) };
+}
+
+const STATS_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["heads", "u32"],
   ["cgroups", "u32"],
+  ["chunks", "u32"],
+  ["chunk", "u32"],
   ["s", "u32"],
   // Strides of x in vec4 units (b, head, s).
   ["sb", "u32"],
@@ -108,55 +124,107 @@ const MEAN_UNIFORMS: [string, UniformType][] = [
   ["ss", "u32"],
 ];
 
-/**
- * WGSL summing x over the sequence per vec4 column into `red[lid]` (row `lane` of column
- * `lid % cw`, lanes striding rows), then a tree in workgroup memory that leaves each column's sum in
- * its lane-0 slot. Non-finite values are left out: any finite offset is exact (the softmax ignores
- * it), and a NaN mean would spread one bad key to every key of the head.
- */
-export function sageColumnSum(guard: string, lanes: number, cw: number): string {
-  return `  var acc = vec4<f32>(0.0);
-  if (${guard}) {
-    for (var r = lane; r < P.s; r += ${lanes}u) {
-      let x = ld(base + r * P.ss);
-      acc += select(vec4<f32>(0.0), x, finite4(x));
-    }
-  }
-  red[lid] = acc;
-  workgroupBarrier();
-  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
-    if (lane < st) { red[lid] += red[lid + st * ${cw}u]; }
-    workgroupBarrier();
-  }
-`;
+/** What {@link sageStatsKernel} gathers: sums (K's mean), or also the extremes (V's absmax). */
+export interface SageStatsConfig extends SageInput {
+  extremes: boolean;
 }
 
 /**
- * The mean of x over the sequence per (batch, head, channel): one workgroup per (batch, head,
- * {@link SAGE_MEAN_COLUMNS} vec4 columns); its lanes sum strided rows, then a tree in workgroup
- * memory. Dispatch `b * heads * cgroups` workgroups, `cgroups = ceil(d / 4 / SAGE_MEAN_COLUMNS)`.
+ * Partial column statistics of x over one chunk of rows ({@link sageStatsChunks}) per (batch, head,
+ * {@link SAGE_MEAN_COLUMNS} vec4 columns, chunk): the sum of the finite values and, with `extremes`,
+ * the largest and smallest value (a non-finite value counts as +Inf in both, which makes the
+ * channel's absmax +Inf). Non-finite values are left out of the sum: any finite offset is exact
+ * (the softmax ignores it), and a NaN mean would spread one bad key to every key of the head.
+ * Bindings x, part (`[b * heads, chunks, 1 or 3, d / 4]` vec4). Dispatch `b * heads * cgroups *
+ * chunks` workgroups, `cgroups = ceil(d / 4 / SAGE_MEAN_COLUMNS)`.
  */
-export function sageMeanKernel(c: SageInput): Kernel {
-  const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
-  const key = `sage-mean:${c.dtype}:${c.f16}:d${c.d}`;
-  const code = header(c, MEAN_UNIFORMS) + sageLoader(c) +
-    `@group(0) @binding(2) var<storage, read_write> mean: array<vec4<f32>>;
-var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
-@compute @workgroup_size(${SAGE_THREADS})
+export function sageStatsKernel(c: SageStatsConfig): Kernel {
+  const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw, t = SAGE_THREADS;
+  const parts = c.extremes ? 3 : 1;
+  const key = `sage-stats:${c.dtype}:${c.f16}:d${c.d}${c.extremes ? ":x" : ""}`;
+  const tree = (name: string, op: (a: string, b: string) => string) =>
+    `  ${name}_red[lid] = ${name};
+  workgroupBarrier();
+  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
+    if (lane < st) { ${name}_red[lid] = ${op(`${name}_red[lid]`, `${name}_red[lid + st * ${cw}u]`)}; }
+    workgroupBarrier();
+  }
+`;
+  const extremes = c.extremes
+    ? {
+      decls:
+        `var<workgroup> hi_red: array<vec4<f32>, ${t}>;\nvar<workgroup> lo_red: array<vec4<f32>, ${t}>;\n`,
+      init: `  var hi = vec4<f32>(${NEG_INF});\n  var lo = vec4<f32>(${POS_INF});\n`,
+      step:
+        `      let y = select(vec4<f32>(${POS_INF}), x, ok);\n      hi = max(hi, y);\n      lo = min(lo, y);\n`,
+      tree: tree("hi", (a, b) => `max(${a}, ${b})`) + tree("lo", (a, b) => `min(${a}, ${b})`),
+      store: `    part[at + ${d4}u] = hi_red[lid];\n    part[at + ${2 * d4}u] = lo_red[lid];\n`,
+    }
+    : { decls: "", init: "", step: "", tree: "", store: "" };
+  const code = header(c, STATS_UNIFORMS) + sageLoader(c) +
+    `@group(0) @binding(2) var<storage, read_write> part: array<vec4<f32>>;
+var<workgroup> acc_red: array<vec4<f32>, ${t}>;
+${extremes.decls}@compute @workgroup_size(${t})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
-  let bh = wg / P.cgroups;
-  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let chunk = wg % P.chunks;
+  let bg = wg / P.chunks;
+  let bh = bg / P.cgroups;
+  let col = (bg % P.cgroups) * ${cw}u + lid % ${cw}u;
   let lane = lid / ${cw}u;
-  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + col;
-${
-      sageColumnSum(`col < ${d4}u`, lanes, cw)
-    }  if (lane == 0u && col < ${d4}u) { mean[bh * ${d4}u + col] = red[lid] / f32(P.s); }
+  let live = col < ${d4}u;
+  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
+  let r_end = min(P.s, (chunk + 1u) * P.chunk);
+  var acc = vec4<f32>(0.0);
+${extremes.init}  if (live) {
+    for (var r = chunk * P.chunk + lane; r < r_end; r += ${lanes}u) {
+      let x = ld(base + r * P.ss);
+      let ok = finite4(x);
+      acc += select(vec4<f32>(0.0), x, ok);
+${extremes.step}    }
+  }
+${tree("acc", (a, b) => `${a} + ${b}`)}${extremes.tree}  if (lane == 0u && live) {
+    let at = (bh * P.chunks + chunk) * ${parts * d4}u + col;
+    part[at] = acc_red[lid];
+${extremes.store}  }
 }
 `;
-  return { key, label: key, code, bindings: ["x", "mean"], uniforms: MEAN_UNIFORMS };
+  return { key, label: key, code, bindings: ["x", "part"], uniforms: STATS_UNIFORMS };
+}
+
+const MEAN_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["columns", "u32"],
+  ["chunks", "u32"],
+  ["s", "u32"],
+];
+
+/**
+ * K's mean per (batch, K/V head, channel) from {@link sageStatsKernel}'s partial sums, one
+ * invocation per vec4 column. Bindings part, mean (`[b, n_kv, d]` f32). Dispatch
+ * `ceil(columns / SAGE_THREADS)` workgroups, `columns = b * n_kv * d / 4`.
+ */
+export function sageMeanKernel(c: { d: number }): Kernel {
+  const d4 = c.d / 4;
+  const key = `sage-mean:d${c.d}`;
+  const code = uniformBlock(MEAN_UNIFORMS) +
+    `@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> mean: array<vec4<f32>>;
+@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = (wid.x + wid.y * nwg.x) * ${SAGE_THREADS}u + lid;
+  if (i >= P.columns) { return; }
+  let bh = i / ${d4}u;
+  let col = i % ${d4}u;
+  var acc = vec4<f32>(0.0);
+  for (var ch = 0u; ch < P.chunks; ch++) { acc += part[(bh * P.chunks + ch) * ${d4}u + col]; }
+  mean[i] = acc / f32(P.s);
+}
+`;
+  return { key, label: key, code, bindings: ["part", "mean"], uniforms: MEAN_UNIFORMS };
 }
 
 const QUANT_UNIFORMS: [string, UniformType][] = [

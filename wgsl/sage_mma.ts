@@ -3,8 +3,9 @@
  *
  * Pre-pass (with wgsl/sage.ts's mean and quantization kernels, d padded to 32): K smoothed by its
  * per-channel mean and quantized per block of `bc` keys, Q per block of 16 rows (one scale each,
- * Q's carrying the softmax scale and log2 e); {@link sageMmaVKernel} centres V on its per-channel
- * mean and quantizes it per channel (one scale per channel over the sequence).
+ * Q's carrying the softmax scale and log2 e); V's per-channel mean and absmax come from partial
+ * statistics over chunks of keys (wgsl/sage.ts, then {@link sageMmaVStatKernel}), and
+ * {@link sageMmaVKernel} quantizes V - mean per channel (one scale per channel over the sequence).
  *
  * Main kernel ({@link sageMmaKernel}): a workgroup of `warps` subgroups of 32 invocations serves
  * 16·warps query rows of one (batch, head); each subgroup owns 16 rows and keeps their Q tiles
@@ -39,7 +40,7 @@ import {
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
 import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
-import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageColumnSum, type SageInput, sageLoader } from "./sage.ts";
+import { SAGE_MEAN_COLUMNS, SAGE_THREADS, type SageInput, sageLoader } from "./sage.ts";
 
 /** What every matrix-tile attention kernel's text depends on (sage-mma's and flash-mma's). */
 export interface MmaKernelConfig {
@@ -528,9 +529,63 @@ const LN2: f32 = 0.6931471805599453;`);
   return { key, label, code: L.join("\n") + "\n", bindings, uniforms };
 }
 
+const V_STAT_UNIFORMS: [string, UniformType][] = [
+  ["groups", "u32"],
+  ["columns", "u32"],
+  ["chunks", "u32"],
+  ["s", "u32"],
+];
+
+/**
+ * V's per-channel scale and mean (`v_stat`, `[b, n_kv, 2, dV]`: absmax / 127 of V - mean, then the
+ * mean) from {@link sageStatsKernel}'s partial sums and extremes (`extremes: true`), one invocation
+ * per vec4 column of dV (channels past d get zeros). The absmax of the centred values is
+ * max(max - mean, mean - min): rounding is monotonic, so it equals the largest |v - mean| that a
+ * pass over the values would find. A non-finite value made the channel's maximum +Inf, so its
+ * absmax and scale are +Inf: it quantizes to 0 and that channel's outputs of the head are NaN.
+ * Bindings part, v_stat. Dispatch `ceil(columns / SAGE_THREADS)` workgroups, `columns = b * n_kv *
+ * dV / 4`.
+ */
+export function sageMmaVStatKernel(c: { d: number }): Kernel {
+  const { dV } = sageMmaDims(c.d);
+  const d4 = c.d / 4, w4 = dV / 4;
+  const key = `sage-mma-v-stat:d${c.d}`;
+  const code = uniformBlock(V_STAT_UNIFORMS) +
+    `@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> v_stat: array<vec4<f32>>;
+@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = (wid.x + wid.y * nwg.x) * ${SAGE_THREADS}u + lid;
+  if (i >= P.columns) { return; }
+  let bh = i / ${w4}u;
+  let col = i % ${w4}u;
+  var scale = vec4<f32>(0.0);
+  var mean = vec4<f32>(0.0);
+  if (col < ${d4}u) {
+    var acc = vec4<f32>(0.0);
+    var hi = vec4<f32>(${NEG_INF});
+    var lo = vec4<f32>(${POS_INF});
+    for (var ch = 0u; ch < P.chunks; ch++) {
+      let at = (bh * P.chunks + ch) * ${3 * d4}u + col;
+      acc += part[at];
+      hi = max(hi, part[at + ${d4}u]);
+      lo = min(lo, part[at + ${2 * d4}u]);
+    }
+    mean = acc / f32(P.s);
+    scale = max(vec4<f32>(0.0), max(hi - mean, mean - lo)) / 127.0;
+  }
+  v_stat[bh * ${2 * w4}u + col] = scale;
+  v_stat[bh * ${2 * w4}u + ${w4}u + col] = mean;
+}
+`;
+  return { key, label: key, code, bindings: ["part", "v_stat"], uniforms: V_STAT_UNIFORMS };
+}
+
 const V_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["cgroups", "u32"],
+  ["tiles", "u32"],
   ["s", "u32"],
   // Rows of v8 per head (k_blocks * bc): rows past s are written as zeros.
   ["rows", "u32"],
@@ -541,13 +596,15 @@ const V_UNIFORMS: [string, UniformType][] = [
   ["ss", "u32"],
 ];
 
+/** Rows of V one quantization workgroup writes ({@link sageMmaVKernel}). */
+export const V_TILE_ROWS = 4 * SAGE_THREADS / SAGE_MEAN_COLUMNS;
+
 /**
- * V's per-channel mean and scale, and V - mean quantized to int8 per channel: one workgroup per
- * (batch, K/V head, {@link SAGE_MEAN_COLUMNS} vec4 columns), three passes over the sequence (sum,
- * absmax of the centred values, quantize). Non-finite values are left out of the mean; they make
- * the channel's absmax, and so its scale, +Inf, and quantize to 0, so that channel's outputs of
- * the head are NaN. Bindings: v, v8 (packed `[b, n_kv, rows, dV/4]`), v_stat (`[b, n_kv, 2, dV]`).
- * Dispatch `b * n_kv * cgroups` workgroups, `cgroups = ceil(dV / 4 / SAGE_MEAN_COLUMNS)`.
+ * V - mean quantized to int8 per channel under `v_stat` ({@link sageMmaVStatKernel}): one workgroup
+ * per (batch, K/V head, {@link SAGE_MEAN_COLUMNS} vec4 columns of dV, {@link V_TILE_ROWS} rows), each
+ * invocation four rows of one vec4 column. Bindings: v, v8 (packed `[b, n_kv, rows, dV/4]`, or per key
+ * tile `[channels, bc keys]` when `transposed`), v_stat. Dispatch `b * n_kv * cgroups * tiles`
+ * workgroups, `cgroups = ceil(dV / 4 / SAGE_MEAN_COLUMNS)`, `tiles = ceil(rows / V_TILE_ROWS)`.
  */
 export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean; offset?: boolean }): Kernel {
   const { dV } = sageMmaDims(c.d);
@@ -561,7 +618,9 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean;
   const quantize = `let x = ld(base + r * P.ss) - mean;
         let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));`;
   const rowStore = `  if (col < ${w4}u) {
-    for (var r = lane; r < P.rows; r += ${lanes}u) {
+    for (var j = 0u; j < 4u; j++) {
+      let r = r0 + j * ${lanes}u + lane;
+      if (r >= P.rows) { break; }
       var word = 0u;
       if (live && r < P.s) {
         ${quantize}
@@ -573,60 +632,44 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean;
 `;
   // Per key tile [channels, bc keys]: four keys of one channel per word.
   const bw = c.bc / 4;
-  const transposedStore = `  if (col < ${w4}u) {
-    for (var r4 = lane; r4 < P.rows / 4u; r4 += ${lanes}u) {
-      var w = vec4<u32>(0u);
-      for (var i = 0u; i < 4u; i++) {
-        let r = r4 * 4u + i;
-        if (live && r < P.s) {
-          ${quantize}
-          w |= (bitcast<vec4<u32>>(iv) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);
-        }
+  const transposedStore = `  let r4 = r0 / 4u + lane;
+  if (col < ${w4}u && r4 < P.rows / 4u) {
+    var w = vec4<u32>(0u);
+    for (var i = 0u; i < 4u; i++) {
+      let r = r4 * 4u + i;
+      if (live && r < P.s) {
+        ${quantize}
+        w |= (bitcast<vec4<u32>>(iv) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);
       }
-      let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
-      v8[at] = w.x${flip};
-      v8[at + ${bw}u] = w.y${flip};
-      v8[at + ${2 * bw}u] = w.z${flip};
-      v8[at + ${3 * bw}u] = w.w${flip};
     }
+    let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
+    v8[at] = w.x${flip};
+    v8[at + ${bw}u] = w.y${flip};
+    v8[at + ${2 * bw}u] = w.z${flip};
+    v8[at + ${3 * bw}u] = w.w${flip};
   }
 `;
   const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
     `@group(0) @binding(1) var<storage, read> x: array<${el}>;
 @group(0) @binding(2) var<storage, read_write> v8: array<u32>;
-@group(0) @binding(3) var<storage, read_write> v_stat: array<vec4<f32>>;
-var<workgroup> red: array<vec4<f32>, ${SAGE_THREADS}>;
+@group(0) @binding(3) var<storage, read> v_stat: array<vec4<f32>>;
 ${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
-  let bh = wg / P.cgroups;
-  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let r0 = (wg % P.tiles) * ${V_TILE_ROWS}u;
+  let bg = wg / P.tiles;
+  let bh = bg / P.cgroups;
+  let col = (bg % P.cgroups) * ${cw}u + lid % ${cw}u;
   let lane = lid / ${cw}u;
   let live = col < ${d4}u;
   let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
-${sageColumnSum("live", lanes, cw)}  let mean = red[lid % ${cw}u] / f32(P.s);
-  workgroupBarrier();
-  var mx = vec4<f32>(0.0);
-  if (live) {
-    for (var r = lane; r < P.s; r += ${lanes}u) {
-      let x = ld(base + r * P.ss) - mean;
-      mx = max(mx, select(vec4<f32>(${POS_INF}), abs(x), finite4(x)));
-    }
-  }
-  red[lid] = mx;
-  workgroupBarrier();
-  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
-    if (lane < st) { red[lid] = max(red[lid], red[lid + st * ${cw}u]); }
-    workgroupBarrier();
-  }
-  let amax = red[lid % ${cw}u];
-  let inv = select(vec4<f32>(0.0), vec4<f32>(127.0) / amax, amax > vec4<f32>(0.0));
-  if (lane == 0u && col < ${w4}u) {
-    v_stat[bh * ${2 * w4}u + col] = select(vec4<f32>(0.0), amax / 127.0, vec4<bool>(live));
-    v_stat[bh * ${2 * w4}u + ${w4}u + col] = select(vec4<f32>(0.0), mean, vec4<bool>(live));
-  }
+  let at = bh * ${2 * w4}u + min(col, ${w4 - 1}u);
+  let scale = v_stat[at];
+  let mean = v_stat[at + ${w4}u];
+  // A scale of +Inf (a non-finite value in the channel) gives 0, as 127 / absmax did.
+  let inv = select(vec4<f32>(0.0), 1.0 / scale, scale > vec4<f32>(0.0));
 ${c.transposed ? transposedStore : rowStore}}
 `;
   return { key, label: key, code, bindings: ["x", "v8", "v_stat"], uniforms: V_UNIFORMS };
