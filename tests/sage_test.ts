@@ -9,7 +9,7 @@
 import { engineAdapter } from "../engines/select.ts";
 import assert from "node:assert/strict";
 import { BACKENDS } from "../backends/registry.ts";
-import { emulatingMma } from "../backends/sage_mma.ts";
+import { emulatingMma, sageMmaBackend } from "../backends/sage_mma.ts";
 import {
   chooseSageConfig,
   SAGE_MIN_SEQ,
@@ -403,7 +403,10 @@ Deno.test("sage: the router picks it for long 16-bit calls, by name otherwise", 
   const d = decide(f32, caps, others);
   assert.equal(d.backend.name, "cpu");
   if (skip) return;
-  assert.equal(decide(long, caps, BACKENDS).backend.name, "sage");
+  // sage-mma comes first where the device has int8 subgroup matrices and takes the call (the H200).
+  const mmaTakes = sageMmaBackend.unsupportedReasons(long, caps).length === 0 &&
+    (sageMmaBackend.unsuitedReasons?.(long, caps) ?? []).length === 0;
+  assert.equal(decide(long, caps, BACKENDS).backend.name, mmaTakes ? "sage-mma" : "sage");
   assert.deepEqual(d.chain[0], { backend: "sage", chosen: false, reasons: [SAGE_UNSUITED_F32] });
   assert.equal(decide(f32, caps, BACKENDS, { variable: "sage" }).backend.name, "sage");
   assert.equal(decide(f32, caps, BACKENDS, { requested: "sage" }).backend.name, "sage");
