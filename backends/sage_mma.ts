@@ -53,16 +53,19 @@ export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
 
 /**
  * Test and benchmark hooks: `override` merges over the chosen config; `emulate` forces the form
- * (null: the variable decides); `twoPass` false selects the one-pass kernel (wgsl/sage_mma.ts).
+ * (null: the variable decides); `twoPass` false selects the one-pass kernel (wgsl/sage_mma.ts);
+ * `prepassOnly` (a benchmark ablation, wrong results) records the quantization pre-pass alone.
  */
 export const sageMmaTuning: {
   override: Partial<TwoPassConfig> | null;
   emulate: boolean | null;
   twoPass: boolean;
+  prepassOnly: boolean;
 } = {
   override: null,
   emulate: null,
   twoPass: true,
+  prepassOnly: false,
 };
 
 /** A config of either main kernel. */
@@ -338,6 +341,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     sh: v4(p.v.strides.n),
     ss: v4(p.v.strides.s),
   }, p.b * p.nKv * vgroups * tiles);
+  if (sageMmaTuning.prepassOnly) return;
   // 5. The matrix kernel.
   const buffers: Record<string, GPUBuffer> = {
     q8,

@@ -4,7 +4,7 @@
  * queries beside other backends, in TFLOP/s (4·b·n·s_q·s_kv·d, halved for causal).
  *
  *     deno run -A bench/sage_mma_bench.ts --shapes flux,seed --dtypes f16 --backends sage-mma,sage
- *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--accuracy-override '{"warps":4}'] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true}]'] [--reps 10]
+ *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--accuracy-override '{"warps":4}'] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true},{"prepassOnly":true}]'] [--reps 10]
  *
  * Each step reports its own failure (e.g. a kernel that does not compile) and the run goes on.
  */
@@ -25,7 +25,10 @@ const backends = arg("backends", "sage-mma,sage").split(",");
 const accuracyRows = Number(arg("accuracy", "256"));
 const reps = Number(arg("reps", "10"));
 const crossover = arg("crossover", "").split(",").filter((x) => x).map(Number);
-const sweep = JSON.parse(arg("sweep", "[]")) as (Partial<TwoPassConfig> & { onePass?: boolean })[];
+const sweep = JSON.parse(arg("sweep", "[]")) as (Partial<TwoPassConfig> & {
+  onePass?: boolean;
+  prepassOnly?: boolean;
+})[];
 // `--accuracy-override JSON`: the config override the accuracy step runs under (default none).
 const accuracyOverride = JSON.parse(arg("accuracy-override", "null")) as Partial<TwoPassConfig> | null;
 // Accuracy inputs: random, K outliers, causal.
@@ -114,15 +117,18 @@ for (const s of shapes) {
   for (const dtype of dtypes) {
     for (const backend of backends) await time(s, dtype, backend);
     for (const o of sweep) {
-      // `onePass: true` selects the one-pass kernel (wgsl/sage_mma.ts); the rest overrides the config.
-      const { onePass, ...rest } = o;
+      // `onePass: true` selects the one-pass kernel (wgsl/sage_mma.ts), `prepassOnly: true` times the
+      // quantization pre-pass alone; the rest overrides the config.
+      const { onePass, prepassOnly, ...rest } = o;
       sageMmaTuning.override = rest;
       sageMmaTuning.twoPass = onePass !== true;
+      sageMmaTuning.prepassOnly = prepassOnly === true;
       try {
         await time(s, dtype, "sage-mma", `sage-mma ${JSON.stringify(o)}`);
       } finally {
         sageMmaTuning.override = null;
         sageMmaTuning.twoPass = true;
+        sageMmaTuning.prepassOnly = false;
       }
     }
   }

@@ -1,7 +1,14 @@
 import { WgattnError } from "./errors.ts";
 import { envAccess, readEnvIfGranted } from "./env.ts";
 import { defaultRuntime, type GpuRuntime, runtimeFor, setDefaultDevice } from "./device.ts";
-import { checkMemory, execute, splitFor } from "./execute.ts";
+import {
+  checkMemory,
+  type EarlyUploads,
+  earlyUploadsApply,
+  execute,
+  splitFor,
+  startUploads,
+} from "./execute.ts";
 import { firstPiece, pieceCount } from "./split.ts";
 import { type AttentionProblem, resolveProblem } from "./problem.ts";
 import { checkGpuOperands } from "./validate.ts";
@@ -69,14 +76,28 @@ async function run(
     checkBackendNames(options);
     return p.residency === "host" ? emptyResultOnHost(p, wantLse) : await emptyResultOnGpu(p, rt!, wantLse);
   }
+  // A host call routed to a GPU backend starts its uploads now, beside its checks and encoding. The
+  // router decides first: a call it refuses queues nothing.
+  let decided: Decision | null = null;
+  let early: EarlyUploads | null = null;
+  if (earlyUploadsApply(p, rt, wantLse)) {
+    decided = decideFor(p, rt, options, wantLse);
+    if (decided.backend.kind === "gpu") early = startUploads(p, rt!, wantLse);
+  }
   for (;;) {
     // The router decides per piece when the call is split past the binding limits.
     let last: Decision | null = null;
-    const choose = (piece: AttentionProblem, lse: boolean) =>
-      (last = decideFor(piece, rt, options, lse)).backend;
+    const choose = (piece: AttentionProblem, lse: boolean) => {
+      if (decided && piece === p && lse === wantLse) [last, decided] = [decided, null];
+      else last = decideFor(piece, rt, options, lse);
+      return last.backend;
+    };
     try {
-      return await execute(p, choose, rt, wantLse);
+      return await execute(p, choose, rt, wantLse, early);
     } catch (e) {
+      // Uploads that no GPU run took over are released before the error reaches the caller.
+      if (early && !early.taken) await early.call.abandon();
+      early = decided = null;
       // A kernel that does not compile on this device retires its backend (explain() and
       // availableBackends() give the reason); the router moves on, unless the caller insisted on
       // that backend. A lost device is not the kernel's fault.

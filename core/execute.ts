@@ -24,6 +24,51 @@ export interface RawResult {
   lse: HostTensor | GpuTensor | null;
 }
 
+/**
+ * A host call's q, k and v, their uploads started before the call is routed: on Dawn a host call's
+ * time is mostly these copies (the seed call: 25 MB through the BAR, about 2 ms), and routing,
+ * checks and encoding (0.2 to 0.3 ms) then run beside them instead of ahead of them.
+ */
+export interface EarlyUploads {
+  call: GpuCall;
+  q: GPUBuffer;
+  k: GPUBuffer;
+  v: GPUBuffer;
+  /** Set once a GPU run takes them over; otherwise the caller abandons them. */
+  taken: boolean;
+}
+
+/** Host calls from this many bytes of q, k and v start their uploads before routing. */
+const EARLY_UPLOAD_BYTES = 1 << 20;
+
+/**
+ * Whether a call starts its uploads before it is routed and encoded ({@link EarlyUploads}): a host
+ * call of at least 1 MiB of q, k and v on a device, not split past the binding limits, no flex call.
+ */
+export function earlyUploadsApply(p: AttentionProblem, rt: GpuRuntime | null, wantLse: boolean): boolean {
+  if (!rt || rt.lost || p.flex) return false;
+  const ops = [p.q.operand, p.k.operand, p.v.operand];
+  let bytes = 0;
+  for (const o of ops) {
+    if (o.residency !== "host") return false;
+    bytes += o.data.byteLength;
+  }
+  return bytes >= EARLY_UPLOAD_BYTES && splitFor(p, rt, wantLse) === null;
+}
+
+/**
+ * Starts the uploads of a host call's q, k and v (see {@link EarlyUploads}) that
+ * {@link earlyUploadsApply} admits and the router has sent to a GPU backend. Refuses first, as the
+ * call would, tensors that cannot exist on the device (checkMemory).
+ */
+export function startUploads(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): EarlyUploads {
+  checkMemory(p, rt, wantLse);
+  const call = new GpuCall(rt, "wgattn");
+  const up = (o: Operand, name: string) =>
+    call.upload(o.residency === "host" ? o.data : new Uint8Array(0), `wgattn ${name}`);
+  return { call, q: up(p.q.operand, "q"), k: up(p.k.operand, "k"), v: up(p.v.operand, "v"), taken: false };
+}
+
 /** Picks the backend for a call, or a piece of one, that does or does not need the lse. */
 export type Chooser = (p: AttentionProblem, wantLse: boolean) => Backend;
 
@@ -46,6 +91,7 @@ export function execute(
   choose: Chooser,
   rt: GpuRuntime | null,
   wantLse: boolean,
+  early: EarlyUploads | null = null,
 ): Promise<RawResult> {
   const plan = splitFor(p, rt, wantLse);
   if (plan && (p.varlen || p.paged || p.sinks)) {
@@ -74,9 +120,14 @@ export function execute(
     });
   }
   const backend = choose(plan ? firstPiece(p, plan) : p, wantLse);
-  if (backend.kind === "cpu") return executeCpu(p, backend, rt, wantLse);
+  if (backend.kind === "cpu") {
+    if (!early) return executeCpu(p, backend, rt, wantLse);
+    // Uploads started for a GPU run that the router did not choose.
+    early.taken = true;
+    return early.call.abandon().then(() => executeCpu(p, backend, rt, wantLse));
+  }
   if (!rt) throw new WgattnError("NO_BACKEND", `backend ${backend.name} needs a GPU`);
-  return executeGpu(p, plan ? null : backend, plan, choose, rt, wantLse);
+  return executeGpu(p, plan ? null : backend, plan, choose, rt, wantLse, early);
 }
 
 /**
@@ -168,18 +219,22 @@ async function executeGpu(
   choose: Chooser,
   rt: GpuRuntime,
   wantLse: boolean,
+  early: EarlyUploads | null,
 ): Promise<RawResult> {
   checkDevice(rt, p);
   checkMemory(p, rt, wantLse);
   if (p.flex) await checkFlexCall(rt, p.flex);
-  const call = new GpuCall(rt, `wgattn ${backend?.name ?? `split (${pieceCount(plan!)} pieces)`}`);
+  const label = `wgattn ${backend?.name ?? `split (${pieceCount(plan!)} pieces)`}`;
+  if (early) early.taken = true;
+  const call = early?.call ?? new GpuCall(rt, label);
+  call.relabel(label);
   const outCount = elementCount(p.out.shape);
   const outBytes = outCount * DTYPE_BYTES[p.dtype];
   let out: GPUBuffer | null = null;
   let lse: GPUBuffer | null = null;
   try {
-    const bind = (o: Operand, name: string) =>
-      o.residency === "gpu" ? o.buffer : call.upload(o.data, `wgattn ${name}`);
+    const bind = (o: Operand, name: "q" | "k" | "v") =>
+      early ? early[name] : o.residency === "gpu" ? o.buffer : call.upload(o.data, `wgattn ${name}`);
     const io: GpuIO = {
       q: bind(p.q.operand, "q"),
       k: bind(p.k.operand, "k"),

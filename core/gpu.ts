@@ -97,12 +97,13 @@ export interface RecordedErrors {
 export class GpuCall {
   readonly rt: GpuRuntime;
   readonly device: GPUDevice;
-  readonly encoder: GPUCommandEncoder;
+  /** Made at the first pass or submit: a call's uploads start before it (Dawn takes ~0.05 ms). */
+  private encoderMade: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private readonly temporaries: GPUBuffer[] = [];
   /** Temporaries that may be kept for a later call (see {@link recycleBuffer}). */
   private readonly recyclable = new Set<GPUBuffer>();
-  private readonly label: string;
+  private label: string;
   /** Error scopes of each allocation and bind group, popped right away (see {@link capture}). */
   private readonly pending: Promise<[GPUErrorFilter, GPUError | null]>[] = [];
   /** Uniform buffers of this call, pooled for later calls once it is submitted or dropped. */
@@ -119,7 +120,19 @@ export class GpuCall {
     this.rt = rt;
     this.device = rt.device;
     this.label = label;
-    this.encoder = rt.device.createCommandEncoder({ label });
+  }
+
+  /** The call's one command encoder. */
+  get encoder(): GPUCommandEncoder {
+    return this.encoderMade ??= this.device.createCommandEncoder({ label: this.label });
+  }
+
+  /**
+   * Names the call's work once its backend is known (its uploads may start before routing); the
+   * name labels its compute pass and its timestamps.
+   */
+  relabel(label: string): void {
+    this.label = label;
   }
 
   /** A cached pipeline for `kernel`. */
@@ -364,8 +377,11 @@ export class GpuCall {
     return { refused };
   }
 
-  /** Drops temporaries without submitting (after an error while encoding). */
-  abandon(): void {
+  /**
+   * Drops temporaries without submitting (after an error while encoding). Resolves once they are
+   * released (an upload still being copied on other threads is waited for first).
+   */
+  abandon(): Promise<void> {
     try {
       this.pass?.end();
     } catch { /* the encoder is being thrown away */ }
@@ -373,8 +389,9 @@ export class GpuCall {
     const dropped = this.temporaries.splice(0);
     const release = () => dropped.forEach(releaseBuffer);
     // An upload still being copied submits into its buffer when done: destroy after that.
-    if (this.writes.length > 0) Promise.allSettled(this.writes.splice(0)).then(release);
-    else release();
+    if (this.writes.length > 0) return Promise.allSettled(this.writes.splice(0)).then(release);
+    release();
+    return Promise.resolve();
   }
 }
 

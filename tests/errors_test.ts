@@ -388,6 +388,16 @@ Deno.test("errors: a backend forced by the caller that cannot serve the call is 
     /flash/,
   );
   assert.match(e.actual!, /mask/);
+  // A host call large enough to start its uploads before its encoding (core/execute.ts,
+  // EarlyUploads) is routed first: refused, it queues nothing either (d 63 is no multiple of 4).
+  const big = t([1, 2, 2100, 63]);
+  assert.ok(3 * big.data.byteLength >= 1 << 20);
+  await rejects(
+    [big, big, big, { backend: "flash" }],
+    "BACKEND_UNSUPPORTED",
+    "options.backend",
+    /head dim 63/,
+  );
   // Without the option the router serves the same call (the variable's choice falls back the same
   // way: see router_test.ts).
   const device = (await defaultRuntime())?.device;

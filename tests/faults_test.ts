@@ -279,3 +279,46 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: `faults: a host call whose uploads start before its encoding, served, retried and refused${skip}`,
+  ignore,
+  fn: async () => {
+    // A device of its own: what is retired on it stays on it. Each tensor 512 KiB: together past the
+    // 1 MiB from which a host call's uploads start beside its routing and encoding (EarlyUploads).
+    const device = await (await engineAdapter())!.requestDevice();
+    const random = rng(7);
+    const shape = [1, 1, 1024, 128];
+    const t = () => ({ data: Float32Array.from({ length: 1024 * 128 }, () => random() * 2 - 1), shape });
+    const [x, y, z] = [t(), t(), t()];
+    try {
+      const base = stats().liveBuffers;
+      const want = await attentionForward(x, y, z, { device, backend: "cpu" });
+      const close = (got: HostTensor, what: string) => {
+        let worst = 0;
+        for (let i = 0; i < got.data.length; i++) {
+          worst = Math.max(worst, Math.abs(got.data[i] - want.data[i]));
+        }
+        assert.ok(worst < 1e-5, `${what}: max abs ${worst}`);
+      };
+      const first = await explain(x, y, z, { device });
+      close(await attentionForward(x, y, z, { device }), first.backend);
+      assert.equal(stats().liveBuffers, base, "the served call left no buffer behind");
+      // The chosen backend's kernel fails after the uploads started: the router falls back, and the
+      // retry uploads again.
+      debug.breakKernels = new RegExp(`^${first.backend} `);
+      close(await attentionForward(x, y, z, { device }), `${first.backend} broken`);
+      const next = await explain(x, y, z, { device });
+      assert.notEqual(next.backend, first.backend, next.text);
+      // Forced onto the broken backend: the call fails, and nothing it uploaded stays allocated.
+      await assert.rejects(
+        () => attentionForward(x, y, z, { device, backend: first.backend }),
+        isCode("BACKEND_UNSUPPORTED", /failed to compile/),
+      );
+      assert.equal(stats().liveBuffers, base, "the refused call left no buffer behind");
+    } finally {
+      debug.breakKernels = null;
+      device.destroy();
+    }
+  },
+});
