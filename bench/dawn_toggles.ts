@@ -5,6 +5,7 @@
  *
  *   source .gpu/setup.sh && deno run -A bench/dawn_toggles.ts --module $PWD/.gpu/webgpu/index.js \
  *     [--enable disable_robustness] [--disable enable_integer_range_analysis_in_robustness]
+ *     [--only flux:f16:sage-mma]
  */
 import { useEngine } from "../mod.ts";
 import { dawnTuning } from "../engines/dawn.ts";
@@ -24,8 +25,11 @@ const runs = [
   { shape: "flux", dtype: "f16", backend: "sage" },
   { shape: "sd3", dtype: "f16", backend: "sage" },
   { shape: "seed", dtype: "f32", backend: "flash-subgroup" },
+  { shape: "flux", dtype: "f16", backend: "sage-mma" },
 ] as const;
-for (const r of runs) {
+// `--only flux:f16:sage-mma,...`: those runs alone.
+const only = arg("only")?.split(",");
+for (const r of runs.filter((r) => !only || only.includes(`${r.shape}:${r.dtype}:${r.backend}`))) {
   const s = SHAPES.find((x) => x.name === r.shape)!;
   const inputs = shapeInputs(device, s, r.dtype);
   const options = { backend: r.backend, isCausal: s.causal };

@@ -298,18 +298,17 @@ async function executeGpu(
     if (lse) releaseBuffer(lse);
     throw problem;
   }
-  const { refused: refusal } = await call.queue();
-  // A host call's read-backs go on the queue at once, behind its work: whether the device refused
+  // A host call's read-backs go into its own submit, behind its work: whether the device refused
   // that work is answered meanwhile (waiting for the answer first cost about 0.1 ms on Dawn).
   const reads = p.residency === "host"
     ? [
-      readBuffer(rt.device, out!, outBytes, resultBytes),
-      lse ? readBuffer(rt.device, lse, p.b * p.n * p.sQ * 4) : null,
+      call.readBack(out!, outBytes, resultBytes),
+      lse ? call.readBack(lse, p.b * p.n * p.sQ * 4) : null,
     ] as const
     : null;
-  // Handled here, so that a read failing while the answer is awaited is no unhandled rejection;
-  // its error is taken below.
+  // Handled here, so that a read failing while the call is queued is no unhandled rejection.
   reads?.forEach((r) => r?.catch(() => {}));
+  const { refused: refusal } = await call.queue();
   const refused = await refusal;
   if (refused || rt.lost) {
     if (reads) await Promise.allSettled(reads);
