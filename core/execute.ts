@@ -25,9 +25,9 @@ export interface RawResult {
 }
 
 /**
- * A host call's q, k and v, their uploads started before the call is routed: on Dawn a host call's
- * time is mostly these copies (the seed call: 25 MB through the BAR, about 2 ms), and routing,
- * checks and encoding (0.2 to 0.3 ms) then run beside them instead of ahead of them.
+ * A host call's q, k and v, their uploads started as soon as the router has chosen a GPU backend: on
+ * Dawn a host call's time is mostly these copies (the seed call: 25 MB through the BAR, about 2 ms),
+ * and the checks, the command encoder and the encoding then run beside them instead of ahead of them.
  */
 export interface EarlyUploads {
   call: GpuCall;
@@ -38,7 +38,7 @@ export interface EarlyUploads {
   taken: boolean;
 }
 
-/** Host calls from this many bytes of q, k and v start their uploads before routing. */
+/** Host calls from this many bytes of q, k and v start their uploads before their encoding. */
 const EARLY_UPLOAD_BYTES = 1 << 20;
 
 /**
@@ -64,6 +64,7 @@ export function earlyUploadsApply(p: AttentionProblem, rt: GpuRuntime | null, wa
 export function startUploads(p: AttentionProblem, rt: GpuRuntime, wantLse: boolean): EarlyUploads {
   checkMemory(p, rt, wantLse);
   const call = new GpuCall(rt, "wgattn");
+  // earlyUploadsApply admitted host tensors only.
   const up = (o: Operand, name: string) =>
     call.upload(o.residency === "host" ? o.data : new Uint8Array(0), `wgattn ${name}`);
   return { call, q: up(p.q.operand, "q"), k: up(p.k.operand, "k"), v: up(p.v.operand, "v"), taken: false };

@@ -97,7 +97,7 @@ export interface RecordedErrors {
 export class GpuCall {
   readonly rt: GpuRuntime;
   readonly device: GPUDevice;
-  /** Made at the first pass or submit: a call's uploads start before it (Dawn takes ~0.05 ms). */
+  /** Made at the first pass or submit: a host call's uploads start before it (Dawn takes ~0.05 ms). */
   private encoderMade: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private readonly temporaries: GPUBuffer[] = [];
@@ -130,7 +130,7 @@ export class GpuCall {
   }
 
   /**
-   * Names the call's work once its backend is known (its uploads may start before routing); the
+   * Names the call's work once its backend is known (a host call's uploads start before that); the
    * name labels its compute pass and its timestamps.
    */
   relabel(label: string): void {
