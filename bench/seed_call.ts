@@ -10,6 +10,7 @@ import { attentionForward, getDevice, type GpuTensor, stats } from "../mod.ts";
 import { engineFor } from "../engines/select.ts";
 import { hostCopy, hostCopyTuning } from "../engines/host_copy.ts";
 import { readBuffer } from "../core/gpu.ts";
+import { heat } from "./heater.ts";
 
 const device = await getDevice();
 if (!device) throw new Error("no GPU");
@@ -92,12 +93,15 @@ const threads = Deno.args.includes("--threads")
 const calls = 40;
 const [gq, gk, gv] = await Promise.all([q, k, v].map((t) => gpu(t.data)));
 // `--back-to-back N`: N host calls in a row per thread count (what a loop of calls sees), nothing
-// measured between them.
+// measured between them. `--heat MS` first keeps the GPU busy that long (a loop of 0.07 ms kernels
+// leaves it near idle clocks, which the copies and the kernel then run at).
 if (Deno.args.includes("--back-to-back")) {
   const n = Number(Deno.args[Deno.args.indexOf("--back-to-back") + 1]);
+  const heatMs = Deno.args.includes("--heat") ? Number(Deno.args[Deno.args.indexOf("--heat") + 1]) : 0;
   for (const t of threads) {
     hostCopyTuning.threads = t;
     for (let i = 0; i < 5; i++) await attentionForward(q, k, v);
+    if (heatMs > 0) await heat(device, heatMs);
     const ends: number[] = [];
     for (let i = 0; i < n; i++) {
       const t0 = performance.now();
@@ -110,6 +114,7 @@ if (Deno.args.includes("--back-to-back")) {
       bench: "seed-call-back-to-back",
       engine: engine.name,
       copyThreads: t,
+      heatMs,
       medianMs: at(0.5),
       p10Ms: at(0.1),
       p90Ms: at(0.9),
