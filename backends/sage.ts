@@ -28,10 +28,10 @@ import { blockMapFor } from "../core/flex_gpu.ts";
 import {
   SAGE_MEAN_COLUMNS,
   SAGE_THREADS,
-  sageMeanKernel,
   sagePaddedDim,
   sageQuantKernel,
   sageStatsChunks,
+  sageStatsFinalKernel,
   sageStatsKernel,
 } from "../wgsl/sage.ts";
 import { type Kernel, kernelOf } from "../wgsl/common.ts";
@@ -377,19 +377,23 @@ export function encodeSageQuantization(
 }
 
 /**
- * Records the partial column statistics ({@link sageStatsKernel}) of the call's `k` or `v` (buffer
- * `x`) over chunks of keys, side by side, into a scratch buffer; resolves to it and the chunk count
- * per head. `extremes` adds each chunk's largest and smallest value to its sums.
+ * Records a tensor's per-channel statistics (the call's `k` or `v`, buffer `x`) into `out`: partial
+ * statistics over chunks of keys side by side ({@link sageStatsKernel}), then one invocation per
+ * output column combines them ({@link sageStatsFinalKernel}: the mean, or with `extremes` the scale
+ * and the mean, `width` vec4 columns per head).
  */
 export async function encodeColumnStats(
   call: GpuCall,
   p: AttentionProblem,
   which: "k" | "v",
   x: GPUBuffer,
-  extremes: boolean,
-): Promise<{ part: GPUBuffer; chunks: number }> {
-  const kernel = kernelOf(sageStatsKernel, { dtype: p.dtype, f16: call.rt.caps.shaderF16, d: p.d, extremes });
-  const pipe = await call.pipeline(kernel);
+  out: GPUBuffer,
+  o: { extremes: boolean; width: number },
+): Promise<void> {
+  const { extremes, width } = o;
+  const stats = kernelOf(sageStatsKernel, { dtype: p.dtype, f16: call.rt.caps.shaderF16, d: p.d, extremes });
+  const final = kernelOf(sageStatsFinalKernel, { d: p.d, extremes, width });
+  const [statsPipe, finalPipe] = await Promise.all([call.pipeline(stats), call.pipeline(final)]);
   const { chunk, chunks } = sageStatsChunks(p.sKv);
   const cgroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
   const part = call.scratch(
@@ -397,7 +401,7 @@ export async function encodeColumnStats(
     `wgattn ${which} partial statistics`,
   );
   const strides = p[which].strides;
-  call.dispatch(pipe, kernel, { x, part }, {
+  call.dispatch(statsPipe, stats, { x, part }, {
     heads: p.nKv,
     cgroups,
     chunks,
@@ -407,27 +411,22 @@ export async function encodeColumnStats(
     sh: strides.n / 4,
     ss: strides.s / 4,
   }, p.b * p.nKv * cgroups * chunks);
-  return { part, chunks };
+  const columns = p.b * p.nKv * width;
+  call.dispatch(
+    finalPipe,
+    final,
+    { part, out },
+    { columns, chunks, s: p.sKv },
+    Math.ceil(columns / SAGE_THREADS),
+  );
 }
 
-/**
- * Records K's mean over the sequence per (batch, K/V head, channel) into `mean` (`[b, n_kv, d]`
- * f32): partial sums over chunks of keys, then one invocation per column adds them up.
- */
-export async function encodeKMean(
+/** Records K's mean over the sequence per (batch, K/V head, channel) into `mean` (`[b, n_kv, d]` f32). */
+export function encodeKMean(
   call: GpuCall,
   p: AttentionProblem,
   k: GPUBuffer,
   mean: GPUBuffer,
 ): Promise<void> {
-  const { part, chunks } = await encodeColumnStats(call, p, "k", k, false);
-  const kernel = kernelOf(sageMeanKernel, { d: p.d });
-  const columns = p.b * p.nKv * p.d / 4;
-  call.dispatch(
-    await call.pipeline(kernel),
-    kernel,
-    { part, mean },
-    { columns, chunks, s: p.sKv },
-    Math.ceil(columns / SAGE_THREADS),
-  );
+  return encodeColumnStats(call, p, "k", k, mean, { extremes: false, width: p.d / 4 });
 }

@@ -22,7 +22,7 @@ import { readEnvIfGranted } from "../core/env.ts";
 import type { GpuCall } from "../core/gpu.ts";
 import { type AttentionProblem, diagonalOffset, hasBand, servingReasons } from "../core/problem.ts";
 import { hasMmaConfig, type MmaShape } from "../wgsl/mma.ts";
-import { SAGE_MEAN_COLUMNS, SAGE_THREADS, sageQuantKernel } from "../wgsl/sage.ts";
+import { SAGE_MEAN_COLUMNS, sageQuantKernel } from "../wgsl/sage.ts";
 import {
   MMA_ROWS,
   type SageMmaConfig,
@@ -30,7 +30,6 @@ import {
   sageMmaDims,
   sageMmaKernel,
   sageMmaVKernel,
-  sageMmaVStatKernel,
   V_TILE_ROWS,
 } from "../wgsl/sage_mma.ts";
 import {
@@ -368,24 +367,14 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   );
 }
 
-/**
- * Records V's per-channel scale and mean into `vStat` (`[b, n_kv, 2, dV]`, {@link sageMmaVStatKernel}):
- * partial sums and extremes over chunks of keys, then one invocation per column combines them.
- */
-export async function encodeVStat(
+/** Records V's per-channel scale and mean into `vStat` (`[b, n_kv, 2, dV]`, as the kernels read it). */
+export function encodeVStat(
   call: GpuCall,
   p: AttentionProblem,
   v: GPUBuffer,
   vStat: GPUBuffer,
 ): Promise<void> {
-  const { part, chunks } = await encodeColumnStats(call, p, "v", v, true);
-  const kernel = kernelOf(sageMmaVStatKernel, { d: p.d });
-  const columns = p.b * p.nKv * sageMmaDims(p.d).dV / 4;
-  call.dispatch(await call.pipeline(kernel), kernel, { part, v_stat: vStat }, {
-    columns,
-    chunks,
-    s: p.sKv,
-  }, Math.ceil(columns / SAGE_THREADS));
+  return encodeColumnStats(call, p, "v", v, vStat, { extremes: true, width: sageMmaDims(p.d).dV / 4 });
 }
 
 /**

@@ -121,12 +121,8 @@ export function execute(
     });
   }
   const backend = choose(plan ? firstPiece(p, plan) : p, wantLse);
-  if (backend.kind === "cpu") {
-    if (!early) return executeCpu(p, backend, rt, wantLse);
-    // Uploads started for a GPU run that the router did not choose.
-    early.taken = true;
-    return early.call.abandon().then(() => executeCpu(p, backend, rt, wantLse));
-  }
+  // A call with early uploads was routed to a GPU backend first (core/api.ts): `choose` returns it.
+  if (backend.kind === "cpu") return executeCpu(p, backend, rt, wantLse);
   if (!rt) throw new WgattnError("NO_BACKEND", `backend ${backend.name} needs a GPU`);
   return executeGpu(p, plan ? null : backend, plan, choose, rt, wantLse, early);
 }

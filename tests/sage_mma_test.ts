@@ -13,19 +13,21 @@ import {
   chooseSageMmaConfig,
   EMULATE_MMA_VARIABLE,
   emulatingMma,
+  encodeVStat,
   realMmaReasons,
   SAGE_MMA_MIN_SEQ,
   sageMmaBackend,
   sageMmaTuning,
 } from "../backends/sage_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
-import { debug } from "../core/gpu.ts";
+import { debug, GpuCall, readBuffer, releaseBuffer } from "../core/gpu.ts";
+import { encodeKMean } from "../backends/sage.ts";
 import { resolveProblem } from "../core/problem.ts";
 import { decide } from "../core/router.ts";
 import { FAKE_MMA_DEVICE } from "./fake_mma_device.ts";
 import type { AttentionOptions, DType, HostTensor } from "../core/types.ts";
 import { attentionWithLse } from "../mod.ts";
-import { type SageMmaConfig, sageMmaKernel, sageMmaVKernel } from "../wgsl/sage_mma.ts";
+import { type SageMmaConfig, sageMmaDims, sageMmaKernel, sageMmaVKernel } from "../wgsl/sage_mma.ts";
 import { sageMmaTwoPassKernel, type TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
 import { OUTLIER_OFFSET, outlierChannels, type Similarity, similarity } from "../bench/sage_accuracy.ts";
 import {
@@ -450,10 +452,6 @@ for (const [b, nKv, s, d] of [[1, 2, 200, 20], [2, 1, 300, 64], [1, 3, 9000, 20]
   Deno.test(`sage pre-pass: column statistics over chunks of keys, b${b} n${nKv} s${s} d${d}`, {
     ignore: !rt,
   }, async () => {
-    const { GpuCall, readBuffer, releaseBuffer } = await import("../core/gpu.ts");
-    const { encodeKMean } = await import("../backends/sage.ts");
-    const { encodeVStat } = await import("../backends/sage_mma.ts");
-    const { sageMmaDims } = await import("../wgsl/sage_mma.ts");
     const shape = [b, nKv, s, d], count = b * nKv * s * d;
     const next = rng(s + d);
     // Channel 3 sits far from zero (an outlier channel): its mean must come out of the sums, not 0.

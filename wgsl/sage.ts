@@ -2,7 +2,7 @@
  * The `sage` pre-pass (SageAttention's quantization in WGSL): small kernels that run before the
  * flash kernel's int8 mode (`qk: "int8"` in wgsl/flash.ts), in the same compute pass.
  *
- * 1. {@link sageStatsKernel} then {@link sageMeanKernel}: the mean of K over the sequence per
+ * 1. {@link sageStatsKernel} then {@link sageStatsFinalKernel}: the mean of K over the sequence per
  *    (batch, K/V head, channel), from partial sums over chunks of rows.
  *    Subtracting it from every key ("smoothing") adds the same constant `q . mean` to every score
  *    of a query row, which the softmax ignores, and removes the channel offsets (outlier channels)
@@ -194,37 +194,72 @@ ${extremes.store}  }
   return { key, label: key, code, bindings: ["x", "part"], uniforms: STATS_UNIFORMS };
 }
 
-const MEAN_UNIFORMS: [string, UniformType][] = [
+const FINAL_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["columns", "u32"],
   ["chunks", "u32"],
   ["s", "u32"],
 ];
 
+/** What {@link sageStatsFinalKernel} writes: K's mean, or V's scale and mean (`extremes`). */
+export interface SageStatsFinalConfig {
+  d: number;
+  /** The partial statistics carry the extremes: write `[scale, mean]` per head instead of the mean. */
+  extremes: boolean;
+  /** vec4 columns per head of the output (at least d / 4; those past d / 4 get zeros). */
+  width: number;
+}
+
 /**
- * K's mean per (batch, K/V head, channel) from {@link sageStatsKernel}'s partial sums, one
- * invocation per vec4 column. Bindings part, mean (`[b, n_kv, d]` f32). Dispatch
- * `ceil(columns / SAGE_THREADS)` workgroups, `columns = b * n_kv * d / 4`.
+ * A tensor's per-channel statistics from {@link sageStatsKernel}'s partials, one invocation per vec4
+ * column of the output. Sums only: the mean (`[b, heads, d]` f32, K's smoothing offset). With the
+ * extremes: `[b, heads, 2, 4 · width]`, the scale (absmax / 127 of x - mean) then the mean (V's, for
+ * sage-mma). That absmax is max(max - mean, mean - min): rounding is monotonic, so it equals the
+ * largest |x - mean| that a pass over the values would find; a non-finite value made the channel's
+ * maximum +Inf, so its absmax and scale are +Inf (it quantizes to 0 and that channel's outputs of the
+ * head are NaN). Bindings part, out. Dispatch `ceil(columns / SAGE_THREADS)` workgroups,
+ * `columns = b * heads * width`.
  */
-export function sageMeanKernel(c: { d: number }): Kernel {
-  const d4 = c.d / 4;
-  const key = `sage-mean:d${c.d}`;
-  const code = uniformBlock(MEAN_UNIFORMS) +
+export function sageStatsFinalKernel(c: SageStatsFinalConfig): Kernel {
+  const d4 = c.d / 4, w = c.width, parts = c.extremes ? 3 : 1;
+  const key = `sage-stats-final:d${c.d}:w${w}${c.extremes ? ":x" : ""}`;
+  const sums = c.extremes
+    ? `    var acc = vec4<f32>(0.0);
+    var hi = vec4<f32>(${NEG_INF});
+    var lo = vec4<f32>(${POS_INF});
+    for (var ch = 0u; ch < P.chunks; ch++) {
+      let at = (bh * P.chunks + ch) * ${parts * d4}u + col;
+      acc += part[at];
+      hi = max(hi, part[at + ${d4}u]);
+      lo = min(lo, part[at + ${2 * d4}u]);
+    }
+    mean = acc / f32(P.s);
+    scale = max(vec4<f32>(0.0), max(hi - mean, mean - lo)) / 127.0;`
+    : `    var acc = vec4<f32>(0.0);
+    for (var ch = 0u; ch < P.chunks; ch++) { acc += part[(bh * P.chunks + ch) * ${d4}u + col]; }
+    mean = acc / f32(P.s);`;
+  const store = c.extremes
+    ? `  out[bh * ${2 * w}u + col] = scale;
+  out[bh * ${2 * w}u + ${w}u + col] = mean;`
+    : `  out[i] = mean;`;
+  const code = uniformBlock(FINAL_UNIFORMS) +
     `@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> mean: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;
 @compute @workgroup_size(${SAGE_THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let i = (wid.x + wid.y * nwg.x) * ${SAGE_THREADS}u + lid;
   if (i >= P.columns) { return; }
-  let bh = i / ${d4}u;
-  let col = i % ${d4}u;
-  var acc = vec4<f32>(0.0);
-  for (var ch = 0u; ch < P.chunks; ch++) { acc += part[(bh * P.chunks + ch) * ${d4}u + col]; }
-  mean[i] = acc / f32(P.s);
+  let bh = i / ${w}u;
+  let col = i % ${w}u;
+  var mean = vec4<f32>(0.0);
+${c.extremes ? "  var scale = vec4<f32>(0.0);\n" : ""}  if (col < ${d4}u) {
+${sums}
+  }
+${store}
 }
 `;
-  return { key, label: key, code, bindings: ["part", "mean"], uniforms: MEAN_UNIFORMS };
+  return { key, label: key, code, bindings: ["part", "out"], uniforms: FINAL_UNIFORMS };
 }
 
 const QUANT_UNIFORMS: [string, UniformType][] = [

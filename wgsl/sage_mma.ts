@@ -4,7 +4,7 @@
  * Pre-pass (with wgsl/sage.ts's mean and quantization kernels, d padded to 32): K smoothed by its
  * per-channel mean and quantized per block of `bc` keys, Q per block of 16 rows (one scale each,
  * Q's carrying the softmax scale and log2 e); V's per-channel mean and absmax come from partial
- * statistics over chunks of keys (wgsl/sage.ts, then {@link sageMmaVStatKernel}), and
+ * statistics over chunks of keys (wgsl/sage.ts, `sageStatsKernel` and `sageStatsFinalKernel`), and
  * {@link sageMmaVKernel} quantizes V - mean per channel (one scale per channel over the sequence).
  *
  * Main kernel ({@link sageMmaKernel}): a workgroup of `warps` subgroups of 32 invocations serves
@@ -28,15 +28,7 @@
  * smoothing shifted the row's scores by it.
  */
 import type { DType } from "../core/types.ts";
-import {
-  BF16_PACK,
-  isNanExpr,
-  type Kernel,
-  NEG_INF,
-  POS_INF,
-  uniformBlock,
-  type UniformType,
-} from "./common.ts";
+import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
 import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
@@ -529,59 +521,6 @@ const LN2: f32 = 0.6931471805599453;`);
   return { key, label, code: L.join("\n") + "\n", bindings, uniforms };
 }
 
-const V_STAT_UNIFORMS: [string, UniformType][] = [
-  ["groups", "u32"],
-  ["columns", "u32"],
-  ["chunks", "u32"],
-  ["s", "u32"],
-];
-
-/**
- * V's per-channel scale and mean (`v_stat`, `[b, n_kv, 2, dV]`: absmax / 127 of V - mean, then the
- * mean) from {@link sageStatsKernel}'s partial sums and extremes (`extremes: true`), one invocation
- * per vec4 column of dV (channels past d get zeros). The absmax of the centred values is
- * max(max - mean, mean - min): rounding is monotonic, so it equals the largest |v - mean| that a
- * pass over the values would find. A non-finite value made the channel's maximum +Inf, so its
- * absmax and scale are +Inf: it quantizes to 0 and that channel's outputs of the head are NaN.
- * Bindings part, v_stat. Dispatch `ceil(columns / SAGE_THREADS)` workgroups, `columns = b * n_kv *
- * dV / 4`.
- */
-export function sageMmaVStatKernel(c: { d: number }): Kernel {
-  const { dV } = sageMmaDims(c.d);
-  const d4 = c.d / 4, w4 = dV / 4;
-  const key = `sage-mma-v-stat:d${c.d}`;
-  const code = uniformBlock(V_STAT_UNIFORMS) +
-    `@group(0) @binding(1) var<storage, read> part: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> v_stat: array<vec4<f32>>;
-@compute @workgroup_size(${SAGE_THREADS})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let i = (wid.x + wid.y * nwg.x) * ${SAGE_THREADS}u + lid;
-  if (i >= P.columns) { return; }
-  let bh = i / ${w4}u;
-  let col = i % ${w4}u;
-  var scale = vec4<f32>(0.0);
-  var mean = vec4<f32>(0.0);
-  if (col < ${d4}u) {
-    var acc = vec4<f32>(0.0);
-    var hi = vec4<f32>(${NEG_INF});
-    var lo = vec4<f32>(${POS_INF});
-    for (var ch = 0u; ch < P.chunks; ch++) {
-      let at = (bh * P.chunks + ch) * ${3 * d4}u + col;
-      acc += part[at];
-      hi = max(hi, part[at + ${d4}u]);
-      lo = min(lo, part[at + ${2 * d4}u]);
-    }
-    mean = acc / f32(P.s);
-    scale = max(vec4<f32>(0.0), max(hi - mean, mean - lo)) / 127.0;
-  }
-  v_stat[bh * ${2 * w4}u + col] = scale;
-  v_stat[bh * ${2 * w4}u + ${w4}u + col] = mean;
-}
-`;
-  return { key, label: key, code, bindings: ["part", "v_stat"], uniforms: V_STAT_UNIFORMS };
-}
-
 const V_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["cgroups", "u32"],
@@ -600,7 +539,7 @@ const V_UNIFORMS: [string, UniformType][] = [
 export const V_TILE_ROWS = 4 * SAGE_THREADS / SAGE_MEAN_COLUMNS;
 
 /**
- * V - mean quantized to int8 per channel under `v_stat` ({@link sageMmaVStatKernel}): one workgroup
+ * V - mean quantized to int8 per channel under `v_stat` (wgsl/sage.ts, `sageStatsFinalKernel`): one workgroup
  * per (batch, K/V head, {@link SAGE_MEAN_COLUMNS} vec4 columns of dV, {@link V_TILE_ROWS} rows), each
  * invocation four rows of one vec4 column. Bindings: v, v8 (packed `[b, n_kv, rows, dV/4]`, or per key
  * tile `[channels, bc keys]` when `transposed`), v_stat. Dispatch `b * n_kv * cgroups * tiles`
