@@ -33,6 +33,7 @@ import {
   V_TILE_ROWS,
 } from "../wgsl/sage_mma.ts";
 import {
+  sageMmaMaxKernel,
   sageMmaTwoPassKernel,
   type TwoPassConfig,
   twoPassConfigProblems,
@@ -53,18 +54,21 @@ export const EMULATE_MMA_VARIABLE = "WGATTN_EMULATE_MMA";
 /**
  * Test and benchmark hooks: `override` merges over the chosen config; `emulate` forces the form
  * (null: the variable decides); `twoPass` false selects the one-pass kernel (wgsl/sage_mma.ts);
- * `prepassOnly` (a benchmark ablation, wrong results) records the quantization pre-pass alone.
+ * `prepassOnly` (a benchmark ablation, wrong results) records the quantization pre-pass alone, and
+ * `prepassSkip` leaves parts of it out (`kmean`, `quant` for Q's and K's, `vstat`, `vquant`).
  */
 export const sageMmaTuning: {
   override: Partial<TwoPassConfig> | null;
   emulate: boolean | null;
   twoPass: boolean;
   prepassOnly: boolean;
+  prepassSkip: readonly ("kmean" | "quant" | "vstat" | "vquant")[];
 } = {
   override: null,
   emulate: null,
   twoPass: true,
   prepassOnly: false,
+  prepassSkip: [],
 };
 
 /** A config of either main kernel. */
@@ -216,6 +220,8 @@ function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
     v8: p.b * p.nKv * kBlocks * c.bc * dV,
     vStat: p.b * p.nKv * 2 * dV * 4,
     bias: needsRowBias(p, lse) ? p.b * p.n * p.sQ * 4 : 0,
+    // One f32 per row slot (the last workgroup's rows past the end read past the last head's).
+    rowMax: (p.b * p.n * qBlocks + c.warps) * MMA_ROWS * 4,
   };
 }
 
@@ -242,7 +248,8 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
         reasons.push("its int8 copies of q, k and v do not fit one storage binding");
       }
       // With the lse and its bias; flex calls add their mod buffers and the block map.
-      const buffers = 7 + (p.mask ? 1 : 0) + 2 + (p.flex?.buffers.length ?? 0) + (c.flex?.blockMap ? 1 : 0);
+      const buffers = 7 + (p.mask ? 1 : 0) + 2 + (p.flex?.buffers.length ?? 0) + (c.flex?.blockMap ? 1 : 0) +
+        (isTwoPass(c) && c.maxKernel ? 1 : 0);
       if (buffers > caps.limits.maxStorageBuffersPerShaderStage) {
         reasons.push(
           `its kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
@@ -296,6 +303,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
   const main = isTwoPass(c) ? kernelOf(sageMmaTwoPassKernel, c) : kernelOf(sageMmaKernel, c);
+  // The maximum pass as a kernel of its own (see TwoPassConfig.maxKernel).
+  const maxK = isTwoPass(c) && c.maxKernel ? kernelOf(sageMmaMaxKernel, c) : null;
   const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
   const bias = needsRowBias(p, lse);
   const quantQ = kernelOf(sageQuantKernel, { ...input, rows: MMA_ROWS, smooth: false, bias, pad: 32 });
@@ -305,8 +314,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     transposed: isTwoPass(c) || c.vTransposed === true,
     offset: isTwoPass(c) && c.pv === "u8",
   });
-  const [mainPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
-    [main, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
+  const [mainPipe, quantKPipe, quantQPipe, quantVPipe, maxPipe] = await Promise.all(
+    [main, quantK, quantQ, quantV, ...(maxK ? [maxK] : [])].map((k) => call.pipeline(k)),
   );
   const sz = scratchSizes(p, c, lse);
   const q8 = call.scratch(sz.q8, "sage-mma q int8");
@@ -320,26 +329,31 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const v4 = (x: number) => x / 4;
   const { dV } = sageMmaDims(p.d);
 
-  await encodeKMean(call, p, io.k, mean);
-  encodeSageQuantization(call, p, io, {
-    pipes: { quantKPipe, quantK, quantQPipe, quantQ },
-    buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
-    blocks: { q: sz.qBlocks, k: sz.kBlocks },
-  });
+  const skip = sageMmaTuning.prepassSkip;
+  if (!skip.includes("kmean")) await encodeKMean(call, p, io.k, mean);
+  if (!skip.includes("quant")) {
+    encodeSageQuantization(call, p, io, {
+      pipes: { quantKPipe, quantK, quantQPipe, quantQ },
+      buffers: { q8, k8, qScale, kScale, mean, bias: rowBias },
+      blocks: { q: sz.qBlocks, k: sz.kBlocks },
+    });
+  }
   // 4. V's per-channel mean and absmax, then V - mean to int8 per channel.
-  await encodeVStat(call, p, io.v, vStat);
+  if (!skip.includes("vstat")) await encodeVStat(call, p, io.v, vStat);
   const vgroups = Math.ceil(dV / 4 / SAGE_MEAN_COLUMNS);
   const rows = sz.kBlocks * c.bc, tiles = Math.ceil(rows / V_TILE_ROWS);
-  call.dispatch(quantVPipe, quantV, { x: io.v, v8, v_stat: vStat }, {
-    cgroups: vgroups,
-    tiles,
-    s: p.sKv,
-    rows,
-    heads: p.nKv,
-    sb: v4(p.v.strides.b),
-    sh: v4(p.v.strides.n),
-    ss: v4(p.v.strides.s),
-  }, p.b * p.nKv * vgroups * tiles);
+  if (!skip.includes("vquant")) {
+    call.dispatch(quantVPipe, quantV, { x: io.v, v8, v_stat: vStat }, {
+      cgroups: vgroups,
+      tiles,
+      s: p.sKv,
+      rows,
+      heads: p.nKv,
+      sb: v4(p.v.strides.b),
+      sh: v4(p.v.strides.n),
+      ss: v4(p.v.strides.s),
+    }, p.b * p.nKv * vgroups * tiles);
+  }
   if (sageMmaTuning.prepassOnly) return;
   // 5. The matrix kernel.
   const buffers: Record<string, GPUBuffer> = {
@@ -358,11 +372,16 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.flex) Object.assign(buffers, io.flex);
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
+  const uniforms = { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 };
+  if (maxK) {
+    buffers.row_max = call.scratch(sz.rowMax, "sage-mma row maxima");
+    call.dispatch(maxPipe, maxK, buffers, uniforms, p.b * p.n * sz.blocks);
+  }
   call.dispatch(
     mainPipe,
     main,
     buffers,
-    { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 },
+    uniforms,
     p.b * p.n * sz.blocks,
   );
 }

@@ -4,7 +4,7 @@
  * queries beside other backends, in TFLOP/s (4·b·n·s_q·s_kv·d, halved for causal).
  *
  *     deno run -A bench/sage_mma_bench.ts --shapes flux,seed --dtypes f16 --backends sage-mma,sage
- *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--accuracy-override '{"warps":4}'] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true},{"prepassOnly":true}]'] [--reps 10]
+ *       [--accuracy 256] [--accuracy-cases random,outliers,causal] [--accuracy-override '{"warps":4}'] [--crossover 1024,2048,4096] [--sweep '[{"warps":2},{"onePass":true},{"prepassOnly":true,"prepassSkip":["vstat"]}]'] [--reps 10]
  *
  * Each step reports its own failure (e.g. a kernel that does not compile) and the run goes on.
  */
@@ -28,6 +28,7 @@ const crossover = arg("crossover", "").split(",").filter((x) => x).map(Number);
 const sweep = JSON.parse(arg("sweep", "[]")) as (Partial<TwoPassConfig> & {
   onePass?: boolean;
   prepassOnly?: boolean;
+  prepassSkip?: typeof sageMmaTuning.prepassSkip;
 })[];
 // `--accuracy-override JSON`: the config override the accuracy step runs under (default none).
 const accuracyOverride = JSON.parse(arg("accuracy-override", "null")) as Partial<TwoPassConfig> | null;
@@ -119,16 +120,18 @@ for (const s of shapes) {
     for (const o of sweep) {
       // `onePass: true` selects the one-pass kernel (wgsl/sage_mma.ts), `prepassOnly: true` times the
       // quantization pre-pass alone; the rest overrides the config.
-      const { onePass, prepassOnly, ...rest } = o;
+      const { onePass, prepassOnly, prepassSkip, ...rest } = o;
       sageMmaTuning.override = rest;
       sageMmaTuning.twoPass = onePass !== true;
       sageMmaTuning.prepassOnly = prepassOnly === true;
+      sageMmaTuning.prepassSkip = prepassSkip ?? [];
       try {
         await time(s, dtype, "sage-mma", `sage-mma ${JSON.stringify(o)}`);
       } finally {
         sageMmaTuning.override = null;
         sageMmaTuning.twoPass = true;
         sageMmaTuning.prepassOnly = false;
+        sageMmaTuning.prepassSkip = [];
       }
     }
   }

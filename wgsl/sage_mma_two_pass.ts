@@ -73,6 +73,13 @@ export interface TwoPassConfig extends SageMmaConfig {
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
+   * The maximum pass as a kernel of its own ({@link sageMmaMaxKernel}), which writes each row's
+   * maximum to `row_max`; this kernel then reads it. The maximum pass needs about half the registers
+   * and workgroup memory of the second, so on its own more of its workgroups share an SM and hide
+   * each other's barriers and loads.
+   */
+  maxKernel?: boolean;
+  /**
    * A packed batch: q, k and v are [1, total, heads, d] with sequences at offsets `cuq`, `cuk` (i32,
    * b + 1 each); each row attends its own sequence's keys, its band aligned bottom-right within it.
    */
@@ -203,8 +210,11 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.fastMath === false ? ":i2f" : ""
     }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
       c.skipMaxPass ? ":skip1" : ""
-    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
+    }${c.maxKernel ? ":mk" : ""}${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
+
+/** Slot of a row's maximum in `row_max` (`[b * n, q_blocks * 16]` f32): independent of the warps. */
+const ROW_MAX_SLOT = "bh * P.q_blocks * 16u + row";
 
 /**
  * WGSL expressions of which keys of tile t an invocation's half row takes part in (shared with
@@ -262,6 +272,20 @@ export function keyMaskExprs(
  * [lse_bias] (with the lse or a score_mod), then the flex bindings (mod buffers, [flex_blocks]).
  */
 export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
+  return twoPassText(c, c.maxKernel ? "second" : "both");
+}
+
+/**
+ * The maximum pass of a `maxKernel` config alone: each row's maximum in log2 units written to
+ * `row_max` (rows past s_q write nothing). Bindings q8, k8, [mask], q_scale, k_scale, [lse_bias]
+ * (with a score_mod), row_max, [cuq, cuk], then the flex bindings.
+ */
+export function sageMmaMaxKernel(c: TwoPassConfig): Kernel {
+  return twoPassText({ ...c, maxKernel: true }, "max");
+}
+
+/** Either pass or both of the two-pass kernel's text. */
+function twoPassText(c: TwoPassConfig, part: "both" | "max" | "second"): Kernel {
   const s = twoPassShape(c);
   const { dQ, dV, br, ss, ksStride, vsStride } = s;
   const stage = c.stage === true;
@@ -298,22 +322,33 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   emit(qk.header() + uniformBlock(uniforms));
   // Staged K and V are copied as 16-byte words; unstaged ones are matrix-loaded from storage.
-  const bindings = sageMmaBindings(c, {
-    k8: stage ? "vec4<u32>" : "i32",
-    v8: stage ? "vec4<u32>" : pWord,
-    rowBias,
-  }, emit);
+  const bindings = part === "max"
+    ? maxBindings(c, { k8: stage ? "vec4<u32>" : "i32", rowBias }, emit)
+    : sageMmaBindings(c, {
+      k8: stage ? "vec4<u32>" : "i32",
+      v8: stage ? "vec4<u32>" : pWord,
+      rowBias,
+    }, emit);
+  if (part === "second") {
+    bindings.push("row_max");
+    emit(`@group(0) @binding(${bindings.length}) var<storage, read> row_max: array<f32>;`);
+  }
   if (c.varlen) {
     emit(packedDeclarations(bindings.length + 1));
     bindings.push("cuq", "cuk");
   }
-  emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;
-var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
+  // The maximum kernel has no P or V regions.
+  emit(`var<workgroup> ss: array<i32, ${c.warps * s.sRegion}>;${
+    part === "max" ? "" : `
+var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;`
+  }
 var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
     stage
       ? `
-var<workgroup> ks: array<i32, ${(bc * ksStride) / 4}>;
+var<workgroup> ks: array<i32, ${(bc * ksStride) / 4}>;${
+        part === "max" ? "" : `
 var<workgroup> vs: array<${pWord}, ${(dV * vsStride) / 4}>;`
+      }`
       : ""
   }
 const NEG: f32 = -3.0e38;
@@ -488,7 +523,9 @@ const LN2: f32 = 0.6931471805599453;`);
 
   // ---- pass 1: each row's maximum (log2 units) ----
   emit(`  var m = NEG;`);
-  if (!c.skipMaxPass) {
+  if (part === "second") {
+    emit(`  m = row_max[${ROW_MAX_SLOT}];`);
+  } else if (!c.skipMaxPass) {
     if (stage) {
       // K tile t_lo in ks, t_lo + 1 in registers.
       loadK(first);
@@ -544,6 +581,11 @@ const LN2: f32 = 0.6931471805599453;`);
   m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));`);
   } else {
     emit(`  m = 8.0;`);
+  }
+  if (part === "max") {
+    emit(`  if (row < P.s_q && hh == 0u) { row_max[${ROW_MAX_SLOT}] = m; }
+}`);
+    return finish(c, L, emit, bindings, qk.helpers(), "max", uniforms);
   }
 
   // ---- pass 2: P = exp2(s - m) quantized under one scale, P·V accumulated in integer tiles ----
@@ -659,13 +701,51 @@ const LN2: f32 = 0.6931471805599453;`);
   }`);
   }
   emit(`}`);
-  emit(qk.helpers() + pv.helpers());
-  if (flex) {
-    const decls = flexDeclarations(flex, L.join("\n"), bindings.length + 1, c.bc);
+  return finish(c, L, emit, bindings, qk.helpers() + pv.helpers(), part, uniforms);
+}
+
+/** The kernel's helpers, flex declarations (appended bindings), key and label. */
+function finish(
+  c: TwoPassConfig,
+  L: string[],
+  emit: (line: string) => void,
+  bindings: string[],
+  helpers: string,
+  part: "both" | "max" | "second",
+  uniforms: [string, UniformType][],
+): Kernel {
+  emit(helpers);
+  if (c.flex) {
+    const decls = flexDeclarations(c.flex, L.join("\n"), bindings.length + 1, c.bc);
     emit(decls.code);
     bindings.push(...decls.bindings);
   }
-  const key = twoPassKey(c);
-  const label = `sage-mma ${twoPassKey({ ...c, flex: undefined })}${flex ? " flex" : ""}`;
+  const tag = part === "max" ? ":max" : "";
+  const key = twoPassKey(c) + tag;
+  const label = `sage-mma ${twoPassKey({ ...c, flex: undefined })}${tag}${c.flex ? " flex" : ""}`;
   return { key, label, code: L.join("\n") + "\n", bindings, uniforms };
+}
+
+/**
+ * The maximum kernel's bindings, in order: q8, k8, [mask], q_scale, k_scale, [lse_bias], row_max,
+ * and the 16-bit helpers none of it needs (its inputs are int8 already).
+ */
+function maxBindings(
+  c: Pick<TwoPassConfig, "keyPadding">,
+  types: { k8: string; rowBias: boolean },
+  emit: (line: string) => void,
+): string[] {
+  const bindings: string[] = [];
+  const bind = (name: string, decl: string) => {
+    bindings.push(name);
+    emit(`@group(0) @binding(${bindings.length}) ${decl}`);
+  };
+  bind("q8", "var<storage, read> q8: array<i32>;");
+  bind("k8", `var<storage, read> k8: array<${types.k8}>;`);
+  if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
+  bind("q_scale", "var<storage, read> q_scale: array<f32>;");
+  bind("k_scale", "var<storage, read> k_scale: array<f32>;");
+  if (types.rowBias) bind("lse_bias", "var<storage, read> lse_bias: array<f32>;");
+  bind("row_max", "var<storage, read_write> row_max: array<f32>;");
+  return bindings;
 }
