@@ -185,7 +185,7 @@ const CASES: Case[] = [
     isCausal: true,
     keyPadding: [200, 77],
     lse: true,
-    tiles: { stage: true, maxKernel: true, warps: 2, rotate: true },
+    tiles: { stage: true, maxKernel: true, warps: 2 },
   },
   {
     name: "random, the maximum pass as its own kernel, unstaged, window, d 80",

@@ -80,13 +80,6 @@ export interface TwoPassConfig extends SageMmaConfig {
    */
   maxKernel?: boolean;
   /**
-   * Each invocation reads its half row of S starting at element `lane / 8` (wrapping within the half
-   * row) instead of 0: with row-major S (rows 4 banks apart) the 32 invocations of a read then hit 32
-   * banks instead of 8 (a 4-way conflict on every score read, in both passes); pass 2 rotates its
-   * packed P words back by funnel shifts. Ignored with `sColMajor`.
-   */
-  rotate?: boolean;
-  /**
    * A packed batch: q, k and v are [1, total, heads, d] with sequences at offsets `cuq`, `cuk` (i32,
    * b + 1 each); each row attends its own sequence's keys, its band aligned bottom-right within it.
    */
@@ -217,9 +210,7 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.fastMath === false ? ":i2f" : ""
     }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
       c.skipMaxPass ? ":skip1" : ""
-    }${c.maxKernel ? ":mk" : ""}${c.rotate && !c.sColMajor ? ":rot" : ""}${c.varlen ? ":packed" : ""}${
-      flexKey(c.flex)
-    }`;
+    }${c.maxKernel ? ":mk" : ""}${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /** Slot of a row's maximum in `row_max` (`[b * n, q_blocks * 16]` f32): independent of the warps. */
@@ -241,7 +232,7 @@ export function keyMaskExprs(
     maskMod: boolean;
     varlen?: boolean;
   },
-): { fullTile: string; liveExpr: (e: number | string) => string } {
+): { fullTile: string; liveExpr: (e: number) => string } {
   const { bc, blockMap, maskMod } = c;
   const half = bc / 2;
   // A packed batch (varlen): the block's diagonal offset `off`, its one sequence's keys [sk_lo,
@@ -257,8 +248,8 @@ export function keyMaskExprs(
       }i - (i32(q0) + ${offset}) <= P.right`
       : ""
   }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
-  const liveExpr = (e: number | string) => {
-    const col = `(kv0 + hh * ${half}u + ${typeof e === "number" ? `${e}u` : e})`;
+  const liveExpr = (e: number) => {
+    const col = `(kv0 + hh * ${half}u + ${e}u)`;
     let ok = `${col} < P.s_kv`;
     if (c.varlen) ok += ` && i32(${col}) >= rk_lo && i32(${col}) < rk_hi`;
     if (c.keyPadding) {
@@ -302,7 +293,6 @@ function twoPassText(c: TwoPassConfig, part: "both" | "max" | "second"): Kernel 
   const R = MMA_ROWS, half = c.bc / 2, bc = c.bc;
   const u8 = c.pv === "u8";
   const fast = c.fastMath !== false;
-  const rotate = c.rotate === true && !c.sColMajor;
   // An S word as the f32 of its integer: fast math's words carry the 1.5·2^23 bias.
   const intValue = (word: string) => fast ? `(bitcast<f32>(${word}) - 12582912.0)` : `f32(${word})`;
   const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
@@ -389,11 +379,6 @@ const LN2: f32 = 0.6931471805599453;`);
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;`);
   emit(rowDiagonal(c));
-  if (rotate) {
-    emit(`  let rot = lane >> 3u; // see TwoPassConfig.rotate
-  let p_ls = rot * 8u;
-  let p_rs = 31u - p_ls;`);
-  }
   if (flex) {
     emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
   }
@@ -411,21 +396,8 @@ const LN2: f32 = 0.6931471805599453;`);
   // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
   // With a block map consecutive live tiles may share a parity: the regions alternate by iteration.
   const sRegionOf = s.doubleS ? `ws + (${blockMap ? "it" : "t"} & 1u) * ${s.sWords}u` : "ws";
-  // This invocation's element e of its half row: sb + e * sStep, or with `rotate` element
-  // (e + rot) mod half, at sbr + e (sbr = sb + rot) unless it wrapped.
+  // This invocation's element e of its half row: sb + e * sStep.
   const sStep = c.sColMajor ? ss : 1;
-  const sAddr = (e: number) => {
-    if (!rotate) return `sb + ${e * sStep}u`;
-    if (e + 3 < half) return `sbr + ${e}u`;
-    return `select(sbr + ${e}u, sbr + ${e}u - ${half}u, rot + ${e}u >= ${half}u)`;
-  };
-  // The element's column within the half row (as liveExpr takes it).
-  const colOf = (e: number): number | string =>
-    rotate
-      ? (e + 3 < half
-        ? `(rot + ${e}u)`
-        : `select(rot + ${e}u, rot + ${e}u - ${half}u, rot + ${e}u >= ${half}u)`)
-      : e;
   // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
   // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
   const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
@@ -494,9 +466,7 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
-    let sb = wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`};${
-      rotate ? "\n    let sbr = sb + rot;" : ""
-    }`);
+    let sb = wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`};`);
   };
   const { fullTile, liveExpr } = keyMaskExprs({
     bc,
@@ -509,18 +479,15 @@ const LN2: f32 = 0.6931471805599453;`);
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
   const scoreExpr = (e: number) => {
-    const raw = `${intValue(`ss[${sAddr(e)}]`)} * dq`;
+    const raw = `${intValue(`ss[sb + ${e * sStep}u]`)} * dq`;
     if (!rowBias) return raw;
-    const col = colOf(e);
-    return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${
-      typeof col === "number" ? `${col}u` : col
-    }, P.s_kv - 1u)) * ${Math.LOG2E}`;
+    return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E}`;
   };
   // Fast math: score e minus the row maximum plus log2(pmax), in log2 units, so that exp2 gives
   // p·pmax: the biased word's f32 times dq plus the tile's constant dc (its rounding, a shift of the
   // whole tile under 2^-23 of 1.5·2^23·dq, is far below the int8 scores' own error).
   const fastScoreExpr = (e: number) =>
-    rowBias ? `${scoreExpr(e)} + lp` : `fma(bitcast<f32>(ss[${sAddr(e)}]), dq, dc)`;
+    rowBias ? `${scoreExpr(e)} + lp` : `fma(bitcast<f32>(ss[sb + ${e * sStep}u]), dq, dc)`;
   // The tiles the loops visit and the staged prefetches fetch: every tile from t_lo, or with a block
   // map its live ones only (t_first, t_second; in the loop tn1 and tn2 follow t).
   const first = blockMap ? "t_first" : "t_lo", second = blockMap ? "t_second" : "t_lo + 1u";
@@ -578,7 +545,7 @@ const LN2: f32 = 0.6931471805599453;`);
       // The functions' results have no order the integers keep: the maximum of the values.
       emit(`    let full = ${fullTile};`);
       for (const e of range(half)) {
-        emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(colOf(e))}));`);
+        emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(e)}));`);
       }
     } else if (fast) {
       // The biased words are positive (over 2^30): 0 marks "no live key" for the largest, i32's
@@ -589,7 +556,7 @@ const LN2: f32 = 0.6931471805599453;`);
       emit(`    var x = ${none};
     let full = ${fullTile};`);
       for (const e of range(half)) {
-        emit(`    x = select(x, ${op}(x, ss[${sAddr(e)}]), full || (${liveExpr(colOf(e))}));`);
+        emit(`    x = select(x, ${op}(x, ss[sb + ${e * sStep}u]), full || (${liveExpr(e)}));`);
       }
       emit(`    if (${some}) { m = max(m, ${intValue("x")} * dq); }`);
     } else {
@@ -598,8 +565,8 @@ const LN2: f32 = 0.6931471805599453;`);
     let full = ${fullTile};`);
       for (const e of range(half)) {
         emit(`    {
-      let y = ss[${sAddr(e)}];
-      let ok = full || (${liveExpr(colOf(e))});
+      let y = ss[sb + ${e * sStep}u];
+      let ok = full || (${liveExpr(e)});
       hi = select(hi, max(hi, y), ok);
       lo = select(lo, min(lo, y), ok);
     }`);
@@ -649,7 +616,7 @@ const LN2: f32 = 0.6931471805599453;`);
   const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
   if (fast && !rowBias) emit(`    let dc = fma(-12582912.0, dq, lp);`);
   for (const e of range(half)) {
-    const live = `full || (${liveExpr(colOf(e))})`;
+    const live = `full || (${liveExpr(e)})`;
     if (fast) {
       // p·pmax + 2^23 is 2^23 + round(p·pmax) exactly (ties to even, as round()): the low byte.
       emit(
@@ -669,15 +636,8 @@ const LN2: f32 = 0.6931471805599453;`);
     const word = fast
       ? `(p${e} & 0xffu) | ((p${e + 1} & 0xffu) << 8u) | ((p${e + 2} & 0xffu) << 16u) | (p${e + 3} << 24u)`
       : `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
-    emit(`    let ${rotate ? "rw" : "pw"}${w} = ${word};`);
-  }
-  for (const w of range(half / 4)) {
-    // Rotated: word w holds columns 4w + rot .. 4w + rot + 3 (mod half); the row's word w takes the
-    // last rot bytes of word w - 1 and the first 4 - rot of word w (a shift by 32 is a shift by 0 in
-    // WGSL, hence the split right shift).
-    const prev = (w + half / 4 - 1) % (half / 4);
-    if (rotate) emit(`    let pw${w} = ((rw${prev} >> 1u) >> p_rs) | (rw${w} << p_ls);`);
-    emit(`    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
+    emit(`    let pw${w} = ${word};
+    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
   }
   emit(
     fast
