@@ -33,7 +33,6 @@ import {
   V_TILE_ROWS,
 } from "../wgsl/sage_mma.ts";
 import {
-  sageMmaMaxKernel,
   sageMmaTwoPassKernel,
   type TwoPassConfig,
   twoPassConfigProblems,
@@ -220,8 +219,6 @@ function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
     v8: p.b * p.nKv * kBlocks * c.bc * dV,
     vStat: p.b * p.nKv * 2 * dV * 4,
     bias: needsRowBias(p, lse) ? p.b * p.n * p.sQ * 4 : 0,
-    // One f32 per row slot (the last workgroup's rows past the end read past the last head's).
-    rowMax: (p.b * p.n * qBlocks + c.warps) * MMA_ROWS * 4,
   };
 }
 
@@ -248,8 +245,7 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
         reasons.push("its int8 copies of q, k and v do not fit one storage binding");
       }
       // With the lse and its bias; flex calls add their mod buffers and the block map.
-      const buffers = 7 + (p.mask ? 1 : 0) + 2 + (p.flex?.buffers.length ?? 0) + (c.flex?.blockMap ? 1 : 0) +
-        (isTwoPass(c) && c.maxKernel ? 1 : 0);
+      const buffers = 7 + (p.mask ? 1 : 0) + 2 + (p.flex?.buffers.length ?? 0) + (c.flex?.blockMap ? 1 : 0);
       if (buffers > caps.limits.maxStorageBuffersPerShaderStage) {
         reasons.push(
           `its kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
@@ -303,8 +299,6 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
   const main = isTwoPass(c) ? kernelOf(sageMmaTwoPassKernel, c) : kernelOf(sageMmaKernel, c);
-  // The maximum pass as a kernel of its own (see TwoPassConfig.maxKernel).
-  const maxK = isTwoPass(c) && c.maxKernel ? kernelOf(sageMmaMaxKernel, c) : null;
   const quantK = kernelOf(sageQuantKernel, { ...input, rows: c.bc, smooth: true, bias: false, pad: 32 });
   const bias = needsRowBias(p, lse);
   const quantQ = kernelOf(sageQuantKernel, { ...input, rows: MMA_ROWS, smooth: false, bias, pad: 32 });
@@ -314,8 +308,8 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     transposed: isTwoPass(c) || c.vTransposed === true,
     offset: isTwoPass(c) && c.pv === "u8",
   });
-  const [mainPipe, quantKPipe, quantQPipe, quantVPipe, maxPipe] = await Promise.all(
-    [main, quantK, quantQ, quantV, ...(maxK ? [maxK] : [])].map((k) => call.pipeline(k)),
+  const [mainPipe, quantKPipe, quantQPipe, quantVPipe] = await Promise.all(
+    [main, quantK, quantQ, quantV].map((k) => call.pipeline(k)),
   );
   const sz = scratchSizes(p, c, lse);
   const q8 = call.scratch(sz.q8, "sage-mma q int8");
@@ -373,10 +367,6 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
   const uniforms = { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 };
-  if (maxK) {
-    buffers.row_max = call.scratch(sz.rowMax, "sage-mma row maxima");
-    call.dispatch(maxPipe, maxK, buffers, uniforms, p.b * p.n * sz.blocks);
-  }
   call.dispatch(
     mainPipe,
     main,
