@@ -70,15 +70,6 @@ export interface TwoPassConfig extends SageMmaConfig {
   fastMath?: boolean;
   /** The softmax scale is negative (the largest score is then the smallest integer). */
   negativeScale?: boolean;
-  /**
-   * Words of padding per row of a row-major S tile: 4 (rows 4 banks apart) or 8. A matrix store
-   * writes 64-bit pairs, rows g and g + 1 of a half subgroup 2·stride words apart: with rows 4 banks
-   * apart they collide (2-way), 8 apart they do not. The row reads (16-byte words, 8 invocations
-   * at a time) would then collide instead, so with 8 each invocation whose row has bit 2 set reads
-   * its half row's 16-byte words starting at the second (packing P's words back in order by one
-   * select each).
-   */
-  sPad?: 4 | 8;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -168,7 +159,7 @@ export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
   const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
   // S stride: words between rows (row-major, +4 against bank conflicts) or columns (column-major).
-  const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + (c.sPad ?? 4);
+  const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + 4;
   const sWords = c.sColMajor ? c.bc * ss : MMA_ROWS * ss;
   const doubleS = c.doubleS && !c.stage;
   const sRegion = sWords * (doubleS ? 2 : 1);
@@ -201,7 +192,6 @@ export function twoPassConfigProblems(
 ): string[] {
   const problems = mmaConfigProblems(c, twoPassShape(c), limits);
   if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
-  if (c.sPad !== undefined && c.sPad !== 4 && c.sPad !== 8) problems.push("sPad must be 4 or 8");
   return problems;
 }
 
@@ -213,7 +203,7 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.fastMath === false ? ":i2f" : ""
     }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
       c.skipMaxPass ? ":skip1" : ""
-    }${c.sPad === 8 && !c.sColMajor ? ":sp8" : ""}${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
+    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /**
@@ -232,7 +222,7 @@ export function keyMaskExprs(
     maskMod: boolean;
     varlen?: boolean;
   },
-): { fullTile: string; liveExpr: (e: number | string) => string } {
+): { fullTile: string; liveExpr: (e: number) => string } {
   const { bc, blockMap, maskMod } = c;
   const half = bc / 2;
   // A packed batch (varlen): the block's diagonal offset `off`, its one sequence's keys [sk_lo,
@@ -248,8 +238,8 @@ export function keyMaskExprs(
       }i - (i32(q0) + ${offset}) <= P.right`
       : ""
   }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
-  const liveExpr = (e: number | string) => {
-    const col = `(kv0 + hh * ${half}u + ${typeof e === "number" ? `${e}u` : e})`;
+  const liveExpr = (e: number) => {
+    const col = `(kv0 + hh * ${half}u + ${e}u)`;
     let ok = `${col} < P.s_kv`;
     if (c.varlen) ok += ` && i32(${col}) >= rk_lo && i32(${col}) < rk_hi`;
     if (c.keyPadding) {
@@ -279,7 +269,6 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const R = MMA_ROWS, half = c.bc / 2, bc = c.bc;
   const u8 = c.pv === "u8";
   const fast = c.fastMath !== false;
-  const rotated = c.sPad === 8 && !c.sColMajor;
   // An S word as the f32 of its integer: fast math's words carry the 1.5·2^23 bias.
   const intValue = (word: string) => fast ? `(bitcast<f32>(${word}) - 12582912.0)` : `f32(${word})`;
   const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
@@ -355,7 +344,6 @@ const LN2: f32 = 0.6931471805599453;`);
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;`);
   emit(rowDiagonal(c));
-  if (rotated) emit(`  let vrot = (lane >> 2u) & 1u; // see TwoPassConfig.sPad`);
   if (flex) {
     emit(`  let fr = min(row, P.s_q - 1u); // the row for the flex functions, clamped into the sequence`);
   }
@@ -373,16 +361,8 @@ const LN2: f32 = 0.6931471805599453;`);
   // invocation's half row of it as i32 values `y0..`, dequantized by `dq` later.
   // With a block map consecutive live tiles may share a parity: the regions alternate by iteration.
   const sRegionOf = s.doubleS ? `ws + (${blockMap ? "it" : "t"} & 1u) * ${s.sWords}u` : "ws";
-  // This invocation's element e of its half row: sb + e * sStep; with sPad 8 the element of word
-  // (e / 4 + vrot) mod words (see sPad), its column `colOf(e)`.
+  // This invocation's element e of its half row: sb + e * sStep.
   const sStep = c.sColMajor ? ss : 1;
-  const words = half / 4;
-  const vrotated = (e: number) => {
-    const w = Math.floor(e / 4), wm = words & (words - 1) ? `% ${words}u` : `& ${words - 1}u`;
-    return `(((${w}u + vrot) ${wm}) * 4u + ${e % 4}u)`;
-  };
-  const sAddr = (e: number) => rotated ? `sb + ${vrotated(e)}` : `sb + ${e * sStep}u`;
-  const colOf = (e: number): number | string => rotated ? vrotated(e) : e;
   // Staging (stage: true): K tile t's bc·dQ bytes and V tile t's dV·bc bytes as 16-byte words,
   // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
   const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
@@ -464,17 +444,15 @@ const LN2: f32 = 0.6931471805599453;`);
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
   const scoreExpr = (e: number) => {
-    const raw = `${intValue(`ss[${sAddr(e)}]`)} * dq`;
+    const raw = `${intValue(`ss[sb + ${e * sStep}u]`)} * dq`;
     if (!rowBias) return raw;
-    return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${
-      rotated ? vrotated(e) : `${e}u`
-    }, P.s_kv - 1u)) * ${Math.LOG2E}`;
+    return `score_mod(${raw} * LN2 + rb, b, h, fr, min(kv0 + hh * ${half}u + ${e}u, P.s_kv - 1u)) * ${Math.LOG2E}`;
   };
   // Fast math: score e minus the row maximum plus log2(pmax), in log2 units, so that exp2 gives
   // p·pmax: the biased word's f32 times dq plus the tile's constant dc (its rounding, a shift of the
   // whole tile under 2^-23 of 1.5·2^23·dq, is far below the int8 scores' own error).
   const fastScoreExpr = (e: number) =>
-    rowBias ? `${scoreExpr(e)} + lp` : `fma(bitcast<f32>(ss[${sAddr(e)}]), dq, dc)`;
+    rowBias ? `${scoreExpr(e)} + lp` : `fma(bitcast<f32>(ss[sb + ${e * sStep}u]), dq, dc)`;
   // The tiles the loops visit and the staged prefetches fetch: every tile from t_lo, or with a block
   // map its live ones only (t_first, t_second; in the loop tn1 and tn2 follow t).
   const first = blockMap ? "t_first" : "t_lo", second = blockMap ? "t_second" : "t_lo + 1u";
@@ -530,7 +508,7 @@ const LN2: f32 = 0.6931471805599453;`);
       // The functions' results have no order the integers keep: the maximum of the values.
       emit(`    let full = ${fullTile};`);
       for (const e of range(half)) {
-        emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(colOf(e))}));`);
+        emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(e)}));`);
       }
     } else if (fast) {
       // The biased words are positive (over 2^30): 0 marks "no live key" for the largest, i32's
@@ -541,7 +519,7 @@ const LN2: f32 = 0.6931471805599453;`);
       emit(`    var x = ${none};
     let full = ${fullTile};`);
       for (const e of range(half)) {
-        emit(`    x = select(x, ${op}(x, ss[${sAddr(e)}]), full || (${liveExpr(colOf(e))}));`);
+        emit(`    x = select(x, ${op}(x, ss[sb + ${e * sStep}u]), full || (${liveExpr(e)}));`);
       }
       emit(`    if (${some}) { m = max(m, ${intValue("x")} * dq); }`);
     } else {
@@ -550,8 +528,8 @@ const LN2: f32 = 0.6931471805599453;`);
     let full = ${fullTile};`);
       for (const e of range(half)) {
         emit(`    {
-      let y = ss[${sAddr(e)}];
-      let ok = full || (${liveExpr(colOf(e))});
+      let y = ss[sb + ${e * sStep}u];
+      let ok = full || (${liveExpr(e)});
       hi = select(hi, max(hi, y), ok);
       lo = select(lo, min(lo, y), ok);
     }`);
@@ -596,7 +574,7 @@ const LN2: f32 = 0.6931471805599453;`);
   const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
   if (fast && !rowBias) emit(`    let dc = fma(-12582912.0, dq, lp);`);
   for (const e of range(half)) {
-    const live = `full || (${liveExpr(colOf(e))})`;
+    const live = `full || (${liveExpr(e)})`;
     if (fast) {
       // p·pmax + 2^23 is 2^23 + round(p·pmax) exactly (ties to even, as round()): the low byte.
       emit(
@@ -616,12 +594,8 @@ const LN2: f32 = 0.6931471805599453;`);
     const word = fast
       ? `(p${e} & 0xffu) | ((p${e + 1} & 0xffu) << 8u) | ((p${e + 2} & 0xffu) << 16u) | (p${e + 3} << 24u)`
       : `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
-    emit(`    let ${rotated ? "rw" : "pw"}${w} = ${word};`);
-  }
-  for (const w of range(half / 4)) {
-    // With sPad 8, word w holds the row's word (w + vrot) mod words: back in order.
-    if (rotated) emit(`    let pw${w} = select(rw${w}, rw${(w + words - 1) % words}, vrot == 1u);`);
-    emit(`    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
+    emit(`    let pw${w} = ${word};
+    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
   }
   emit(
     fast
