@@ -70,13 +70,6 @@ export interface TwoPassConfig extends SageMmaConfig {
   fastMath?: boolean;
   /** The softmax scale is negative (the largest score is then the smallest integer). */
   negativeScale?: boolean;
-  /**
-   * Staged only: the second pass computes the next tile's S right after this tile's P barrier,
-   * before this tile's P·V, and stores it at the next tile's start: the S multiplies' latency then
-   * hides behind the P·V multiplies instead of stalling the store before the S barrier (K tile t + 1
-   * is in workgroup memory by then). Same barriers, 2 or 4 more result tiles live.
-   */
-  pipelineS?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -210,7 +203,7 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.fastMath === false ? ":i2f" : ""
     }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
       c.skipMaxPass ? ":skip1" : ""
-    }${c.pipelineS && c.stage ? ":pipe" : ""}${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
+    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /**
@@ -416,35 +409,25 @@ const LN2: f32 = 0.6931471805599453;`);
    * S of tile t stored to the subgroup's S region, then a barrier; `afterBarrier` emits what runs
    * right after it (the staged tiles' stores and next loads).
    */
-  /**
-   * S = Q Kᵀ of the tile whose keys the K operands hold into the result tiles `name` (declared here
-   * unless `declared`), from their initial value (1.5·2^23's bits with fast math, else 0).
-   */
-  const multiplyS = (name: string, declared: boolean) => {
-    const decl = (text: string) => declared ? text.replace(/^var /, "") : text;
+  const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}) => {
+    emit(`    let kv0 = t * ${bc}u;
+    let wst = ${sRegionOf};`);
+    if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
     if (fast) {
-      if (c.emulate) emit(`    ${decl(qk.copyArray(name, bc / N, "s_bias"))}`);
-      else range(bc / N).forEach((j) => emit(`    ${declared ? "" : "var "}${name}${j} = s_bias;`));
-    } else if (c.emulate) emit(`    ${decl(qk.zeroArray(name, bc / N))}`);
-    else range(bc / N).forEach((j) => emit(`    ${decl(qk.zero(`${name}${j}`))}`));
+      if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
+      else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
+    } else if (c.emulate) emit(`    ${qk.zeroArray("s", bc / N)}`);
+    else range(bc / N).forEach((j) => emit(`    ${qk.zero(`s${j}`)}`));
     forEach("k", dQ / 32, (k) => {
       if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
       forEach("j", bc / N, (j) => {
         emit("    {");
         emit("      " + qk.loadRight(`kb`, kAt, kOffset(j, k)));
-        emit("      " + qk.mma(tile(name, j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+        emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
         emit("    }");
       });
     });
-  };
-  // `pipelined`: S was multiplied into `sn` already (see pipelineS).
-  const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}, pipelined = false) => {
-    emit(`    let kv0 = t * ${bc}u;
-    let wst = ${sRegionOf};`);
-    if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
-    const name = pipelined ? "sn" : "s";
-    if (!pipelined) multiplyS(name, false);
-    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile(name, j))));
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("s", j))));
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
@@ -576,11 +559,6 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`  workgroupBarrier();`);
     loadK(second);
   }
-  const pipelined = stage && c.pipelineS === true;
-  if (pipelined) {
-    // The first tile's S, from K tile `first` in workgroup memory; the loop carries `sn`.
-    multiplyS("sn", false);
-  }
   loopHead();
   // The barrier after the previous tile's P writes already ordered its S reads before this store.
   // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
@@ -591,7 +569,7 @@ const LN2: f32 = 0.6931471805599453;`);
     storeK();
     loadK(next2);
     loadV(next1);
-  }, pipelined);
+  });
   emit(`    let full = ${fullTile};`);
   const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
   if (fast && !rowBias) emit(`    let dc = fma(-12582912.0, dq, lp);`);
@@ -625,8 +603,6 @@ const LN2: f32 = 0.6931471805599453;`);
       : `    psum += ${range(half).map((e) => `p${e}`).join(" + ")};`,
   );
   emit(`    workgroupBarrier();`);
-  // The next tile's S first (K tile t + 1 is in ks since the barrier above; see pipelineS).
-  if (pipelined) multiplyS("sn", true);
   forEach("kk", bc / 32, (kk) => {
     emit("    {");
     emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
