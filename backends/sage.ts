@@ -27,6 +27,7 @@ import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 import {
   SAGE_MEAN_COLUMNS,
+  SAGE_QUANT_BLOCKS,
   SAGE_THREADS,
   sagePaddedDim,
   sageQuantKernel,
@@ -354,7 +355,8 @@ export function encodeSageQuantization(
     scale_mul: 1,
     bias_scale: 0,
     seqs: p.varlen?.seqs ?? 0,
-  }, p.b * p.nKv * o.blocks.k);
+    total: p.b * p.nKv * o.blocks.k,
+  }, Math.ceil((p.b * p.nKv * o.blocks.k) / SAGE_QUANT_BLOCKS));
   const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: b.q8, x_scale: b.qScale };
   if (b.bias) {
     qBuffers.mean = b.mean;
@@ -373,7 +375,8 @@ export function encodeSageQuantization(
     scale_mul: p.scale * Math.LOG2E,
     bias_scale: p.scale,
     seqs: p.varlen?.seqs ?? 0,
-  }, p.b * p.n * o.blocks.q);
+    total: p.b * p.n * o.blocks.q,
+  }, Math.ceil((p.b * p.n * o.blocks.q) / SAGE_QUANT_BLOCKS));
 }
 
 /**

@@ -142,13 +142,14 @@ export function sageStatsKernel(c: SageStatsConfig): Kernel {
   const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw, t = SAGE_THREADS;
   const parts = c.extremes ? 3 : 1;
   const key = `sage-stats:${c.dtype}:${c.f16}:d${c.d}${c.extremes ? ":x" : ""}`;
-  const tree = (name: string, op: (a: string, b: string) => string) =>
-    `  ${name}_red[lid] = ${name};
-  workgroupBarrier();
-  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
-    if (lane < st) { ${name}_red[lid] = ${op(`${name}_red[lid]`, `${name}_red[lid + st * ${cw}u]`)}; }
-    workgroupBarrier();
-  }
+  // One barrier, then the chunk's lane 0 of each column combines the 32 lanes' partials (a tree
+  // spent 5 barriers per statistic).
+  const share = (name: string) => `  ${name}_red[lid] = ${name};\n`;
+  const combine = (name: string, op: (a: string, b: string) => string) =>
+    `    var ${name}_all = ${name}_red[lid];
+    for (var k = 1u; k < ${lanes}u; k++) { ${name}_all = ${
+      op(`${name}_all`, `${name}_red[lid + k * ${cw}u]`)
+    }; }
 `;
   const extremes = c.extremes
     ? {
@@ -157,10 +158,11 @@ export function sageStatsKernel(c: SageStatsConfig): Kernel {
       init: `  var hi = vec4<f32>(${NEG_INF});\n  var lo = vec4<f32>(${POS_INF});\n`,
       step:
         `      let y = select(vec4<f32>(${POS_INF}), x, ok);\n      hi = max(hi, y);\n      lo = min(lo, y);\n`,
-      tree: tree("hi", (a, b) => `max(${a}, ${b})`) + tree("lo", (a, b) => `min(${a}, ${b})`),
-      store: `    part[at + ${d4}u] = hi_red[lid];\n    part[at + ${2 * d4}u] = lo_red[lid];\n`,
+      tree: share("hi") + share("lo"),
+      combine: combine("hi", (a, b) => `max(${a}, ${b})`) + combine("lo", (a, b) => `min(${a}, ${b})`),
+      store: `    part[at + ${d4}u] = hi_all;\n    part[at + ${2 * d4}u] = lo_all;\n`,
     }
-    : { decls: "", init: "", step: "", tree: "", store: "" };
+    : { decls: "", init: "", step: "", tree: "", combine: "", store: "" };
   const code = header(c, STATS_UNIFORMS) + sageLoader(c) +
     `@group(0) @binding(2) var<storage, read_write> part: array<vec4<f32>>;
 var<workgroup> acc_red: array<vec4<f32>, ${t}>;
@@ -185,9 +187,12 @@ ${extremes.init}  if (live) {
       acc += select(vec4<f32>(0.0), x, ok);
 ${extremes.step}    }
   }
-${tree("acc", (a, b) => `${a} + ${b}`)}${extremes.tree}  if (lane == 0u && live) {
-    let at = (bh * P.chunks + chunk) * ${parts * d4}u + col;
-    part[at] = acc_red[lid];
+${share("acc")}${extremes.tree}  workgroupBarrier();
+  if (lane == 0u && live) {
+${combine("acc", (a, b) => `${a} + ${b}`)}${extremes.combine}    let at = (bh * P.chunks + chunk) * ${
+      parts * d4
+    }u + col;
+    part[at] = acc_all;
 ${extremes.store}  }
 }
 `;
@@ -264,6 +269,8 @@ ${store}
 
 const QUANT_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
+  // Blocks in all (b * heads * blocks): each workgroup quantizes SAGE_QUANT_BLOCKS of them.
+  ["total", "u32"],
   ["heads", "u32"],
   // Heads per mean head (Q: the GQA group; K: 1) and the mean's head count.
   ["group", "u32"],
@@ -290,32 +297,38 @@ export function sageQuantKey(c: SageQuantConfig): string {
   }${c.pad === 32 ? ":p32" : ""}${c.varlen ? ":vl" : ""}`;
 }
 
+/** Blocks one quantization workgroup covers: one per group of 32 invocations. */
+export const SAGE_QUANT_BLOCKS = SAGE_THREADS / 32;
+
 /**
- * The packed-batch prologue: workgroup `wg` is block `wg % blocks` of head `wg / blocks` (blocks: the
- * work list's total, or its bound for GPU offsets; those past the total return at once). The block's
- * sequence by binary search over `wl`, its rows from the sequence's start, offsets clamped into the
- * tensor as the flash kernel clamps them. Every value here is workgroup-uniform (read-only storage
- * at uniform indices), as the barriers below need.
+ * The packed-batch prologue: block `blk` is block `blk % blocks` of head `blk / blocks` (blocks: the
+ * work list's total, or its bound for GPU offsets; those past the total quantize no rows). The
+ * block's sequence by binary search over `wl`, its rows from the sequence's start, offsets clamped
+ * into the tensor as the flash kernel clamps them.
  */
 function varlenQuantPrologue(rows: number, d4: number): string {
-  return `  let h = wg / P.blocks;
-  let item = wg % P.blocks;
-  if (item >= wl[P.seqs]) { return; }
+  return `  let h = blk / P.blocks;
+  let item = min(blk % P.blocks, max(wl[P.seqs], 1u) - 1u);
 ${workListSearch()}  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
   let c1 = u32(clamp(cu[lo_s + 1u], i32(c0), i32(P.s)));
   let r0 = min(c0 + (item - wl[lo_s]) * ${rows}u, c1);
   let bh = h;
   let base = h * P.sh;
   let mb = (h / P.group) * ${d4}u;
-  let rows = min(c1 - r0, ${rows}u);`;
+  let live = blk < P.total && blk % P.blocks < wl[P.seqs];
+  let rows = select(0u, min(c1 - r0, ${rows}u), live);
+  let out = blk;`;
 }
 
 /**
- * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): absmax
- * (after smoothing) by a tree in workgroup memory, then `round(x * 127 / absmax)` packed four to
- * a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
- * then `mean` (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is
- * the work list's total or a bound of it, workgroups past the total return at once).
+ * Quantizes blocks of `rows` rows to packed int8, one block (batch, head, block) per group of 32
+ * invocations, {@link SAGE_QUANT_BLOCKS} a workgroup: each invocation's absmax (after smoothing),
+ * one barrier, each invocation then takes its group's 32 (a tree over the workgroup, one block each,
+ * spent 8 barriers per block and ran Q's and K's 84 MB at Flux at 1.4 TB/s), then
+ * `round(x * 127 / absmax)` packed four to a word. Dispatch `ceil(total / SAGE_QUANT_BLOCKS)`
+ * workgroups, `total = b * heads * blocks`. Bindings: `x`, `x8` (packed out), `x_scale`, then `mean`
+ * (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is the work
+ * list's total or a bound of it, blocks past the total quantize nothing).
  */
 export function sageQuantKernel(c: SageQuantConfig): Kernel {
   const d4 = c.d / 4, words = sagePaddedDim(c.d, c.pad ?? 16) / 4, t = SAGE_THREADS;
@@ -347,20 +360,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
+  let g = lid / 32u;
+  let i = lid % 32u;
+  let blk = min(wg * ${SAGE_QUANT_BLOCKS}u + g, P.total - 1u);
 ${
-      c.varlen ? varlenQuantPrologue(c.rows, d4) : `  let bh = wg / P.blocks;
-  let r0 = (wg % P.blocks) * ${c.rows}u;
+      c.varlen ? varlenQuantPrologue(c.rows, d4) : `  let bh = blk / P.blocks;
+  let r0 = (blk % P.blocks) * ${c.rows}u;
   let b = bh / P.heads;
   let h = bh % P.heads;
   let base = b * P.sb + h * P.sh;
   let mb = (b * P.n_kv + h / P.group) * ${d4}u;
-  let rows = min(P.s - r0, ${c.rows}u);`
+  let live = wg * ${SAGE_QUANT_BLOCKS}u + g < P.total;
+  let rows = min(P.s - r0, ${c.rows}u);
+  let out = blk;`
     }
   // A NaN or Inf in the block makes absmax, and so the block's scale, +Inf, and its values
   // quantize to 0: every score of the block is then 0 * Inf = NaN, and the NaN reaches exactly the
   // rows that attend the block (max() with a NaN is unspecified in WGSL, hence the bit test).
   var mx = 0.0;
-  for (var e = lid; e < rows * ${d4}u; e += ${t}u) {
+  for (var e = i; e < rows * ${d4}u; e += 32u) {
     let row = base + (r0 + e / ${d4}u) * P.ss;
     let x = ${value(`e % ${d4}u`)};
     let v = select(vec4<f32>(${POS_INF}), abs(x), finite4(x));
@@ -368,14 +386,12 @@ ${
   }
   red[lid] = mx;
   workgroupBarrier();
-  for (var st = ${t / 2}u; st > 0u; st >>= 1u) {
-    if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
-    workgroupBarrier();
-  }
-  let amax = red[0];
+  var amax = 0.0;
+  for (var k = 0u; k < 32u; k++) { amax = max(amax, red[g * 32u + k]); }
   let inv = select(0.0, 127.0 / amax, amax > 0.0);
-  if (lid == 0u) { x_scale[wg] = amax / 127.0 * P.scale_mul; }
-  for (var e = lid; e < ${c.rows * words}u; e += ${t}u) {
+  if (!live) { return; }
+  if (i == 0u) { x_scale[out] = amax / 127.0 * P.scale_mul; }
+  for (var e = i; e < ${c.rows * words}u; e += 32u) {
     let r = e / ${words}u;
     let col = e % ${words}u;
     var word = 0u;
@@ -387,11 +403,11 @@ ${
       word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) |
         (u32(iv.w) << 24u);
     }
-    x8[wg * ${c.rows * words}u + e] = word;
+    x8[out * ${c.rows * words}u + e] = word;
   }
 ${
       c.bias
-        ? `  for (var r = lid; r < rows; r += ${t}u) {
+        ? `  for (var r = i; r < rows; r += 32u) {
     let row = base + (r0 + r) * P.ss;
     var acc = 0.0;
     for (var col = 0u; col < ${d4}u; col++) { acc += dot(ld(row + col), mean[mb + col]); }
