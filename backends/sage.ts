@@ -27,7 +27,6 @@ import { SMALL_CALL_ROWS } from "./flash.ts";
 import { blockMapFor } from "../core/flex_gpu.ts";
 import {
   SAGE_MEAN_COLUMNS,
-  SAGE_QUANT_BLOCKS,
   SAGE_THREADS,
   sagePaddedDim,
   sageQuantKernel,
@@ -355,8 +354,7 @@ export function encodeSageQuantization(
     scale_mul: 1,
     bias_scale: 0,
     seqs: p.varlen?.seqs ?? 0,
-    total: p.b * p.nKv * o.blocks.k,
-  }, Math.ceil((p.b * p.nKv * o.blocks.k) / SAGE_QUANT_BLOCKS));
+  }, p.b * p.nKv * o.blocks.k);
   const qBuffers: Record<string, GPUBuffer> = { x: io.q, x8: b.q8, x_scale: b.qScale };
   if (b.bias) {
     qBuffers.mean = b.mean;
@@ -375,8 +373,7 @@ export function encodeSageQuantization(
     scale_mul: p.scale * Math.LOG2E,
     bias_scale: p.scale,
     seqs: p.varlen?.seqs ?? 0,
-    total: p.b * p.n * o.blocks.q,
-  }, Math.ceil((p.b * p.n * o.blocks.q) / SAGE_QUANT_BLOCKS));
+  }, p.b * p.n * o.blocks.q);
 }
 
 /**

@@ -269,8 +269,6 @@ ${store}
 
 const QUANT_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
-  // Blocks in all (b * heads * blocks): each workgroup quantizes SAGE_QUANT_BLOCKS of them.
-  ["total", "u32"],
   ["heads", "u32"],
   // Heads per mean head (Q: the GQA group; K: 1) and the mean's head count.
   ["group", "u32"],
@@ -297,38 +295,32 @@ export function sageQuantKey(c: SageQuantConfig): string {
   }${c.pad === 32 ? ":p32" : ""}${c.varlen ? ":vl" : ""}`;
 }
 
-/** Blocks one quantization workgroup covers: one per group of 32 invocations. */
-export const SAGE_QUANT_BLOCKS = SAGE_THREADS / 32;
-
 /**
- * The packed-batch prologue: block `blk` is block `blk % blocks` of head `blk / blocks` (blocks: the
- * work list's total, or its bound for GPU offsets; those past the total quantize no rows). The
- * block's sequence by binary search over `wl`, its rows from the sequence's start, offsets clamped
- * into the tensor as the flash kernel clamps them.
+ * The packed-batch prologue: workgroup `wg` is block `wg % blocks` of head `wg / blocks` (blocks: the
+ * work list's total, or its bound for GPU offsets; those past the total return at once). The block's
+ * sequence by binary search over `wl`, its rows from the sequence's start, offsets clamped into the
+ * tensor as the flash kernel clamps them. Every value here is workgroup-uniform (read-only storage
+ * at uniform indices), as the barriers below need.
  */
 function varlenQuantPrologue(rows: number, d4: number): string {
-  return `  let h = blk / P.blocks;
-  let item = min(blk % P.blocks, max(wl[P.seqs], 1u) - 1u);
+  return `  let h = wg / P.blocks;
+  let item = wg % P.blocks;
+  if (item >= wl[P.seqs]) { return; }
 ${workListSearch()}  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
   let c1 = u32(clamp(cu[lo_s + 1u], i32(c0), i32(P.s)));
   let r0 = min(c0 + (item - wl[lo_s]) * ${rows}u, c1);
   let bh = h;
   let base = h * P.sh;
   let mb = (h / P.group) * ${d4}u;
-  let live = blk < P.total && blk % P.blocks < wl[P.seqs];
-  let rows = select(0u, min(c1 - r0, ${rows}u), live);
-  let out = blk;`;
+  let rows = min(c1 - r0, ${rows}u);`;
 }
 
 /**
- * Quantizes blocks of `rows` rows to packed int8, one block (batch, head, block) per group of 32
- * invocations, {@link SAGE_QUANT_BLOCKS} a workgroup: each invocation's absmax (after smoothing),
- * one barrier, each invocation then takes its group's 32 (a tree over the workgroup, one block each,
- * spent 8 barriers per block and ran Q's and K's 84 MB at Flux at 1.4 TB/s), then
- * `round(x * 127 / absmax)` packed four to a word. Dispatch `ceil(total / SAGE_QUANT_BLOCKS)`
- * workgroups, `total = b * heads * blocks`. Bindings: `x`, `x8` (packed out), `x_scale`, then `mean`
- * (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is the work
- * list's total or a bound of it, blocks past the total quantize nothing).
+ * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): absmax
+ * (after smoothing) by a tree in workgroup memory, then `round(x * 127 / absmax)` packed four to
+ * a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
+ * then `mean` (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is
+ * the work list's total or a bound of it, workgroups past the total return at once).
  */
 export function sageQuantKernel(c: SageQuantConfig): Kernel {
   const d4 = c.d / 4, words = sagePaddedDim(c.d, c.pad ?? 16) / 4, t = SAGE_THREADS;
@@ -360,25 +352,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
-  let g = lid / 32u;
-  let i = lid % 32u;
-  let blk = min(wg * ${SAGE_QUANT_BLOCKS}u + g, P.total - 1u);
 ${
-      c.varlen ? varlenQuantPrologue(c.rows, d4) : `  let bh = blk / P.blocks;
-  let r0 = (blk % P.blocks) * ${c.rows}u;
+      c.varlen ? varlenQuantPrologue(c.rows, d4) : `  let bh = wg / P.blocks;
+  let r0 = (wg % P.blocks) * ${c.rows}u;
   let b = bh / P.heads;
   let h = bh % P.heads;
   let base = b * P.sb + h * P.sh;
   let mb = (b * P.n_kv + h / P.group) * ${d4}u;
-  let live = wg * ${SAGE_QUANT_BLOCKS}u + g < P.total;
-  let rows = min(P.s - r0, ${c.rows}u);
-  let out = blk;`
+  let rows = min(P.s - r0, ${c.rows}u);`
     }
   // A NaN or Inf in the block makes absmax, and so the block's scale, +Inf, and its values
   // quantize to 0: every score of the block is then 0 * Inf = NaN, and the NaN reaches exactly the
   // rows that attend the block (max() with a NaN is unspecified in WGSL, hence the bit test).
   var mx = 0.0;
-  for (var e = i; e < rows * ${d4}u; e += 32u) {
+  for (var e = lid; e < rows * ${d4}u; e += ${t}u) {
     let row = base + (r0 + e / ${d4}u) * P.ss;
     let x = ${value(`e % ${d4}u`)};
     let v = select(vec4<f32>(${POS_INF}), abs(x), finite4(x));
@@ -386,12 +373,14 @@ ${
   }
   red[lid] = mx;
   workgroupBarrier();
-  var amax = 0.0;
-  for (var k = 0u; k < 32u; k++) { amax = max(amax, red[g * 32u + k]); }
+  for (var st = ${t / 2}u; st > 0u; st >>= 1u) {
+    if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
+    workgroupBarrier();
+  }
+  let amax = red[0];
   let inv = select(0.0, 127.0 / amax, amax > 0.0);
-  if (!live) { return; }
-  if (i == 0u) { x_scale[out] = amax / 127.0 * P.scale_mul; }
-  for (var e = i; e < ${c.rows * words}u; e += 32u) {
+  if (lid == 0u) { x_scale[wg] = amax / 127.0 * P.scale_mul; }
+  for (var e = lid; e < ${c.rows * words}u; e += ${t}u) {
     let r = e / ${words}u;
     let col = e % ${words}u;
     var word = 0u;
@@ -403,11 +392,11 @@ ${
       word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) |
         (u32(iv.w) << 24u);
     }
-    x8[out * ${c.rows * words}u + e] = word;
+    x8[wg * ${c.rows * words}u + e] = word;
   }
 ${
       c.bias
-        ? `  for (var r = i; r < rows; r += 32u) {
+        ? `  for (var r = lid; r < rows; r += ${t}u) {
     let row = base + (r0 + r) * P.ss;
     var acc = 0.0;
     for (var col = 0u; col < ${d4}u; col++) { acc += dot(ld(row + col), mean[mb + col]); }
