@@ -409,6 +409,7 @@ Deno.test("sage-mma two-pass: every option that changes the kernel text changes 
     { stage: true },
     { stage: true, sColMajor: true },
     { sColMajor: true },
+    { sPad: 8 },
     { skipMaxPass: true },
     { fastMath: false },
     { negativeScale: true },

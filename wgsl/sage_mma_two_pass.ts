@@ -70,6 +70,12 @@ export interface TwoPassConfig extends SageMmaConfig {
   fastMath?: boolean;
   /** The softmax scale is negative (the largest score is then the smallest integer). */
   negativeScale?: boolean;
+  /**
+   * Words of padding per row of a row-major S tile (default 4; a multiple of 4, as a matrix stride
+   * must be): which banks the matrix stores and the invocations' row reads meet (bench/RESULTS.md,
+   * run 17).
+   */
+  sPad?: number;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -159,7 +165,7 @@ export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
   const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
   // S stride: words between rows (row-major, +4 against bank conflicts) or columns (column-major).
-  const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + 4;
+  const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + (c.sPad ?? 4);
   const sWords = c.sColMajor ? c.bc * ss : MMA_ROWS * ss;
   const doubleS = c.doubleS && !c.stage;
   const sRegion = sWords * (doubleS ? 2 : 1);
@@ -192,6 +198,7 @@ export function twoPassConfigProblems(
 ): string[] {
   const problems = mmaConfigProblems(c, twoPassShape(c), limits);
   if (c.bc % 32 !== 0 || c.bc % c.shape.N !== 0) problems.push("bc must be a multiple of 32");
+  if (c.sPad !== undefined && (c.sPad % 4 !== 0 || c.sPad < 4)) problems.push("sPad must be a multiple of 4");
   return problems;
 }
 
@@ -203,7 +210,9 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.fastMath === false ? ":i2f" : ""
     }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
       c.skipMaxPass ? ":skip1" : ""
-    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
+    }${c.sPad !== undefined && c.sPad !== 4 && !c.sColMajor ? `:sp${c.sPad}` : ""}${
+      c.varlen ? ":packed" : ""
+    }${flexKey(c.flex)}`;
 }
 
 /**
