@@ -142,14 +142,13 @@ export function sageStatsKernel(c: SageStatsConfig): Kernel {
   const d4 = c.d / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw, t = SAGE_THREADS;
   const parts = c.extremes ? 3 : 1;
   const key = `sage-stats:${c.dtype}:${c.f16}:d${c.d}${c.extremes ? ":x" : ""}`;
-  // One barrier, then the chunk's lane 0 of each column combines the 32 lanes' partials (a tree
-  // spent 5 barriers per statistic).
-  const share = (name: string) => `  ${name}_red[lid] = ${name};\n`;
-  const combine = (name: string, op: (a: string, b: string) => string) =>
-    `    var ${name}_all = ${name}_red[lid];
-    for (var k = 1u; k < ${lanes}u; k++) { ${name}_all = ${
-      op(`${name}_all`, `${name}_red[lid + k * ${cw}u]`)
-    }; }
+  const tree = (name: string, op: (a: string, b: string) => string) =>
+    `  ${name}_red[lid] = ${name};
+  workgroupBarrier();
+  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
+    if (lane < st) { ${name}_red[lid] = ${op(`${name}_red[lid]`, `${name}_red[lid + st * ${cw}u]`)}; }
+    workgroupBarrier();
+  }
 `;
   const extremes = c.extremes
     ? {
@@ -158,11 +157,10 @@ export function sageStatsKernel(c: SageStatsConfig): Kernel {
       init: `  var hi = vec4<f32>(${NEG_INF});\n  var lo = vec4<f32>(${POS_INF});\n`,
       step:
         `      let y = select(vec4<f32>(${POS_INF}), x, ok);\n      hi = max(hi, y);\n      lo = min(lo, y);\n`,
-      tree: share("hi") + share("lo"),
-      combine: combine("hi", (a, b) => `max(${a}, ${b})`) + combine("lo", (a, b) => `min(${a}, ${b})`),
-      store: `    part[at + ${d4}u] = hi_all;\n    part[at + ${2 * d4}u] = lo_all;\n`,
+      tree: tree("hi", (a, b) => `max(${a}, ${b})`) + tree("lo", (a, b) => `min(${a}, ${b})`),
+      store: `    part[at + ${d4}u] = hi_red[lid];\n    part[at + ${2 * d4}u] = lo_red[lid];\n`,
     }
-    : { decls: "", init: "", step: "", tree: "", combine: "", store: "" };
+    : { decls: "", init: "", step: "", tree: "", store: "" };
   const code = header(c, STATS_UNIFORMS) + sageLoader(c) +
     `@group(0) @binding(2) var<storage, read_write> part: array<vec4<f32>>;
 var<workgroup> acc_red: array<vec4<f32>, ${t}>;
@@ -187,12 +185,9 @@ ${extremes.init}  if (live) {
       acc += select(vec4<f32>(0.0), x, ok);
 ${extremes.step}    }
   }
-${share("acc")}${extremes.tree}  workgroupBarrier();
-  if (lane == 0u && live) {
-${combine("acc", (a, b) => `${a} + ${b}`)}${extremes.combine}    let at = (bh * P.chunks + chunk) * ${
-      parts * d4
-    }u + col;
-    part[at] = acc_all;
+${tree("acc", (a, b) => `${a} + ${b}`)}${extremes.tree}  if (lane == 0u && live) {
+    let at = (bh * P.chunks + chunk) * ${parts * d4}u + col;
+    part[at] = acc_red[lid];
 ${extremes.store}  }
 }
 `;
