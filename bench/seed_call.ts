@@ -4,7 +4,7 @@
  * Run on each engine; `--cpu-prof` shows the host work around the kernel:
  *
  *   source .gpu/setup.sh && WGATTN_WEBGPU=dawn WGATTN_DAWN_MODULE=$PWD/.gpu/webgpu/index.js \
- *     deno run -A bench/seed_call.ts
+ *     deno run -A bench/seed_call.ts [--threads 8,16] [--back-to-back 200 [--heat MS] [--out]] [--trace]
  */
 import { attentionForward, getDevice, type GpuTensor, stats } from "../mod.ts";
 import { engineFor } from "../engines/select.ts";
@@ -98,14 +98,16 @@ const [gq, gk, gv] = await Promise.all([q, k, v].map((t) => gpu(t.data)));
 if (Deno.args.includes("--back-to-back")) {
   const n = Number(Deno.args[Deno.args.indexOf("--back-to-back") + 1]);
   const heatMs = Deno.args.includes("--heat") ? Number(Deno.args[Deno.args.indexOf("--heat") + 1]) : 0;
+  // `--out`: every call writes into one reused array (options.out) instead of a new one.
+  const reuse = Deno.args.includes("--out") ? { out: new Float32Array(count) } : undefined;
   for (const t of threads) {
     hostCopyTuning.threads = t;
-    for (let i = 0; i < 5; i++) await attentionForward(q, k, v);
+    for (let i = 0; i < 5; i++) await attentionForward(q, k, v, reuse);
     if (heatMs > 0) await heat(device, heatMs);
     const ends: number[] = [];
     for (let i = 0; i < n; i++) {
       const t0 = performance.now();
-      await attentionForward(q, k, v);
+      await attentionForward(q, k, v, reuse);
       ends.push(performance.now() - t0);
     }
     const sorted = [...ends].sort((a, b) => a - b);
@@ -115,6 +117,7 @@ if (Deno.args.includes("--back-to-back")) {
       engine: engine.name,
       copyThreads: t,
       heatMs,
+      out: reuse !== undefined,
       medianMs: at(0.5),
       p10Ms: at(0.1),
       p90Ms: at(0.9),

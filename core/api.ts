@@ -6,6 +6,7 @@ import {
   type EarlyUploads,
   earlyUploadsApply,
   execute,
+  type RawResult,
   splitFor,
   startUploads,
 } from "./execute.ts";
@@ -74,7 +75,9 @@ async function run(
   await checkGpuOperands(p, rt); // before anything is created or queued
   if (isEmptyWork(p)) {
     checkBackendNames(options);
-    return p.residency === "host" ? emptyResultOnHost(p, wantLse) : await emptyResultOnGpu(p, rt!, wantLse);
+    return p.residency === "host"
+      ? intoOut(p, emptyResultOnHost(p, wantLse))
+      : await emptyResultOnGpu(p, rt!, wantLse);
   }
   // A host call routed to a GPU backend starts its uploads now, beside its checks and encoding. The
   // router decides first: a call it refuses queues nothing.
@@ -93,7 +96,7 @@ async function run(
       return last.backend;
     };
     try {
-      return await execute(p, choose, rt, wantLse, early);
+      return intoOut(p, await execute(p, choose, rt, wantLse, early));
     } catch (e) {
       // Uploads that no GPU run took over are released before the error reaches the caller.
       if (early && !early.taken) await early.call.abandon();
@@ -109,6 +112,19 @@ async function run(
       if (decision.source === "option") throw e;
     }
   }
+}
+
+/**
+ * A host result in `options.out` when the call gave one: the GPU path reads back into it directly;
+ * the others (the CPU backend, an empty call) are copied in, bit for bit.
+ */
+function intoOut(p: AttentionProblem, raw: RawResult): RawResult {
+  const into = p.into;
+  if (!into || !("data" in raw.out) || raw.out.data === into) return raw;
+  const src = raw.out.data;
+  new Uint8Array(into.buffer, into.byteOffset, into.byteLength)
+    .set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
+  return { ...raw, out: { ...raw.out, data: into } };
 }
 
 /**

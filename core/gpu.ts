@@ -396,7 +396,7 @@ export class GpuCall {
    * the end of the call's own submit ({@link queue}), so ask before it. Rejects if the call is
    * abandoned or the read fails.
    */
-  readBack(src: GPUBuffer, bytes: number, into?: ArrayBuffer): Promise<ArrayBuffer> {
+  readBack(src: GPUBuffer, bytes: number, into?: Uint8Array): Promise<ArrayBuffer> {
     const size = Math.ceil(bytes / 4) * 4;
     const staging = takeStaging(this.device, size);
     return new Promise((resolve, reject) =>
@@ -516,7 +516,7 @@ export async function readBuffer(
   device: GPUDevice,
   src: GPUBuffer,
   bytes: number,
-  into?: ArrayBuffer,
+  into?: Uint8Array,
 ): Promise<ArrayBuffer> {
   const size = Math.ceil(bytes / 4) * 4;
   const staging = takeStaging(device, size);
@@ -537,7 +537,7 @@ interface PendingRead {
   size: number;
   bytes: number;
   staging: GPUBuffer;
-  into?: ArrayBuffer;
+  into?: Uint8Array;
   resolve: (data: ArrayBuffer) => void;
   reject: (e: unknown) => void;
 }
@@ -552,22 +552,19 @@ async function mapAndCopy(
   staging: GPUBuffer,
   size: number,
   bytes: number,
-  into?: ArrayBuffer,
+  into?: Uint8Array,
 ): Promise<ArrayBuffer> {
   let reusable = false;
   try {
     const mapped = engineFor(device).hold(staging.mapAsync(GPUMapMode.READ, 0, size));
     // Allocated while the GPU works (a large ArrayBuffer is zero-filled on this thread), then
     // copied into by several threads when large (engines/host_copy.ts).
-    const data = into ?? new ArrayBuffer(bytes);
+    const data = into ?? new Uint8Array(bytes);
     await mapped;
-    await engineFor(device).copyOut(
-      new Uint8Array(data),
-      new Uint8Array(staging.getMappedRange(0, size), 0, bytes),
-    );
+    await engineFor(device).copyOut(data, new Uint8Array(staging.getMappedRange(0, size), 0, bytes));
     staging.unmap();
     reusable = true;
-    return data;
+    return data.buffer as ArrayBuffer;
   } finally {
     if (reusable) giveStaging(device, staging);
     else staging.destroy();

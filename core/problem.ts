@@ -9,7 +9,7 @@ import {
   type SizeHelp,
 } from "./layout.ts";
 import { type MaskOperand, type Operand, toMaskOperand, toOperand } from "./tensor.ts";
-import type { AttentionOptions, DType, TensorInput } from "./types.ts";
+import type { AttentionOptions, DType, HostData, TensorInput } from "./types.ts";
 import { type FlexView, resolveFlex } from "./flex.ts";
 import {
   type PagedView,
@@ -81,6 +81,8 @@ export interface AttentionProblem {
   v: OperandView;
   mask: MaskView | null;
   out: { pattern: string; shape: number[]; strides: AxisRecord };
+  /** A host call's `options.out`, validated: the array the output is written into; null without. */
+  into: HostData | null;
   residency: "host" | "gpu";
   compatibilityMode: boolean;
   /** scoreMod / maskMod / modBuffers / blockMask, validated; null when the call uses none. */
@@ -163,6 +165,10 @@ const ATTENTION_OPTIONS: OptionSchema = {
   kPattern: "string",
   vPattern: "string",
   outPattern: "string",
+  out: {
+    test: (x) => x instanceof Float32Array || x instanceof Float16Array || x instanceof Uint16Array,
+    expected: "a Float32Array, Float16Array or Uint16Array (host calls)",
+  },
   dims: "object",
   scale: "number",
   isCausal: "boolean",
@@ -495,6 +501,7 @@ export function resolveProblem(
     mask,
     // A packed batch's output is [total_q, n, d_v], as q.
     out: { pattern: outPattern, shape: packed ? outShape.slice(1) : outShape, strides: outLayout.strides },
+    into: resolveInto(options.out, qIn, q, [k, v, ...(mask ? [mask.operand] : [])], outShape),
     residency: q.residency,
     compatibilityMode: options.compatibilityMode === true,
     flex: resolveFlex(options, { b, n, sQ, sKv }),
@@ -502,6 +509,61 @@ export function resolveProblem(
     varlen,
     paged: paged?.view ?? null,
   };
+}
+
+/**
+ * Checks a host call's `options.out`: a host call, the array kind its output would have (see
+ * core/tensor.ts `inFormOf`), the output's element count, no bytes shared with an input.
+ */
+function resolveInto(
+  out: HostData | undefined,
+  qIn: TensorInput,
+  q: Operand,
+  others: { residency: "host" | "gpu"; data?: unknown }[],
+  shape: number[],
+): HostData | null {
+  if (out === undefined) return null;
+  if (q.residency !== "host") {
+    throw new WgattnError("INVALID_OPTION", "options.out is for host calls", {
+      argument: "options.out",
+      expected: "no out: a call on GPU tensors returns a new GPU tensor",
+      actual: describeValue(out),
+    });
+  }
+  const given = (qIn as { data?: unknown }).data;
+  const kind = q.dtype === "f32"
+    ? Float32Array
+    : q.dtype === "bf16" || given instanceof Uint16Array
+    ? Uint16Array
+    : Float16Array;
+  if (!(out instanceof kind)) {
+    throw new WgattnError("INVALID_OPTION", "options.out must be the array kind of the output", {
+      argument: "options.out",
+      expected: `a ${kind.name} (q is ${q.dtype}${given instanceof Uint16Array ? " in a Uint16Array" : ""})`,
+      actual: out.constructor.name,
+    });
+  }
+  const count = shape.reduce((a, b) => a * b, 1);
+  if (out.length !== count) {
+    throw new WgattnError("INVALID_OPTION", "options.out must hold exactly the output's elements", {
+      argument: "options.out",
+      expected: `${count} elements ([${shape}])`,
+      actual: `${out.length}`,
+    });
+  }
+  const overlaps = (x: unknown) =>
+    ArrayBuffer.isView(x) && x.buffer === out.buffer && x.byteOffset < out.byteOffset + out.byteLength &&
+    out.byteOffset < x.byteOffset + x.byteLength;
+  for (const o of [q, ...others]) {
+    if (o.residency === "host" && overlaps(o.data)) {
+      throw new WgattnError("INVALID_OPTION", "options.out shares memory with an input", {
+        argument: "options.out",
+        expected: "an array of its own (the output is written while the inputs may still be read)",
+        actual: "bytes shared with q, k, v or a mask",
+      });
+    }
+  }
+  return out;
 }
 
 /** Broadcasts a mask to [b, n, s_q, s_kv] by numpy rules (aligned at the right). */

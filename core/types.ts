@@ -109,6 +109,15 @@ export interface AttentionOptions extends FlexOptions {
   vPattern?: string;
   /** Axis order of the output. Default `"b n s d"`. */
   outPattern?: string;
+  /**
+   * Host calls: the array the output is written into, returned as the result's `data`, instead of a
+   * new one. It must be the array kind the output would have (q's: `Float32Array` for f32; for
+   * 16-bit q, q's `Float16Array` or `Uint16Array`) with exactly its element count, and share no
+   * bytes with q, k, v or a mask. One array reused across a loop of calls spares each call the
+   * allocation of its result (zero-filled on the calling thread) and the garbage collections such
+   * allocations bring. GPU calls return a new GPU tensor and take no `out`.
+   */
+  out?: HostData;
   /** Sizes for grouped axes, e.g. `{ n: 24 }` for `"b s (n d)"`; `nKv` for k/v heads when they differ. */
   dims?: { b?: number; n?: number; s?: number; d?: number; nKv?: number };
   /** Multiplies q·k. Default `1 / sqrt(d)`. */

@@ -325,6 +325,39 @@ Deno.test({
   },
 });
 
+Deno.test("errors: options.out of the wrong kind or size, sharing an input's bytes, or on a GPU call", async () => {
+  const count = 2 * 8 * 16;
+  await rejects([Q, Q, Q, { out: new Float64Array(count) }], "INVALID_OPTION", "options.out", /Float32Array/);
+  await rejects([Q, Q, Q, { out: new Float16Array(count) }], "INVALID_OPTION", "options.out", /Float32Array/);
+  await rejects([Q, Q, Q, { out: new Float32Array(count - 1) }], "INVALID_OPTION", "options.out", /256/);
+  await rejects([Q, Q, Q, { out: [0] }], "INVALID_OPTION", "options.out");
+  const q16 = { data: new Uint16Array(count), shape: [1, 2, 8, 16], dtype: "f16" as const };
+  await rejects(
+    [q16, q16, q16, { out: new Float16Array(count) }],
+    "INVALID_OPTION",
+    "options.out",
+    /Uint16Array/,
+  );
+  // Writing the output into an input it shares bytes with.
+  const own = { data: new Float32Array(count).fill(0.25), shape: [1, 2, 8, 16] };
+  await rejects([Q, own, Q, { out: own.data }], "INVALID_OPTION", "options.out", /shares memory/);
+  await rejects([Q, Q, Q, { out: Q.data.subarray(0) }], "INVALID_OPTION", "options.out", /shares memory/);
+  if (runtime) {
+    const buffer = runtime.device.createBuffer({ size: count * 4, usage: GPUBufferUsage.STORAGE });
+    const gpu = { buffer, shape: [1, 2, 8, 16], dtype: "f32" as const };
+    try {
+      await rejects(
+        [gpu, gpu, gpu, { out: new Float32Array(count) }],
+        "INVALID_OPTION",
+        "options.out",
+        /host calls/,
+      );
+    } finally {
+      buffer.destroy();
+    }
+  }
+});
+
 Deno.test({
   name: `errors: GPU buffers that are destroyed, mapped or of another device${
     runtime ? "" : " [skipped: no WebGPU adapter]"

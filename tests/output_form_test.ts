@@ -111,3 +111,52 @@ Deno.test("output form: a Uint16Array of f16 bits in gives a Uint16Array of the 
   const native = await attentionForward(plain, plain, plain, NAIVE);
   assert.deepEqual(out.data, bits16(native.data));
 });
+
+// options.out: the caller's array receives the output and is returned as the result's data, on the
+// GPU path (read back straight into it) and the CPU path (copied in) alike, bit for bit the result
+// a call without it gives; the array is poisoned first so that a partial write shows.
+Deno.test("output form: options.out receives the output, on a GPU backend and on the CPU one", async () => {
+  const f32 = { data: values(), shape };
+  const mk = (seed: number) => ({
+    data: Float32Array.from({ length: count }, (_, i) => Math.cos(i * seed)),
+    shape,
+  });
+  const [q, k, v] = [f32, mk(2), mk(3)];
+  for (const backend of ["naive", "cpu"]) {
+    const fresh = await attentionForward(q, k, v, { backend, isCausal: true });
+    const out = new Float32Array(count).fill(NaN);
+    const got = await attentionForward(q, k, v, { backend, isCausal: true, out });
+    sameType<typeof got.data, Float32Array<ArrayBuffer>>(true);
+    assert.equal(got.data, out, `${backend}: the result is options.out itself`);
+    assert.deepEqual(Array.from(out), Array.from(fresh.data), `${backend}: the same values`);
+  }
+  // A view into a larger buffer: only its own bytes are written.
+  const backing = new Float32Array(count + 8).fill(-7);
+  const view = backing.subarray(4, 4 + count);
+  await attentionForward(q, k, v, { backend: "naive", out: view });
+  assert.deepEqual(Array.from(backing.subarray(0, 4)), [-7, -7, -7, -7]);
+  assert.deepEqual(Array.from(backing.subarray(4 + count)), Array(4).fill(-7));
+  assert.ok(view.every(Number.isFinite));
+  // 16-bit q in a Uint16Array: a Uint16Array out; ONNX-style q: the same form, its data the array;
+  // with the lse; an empty call (s_kv 0) writes zeros.
+  const u16 = { data: bits16(Float16Array.from(values())), shape, dtype: "f16" as const };
+  const out16 = new Uint16Array(count).fill(0x7e00);
+  const r16 = await attentionForward(u16, u16, u16, { backend: "naive", out: out16 });
+  assert.equal(r16.data, out16);
+  assert.deepEqual(
+    Array.from(out16),
+    Array.from((await attentionForward(u16, u16, u16, { backend: "naive" })).data),
+  );
+  const ort = { data: values(), dims: shape, type: "float32" as const };
+  const outOrt = new Float32Array(count);
+  const rOrt = await attentionForward(ort, ort, ort, { backend: "naive", out: outOrt });
+  assert.equal(rOrt.data, outOrt);
+  const outLse = new Float32Array(count).fill(NaN);
+  const withLse = await attentionWithLse(q, k, v, { backend: "naive", out: outLse });
+  assert.equal(withLse.out.data, outLse);
+  assert.ok(outLse.every(Number.isFinite) && withLse.lse.data.length === 8);
+  const none = { data: new Float32Array(0), shape: [1, 2, 0, 8] };
+  const outEmpty = new Float32Array(count).fill(NaN);
+  await attentionForward(q, none, none, { out: outEmpty });
+  assert.ok(outEmpty.every((x) => x === 0), "an empty call's zeros");
+});
