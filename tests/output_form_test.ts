@@ -159,4 +159,15 @@ Deno.test("output form: options.out receives the output, on a GPU backend and on
   const outEmpty = new Float32Array(count).fill(NaN);
   await attentionForward(q, none, none, { out: outEmpty });
   assert.ok(outEmpty.every((x) => x === 0), "an empty call's zeros");
+  // An output of 1 MiB or more is read back by several threads on Dawn (engines/host_copy.ts): into a
+  // view at an offset of a larger array too.
+  const big = [1, 2, 512, 256], n = 2 * 512 * 256;
+  const bq = { data: Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37)), shape: big };
+  const freshBig = await attentionForward(bq, bq, bq, { backend: "naive" });
+  const host = new Float32Array(n + 64).fill(NaN);
+  const inView = host.subarray(16, 16 + n);
+  const rBig = await attentionForward(bq, bq, bq, { backend: "naive", out: inView });
+  assert.equal(rBig.data, inView);
+  assert.ok(host.subarray(0, 16).every(Number.isNaN) && host.subarray(16 + n).every(Number.isNaN));
+  assert.ok(inView.every((x, i) => x === freshBig.data[i]), "the same values through the threaded copy");
 });
