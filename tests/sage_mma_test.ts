@@ -269,6 +269,54 @@ for (const c of CASES) {
   });
 }
 
+// The maximum pass by pairs of subgroups (TwoPassConfig.maxPairs) takes the same integer maxima in
+// the same product order as the default pass, so the whole output is the same, bit for bit: a wrong
+// maximum (a tile or a half row left out, the wrong block's scale) would change P's rounding.
+Deno.test({
+  name:
+    `sage-mma (${form}): the maximum pass by pairs of subgroups gives the default pass's output bit for bit${
+      skip ? ` [skipped: ${skip}]` : ""
+    }`,
+  ignore: skip !== "",
+  async fn() {
+    // The shape and options of the staged GQA case above: its default kernel is built already.
+    const c: Case = {
+      name: "pairs",
+      b: 1,
+      n: 2,
+      nKv: 1,
+      sQ: 70,
+      sKv: 200,
+      d: 64,
+      dtype: "f16",
+      outliers: true,
+      isCausal: true,
+      lse: true,
+    };
+    const { q, k, v } = inputs(c);
+    const host = (t: Logical): HostTensor => ({
+      data: toHostArray(t.data, c.dtype),
+      shape: [t.sizes.b, t.sizes.n, t.sizes.s, t.sizes.d],
+      dtype: c.dtype,
+    });
+    const options: AttentionOptions = { backend: "sage-mma", isCausal: true };
+    const outputs: Uint16Array[] = [];
+    debug.poisonOutputs = true;
+    try {
+      for (const maxPairs of [false, true]) {
+        sageMmaTuning.override = maxPairs ? { stage: true, maxPairs } : { stage: true };
+        const { out } = await attentionWithLse(host(q), host(k), host(v), options);
+        const data = (out as HostTensor).data;
+        outputs.push(new Uint16Array(data.buffer, data.byteOffset, data.length));
+      }
+    } finally {
+      sageMmaTuning.override = null;
+      debug.poisonOutputs = false;
+    }
+    assert.deepEqual(outputs[1], outputs[0]);
+  },
+});
+
 const baseConfig: SageMmaConfig = {
   dtype: "f16",
   f16: false,
@@ -410,6 +458,7 @@ Deno.test("sage-mma two-pass: every option that changes the kernel text changes 
     { stage: true, sColMajor: true },
     { sColMajor: true },
     { sPad: 8 },
+    { stage: true, maxPairs: true },
     { skipMaxPass: true },
     { fastMath: false },
     { negativeScale: true },

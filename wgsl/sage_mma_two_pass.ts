@@ -76,6 +76,16 @@ export interface TwoPassConfig extends SageMmaConfig {
    * run 17).
    */
   sPad?: number;
+  /**
+   * The maximum pass by pairs of subgroups: each takes two blocks of 16 rows (32) and one tile of
+   * each pair of key tiles, so every K matrix it loads serves two multiplies (the K tile's matrix
+   * loads were the largest share of the pass's workgroup-memory traffic, counted in
+   * bench/RESULTS.md, run 17). Two K tiles staged at once; the two blocks' S go through the
+   * subgroup's one S region in turn (the same four barriers per two tiles). Applies with staging,
+   * fast math, an even number of subgroups and no packed batch or flex function (see
+   * {@link pairedMaxPass}); otherwise ignored.
+   */
+  maxPairs?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -160,6 +170,12 @@ fn seq_of(t: u32) -> u32 {
 }`;
 }
 
+/** Whether a config's maximum pass runs by pairs of subgroups ({@link TwoPassConfig.maxPairs}). */
+export function pairedMaxPass(c: TwoPassConfig): boolean {
+  return c.maxPairs === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 &&
+    !c.varlen && !c.flex && !c.skipMaxPass;
+}
+
 /** Derived sizes of the two-pass kernel. */
 export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
@@ -171,7 +187,9 @@ export function twoPassShape(c: TwoPassConfig) {
   const sRegion = sWords * (doubleS ? 2 : 1);
   // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
   const ksStride = dQ + 16, vsStride = c.bc + 16;
-  const staged = c.stage ? (c.bc * ksStride + dV * vsStride) / 4 : 0;
+  // Paired maximum pass: two K tiles staged at once.
+  const kTiles = pairedMaxPass(c) ? 2 : 1;
+  const staged = c.stage ? (kTiles * c.bc * ksStride + dV * vsStride) / 4 : 0;
   // The P region also holds one 16 x N output tile at the end.
   const pRegion = Math.max((MMA_ROWS * c.bc) / 4, MMA_ROWS * c.shape.N);
   const perWarp = sRegion + pRegion + 2 * MMA_SUBGROUP;
@@ -211,8 +229,8 @@ export function twoPassKey(c: TwoPassConfig): string {
     }${c.negativeScale ? ":neg" : ""}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}${
       c.skipMaxPass ? ":skip1" : ""
     }${c.sPad !== undefined && c.sPad !== 4 && !c.sColMajor ? `:sp${c.sPad}` : ""}${
-      c.varlen ? ":packed" : ""
-    }${flexKey(c.flex)}`;
+      pairedMaxPass(c) ? ":pairs" : ""
+    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /**
@@ -278,6 +296,7 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const R = MMA_ROWS, half = c.bc / 2, bc = c.bc;
   const u8 = c.pv === "u8";
   const fast = c.fastMath !== false;
+  const paired = pairedMaxPass(c);
   // An S word as the f32 of its integer: fast math's words carry the 1.5·2^23 bias.
   const intValue = (word: string) => fast ? `(bitcast<f32>(${word}) - 12582912.0)` : `f32(${word})`;
   const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
@@ -321,7 +340,7 @@ var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
 var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
     stage
       ? `
-var<workgroup> ks: array<i32, ${(bc * ksStride) / 4}>;
+var<workgroup> ks: array<i32, ${((paired ? 2 : 1) * bc * ksStride) / 4}>;
 var<workgroup> vs: array<${pWord}, ${(dV * vsStride) / 4}>;`
       : ""
   }
@@ -389,12 +408,13 @@ const LN2: f32 = 0.6931471805599453;`);
     row4: number,
     strideWords: number,
     word: (x: string) => string,
+    base = 0,
   ) =>
     range(n).forEach((i) => {
       const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
       emit(`    ${guard}{
       let j = lid + ${i * threads}u;
-      let at = (j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
+      let at = ${base ? `${base}u + ` : ""}(j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
       ${dst}[at] = ${word(`${reg}${i}.x`)};
       ${dst}[at + 1u] = ${word(`${reg}${i}.y`)};
       ${dst}[at + 2u] = ${word(`${reg}${i}.z`)};
@@ -411,6 +431,7 @@ const LN2: f32 = 0.6931471805599453;`);
   let v4_base = v8_base / 16u;
   let t_last = max(k_blocks, 1u) - 1u;`);
     range(nk).forEach((i) => emit(`  var kr${i}: vec4<u32>;`));
+    if (paired) range(nk).forEach((i) => emit(`  var kq${i}: vec4<u32>;`));
     range(nv).forEach((i) => emit(`  var vr${i}: vec4<u32>;`));
   }
 
@@ -495,9 +516,109 @@ const LN2: f32 = 0.6931471805599453;`);
         : `  }`,
     );
 
+  /** The maximum pass by pairs of subgroups (see TwoPassConfig.maxPairs). */
+  function emitPairedMaxPass() {
+    const W2 = c.warps / 2, kSlot = (bc * ksStride) / 4;
+    const loadPair = (t: string) => {
+      loadTile("kr", nk, kVecs, "k8", "k4_base", `min(${t}, t_last)`);
+      loadTile("kq", nk, kVecs, "k8", "k4_base", `min(${t} + 1u, t_last)`);
+    };
+    const storePair = () => {
+      const w = (x: string) => `bitcast<i32>(${x})`;
+      storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4, w);
+      storeTile("kq", nk, kVecs, "ks", dQ / 16, ksStride / 4, w, kSlot);
+    };
+    // Subgroup (hp, pp): tile hp of each pair of tiles, row blocks 2pp and 2pp + 1 of the workgroup.
+    emit(`  let hp = warp / ${W2}u;
+  let pp = warp % ${W2}u;
+  let qb_a = bh * P.q_blocks + blk * ${c.warps}u + 2u * pp;
+  let q_sc_a = q_scale[qb_a];
+  let q_sc_b = q_scale[qb_a + 1u];
+  let ri_a = i32(q0 + 2u * pp * ${R}u + r) + P.offset;
+  var m_a = NEG;
+  var m_b = NEG;`);
+    const qOff = (blockVar: string, k: string) => `(${blockVar}) * ${R * dQ}u + ${k} * 32u`;
+    if (!c.emulate) {
+      for (const k of range(dQ / 32)) {
+        emit("  " + qk.loadLeft(`qpa${k}`, qAt, qOff("qb_a", `${k}u`)));
+        emit("  " + qk.loadLeft(`qpb${k}`, qAt, qOff("qb_a + 1u", `${k}u`)));
+      }
+    }
+    loadPair("t_lo");
+    storePair();
+    emit(`  workgroupBarrier();`);
+    loadPair("t_lo + 2u");
+    emit(`  for (var tp = t_lo; tp < t_hi; tp += 2u) {
+    let t = tp + hp;
+    let kv0 = t * ${bc}u;
+    let tile_ok = t < t_hi;
+    let wst = ws;`);
+    for (const name of ["sra", "srb"]) {
+      if (c.emulate) emit(`    ${qk.copyArray(name, bc / N, "s_bias")}`);
+      else range(bc / N).forEach((j) => emit(`    var ${name}${j} = s_bias;`));
+    }
+    forEach("k", dQ / 32, (k) => {
+      if (c.emulate) {
+        emit("    " + qk.loadLeft("qpa", qAt, qOff("qb_a", k)));
+        emit("    " + qk.loadLeft("qpb", qAt, qOff("qb_a + 1u", k)));
+      }
+      forEach("j", bc / N, (j) => {
+        emit("    {");
+        emit("      " + qk.loadRight("kb", kAt, `hp * ${kSlot * 4}u + ${kOffset(j, k)}`));
+        const qa = c.emulate ? "qpa" : `qpa${parseInt(k)}`, qb = c.emulate ? "qpb" : `qpb${parseInt(k)}`;
+        emit("      " + qk.mma(tile("sra", j), qa, qAt, "kb", kAt));
+        emit("      " + qk.mma(tile("srb", j), qb, qAt, "kb", kAt));
+        emit("    }");
+      });
+    });
+    const [op, none, some] = c.negativeScale
+      ? ["min", "2147483647i", "x < 2147483647i"]
+      : ["max", "0i", "x > 0i"];
+    const readMax = (acc: string, scale: string, ri: string) => {
+      emit(`    {
+      let ri = ${ri};
+      let full = tile_ok && (${fullTile});
+      var x = ${none};`);
+      for (const e of range(half)) {
+        emit(`      x = select(x, ${op}(x, ss[sb + ${e}u]), full || (tile_ok && (${liveExpr(e)})));`);
+      }
+      // The default pass's product order (q scale times k scale first): the same maximum, bit for bit.
+      emit(`      if (${some}) { ${acc} = max(${acc}, ${intValue("x")} * (${scale} * dk)); }
+    }`);
+    };
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("sra", j))));
+    emit(`    workgroupBarrier();`);
+    // Both staged tiles' reads are done: the next pair goes in, the one after is fetched.
+    storePair();
+    loadPair("tp + 4u");
+    emit(`    let dk = k_scale[ks_base + min(t, t_last)];
+    let sb = wst + r * ${ss}u + hh * ${half}u;`);
+    readMax("m_a", "q_sc_a", "ri_a");
+    emit(`    workgroupBarrier();`);
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("srb", j))));
+    emit(`    workgroupBarrier();`);
+    readMax("m_b", "q_sc_b", `ri_a + ${R}i`);
+    emit(`    workgroupBarrier();
+  }`);
+    // Each row's maximum over both halves of each tile and both tiles of each pair: subgroup w's
+    // block is block w % 2 of pair w % W2 (the pairs' subgroups are w and w + W2).
+    emit(`  red[wr + lane] = bitcast<u32>(m_a);
+  red[wr + ${MMA_SUBGROUP}u + lane] = bitcast<u32>(m_b);
+  workgroupBarrier();
+  {
+    let src = (warp / 2u) * ${2 * MMA_SUBGROUP}u + (warp % 2u) * ${MMA_SUBGROUP}u + r;
+    let other = src + ${W2 * 2 * MMA_SUBGROUP}u;
+    m = max(max(bitcast<f32>(red[src]), bitcast<f32>(red[src + ${R}u])),
+            max(bitcast<f32>(red[other]), bitcast<f32>(red[other + ${R}u])));
+  }
+  workgroupBarrier();`);
+  }
+
   // ---- pass 1: each row's maximum (log2 units) ----
   emit(`  var m = NEG;`);
-  if (!c.skipMaxPass) {
+  if (paired) {
+    emitPairedMaxPass();
+  } else if (!c.skipMaxPass) {
     if (stage) {
       // K tile t_lo in ks, t_lo + 1 in registers.
       loadK(first);
