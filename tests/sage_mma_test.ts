@@ -217,13 +217,13 @@ function inputs(c: Case) {
   return { q: round(q), k: round(k), v: round(v) };
 }
 
+function hostOf(t: Logical, dtype: Case["dtype"]): HostTensor {
+  return { data: toHostArray(t.data, dtype), shape: [t.sizes.b, t.sizes.n, t.sizes.s, t.sizes.d], dtype };
+}
+
 async function run(c: Case): Promise<Similarity & { lseErr: number }> {
   const { q, k, v } = inputs(c);
-  const host = (t: Logical): HostTensor => ({
-    data: toHostArray(t.data, c.dtype),
-    shape: [t.sizes.b, t.sizes.n, t.sizes.s, t.sizes.d],
-    dtype: c.dtype,
-  });
+  const host = (t: Logical) => hostOf(t, c.dtype);
   const options: AttentionOptions = { backend: "sage-mma" };
   const ref: RefOptions = {};
   if (c.isCausal) options.isCausal = ref.isCausal = true;
@@ -279,26 +279,10 @@ Deno.test({
     }`,
   ignore: skip !== "",
   async fn() {
-    // The shape and options of the staged GQA case above: its default kernel is built already.
-    const c: Case = {
-      name: "pairs",
-      b: 1,
-      n: 2,
-      nKv: 1,
-      sQ: 70,
-      sKv: 200,
-      d: 64,
-      dtype: "f16",
-      outliers: true,
-      isCausal: true,
-      lse: true,
-    };
+    // The staged GQA case above, whose default kernel is built already.
+    const c = CASES.find((x) => x.name.startsWith("K outliers, K and V staged"))!;
     const { q, k, v } = inputs(c);
-    const host = (t: Logical): HostTensor => ({
-      data: toHostArray(t.data, c.dtype),
-      shape: [t.sizes.b, t.sizes.n, t.sizes.s, t.sizes.d],
-      dtype: c.dtype,
-    });
+    const host = (t: Logical) => hostOf(t, c.dtype);
     const options: AttentionOptions = { backend: "sage-mma", isCausal: true };
     const outputs: Uint16Array[] = [];
     debug.poisonOutputs = true;
