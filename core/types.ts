@@ -115,7 +115,8 @@ export interface AttentionOptions extends FlexOptions {
    * 16-bit q, q's `Float16Array` or `Uint16Array`) with exactly its element count, and share no
    * bytes with q, k, v or a mask. One array reused across a loop of calls spares each call the
    * allocation of its result (zero-filled on the calling thread) and the garbage collections such
-   * allocations bring. GPU calls return a new GPU tensor and take no `out`.
+   * allocations bring; calls in flight at once need arrays of their own. GPU calls return a new GPU
+   * tensor and take no `out`.
    */
   out?: HostData;
   /** Sizes for grouped axes, e.g. `{ n: 24 }` for `"b s (n d)"`; `nKv` for k/v heads when they differ. */
