@@ -366,12 +366,11 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.flex) Object.assign(buffers, io.flex);
   const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
-  const uniforms = { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 };
   call.dispatch(
     mainPipe,
     main,
     buffers,
-    uniforms,
+    { ...(map?.uniforms ?? {}), ...mmaMainUniforms(p, sz), seqs: p.varlen?.seqs ?? 0 },
     p.b * p.n * sz.blocks,
   );
 }

@@ -439,6 +439,8 @@ const LN2: f32 = 0.6931471805599453;`);
    * S of tile t stored to the subgroup's S region, then a barrier; `afterBarrier` emits what runs
    * right after it (the staged tiles' stores and next loads).
    */
+  // The start of this invocation's half row in its subgroup's S region (wst).
+  const sBase = `wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`}`;
   const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}) => {
     emit(`    let kv0 = t * ${bc}u;
     let wst = ${sRegionOf};`);
@@ -461,7 +463,7 @@ const LN2: f32 = 0.6931471805599453;`);
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
-    let sb = wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`};`);
+    let sb = ${sBase};`);
   };
   const { fullTile, liveExpr } = keyMaskExprs({
     bc,
@@ -471,6 +473,27 @@ const LN2: f32 = 0.6931471805599453;`);
     maskMod,
     varlen: c.varlen,
   });
+  /**
+   * Fast math's maximum pass over the invocation's half row of one S tile into `acc`: the integer
+   * extreme of the live keys (the biased words are positive, over 2^30: 0 marks "no live key" for
+   * the largest, i32's maximum for the smallest, a negative scale's largest score), times the tile's
+   * dequantization factor `dq`; `gate` (a WGSL bool) leaves the whole tile out when false.
+   */
+  const fastTileMax = (acc: string, dq: string, gate?: string) => {
+    const [op, none, some] = c.negativeScale
+      ? ["min", "2147483647i", "x < 2147483647i"]
+      : ["max", "0i", "x > 0i"];
+    const g = (x: string) => gate ? `${gate} && (${x})` : x;
+    emit(`    {
+      let full = ${g(fullTile)};
+      var x = ${none};`);
+    for (const e of range(half)) {
+      const live = gate ? `${gate} && (${liveExpr(e)})` : liveExpr(e);
+      emit(`      x = select(x, ${op}(x, ss[sb + ${e * sStep}u]), full || (${live}));`);
+    }
+    emit(`      if (${some}) { ${acc} = max(${acc}, ${intValue("x")} * ${dq}); }
+    }`);
+  };
   // Score e of the invocation's half row in log2 units: with a score_mod, the function's result on
   // the score in natural-log units (the same expression in both passes, so the maximum is exact).
   const scoreExpr = (e: number) => {
@@ -571,20 +594,12 @@ const LN2: f32 = 0.6931471805599453;`);
         emit("    }");
       });
     });
-    const [op, none, some] = c.negativeScale
-      ? ["min", "2147483647i", "x < 2147483647i"]
-      : ["max", "0i", "x > 0i"];
+    // The default pass's product order (q scale times k scale first): the same maximum, bit for bit.
     const readMax = (acc: string, scale: string, ri: string) => {
       emit(`    {
-      let ri = ${ri};
-      let full = tile_ok && (${fullTile});
-      var x = ${none};`);
-      for (const e of range(half)) {
-        emit(`      x = select(x, ${op}(x, ss[sb + ${e}u]), full || (tile_ok && (${liveExpr(e)})));`);
-      }
-      // The default pass's product order (q scale times k scale first): the same maximum, bit for bit.
-      emit(`      if (${some}) { ${acc} = max(${acc}, ${intValue("x")} * (${scale} * dk)); }
-    }`);
+    let ri = ${ri};`);
+      fastTileMax(acc, `(${scale} * dk)`, "tile_ok");
+      emit(`    }`);
     };
     forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("sra", j))));
     emit(`    workgroupBarrier();`);
@@ -592,7 +607,7 @@ const LN2: f32 = 0.6931471805599453;`);
     storePair();
     loadPair("tp + 4u");
     emit(`    let dk = k_scale[ks_base + min(t, t_last)];
-    let sb = wst + r * ${ss}u + hh * ${half}u;`);
+    let sb = ${sBase};`);
     readMax("m_a", "q_sc_a", "ri_a");
     emit(`    workgroupBarrier();`);
     forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("srb", j))));
@@ -641,17 +656,7 @@ const LN2: f32 = 0.6931471805599453;`);
         emit(`    m = select(m, max(m, ${scoreExpr(e)}), full || (${liveExpr(e)}));`);
       }
     } else if (fast) {
-      // The biased words are positive (over 2^30): 0 marks "no live key" for the largest, i32's
-      // maximum for the smallest (a negative scale's largest score).
-      const [op, none, some] = c.negativeScale
-        ? ["min", "2147483647i", "x < 2147483647i"]
-        : ["max", "0i", "x > 0i"];
-      emit(`    var x = ${none};
-    let full = ${fullTile};`);
-      for (const e of range(half)) {
-        emit(`    x = select(x, ${op}(x, ss[sb + ${e * sStep}u]), full || (${liveExpr(e)}));`);
-      }
-      emit(`    if (${some}) { m = max(m, ${intValue("x")} * dq); }`);
+      fastTileMax("m", "dq");
     } else {
       emit(`    var hi = -2147483647i;
     var lo = 2147483647i;
