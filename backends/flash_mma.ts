@@ -75,6 +75,16 @@ export function maxOrderFor(slices: number): number {
   return slices >= 3 ? slices - 2 : slices - 1;
 }
 
+/**
+ * Subgroups per block of 16 rows: P·V's accumulators (one 16x16 i32 tile per order and 16
+ * channels, eight registers a lane each) are shared out until a subgroup holds at most 12 tiles
+ * (96 registers): three orders at d 128 are 24 tiles, which spilled (bench/RESULTS.md, run 14).
+ */
+export function splitFor(slices: number, d: number): number {
+  const tiles = slices * (sageMmaDims(d).dV / 16);
+  return tiles <= 12 ? 1 : tiles <= 24 ? 2 : 4;
+}
+
 /** The main kernel's config for a call on a device, or the reason there is none. */
 export function chooseFlashMmaConfig(
   p: AttentionProblem,
@@ -85,10 +95,11 @@ export function chooseFlashMmaConfig(
   const { shape, limits } = mmaTileFor(caps, emulate);
   if (!shape) return "no int8 subgroup-matrix tile on this device";
   const slices = slicesFor(p.dtype);
-  // Three S regions of 16 rows per subgroup (one per order): 4 subgroups of 32-key tiles fill 36 KB.
-  const warpsList = p.sQ <= MMA_ROWS ? [1] : [4, 2, 1];
+  const split = splitFor(slices, p.d);
+  // Blocks of 16 rows per workgroup: 4, else fewer where workgroup memory is short.
+  const warpsList = (p.sQ <= MMA_ROWS ? [1] : [4, 2, 1]).map((x) => x * split);
   let last = "no tile fits";
-  for (const bc of [32, 64]) {
+  for (const bc of [Math.max(32, 16 * split), 64]) {
     for (const warps of warpsList) {
       const c: FlashMmaConfig = {
         dtype: p.dtype,
@@ -106,6 +117,7 @@ export function chooseFlashMmaConfig(
         order: slices - 1,
         maxOrder: maxOrderFor(slices),
         qRegisters: true,
+        split,
         ...(flashMmaTuning.override ?? {}),
       };
       const problems = flashMmaConfigProblems(c, limits);
@@ -120,9 +132,10 @@ export function chooseFlashMmaConfig(
 function scratchSizes(p: AttentionProblem, c: FlashMmaConfig) {
   const { dQ, dV } = sageMmaDims(p.d);
   const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
-  const blocks = Math.ceil(p.sQ / (MMA_ROWS * c.warps));
-  // The last workgroup's extra subgroups read up to `warps` blocks past the end (rows never stored).
-  const qRows = (p.b * p.n * qBlocks + c.warps) * MMA_ROWS;
+  const perGroup = c.warps / (c.split ?? 1);
+  const blocks = Math.ceil(p.sQ / (MMA_ROWS * perGroup));
+  // The last workgroup's extra subgroups read up to `perGroup` blocks past the end (rows never stored).
+  const qRows = (p.b * p.n * qBlocks + perGroup) * MMA_ROWS;
   const kRows = p.b * p.nKv * kBlocks * c.bc;
   return {
     qBlocks,

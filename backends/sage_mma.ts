@@ -181,6 +181,11 @@ export function chooseSageMmaConfig(
           // Kept out of the config (and its cache key) unless set.
           ...(p.scale < 0 ? { negativeScale: true } : {}),
           varlen: p.varlen !== null,
+          // The maximum pass by pairs of subgroups where no band narrows the key loop: SD3 2.08 ms
+          // against 2.25, the long shape 28.4 against 29.6, Flux 1.74 against 1.76; a causal band
+          // slows it (b4 n32 s2048: 1.82 against 1.63), so banded calls keep the default pass
+          // (bench/RESULTS.md, run 18).
+          ...(hasBand(p) ? {} : { maxPairs: true }),
           ...(sageMmaTuning.override ?? {}),
         };
         const problems = twoPassConfigProblems(c, limits);

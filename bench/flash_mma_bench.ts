@@ -6,13 +6,14 @@
  *     deno run -A bench/flash_mma_bench.ts --shapes seed,flux,sd3 --backends flash-mma,flash-subgroup
  *       [--dtypes f32] [--accuracy 256] [--reps 10] [--crossover 1024,2048,4096]
  *       [--sweep '[{"slices":4,"order":3,"maxOrder":3},{"maxOrder":1},{"maxOrder":0},{"skipMaxPass":true},
- *                  {"qRegisters":false},{"warps":2},{"bc":64},{"stage":"k","warps":3},{"stage":"v","warps":2},{"stage":"kv","oneS":true,"warps":3},
+ *                  {"qRegisters":false},{"warps":2},{"bc":64},{"stage":"k","warps":3},{"stage":"v","warps":2},{"split":1,"warps":4},
  *                  {"shape":{"component":"i8","result":"i32","M":16,"N":8,"K":32}}]']
  *
  * `--sweep` entries override flash-mma's config (wgsl/flash_mma.ts, FlashMmaConfig): slice count
  * and products kept (`slices`, `order`), the maximum pass's products (`maxOrder`, below `order`
  * with its proven margin), a stage left out (`skipMaxPass`: wrong results, times pass 2 alone),
- * Q in registers or not, subgroups, key tile, K and/or V staged in workgroup memory, one S region for all orders, N8 tiles. Each is timed at every shape and, with
+ * Q in registers or not, subgroups, subgroups a block of rows (`split`), key tile, K and/or V staged in
+ * workgroup memory, N8 tiles. Each is timed at every shape and, with
  * `--accuracy`, checked. Each step reports its own failure (e.g. a kernel that does not compile)
  * and the run goes on. `--crossover` times b1 n24 d128 at each s (FLASH_MMA_MIN_SEQ's measurement).
  */

@@ -9,8 +9,9 @@
 import { getDevice } from "../mod.ts";
 import { engineFor } from "../engines/select.ts";
 
-const device = await getDevice();
-if (!device) throw new Error("no GPU");
+const maybeDevice = await getDevice();
+if (!maybeDevice) throw new Error("no GPU");
+const device: GPUDevice = maybeDevice;
 const engine = engineFor(device);
 if (!device.features.has("chromium-experimental-subgroup-matrix" as GPUFeatureName)) {
   throw new Error("no subgroup matrices on this device");
@@ -87,6 +88,12 @@ const variants: [string, string, string][] = [
       ),
   ],
   [
+    "4 MMAs + 4 scalar multiplies of the results",
+    "",
+    mma4("b") + "\n" +
+    [0, 1, 2, 3].map((i) => `    c${i} = subgroupMatrixScalarMultiply(c${i}, i32(it & 1u) * 2i - 1i);`).join("\n"),
+  ],
+  [
     "4 MMAs + workgroupBarrier",
     "",
     mma4("b") + "\n    workgroupBarrier();",
@@ -114,6 +121,7 @@ const resolve = device.createBuffer({
   usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
 });
 const read = device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+await checkScalarMultiply();
 for (const [name, pre, body] of variants) {
   const module = device.createShaderModule({ code: kernel(pre, body) });
   const pipeline = await engine.createComputePipeline(device, {
@@ -155,4 +163,58 @@ for (const [name, pre, body] of variants) {
       perIterationNs: +perIterNs.toFixed(2),
     }),
   );
+}
+
+/**
+ * Whether `subgroupMatrixScalarMultiply` on an i32 result is exact: c = A·B, then c·254 + A·B
+ * (the Horner step flash-mma fuses two slice orders with) against the host's 255·(A·B).
+ */
+async function checkScalarMultiply(): Promise<void> {
+  const code = `${header}
+@compute @workgroup_size(32)
+fn main() {
+  let a = subgroupMatrixLoad<${A}>(&src, 0u, false, 32u);
+  let b = subgroupMatrixLoad<${B}>(&src, 2048u, true, 32u);
+  var c = subgroupMatrixMultiplyAccumulate(a, b, ${C}());
+  c = subgroupMatrixScalarMultiply(c, 254i);
+  c = subgroupMatrixMultiplyAccumulate(a, b, c);
+  subgroupMatrixStore(&dst, 0u, c, false, 16u);
+}
+`;
+  const bytes = new Int8Array(4096);
+  for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 255) - 127;
+  const s = device.createBuffer({ size: 4096, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST });
+  device.queue.writeBuffer(s, 0, bytes);
+  const d = device.createBuffer({ size: 1024, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+  const r = device.createBuffer({ size: 1024, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const pipeline = await engine.createComputePipeline(device, {
+    layout: "auto",
+    compute: { module: device.createShaderModule({ code }), entryPoint: "main" },
+  });
+  const enc = device.createCommandEncoder();
+  const pass = enc.beginComputePass();
+  pass.setPipeline(pipeline);
+  pass.setBindGroup(
+    0,
+    device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries: [{ binding: 0, resource: { buffer: s } }, { binding: 1, resource: { buffer: d } }],
+    }),
+  );
+  pass.dispatchWorkgroups(1);
+  pass.end();
+  enc.copyBufferToBuffer(d, 0, r, 0, 1024);
+  device.queue.submit([enc.finish()]);
+  await engine.hold(r.mapAsync(GPUMapMode.READ));
+  const got = new Int32Array(r.getMappedRange().slice(0));
+  r.unmap();
+  let wrong = 0;
+  for (let m = 0; m < 16; m++) {
+    for (let n = 0; n < 16; n++) {
+      let c = 0;
+      for (let k = 0; k < 32; k++) c += bytes[m * 32 + k] * bytes[2048 + n * 32 + k];
+      if (got[m * 16 + n] !== 255 * c) wrong++;
+    }
+  }
+  console.log(JSON.stringify({ bench: "mma-probe", check: "scalar multiply, i32 Horner step", wrong }));
 }

@@ -81,11 +81,13 @@ export interface FlashMmaConfig extends MmaKernelConfig {
    */
   stage?: "kv" | "k" | "v";
   /**
-   * One S region per subgroup instead of one per order: the orders go through it in turn, highest
-   * first (the same Horner sums), two barriers per order instead of one per tile: less workgroup
-   * memory, so that staged tiles fit beside more subgroups.
+   * Subgroups that share one block of 16 query rows (1, 2 or 4): in each key tile subgroup `part`
+   * computes the scores of keys [part·bc/split, (part+1)·bc/split), all of them write P to the block's
+   * region, and each multiplies P by channels [part·dV/split, …) of V. P·V keeps one i32 accumulator
+   * tile per order and 16 channels across the whole key loop, so at d 128 and three orders one
+   * subgroup alone would hold 24 tiles (192 registers a lane, spilled); split 2 halves that.
    */
-  oneS?: boolean;
+  split?: number;
   /** A packed batch (as sage-mma's two-pass kernel: wgsl/sage_mma_two_pass.ts, `varlen`). */
   varlen?: boolean;
 }
@@ -133,25 +135,66 @@ export function maxPassMargin(c: Pick<FlashMmaConfig, "slices" | "order" | "maxO
   return m * (1 + 2 ** -16);
 }
 
+/**
+ * The S accumulators of the products up to `order`: consecutive orders share one i32 tile by
+ * Horner's rule, `G = Σ_{o = lo..hi} A_o · F^(hi - o)` (the tile times F between orders, exact), as
+ * long as its bound, 127² · dQ · Σ count_o · F^(hi - o), stays under 2^31. Three slices to order 2
+ * give two tiles, {0, 1} and {2}, instead of three: S's round trip through workgroup memory is
+ * what bounds these kernels (bench/RESULTS.md, run 13), and a scalar multiply costs a fifth of a
+ * tile's store (run 18).
+ */
+export function sliceOrderGroups(
+  slices: number,
+  order: number,
+  d: number,
+): { lo: number; hi: number }[] {
+  const { dQ } = sageMmaDims(d);
+  const counts = productCounts(slices, order);
+  const bound = (lo: number, hi: number) => {
+    let sum = 0;
+    for (let o = lo; o <= hi; o++) sum += counts[o] * SLICE_BASE ** (hi - o);
+    return SLICE_TOP * SLICE_TOP * dQ * sum;
+  };
+  const groups: { lo: number; hi: number }[] = [];
+  let lo = 0;
+  for (let o = 1; o <= order; o++) {
+    if (bound(lo, o) > I32_MAX) {
+      groups.push({ lo, hi: o - 1 });
+      lo = o;
+    }
+  }
+  groups.push({ lo, hi: order });
+  return groups;
+}
+
 /** Derived sizes. */
 export function flashMmaShape(c: FlashMmaConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
-  const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
+  const split = c.split ?? 1;
+  const blocks = c.warps / split;
+  const br = MMA_ROWS * blocks, threads = MMA_SUBGROUP * c.warps;
   const orders = c.order + 1;
-  // S: one region of 16 rows per order (i32, +4 words a row against bank conflicts); it also holds
-  // the orders' output tiles at the end.
-  const ss = c.bc + 4, sWords = MMA_ROWS * ss;
-  const sRegion = c.oneS ? Math.max(sWords, orders * MMA_ROWS * c.shape.N) : orders * sWords;
-  // P: the slices of 16 rows of bc keys, bytes.
+  // Keys and channels of one subgroup per tile; each invocation takes half a row of its keys.
+  const kw = c.bc / split, dVs = dV / split, hk = kw / 2;
+  const groups = sliceOrderGroups(c.slices, c.order, c.d).length;
+  // S: one region of 16 rows per group of orders (i32, +4 words a row against bank conflicts);
+  // it also holds the orders' output tiles at the end.
+  const ss = kw + 4, sWords = MMA_ROWS * ss;
+  const sRegion = Math.max(groups * sWords, orders * MMA_ROWS * c.shape.N);
+  // P: the slices of a block's 16 rows of bc keys (bytes), shared by the block's subgroups.
   const pSlice = (MMA_ROWS * c.bc) / 4, pRegion = c.slices * pSlice;
-  // The row pair's exchange: the maximum and Σp per slice (and the NaN flag).
+  // The exchange between a row's invocations: the maximum, the NaN flag and Σp per slice.
   const redWords = (2 + c.slices) * MMA_SUBGROUP;
-  const perWarp = sRegion + pRegion + redWords;
   // Staged tiles: bytes between a K row (key) and a V row (channel), every slice's rows in turn.
   const ksStride = dQ + 16, vsStride = c.bc + 16;
   const kStaged = c.stage?.includes("k") ? (c.slices * c.bc * ksStride) / 4 : 0;
   const vStaged = c.stage?.includes("v") ? (c.slices * dV * vsStride) / 4 : 0;
   return {
+    split,
+    blocks,
+    kw,
+    dVs,
+    hk,
     ksStride,
     vsStride,
     kStaged,
@@ -167,7 +210,7 @@ export function flashMmaShape(c: FlashMmaConfig) {
     pSlice,
     pRegion,
     redWords,
-    sharedBytes: 4 * (perWarp * c.warps + kStaged + vStaged),
+    sharedBytes: 4 * ((sRegion + redWords) * c.warps + pRegion * blocks + kStaged + vStaged),
   };
 }
 
@@ -176,11 +219,17 @@ export function flashMmaConfigProblems(
   c: FlashMmaConfig,
   limits: { storage: number; invocations: number },
 ): string[] {
-  const problems = mmaConfigProblems(c, flashMmaShape(c), limits);
+  const s = flashMmaShape(c);
+  const problems = mmaConfigProblems(c, s, limits);
   if (c.shape.component !== "i8" || c.shape.result !== "i32") {
     problems.push("only i8 -> i32 tiles are generated");
   }
   if (c.bc % 32 !== 0) problems.push("bc must be a multiple of 32");
+  if (![1, 2, 4].includes(s.split) || c.warps % s.split !== 0) {
+    problems.push("split must be 1, 2 or 4 and divide warps");
+  } else if (s.kw % c.shape.N !== 0 || s.hk % 4 !== 0 || s.dVs % c.shape.N !== 0) {
+    problems.push(`split ${s.split} leaves ${s.kw} keys and ${s.dVs} channels a subgroup: each must be whole tiles`);
+  }
   if (!Number.isInteger(c.slices) || c.slices < 1 || c.slices > 4) problems.push("slices must be 1 to 4");
   if (!Number.isInteger(c.order) || c.order < 0 || c.order > 2 * (c.slices - 1)) {
     problems.push(`order must be 0 to ${2 * (c.slices - 1)} for ${c.slices} slices`);
@@ -198,7 +247,7 @@ export function flashMmaKey(c: FlashMmaConfig): string {
     `x${c.slices}o${c.order}m${c.maxOrder}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}` +
     `${c.qRegisters && !c.emulate ? ":qreg" : ""}${c.skipMaxPass ? ":skip1" : ""}${
       c.stage ? `:stage-${c.stage}` : ""
-    }${c.oneS ? ":ones" : ""}${c.varlen ? ":packed" : ""}`;
+    }${(c.split ?? 1) > 1 ? `:split${c.split}` : ""}${c.varlen ? ":packed" : ""}`;
 }
 
 /** The main kernel's uniforms: sage-mma's, and where K's and V's scales start in `scales`. */
@@ -208,14 +257,23 @@ export const FLASH_MMA_UNIFORMS: [string, UniformType][] = [
   ["v_sc", "u32"],
 ];
 
-/** `F^-1` as a WGSL literal. */
-const INV_F = `f32(${(1 / SLICE_BASE).toPrecision(9)})`;
+/** `F^-n` as a WGSL literal. */
+const invF = (n = 1) => `f32(${(SLICE_BASE ** -n).toPrecision(9)})`;
 
 /** WGSL of Σ_o vals[o] / F^o by Horner's rule (smallest terms first). */
 function combine(vals: string[]): string {
   let acc = vals[vals.length - 1];
-  for (let o = vals.length - 2; o >= 0; o--) acc = `${vals[o]} + (${acc}) * ${INV_F}`;
+  for (let o = vals.length - 2; o >= 0; o--) acc = `${vals[o]} + (${acc}) * ${invF()}`;
   return acc;
+}
+
+/** WGSL of Σ_o A_o / F^o from the groups' tiles `vals[g]` (see {@link sliceOrderGroups}). */
+function combineGroups(vals: string[], groups: { lo: number; hi: number }[]): string {
+  let acc = vals[vals.length - 1];
+  for (let g = vals.length - 2; g >= 0; g--) {
+    acc = `${vals[g]} + (${acc}) * ${invF(groups[g + 1].hi - groups[g].hi)}`;
+  }
+  return groups[0].hi === 0 ? acc : `(${acc}) * ${invF(groups[0].hi)}`;
 }
 
 /**
@@ -249,14 +307,14 @@ function packBytes(v: string[]): string {
 }
 
 /**
- * The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], scales. Dispatch b·n·ceil(s_q / (16·warps))
- * workgroups.
+ * The main kernel. Bindings: q8, k8, v8, o, [mask], [lse], scales. Dispatch
+ * b·n·ceil(s_q / (16·warps/split)) workgroups.
  */
 export function flashMmaKernel(c: FlashMmaConfig): Kernel {
   const s = flashMmaShape(c);
-  const { dQ, dV, br, ss, sWords, sRegion, pSlice, pRegion, redWords } = s;
+  const { dQ, dV, br, ss, sWords, sRegion, pSlice, pRegion, redWords, split, kw, dVs, hk } = s;
   const { N } = c.shape;
-  const R = MMA_ROWS, half = c.bc / 2, bc = c.bc, S = c.slices;
+  const R = MMA_ROWS, bc = c.bc, S = c.slices;
   const mma = new MmaEmitter(c.shape, c.emulate, "lane");
   const L: string[] = [];
   const emit = (line: string) => L.push(line);
@@ -267,6 +325,8 @@ export function flashMmaKernel(c: FlashMmaConfig): Kernel {
     else range(n).forEach((i) => emit(`${indent}${mma.zero(`${name}${i}`)}`));
   };
   const qRegisters = c.qRegisters && !c.emulate;
+  // This subgroup's first key tile (of N keys) and channel tile within a block's share.
+  const part = (n: number, i: string) => split > 1 ? `(part * ${n}u + ${i})` : i;
 
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   const uniforms = c.varlen ? [...FLASH_MMA_UNIFORMS, ...PACKED_UNIFORMS] : FLASH_MMA_UNIFORMS;
@@ -290,7 +350,7 @@ export function flashMmaKernel(c: FlashMmaConfig): Kernel {
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
   emit(`var<workgroup> ss: array<i32, ${c.warps * sRegion}>;
-var<workgroup> sp: array<i32, ${c.warps * pRegion}>;
+var<workgroup> sp: array<i32, ${s.blocks * pRegion}>;
 var<workgroup> red: array<u32, ${c.warps * redWords}>;${
     (s.kStaged ? `\nvar<workgroup> ks: array<i32, ${s.kStaged}>;` : "") +
     (s.vStaged ? `\nvar<workgroup> vs: array<i32, ${s.vStaged}>;` : "")
@@ -348,12 +408,16 @@ const LN2: f32 = 0.6931471805599453;`);
     dQ: dQ * S,
     dV: dV * S,
     warps: c.warps,
+    split,
     qScale: `scales[qb * ${R}u + r]`,
   }));
   emit(rowDiagonal(c));
+  // The invocation's keys of each tile start at kv0 + cols.
+  const cols = split > 1 ? `part * ${kw}u + hh * ${hk}u` : `hh * ${hk}u`;
   emit(`  let ws = warp * ${sRegion}u;
-  let wp = warp * ${pRegion}u;
   let wr = warp * ${redWords}u;
+  let bp = ${split > 1 ? "wblk" : "warp"} * ${pRegion}u;
+  let cols = ${cols};
   let ksb = P.k_sc + ks_base * ${bc}u;
   let vsb = P.v_sc + bhk * ${dV}u;`);
   if (qRegisters) {
@@ -364,14 +428,22 @@ const LN2: f32 = 0.6931471805599453;`);
   emit(blockKeyRange(c));
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
+  /** The red words of slot `at` of the block's subgroup `p` for the invocation's row, half `x`. */
+  const redOf = (p: number, x: number, at: number) =>
+    `red[${split > 1 ? `(wblk * ${split}u + ${p}u)` : "warp"} * ${redWords}u + ${at * MMA_SUBGROUP + x * R}u + r]`;
+  const peers = range(split).flatMap((p) => [0, 1].map((x) => ({ p, x })));
 
-  /** S of tile t from the products up to `upTo`, one region per order, then each score's f32 `x${e}`. */
+  /**
+   * S of this subgroup's keys of tile t from the products up to `upTo`, one region per group of
+   * orders, then each of the invocation's scores as f32 `x${e}`.
+   */
   const computeS = (
     upTo: number,
     barrierFirst: boolean,
     margin: number,
     afterStore: () => void = () => {},
   ) => {
+    const groups = sliceOrderGroups(S, upTo, c.d);
     emit(`    let kv0 = t * ${bc}u;`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of ss are done
     if (stageK) {
@@ -379,58 +451,41 @@ const LN2: f32 = 0.6931471805599453;`);
       copyK();
       emit(`    workgroupBarrier();`);
     }
-    for (let o = 0; o <= upTo; o++) zeroTiles(`s${o}_`, bc / N, "    ");
-    // Each slice's matrix is loaded once per step and shared by the products that use it.
+    groups.forEach((_, g) => zeroTiles(`s${g}_`, kw / N, "    "));
     const products = sliceProducts(S, upTo);
-    const lefts = [...new Set(products.map((x) => x.a))], rights = [...new Set(products.map((x) => x.b))];
-    forEach("k", dQ / 32, (k) => {
-      emit("    {");
-      if (!qRegisters) { for (const a of lefts) emit("      " + mma.loadLeft(`qa${a}`, qAt, qOffset(a, k))); }
-      forEach("j", bc / N, (j) => {
-        emit("      {");
-        for (const b of rights) emit("        " + mma.loadRight(`kb${b}`, kAt, kOffset(b, j, k)));
-        for (const { a, b, o } of products) {
-          const left = qRegisters ? `qa${a}_${parseInt(k)}` : `qa${a}`;
-          emit("        " + mma.mma(tile(`s${o}_`, j), left, qAt, `kb${b}`, kAt));
+    forEach("j", kw / N, (j) => {
+      groups.forEach(({ lo, hi }, g) => {
+        for (let o = lo; o <= hi; o++) {
+          // Horner's step: the orders before times F, exact in i32 (sliceOrderGroups' bound).
+          if (o > lo) emit(`    ${mma.scale(tile(`s${g}_`, j), SLICE_BASE)}`);
+          const here = products.filter((x) => x.o === o);
+          forEach("k", dQ / 32, (k) => {
+            emit("    {");
+            for (const { a, b } of here) {
+              if (!qRegisters) emit("      " + mma.loadLeft(`qa${a}`, qAt, qOffset(a, k)));
+              emit("      " + mma.loadRight(`kb${b}`, kAt, kOffset(b, part(kw / N, j), k)));
+              const left = qRegisters ? `qa${a}_${parseInt(k)}` : `qa${a}`;
+              emit("      " + mma.mma(tile(`s${g}_`, j), left, qAt, `kb${b}`, kAt));
+            }
+            emit("    }");
+          });
         }
-        emit("      }");
       });
-      emit("    }");
     });
-    const storeOrder = (o: number, at: number) =>
+    groups.forEach((_, g) =>
       forEach(
         "j",
-        bc / N,
-        (j) => emit("    " + mma.store(sAt, `ws + ${at}u + ${j} * ${N}u`, tile(`s${o}_`, j))),
-      );
-    if (c.oneS) {
-      // Highest order first: y = A_o + y / F, the Horner sums of `combine`.
-      for (let o = upTo; o >= 0; o--) {
-        if (o < upTo) emit(`    workgroupBarrier();`); // the reads of the order before are done
-        storeOrder(o, 0);
-        emit(`    workgroupBarrier();`);
-        if (o === upTo) {
-          afterStore();
-          emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
-        }
-        for (const e of range(half)) {
-          emit(
-            o === upTo
-              ? `    var y${e} = f32(ss[sb + ${e}u]);`
-              : `    y${e} = f32(ss[sb + ${e}u]) + (y${e}) * ${INV_F};`,
-          );
-        }
-      }
-    } else {
-      for (let o = 0; o <= upTo; o++) storeOrder(o, o * sWords);
-      emit(`    workgroupBarrier();`);
-      afterStore();
-      emit(`    let sb = ws + r * ${ss}u + hh * ${half}u;`);
-    }
-    for (const e of range(half)) {
-      const vals = range(upTo + 1).map((o) => `f32(ss[sb + ${o * sWords + e}u])`);
-      const ksc = `scales[ksb + kv0 + hh * ${half}u + ${e}u]`;
-      const x = `(${c.oneS ? `y${e}` : combine(vals)}) * q_sc * ${ksc}`;
+        kw / N,
+        (j) => emit("    " + mma.store(sAt, `ws + ${g * sWords}u + ${j} * ${N}u`, tile(`s${g}_`, j))),
+      )
+    );
+    emit(`    workgroupBarrier();`);
+    afterStore();
+    emit(`    let sb = ws + r * ${ss}u + hh * ${hk}u;`);
+    for (const e of range(hk)) {
+      const vals = groups.map((_, g) => `f32(ss[sb + ${g * sWords + e}u])`);
+      const ksc = `scales[ksb + kv0 + cols + ${e}u]`;
+      const x = `(${combineGroups(vals, groups)}) * q_sc * ${ksc}`;
       emit(
         margin > 0
           ? `    let x${e} = ${x} + abs(q_sc * ${ksc}) * f32(${margin.toPrecision(9)});`
@@ -445,22 +500,23 @@ const LN2: f32 = 0.6931471805599453;`);
     blockMap: false,
     maskMod: false,
     varlen: c.varlen,
+    cols: "cols",
   });
 
-  // ---- pass 1: each row's maximum (log2 units) ----
+  // ---- pass 1: each row's maximum (log2 units), over the block's subgroups and row halves ----
   emit(`  var m = NEG;`);
   if (!c.skipMaxPass) {
     emit(`  for (var t = t_lo; t < t_hi; t++) {`);
     computeS(c.maxOrder, true, maxPassMargin(c));
     emit(`    let full = ${fullTile};`);
     // A NaN score is left out here (max() with NaN is unspecified); pass 2 flags it.
-    for (const e of range(half)) {
+    for (const e of range(hk)) {
       emit(`    m = select(m, max(m, x${e}), (full || (${liveExpr(e)})) && !${isNanExpr(`x${e}`)});`);
     }
     emit(`  }
   red[wr + lane] = bitcast<u32>(m);
   workgroupBarrier();
-  m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));`);
+  m = ${peers.map(({ p, x }) => `bitcast<f32>(${redOf(p, x, 0)})`).reduce((a, b) => `max(${a}, ${b})`)};`);
   } else {
     emit(`  m = 8.0;`);
   }
@@ -468,41 +524,42 @@ const LN2: f32 = 0.6931471805599453;`);
   // ---- pass 2: P = exp2(s - m) in slices of P·127, P·V accumulated per order in integer tiles ----
   for (let a = 0; a < S; a++) emit(`  var psum${a} = 0i;`);
   emit(`  var bad = false;`);
-  for (let o = 0; o <= c.order; o++) zeroTiles(`acc${o}_`, dV / N, "  ");
+  for (let o = 0; o <= c.order; o++) zeroTiles(`acc${o}_`, dVs / N, "  ");
   emit(`  for (var t = t_lo; t < t_hi; t++) {`);
-  // The barrier after the previous tile's P writes ordered its S reads before this store.
-  // Staged: V tile t goes in after the S barrier, which every invocation passes after its P·V of the
-  // previous tile; the P barrier below orders it before this tile's P·V.
+  // The barrier after the previous tile's P writes ordered its S reads (and the block's P·V reads
+  // of sp) before this tile's stores. Staged: V tile t goes in after the S barrier, which every
+  // invocation passes after its P·V of the previous tile; the P barrier below orders it before
+  // this tile's P·V.
   computeS(c.order, false, 0, () => {
     if (stageV) copyV();
   });
   emit(`    let full = ${fullTile};`);
-  for (const e of range(half)) {
+  for (const e of range(hk)) {
     emit(`    let ok${e} = full || (${liveExpr(e)});
     bad = bad || (ok${e} && ${isNanExpr(`x${e}`)});
     let pf${e} = select(0.0, min(exp2(x${e} - m), 1.0), ok${e} && !${isNanExpr(`x${e}`)});`);
     emit(sliceStatements(`pf${e} * ${SLICE_TOP}.0`, `p${e}_`, S, false, "    "));
   }
-  const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
+  const pb = `bp + r * ${bc / 4}u + cols / 4u`;
   for (let a = 0; a < S; a++) {
-    for (const w of range(half / 4)) {
+    for (const w of range(hk / 4)) {
       const e = 4 * w;
       emit(`    sp[${pb} + ${a * pSlice + w}u] = ${packBytes(range(4).map((i) => `p${e + i}_${a}`))};`);
     }
-    emit(`    psum${a} += ${range(half).map((e) => `p${e}_${a}`).join(" + ")};`);
+    emit(`    psum${a} += ${range(hk).map((e) => `p${e}_${a}`).join(" + ")};`);
   }
   emit(`    workgroupBarrier();`);
   const pvProducts = sliceProducts(S, c.order);
   const pLefts = [...new Set(pvProducts.map((x) => x.a))], vRights = [...new Set(pvProducts.map((x) => x.b))];
   forEach("kk", bc / 32, (kk) => {
     emit("    {");
-    // Bytes: wp counts words.
+    // Bytes: bp counts words.
     for (const a of pLefts) {
-      emit("      " + mma.loadLeft(`pa${a}`, pAt, `wp * 4u + ${a * pSlice * 4}u + ${kk} * 32u`));
+      emit("      " + mma.loadLeft(`pa${a}`, pAt, `bp * 4u + ${a * pSlice * 4}u + ${kk} * 32u`));
     }
-    forEach("g", dV / N, (g) => {
+    forEach("g", dVs / N, (g) => {
       emit("      {");
-      for (const b of vRights) emit("        " + mma.loadRight(`vb${b}`, vAt, vOffset(b, g, kk)));
+      for (const b of vRights) emit("        " + mma.loadRight(`vb${b}`, vAt, vOffset(b, part(dVs / N, g), kk)));
       for (const { a, b, o } of pvProducts) {
         emit("        " + mma.mma(tile(`acc${o}_`, g), `pa${a}`, pAt, `vb${b}`, vAt));
       }
@@ -512,28 +569,27 @@ const LN2: f32 = 0.6931471805599453;`);
   });
   emit(`  }`);
 
-  // ---- finish: Σp over both halves, each output tile's orders through the S region ----
-  const sums = range(S).map((a) => `red[wr + ${(2 + a) * MMA_SUBGROUP}u + `);
-  for (let a = 0; a < S; a++) emit(`  ${sums[a]}lane] = bitcast<u32>(psum${a});`);
+  // ---- finish: Σp over the row's invocations, each output tile's orders through the S region ----
+  for (let a = 0; a < S; a++) emit(`  red[wr + ${(2 + a) * MMA_SUBGROUP}u + lane] = bitcast<u32>(psum${a});`);
   emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = select(0u, 1u, bad);
   workgroupBarrier();`);
   for (let a = 0; a < S; a++) {
-    emit(`  let pt${a} = f32(bitcast<i32>(${sums[a]}lane]) + bitcast<i32>(${sums[a]}(lane ^ ${R}u)]));`);
+    emit(`  let pt${a} = f32(${peers.map(({ p, x }) => `bitcast<i32>(${redOf(p, x, 2 + a)})`).join(" + ")});`);
   }
-  emit(`  let nan = (red[wr + ${MMA_SUBGROUP}u + lane] | red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)]) != 0u;
+  emit(`  let nan = (${peers.map(({ p, x }) => redOf(p, x, 1)).join(" | ")}) != 0u;
   let l = ${combine(range(S).map((a) => `pt${a}`))};
   let live = l > 0.0;
   let inv = select(0.0, 1.0 / l, live);
   let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss;`);
   const perInv = N / 2;
-  forEach("g", dV / N, (g) => {
+  forEach("g", dVs / N, (g) => {
     emit(`    workgroupBarrier();`);
     for (let o = 0; o <= c.order; o++) {
       emit("    " + mma.store(oAt, `ws + ${o * R * N}u`, tile(`acc${o}_`, g)));
     }
     emit(`    workgroupBarrier();
     {
-      let c0 = ${g} * ${N}u + hh * ${perInv}u;
+      let c0 = ${part(dVs / N, g)} * ${N}u + hh * ${perInv}u;
       let ob = ws + r * ${N}u + hh * ${perInv}u;`);
     for (let q = 0; q < perInv / 4; q++) {
       const vals = range(4).map((i) => {
@@ -552,7 +608,7 @@ const LN2: f32 = 0.6931471805599453;`);
   });
   if (c.lse) {
     // Σp counts P in units of 1/127.
-    emit(`  if (row < P.s_q && hh == 0u) {
+    emit(`  if (row < P.s_q && cols == 0u) {
     lse[bh * P.s_q + row] = select(select(${NEG_INF}, (m + log2(l / ${SLICE_TOP}.0)) * LN2, live), bitcast<f32>(NAN_BITS), nan);
   }`);
   }

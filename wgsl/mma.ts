@@ -3,7 +3,7 @@
  * flag:
  *
  * - real: Dawn's `chromium_experimental_subgroup_matrix` builtins (`subgroupMatrixLoad`,
- *   `subgroupMatrixMultiplyAccumulate`, `subgroupMatrixStore`), which Tint lowers to Vulkan
+ *   `subgroupMatrixMultiplyAccumulate`, `subgroupMatrixScalarMultiply`, `subgroupMatrixStore`), which Tint lowers to Vulkan
  *   cooperative matrices (NVIDIA tensor cores);
  * - emulated: the same tiles as plain WGSL, so that a kernel runs on any adapter (CPU adapters
  *   have no matrix units) and CI tests everything but the intrinsic. A "subgroup" is then 32
@@ -151,6 +151,14 @@ export class MmaEmitter {
     if (!this.emulate) return `${acc} = subgroupMatrixMultiplyAccumulate(${left}, ${right}, ${acc});`;
     const fn = this.#emulatedMma(leftAt, rightAt);
     return `${acc} = ${fn}(${left}, ${right}, ${acc}, ${this.lane});`;
+  }
+
+  /** `acc = acc * factor` for a result matrix `acc`, elementwise (an integer factor). */
+  scale(acc: string, factor: number): string {
+    const { result } = this.shape;
+    const lit = result === "f32" ? `${factor}.0` : `${factor}${result === "u32" ? "u" : "i"}`;
+    if (!this.emulate) return `${acc} = subgroupMatrixScalarMultiply(${acc}, ${lit});`;
+    return `for (var fe = 0u; fe < ${this.fragment}u; fe++) { ${acc}[fe] *= ${lit}; }`;
   }
 
   /** Stores a result matrix at `offset` of `at`. */

@@ -209,11 +209,17 @@ export function sageMmaPrologue(
     dQ: number;
     dV: number;
     warps: number;
+    /**
+     * Subgroups per block of 16 rows (default 1): `wblk` is the subgroup's block, `part` its share
+     * (flash-mma's split).
+     */
+    split?: number;
     /** WGSL of the row's Q scale `q_sc` (default one per block of 16 rows: `q_scale[qb]`). */
     qScale?: string;
   },
 ): string {
-  const R = MMA_ROWS;
+  const R = MMA_ROWS, split = c.split ?? 1;
+  const block = split > 1 ? "wblk" : "warp";
   return `@compute @workgroup_size(${c.threads})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -227,18 +233,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let hk = h / P.group;
   let q0 = blk * ${c.br}u;
   let warp = lid / ${MMA_SUBGROUP}u;
-  let lane = lid % ${MMA_SUBGROUP}u;
+  let lane = lid % ${MMA_SUBGROUP}u;${
+    split > 1 ? `\n  let wblk = warp / ${split}u;\n  let part = warp % ${split}u;` : ""
+  }
   // This invocation's row of the subgroup's 16 and its half of each tile's columns.
   let r = lane % ${R}u;
   let hh = lane / ${R}u;
-  let row = q0 + warp * ${R}u + r;
+  let row = q0 + ${block} * ${R}u + r;
   let rows_here = min(P.s_q - q0, ${c.br}u);
   let k_blocks = (P.s_kv + ${c.bc - 1}u) / ${c.bc}u;
   let bhk = b * (P.n / P.group) + hk;
   let ks_base = bhk * k_blocks;
   let k8_base = ks_base * ${c.bc * c.dQ}u;
   let v8_base = ks_base * ${c.bc * c.dV}u;
-  let qb = bh * P.q_blocks + blk * ${c.warps}u + warp;
+  let qb = bh * P.q_blocks + blk * ${c.warps / split}u + ${block};
   let q_sc = ${c.qScale ?? "q_scale[qb]"};
   let q8_base = qb * ${R * c.dQ}u;`;
 }

@@ -248,6 +248,8 @@ export function keyMaskExprs(
     blockMap: boolean;
     maskMod: boolean;
     varlen?: boolean;
+    /** WGSL of the invocation's first column within a tile (default `hh * bc/2`). */
+    cols?: string;
   },
 ): { fullTile: string; liveExpr: (e: number) => string } {
   const { bc, blockMap, maskMod } = c;
@@ -266,7 +268,7 @@ export function keyMaskExprs(
       : ""
   }${c.keyPadding ? " && false" : ""}${blockMap ? " && tile_state == 2u" : maskMod ? " && false" : ""}`;
   const liveExpr = (e: number) => {
-    const col = `(kv0 + hh * ${half}u + ${e}u)`;
+    const col = `(kv0 + ${c.cols ?? `hh * ${half}u`} + ${e}u)`;
     let ok = `${col} < P.s_kv`;
     if (c.varlen) ok += ` && i32(${col}) >= rk_lo && i32(${col}) < rk_hi`;
     if (c.keyPadding) {
