@@ -13,8 +13,8 @@
  * {@link flashMmaMaxKeys} keys, f32/f16/bf16, lse) on devices with i8 -> i32 M16 K32 tiles and
  * subgroups of exactly 32; with `WGATTN_EMULATE_MMA=1` (or {@link flashMmaTuning}.emulate) the
  * emulated form of the same tiles (plain WGSL) runs on any adapter, for tests (never picked by the
- * router). The router puts it ahead of `flash-subgroup` for f32 calls from
- * {@link FLASH_MMA_MIN_SEQ} on.
+ * router). The router puts it ahead of `flash-subgroup` for f32 calls with d over 64 and up to 128
+ * from {@link FLASH_MMA_MIN_SEQ} on.
  */
 import { kernelOf } from "../wgsl/common.ts";
 import type { GpuBackend, GpuIO } from "./backend.ts";
@@ -53,12 +53,17 @@ export function emulatingFlashMma(): boolean {
 }
 
 /**
- * Shortest query and key sequence for which the router picks `flash-mma` for f32 calls, ahead of
- * `flash-subgroup`. Infinite: on the H200 (bench/flash_mma_bench.ts, run 14) flash-mma measured
- * slower at every shape (seed 0.63 ms against 0.070, Flux 40.8 against 9.0, SD3 83 against ~9):
- * the router never picks it by itself until a kernel crosses over.
+ * Shortest query and key sequence for which the router picks `flash-mma` for f32 calls (d over 64
+ * and up to 128), ahead of `flash-subgroup`. On the H200 at b1 n24 d128 (bench/flash_mma_bench.ts
+ * --crossover, run 18) flash-mma took 3.88 ms against 4.09 at s 3072, 8.93 against 9.02 at 4608,
+ * 23.7 against 27.0 at 8192 and 91.8 against 108.5 at 16384, and lost below (s 2048: 1.87 against
+ * 1.84; 1024: 0.61 against 0.51); at d 64 (SD3) it lost by 1.5% (9.14 ms against 9.01), and d past
+ * 128 is not measured.
  */
-export const FLASH_MMA_MIN_SEQ = Number.POSITIVE_INFINITY;
+export const FLASH_MMA_MIN_SEQ = 3072;
+
+/** Head dims (exclusive low, inclusive high) for which the router may pick `flash-mma` by itself. */
+const ROUTED_D: [number, number] = [64, 128];
 
 /** Slices per operand for a dtype: f32 needs three (about 23 bits), f16 and bf16 two (15). */
 export function slicesFor(dtype: AttentionProblem["dtype"]): number {
@@ -96,11 +101,16 @@ export function chooseFlashMmaConfig(
   if (!shape) return "no int8 subgroup-matrix tile on this device";
   const slices = slicesFor(p.dtype);
   const split = splitFor(slices, p.d);
-  // Blocks of 16 rows per workgroup: 4, else fewer where workgroup memory is short.
+  // K and V staged in workgroup memory first (Flux f32: 9.26 ms against 32.0 unstaged; SD3 9.48
+  // against 25.2; bench/RESULTS.md, run 18), with as many blocks of 16 rows as fit (staged at d 128:
+  // 2 blocks in 48 KB), then K alone, then neither.
   const warpsList = (p.sQ <= MMA_ROWS ? [1] : [4, 2, 1]).map((x) => x * split);
+  const layouts = (["kv", "k", undefined] as const).flatMap((stage) =>
+    warpsList.map((warps) => ({ stage, warps }))
+  );
   let last = "no tile fits";
   for (const bc of [Math.max(32, 16 * split), 64]) {
-    for (const warps of warpsList) {
+    for (const { stage, warps } of layouts) {
       const c: FlashMmaConfig = {
         dtype: p.dtype,
         f16: caps.shaderF16,
@@ -118,6 +128,7 @@ export function chooseFlashMmaConfig(
         maxOrder: maxOrderFor(slices),
         qRegisters: true,
         split,
+        ...(stage ? { stage } : {}),
         ...(flashMmaTuning.override ?? {}),
       };
       const problems = flashMmaConfigProblems(c, limits);
@@ -201,10 +212,12 @@ function unsuitedReasons(p: AttentionProblem): string[] {
     ];
   }
   const least = minSeq();
-  if (!Number.isFinite(least)) {
+  if (p.d <= ROUTED_D[0] || p.d > ROUTED_D[1]) {
     return [
-      "measured slower than flash-subgroup at every shape on the H200 (Flux f32: 40.8 ms against 9.0; " +
-      "bench/RESULTS.md, run 14; FLASH_MMA_MIN_SEQ is infinite); choose it with backend: 'flash-mma' or " +
+      `d ${p.d}: measured only for d over ${ROUTED_D[0]} and up to ${
+        ROUTED_D[1]
+      } faster than flash-subgroup ` +
+      "(bench/RESULTS.md, run 18; SD3 at d 64: 9.14 ms against 9.01); choose it with backend: 'flash-mma' or " +
       "WGATTN_IMPLEMENTATION=flash-mma",
     ];
   }

@@ -91,7 +91,9 @@ const variants: [string, string, string][] = [
     "4 MMAs + 4 scalar multiplies of the results",
     "",
     mma4("b") + "\n" +
-    [0, 1, 2, 3].map((i) => `    c${i} = subgroupMatrixScalarMultiply(c${i}, i32(it & 1u) * 2i - 1i);`).join("\n"),
+    [0, 1, 2, 3].map((i) => `    c${i} = subgroupMatrixScalarMultiply(c${i}, i32(it & 1u) * 2i - 1i);`).join(
+      "\n",
+    ),
   ],
   [
     "4 MMAs + workgroupBarrier",

@@ -31,6 +31,7 @@ import {
   flashMmaKernel,
   flashMmaMaxKeys,
   maxPassMargin,
+  sliceOrderGroups,
   sliceProducts,
 } from "../wgsl/flash_mma.ts";
 import {
@@ -132,14 +133,14 @@ const CASES: Case[] = [
     tiles: { stage: "kv", split: 2, warps: 2 },
   },
   {
-    name: "two subgroups a block (split 2), key padding",
+    name: "two subgroups a block (split 2), unstaged, key padding",
     b: 2,
     n: 1,
     sQ: 37,
     sKv: 70,
     d: 64,
     keyPadding: [70, 29],
-    tiles: { split: 2, warps: 4 },
+    tiles: { split: 2, warps: 4, stage: undefined },
   },
   {
     name: "four subgroups a block (split 4, 64-key tiles), GQA, causal",
@@ -307,6 +308,13 @@ Deno.test("flash-mma: slice products by order, the overflow bound and the maximu
   // 127² · 3 · keys < 2^31.
   assert.equal(flashMmaMaxKeys({ slices: 3, order: 2 }), Math.floor((2 ** 31 - 1) / (127 * 127 * 3)));
   assert.equal(maxPassMargin({ slices: 3, order: 2, maxOrder: 2, d: 64 }), 0);
+  // S tiles: orders 0 and 1 share one by Horner's rule (127² · dQ · (F + 2) < 2^31 up to d 256),
+  // order 2 would overflow it (F² + 2F + 3).
+  assert.deepEqual(sliceOrderGroups(3, 2, 128), [{ lo: 0, hi: 1 }, { lo: 2, hi: 2 }]);
+  assert.deepEqual(sliceOrderGroups(3, 2, 256), [{ lo: 0, hi: 1 }, { lo: 2, hi: 2 }]);
+  assert.ok(127 * 127 * 256 * (254 + 2) < 2 ** 31 && 127 * 127 * 32 * (254 ** 2 + 2 * 254 + 3) > 2 ** 31);
+  assert.deepEqual(sliceOrderGroups(2, 1, 64), [{ lo: 0, hi: 1 }]);
+  assert.deepEqual(sliceOrderGroups(4, 3, 64), [{ lo: 0, hi: 1 }, { lo: 2, hi: 3 }]);
   // Order 2's three products, 127² each per term, over F² = 254².
   const m = maxPassMargin({ slices: 3, order: 2, maxOrder: 1, d: 64 });
   assert.ok(Math.abs(m / ((3 * 127 * 127 * 64) / 254 ** 2) - 1) < 1e-4);
@@ -364,38 +372,43 @@ Deno.test("flash-mma: every option that changes the kernel text changes its cach
 /** A device with the real form's tiles (for router checks; nothing runs on it). */
 const fake = FAKE_MMA_DEVICE;
 
-function problemOf(dtype: DType, s: number, sKv = s) {
+function problemOf(dtype: DType, s: number, sKv = s, d = 128) {
   const t = (len: number): HostTensor => {
-    const count = 2 * len * 64;
+    const count = 2 * len * d;
     const data = dtype === "f32"
       ? new Float32Array(count)
       : dtype === "f16"
       ? new Float16Array(count)
       : new Uint16Array(count);
-    return { data, shape: [1, 2, len, 64], dtype };
+    return { data, shape: [1, 2, len, d], dtype };
   };
   return resolveProblem(t(s), t(sKv), t(sKv), {});
 }
 
-Deno.test("flash-mma: the router passes it over until FLASH_MMA_MIN_SEQ is measured, then takes it ahead of flash-subgroup for f32 calls past it", () => {
+Deno.test("flash-mma: the router takes it ahead of flash-subgroup for f32 calls with d over 64 and up to 128 from FLASH_MMA_MIN_SEQ on", () => {
   const saved = { ...flashMmaTuning };
   flashMmaTuning.emulate = false;
   try {
-    const p = problemOf("f32", 2048);
+    const p = problemOf("f32", FLASH_MMA_MIN_SEQ);
     assert.deepEqual(flashMmaBackend.unsupportedReasons(p, fake), []);
     const c = chooseFlashMmaConfig(p, fake, false, false);
+    // Three slices to order 2, two subgroups a block, K and V staged (2 blocks fit 48 KB at d 128).
     assert.ok(typeof c !== "string" && c.slices === 3 && c.order === 2 && c.maxOrder === 1 && !c.emulate);
-    // Not measured yet: passed over, saying why.
-    assert.equal(FLASH_MMA_MIN_SEQ, Number.POSITIVE_INFINITY);
-    const before = decide(p, fake, BACKENDS);
-    assert.equal(before.backend.name, "flash-subgroup");
-    assert.match(before.chain.find((e) => e.backend === "flash-mma")!.reasons.join(), /FLASH_MMA_MIN_SEQ/);
-    // With a crossover: f32 calls past it, ahead of flash-subgroup; shorter ones and 16-bit ones not.
-    flashMmaTuning.minSeq = 1024;
+    assert.equal(c.split, 2);
+    assert.equal(c.stage, "kv");
+    assert.equal(c.warps, 4);
+    assert.equal(FLASH_MMA_MIN_SEQ, 3072);
     assert.equal(decide(p, fake, BACKENDS).backend.name, "flash-mma");
-    const short = decide(problemOf("f32", 512), fake, BACKENDS);
+    // Shorter calls and d 64 (measured slower there): flash-subgroup, saying why.
+    const short = decide(problemOf("f32", 2048), fake, BACKENDS);
     assert.equal(short.backend.name, "flash-subgroup");
-    assert.match(short.chain.find((e) => e.backend === "flash-mma")!.reasons.join(), /under 1024/);
+    assert.match(short.chain.find((e) => e.backend === "flash-mma")!.reasons.join(), /under 3072/);
+    const d64 = decide(problemOf("f32", 4096, 4096, 64), fake, BACKENDS);
+    assert.equal(d64.backend.name, "flash-subgroup");
+    assert.match(d64.chain.find((e) => e.backend === "flash-mma")!.reasons.join(), /d 64: measured only/);
+    // The crossover is a parameter (tests may lower it).
+    flashMmaTuning.minSeq = 1024;
+    assert.equal(decide(problemOf("f32", 2048), fake, BACKENDS).backend.name, "flash-mma");
     // 16-bit calls (which sage-mma takes first here anyway): passed over, saying why.
     assert.match(flashMmaBackend.unsuitedReasons!(problemOf("f16", 2048), fake).join(), /16-bit inputs/);
     // By name it serves them.
@@ -441,7 +454,7 @@ Deno.test({
     const entry = e.chain.find((x) => x.backend === "flash-mma");
     assert.ok(entry && !entry.chosen && entry.reasons.length > 0, JSON.stringify(e.chain));
     // Here: no matrix configs (the variable unset), the emulated form (by name only), or the real
-    // form, measured slower than flash-subgroup.
-    assert.match(e.text, /flash-mma: .*(WGATTN_EMULATE_MMA|by name only|measured slower)/);
+    // form, not measured faster than flash-subgroup at d 64.
+    assert.match(e.text, /flash-mma: .*(WGATTN_EMULATE_MMA|by name only|d 64: measured only)/);
   },
 });

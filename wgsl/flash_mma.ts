@@ -22,10 +22,14 @@
  * `v_sc`), so the main kernel binds 5 to 7 storage buffers.
  *
  * Main kernel ({@link flashMmaKernel}), two passes as sage-mma's (wgsl/sage_mma_two_pass.ts): a
- * workgroup of `warps` subgroups serves 16·warps query rows of one (batch, head), each subgroup 16.
+ * workgroup of `warps` subgroups serves blocks of 16 query rows of one (batch, head), `split`
+ * subgroups a block: in each key tile subgroup `part` takes keys [part·bc/split, …) for S and
+ * channels [part·dV/split, …) for P·V, the block's P shared through workgroup memory.
  *   1. The maximum: per key tile, S = Q·Kᵀ from the slice products of order up to `maxOrder`,
- *      stored per order to the subgroup's S region, combined per element, each row's maximum kept.
- *      With `maxOrder` < `order` a proven bound of the products left out is added (so P ≤ 1 holds).
+ *      consecutive orders in one i32 tile by Horner's rule ({@link sliceOrderGroups}), stored to
+ *      the subgroup's S region, combined per element, each row's maximum kept (then over the
+ *      block's subgroups). With `maxOrder` < `order` a proven bound of the products left out is
+ *      added (so P ≤ 1 holds).
  *   2. S again (every kept order), P = exp2(s - max) ∈ [0, 1] split into slices of P·127 (a
  *      fixed scale), P·V from the slice products of order up to `order`, one i32 accumulator tile
  *      per order and V tile that stays in the matrix registers across the whole key loop (exact up
@@ -178,9 +182,9 @@ export function flashMmaShape(c: FlashMmaConfig) {
   const kw = c.bc / split, dVs = dV / split, hk = kw / 2;
   const groups = sliceOrderGroups(c.slices, c.order, c.d).length;
   // S: one region of 16 rows per group of orders (i32, +4 words a row against bank conflicts);
-  // it also holds the orders' output tiles at the end.
+  // at the end it takes the orders' output tiles in turn, as many at a time as fit.
   const ss = kw + 4, sWords = MMA_ROWS * ss;
-  const sRegion = Math.max(groups * sWords, orders * MMA_ROWS * c.shape.N);
+  const sRegion = Math.max(groups * sWords, MMA_ROWS * c.shape.N);
   // P: the slices of a block's 16 rows of bc keys (bytes), shared by the block's subgroups.
   const pSlice = (MMA_ROWS * c.bc) / 4, pRegion = c.slices * pSlice;
   // The exchange between a row's invocations: the maximum, the NaN flag and Σp per slice.
@@ -228,7 +232,9 @@ export function flashMmaConfigProblems(
   if (![1, 2, 4].includes(s.split) || c.warps % s.split !== 0) {
     problems.push("split must be 1, 2 or 4 and divide warps");
   } else if (s.kw % c.shape.N !== 0 || s.hk % 4 !== 0 || s.dVs % c.shape.N !== 0) {
-    problems.push(`split ${s.split} leaves ${s.kw} keys and ${s.dVs} channels a subgroup: each must be whole tiles`);
+    problems.push(
+      `split ${s.split} leaves ${s.kw} keys and ${s.dVs} channels a subgroup: each must be whole tiles`,
+    );
   }
   if (!Number.isInteger(c.slices) || c.slices < 1 || c.slices > 4) problems.push("slices must be 1 to 4");
   if (!Number.isInteger(c.order) || c.order < 0 || c.order > 2 * (c.slices - 1)) {
@@ -333,8 +339,8 @@ export function flashMmaKernel(c: FlashMmaConfig): Kernel {
   emit(mma.header() + uniformBlock(uniforms));
   const bindings = ["q8", "k8", "v8", "o"];
   emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
-@group(0) @binding(2) var<storage, read> k8: array<i32>;
-@group(0) @binding(3) var<storage, read> v8: array<i32>;
+@group(0) @binding(2) var<storage, read> k8: array<${s.kStaged ? "vec4<i32>" : "i32"}>;
+@group(0) @binding(3) var<storage, read> v8: array<${s.vStaged ? "vec4<i32>" : "i32"}>;
 @group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
   const bind = (name: string, decl: string) => {
     bindings.push(name);
@@ -382,22 +388,43 @@ const LN2: f32 = 0.6931471805599453;`);
     stageV
       ? `${b * dV * vsStride}u + ${g} * ${N * vsStride}u + ${kk} * 32u`
       : `v8_base + t * ${bc * dV * S}u + ${b * dV * bc}u + ${g} * ${N * bc}u + ${kk} * 32u`;
-  /** Copies tile t of k8 (or v8) into ks (vs): `rowWords` words a row, rows `strideWords` apart. */
-  const copyTile = (
-    src: string,
-    base: string,
-    dst: string,
-    rows: number,
-    rowWords: number,
-    strideWords: number,
-  ) =>
-    emit(`    for (var i = lid; i < ${rows * rowWords}u; i += ${s.threads}u) {
-      ${dst}[(i / ${rowWords}u) * ${strideWords}u + i % ${rowWords}u] = ${src}[${base} / 4u + t * ${
-      rows * rowWords
-    }u + i];
+  // Staging (k8 and v8 then bound as 16-byte words): K tile t's S·bc·dQ bytes and V tile t's S·dV·bc bytes as 16-byte words, `nk` and
+  // `nv` per invocation, fetched a tile ahead into registers kr*, vr* and stored into ks, vs after
+  // a barrier: a matrix load from storage waits for the memory each time (sage-mma's staging,
+  // wgsl/sage_mma_two_pass.ts).
+  const threads = s.threads, kVecs = (S * bc * dQ) / 16, vVecs = (S * dV * bc) / 16;
+  const nk = Math.ceil(kVecs / threads), nv = Math.ceil(vVecs / threads);
+  const loadTile = (reg: string, n: number, vecs: number, src: string, base: string, t: string) =>
+    range(n).forEach((i) => {
+      const j = vecs % threads === 0 ? `lid + ${i * threads}u` : `min(lid + ${i * threads}u, ${vecs - 1}u)`;
+      emit(`    ${reg}${i} = ${src}[${base} + min(${t}, t_last) * ${vecs}u + ${j}];`);
+    });
+  const storeTile = (reg: string, n: number, vecs: number, dst: string, row4: number, strideWords: number) =>
+    range(n).forEach((i) => {
+      const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
+      emit(`    ${guard}{
+      let j = lid + ${i * threads}u;
+      let at = (j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
+      ${dst}[at] = ${reg}${i}.x;
+      ${dst}[at + 1u] = ${reg}${i}.y;
+      ${dst}[at + 2u] = ${reg}${i}.z;
+      ${dst}[at + 3u] = ${reg}${i}.w;
     }`);
-  const copyK = () => copyTile("k8", "k8_base", "ks", S * bc, dQ / 4, ksStride / 4);
-  const copyV = () => copyTile("v8", "v8_base", "vs", S * dV, bc / 4, vsStride / 4);
+    });
+  // The maximum pass multiplies K's slices up to maxOrder only: the first ones of each tile.
+  const kVecsMax = ((c.maxOrder + 1) * bc * dQ) / 16, nkMax = Math.ceil(kVecsMax / threads);
+  const loadK = (t: string) => loadTile("kr", nk, kVecs, "k8", "k4_base", t);
+  const loadKMax = (t: string) =>
+    range(nkMax).forEach((i) => {
+      const j = kVecsMax % threads === 0
+        ? `lid + ${i * threads}u`
+        : `min(lid + ${i * threads}u, ${kVecsMax - 1}u)`;
+      emit(`    kr${i} = k8[k4_base + min(${t}, t_last) * ${kVecs}u + ${j}];`);
+    });
+  const storeKMax = () => storeTile("kr", nkMax, kVecsMax, "ks", dQ / 16, ksStride / 4);
+  const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", t);
+  const storeK = () => storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4);
+  const storeV = () => storeTile("vr", nv, vVecs, "vs", bc / 16, vsStride / 4);
 
   // A tile holds every slice: the prologue's int8 bases count slices · dQ (and · dV) per row.
   emit(sageMmaPrologue({
@@ -428,9 +455,18 @@ const LN2: f32 = 0.6931471805599453;`);
   emit(blockKeyRange(c));
   emit(`  let t_lo = u32(max(j_lo, 0i)) / ${bc}u;
   let t_hi = select(0u, (u32(max(j_hi, 0i)) + ${bc - 1}u) / ${bc}u, j_hi > j_lo);`);
+  if (stageK || stageV) {
+    emit(`  let k4_base = k8_base / 16u;
+  let v4_base = v8_base / 16u;
+  let t_last = max(k_blocks, 1u) - 1u;`);
+    if (stageK) range(nk).forEach((i) => emit(`  var kr${i}: vec4<i32>;`));
+    if (stageV) range(nv).forEach((i) => emit(`  var vr${i}: vec4<i32>;`));
+  }
   /** The red words of slot `at` of the block's subgroup `p` for the invocation's row, half `x`. */
   const redOf = (p: number, x: number, at: number) =>
-    `red[${split > 1 ? `(wblk * ${split}u + ${p}u)` : "warp"} * ${redWords}u + ${at * MMA_SUBGROUP + x * R}u + r]`;
+    `red[${split > 1 ? `(wblk * ${split}u + ${p}u)` : "warp"} * ${redWords}u + ${
+      at * MMA_SUBGROUP + x * R
+    }u + r]`;
   const peers = range(split).flatMap((p) => [0, 1].map((x) => ({ p, x })));
 
   /**
@@ -446,11 +482,6 @@ const LN2: f32 = 0.6931471805599453;`);
     const groups = sliceOrderGroups(S, upTo, c.d);
     emit(`    let kv0 = t * ${bc}u;`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of ss are done
-    if (stageK) {
-      // Every invocation has passed two barriers since the previous tile's reads of ks.
-      copyK();
-      emit(`    workgroupBarrier();`);
-    }
     groups.forEach((_, g) => zeroTiles(`s${g}_`, kw / N, "    "));
     const products = sliceProducts(S, upTo);
     forEach("j", kw / N, (j) => {
@@ -506,13 +537,28 @@ const LN2: f32 = 0.6931471805599453;`);
   // ---- pass 1: each row's maximum (log2 units), over the block's subgroups and row halves ----
   emit(`  var m = NEG;`);
   if (!c.skipMaxPass) {
+    if (stageK) {
+      // K tile t_lo in ks, t_lo + 1 in registers.
+      loadKMax("t_lo");
+      storeKMax();
+      emit(`  workgroupBarrier();`);
+      loadKMax("t_lo + 1u");
+    }
     emit(`  for (var t = t_lo; t < t_hi; t++) {`);
-    computeS(c.maxOrder, true, maxPassMargin(c));
+    // Staged: after the S barrier every subgroup is done with ks: tile t + 1 goes in, t + 2 is
+    // fetched, and the tile ends with a barrier (which also orders the S reads before the next
+    // tile's stores).
+    computeS(c.maxOrder, !stageK, maxPassMargin(c), () => {
+      if (!stageK) return;
+      storeKMax();
+      loadKMax("t + 2u");
+    });
     emit(`    let full = ${fullTile};`);
     // A NaN score is left out here (max() with NaN is unspecified); pass 2 flags it.
     for (const e of range(hk)) {
       emit(`    m = select(m, max(m, x${e}), (full || (${liveExpr(e)})) && !${isNanExpr(`x${e}`)});`);
     }
+    if (stageK) emit(`    workgroupBarrier();`);
     emit(`  }
   red[wr + lane] = bitcast<u32>(m);
   workgroupBarrier();
@@ -525,13 +571,29 @@ const LN2: f32 = 0.6931471805599453;`);
   for (let a = 0; a < S; a++) emit(`  var psum${a} = 0i;`);
   emit(`  var bad = false;`);
   for (let o = 0; o <= c.order; o++) zeroTiles(`acc${o}_`, dVs / N, "  ");
+  if (stageK || stageV) {
+    // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers (the maximum pass's last reads of ks
+    // were before its last barrier).
+    if (stageK) {
+      loadK("t_lo");
+      storeK();
+    }
+    if (stageV) loadV("t_lo");
+    emit(`  workgroupBarrier();`);
+    if (stageK) loadK("t_lo + 1u");
+  }
   emit(`  for (var t = t_lo; t < t_hi; t++) {`);
   // The barrier after the previous tile's P writes ordered its S reads (and the block's P·V reads
-  // of sp) before this tile's stores. Staged: V tile t goes in after the S barrier, which every
-  // invocation passes after its P·V of the previous tile; the P barrier below orders it before
-  // this tile's P·V.
+  // of sp) before this tile's stores. Staged: after the S barrier every subgroup is done with ks
+  // (this tile's S) and vs (the previous tile's P·V): V tile t and K tile t + 1 go in, the next
+  // ones are fetched, and the P barrier below orders them before their reads.
   computeS(c.order, false, 0, () => {
-    if (stageV) copyV();
+    if (stageV) storeV();
+    if (stageK) {
+      storeK();
+      loadK("t + 2u");
+    }
+    if (stageV) loadV("t + 1u");
   });
   emit(`    let full = ${fullTile};`);
   for (const e of range(hk)) {
@@ -559,7 +621,9 @@ const LN2: f32 = 0.6931471805599453;`);
     }
     forEach("g", dVs / N, (g) => {
       emit("      {");
-      for (const b of vRights) emit("        " + mma.loadRight(`vb${b}`, vAt, vOffset(b, part(dVs / N, g), kk)));
+      for (const b of vRights) {
+        emit("        " + mma.loadRight(`vb${b}`, vAt, vOffset(b, part(dVs / N, g), kk)));
+      }
       for (const { a, b, o } of pvProducts) {
         emit("        " + mma.mma(tile(`acc${o}_`, g), `pa${a}`, pAt, `vb${b}`, vAt));
       }
@@ -574,28 +638,38 @@ const LN2: f32 = 0.6931471805599453;`);
   emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = select(0u, 1u, bad);
   workgroupBarrier();`);
   for (let a = 0; a < S; a++) {
-    emit(`  let pt${a} = f32(${peers.map(({ p, x }) => `bitcast<i32>(${redOf(p, x, 2 + a)})`).join(" + ")});`);
+    emit(
+      `  let pt${a} = f32(${peers.map(({ p, x }) => `bitcast<i32>(${redOf(p, x, 2 + a)})`).join(" + ")});`,
+    );
   }
   emit(`  let nan = (${peers.map(({ p, x }) => redOf(p, x, 1)).join(" | ")}) != 0u;
   let l = ${combine(range(S).map((a) => `pt${a}`))};
   let live = l > 0.0;
   let inv = select(0.0, 1.0 / l, live);
   let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss;`);
-  const perInv = N / 2;
+  const perInv = N / 2, perRound = Math.floor(sRegion / (R * N));
   forEach("g", dVs / N, (g) => {
-    emit(`    workgroupBarrier();`);
-    for (let o = 0; o <= c.order; o++) {
-      emit("    " + mma.store(oAt, `ws + ${o * R * N}u`, tile(`acc${o}_`, g)));
+    emit(`    {`);
+    // The orders' tiles through the S region, highest first, `perRound` at a time: y = A_o + y / F.
+    for (let top = c.order; top >= 0; top -= perRound) {
+      const os = range(perRound).map((i) => top - i).filter((o) => o >= 0);
+      emit(`    workgroupBarrier();`);
+      os.forEach((o, i) => emit("    " + mma.store(oAt, `ws + ${i * R * N}u`, tile(`acc${o}_`, g))));
+      emit(`    workgroupBarrier();`);
+      if (top === c.order) emit(`    let ob = ws + r * ${N}u + hh * ${perInv}u;`);
+      os.forEach((o, i) => {
+        for (const e of range(perInv)) {
+          const v = `f32(ss[ob + ${i * R * N + e}u])`;
+          emit(o === c.order ? `    var y${e} = ${v};` : `    y${e} = ${v} + y${e} * ${invF()};`);
+        }
+      });
     }
-    emit(`    workgroupBarrier();
-    {
-      let c0 = ${part(dVs / N, g)} * ${N}u + hh * ${perInv}u;
-      let ob = ws + r * ${N}u + hh * ${perInv}u;`);
+    emit(`    {
+      let c0 = ${part(dVs / N, g)} * ${N}u + hh * ${perInv}u;`);
     for (let q = 0; q < perInv / 4; q++) {
       const vals = range(4).map((i) => {
         const e = 4 * q + i;
-        const a = combine(range(c.order + 1).map((o) => `f32(ss[ob + ${o * R * N + e}u])`));
-        return `select(select((${a}) * inv * scales[vsb + c0 + ${e}u], 0.0, !live), bitcast<f32>(NAN_BITS), nan)`;
+        return `select(select(y${e} * inv * scales[vsb + c0 + ${e}u], 0.0, !live), bitcast<f32>(NAN_BITS), nan)`;
       });
       const guard = dV > c.d ? `c0 + ${4 * q}u < ${c.d}u && ` : "";
       emit(
@@ -604,7 +678,8 @@ const LN2: f32 = 0.6931471805599453;`);
         }; }`,
       );
     }
-    emit(`    }`);
+    emit(`    }
+    }`);
   });
   if (c.lse) {
     // Σp counts P in units of 1/127.
