@@ -85,8 +85,8 @@ export function maxOrderFor(slices: number): number {
  * channels, eight registers a lane each) are shared out until a subgroup holds at most 12 tiles
  * (96 registers): three orders at d 128 are 24 tiles, which spilled (bench/RESULTS.md, run 14).
  */
-export function splitFor(slices: number, d: number): number {
-  const tiles = slices * (sageMmaDims(d).dV / 16);
+export function splitFor(orders: number, d: number): number {
+  const tiles = orders * (sageMmaDims(d).dV / 16);
   return tiles <= 12 ? 1 : tiles <= 24 ? 2 : 4;
 }
 
@@ -100,6 +100,7 @@ export function chooseFlashMmaConfig(
   const { shape, limits } = mmaTileFor(caps, emulate);
   if (!shape) return "no int8 subgroup-matrix tile on this device";
   const slices = slicesFor(p.dtype);
+  // Products up to order slices - 1: one accumulator per order, `slices` of them.
   const split = splitFor(slices, p.d);
   // K and V staged in workgroup memory first (Flux f32: 9.26 ms against 32.0 unstaged; SD3 9.48
   // against 25.2; bench/RESULTS.md, run 18), with as many blocks of 16 rows as fit (staged at d 128:

@@ -57,6 +57,7 @@ import {
   PACKED_UNIFORMS,
   packedDeclarations,
   rowDiagonal,
+  stagedTileCopy,
 } from "./sage_mma_two_pass.ts";
 
 /** The factor between consecutive slices. */
@@ -388,42 +389,23 @@ const LN2: f32 = 0.6931471805599453;`);
     stageV
       ? `${b * dV * vsStride}u + ${g} * ${N * vsStride}u + ${kk} * 32u`
       : `v8_base + t * ${bc * dV * S}u + ${b * dV * bc}u + ${g} * ${N * bc}u + ${kk} * 32u`;
-  // Staging (k8 and v8 then bound as 16-byte words): K tile t's S·bc·dQ bytes and V tile t's S·dV·bc bytes as 16-byte words, `nk` and
-  // `nv` per invocation, fetched a tile ahead into registers kr*, vr* and stored into ks, vs after
-  // a barrier: a matrix load from storage waits for the memory each time (sage-mma's staging,
-  // wgsl/sage_mma_two_pass.ts).
+  // Staging (k8 and v8 then bound as 16-byte words): K tile t's S·bc·dQ bytes and V tile t's
+  // S·dV·bc bytes, `nk` and `nv` words per invocation, fetched a tile ahead into registers kr*, vr*
+  // and stored into ks, vs after a barrier: a matrix load from storage waits for the memory each
+  // time (sage-mma's staging, wgsl/sage_mma_two_pass.ts). The maximum pass multiplies K's slices
+  // up to maxOrder only: the first words of each tile.
   const threads = s.threads, kVecs = (S * bc * dQ) / 16, vVecs = (S * dV * bc) / 16;
-  const nk = Math.ceil(kVecs / threads), nv = Math.ceil(vVecs / threads);
-  const loadTile = (reg: string, n: number, vecs: number, src: string, base: string, t: string) =>
-    range(n).forEach((i) => {
-      const j = vecs % threads === 0 ? `lid + ${i * threads}u` : `min(lid + ${i * threads}u, ${vecs - 1}u)`;
-      emit(`    ${reg}${i} = ${src}[${base} + min(${t}, t_last) * ${vecs}u + ${j}];`);
-    });
-  const storeTile = (reg: string, n: number, vecs: number, dst: string, row4: number, strideWords: number) =>
-    range(n).forEach((i) => {
-      const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
-      emit(`    ${guard}{
-      let j = lid + ${i * threads}u;
-      let at = (j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
-      ${dst}[at] = ${reg}${i}.x;
-      ${dst}[at + 1u] = ${reg}${i}.y;
-      ${dst}[at + 2u] = ${reg}${i}.z;
-      ${dst}[at + 3u] = ${reg}${i}.w;
-    }`);
-    });
-  // The maximum pass multiplies K's slices up to maxOrder only: the first ones of each tile.
-  const kVecsMax = ((c.maxOrder + 1) * bc * dQ) / 16, nkMax = Math.ceil(kVecsMax / threads);
-  const loadK = (t: string) => loadTile("kr", nk, kVecs, "k8", "k4_base", t);
+  const kVecsMax = ((c.maxOrder + 1) * bc * dQ) / 16;
+  const nk = Math.ceil(kVecs / threads),
+    nv = Math.ceil(vVecs / threads),
+    nkMax = Math.ceil(kVecsMax / threads);
+  const { loadTile, storeTile } = stagedTileCopy(threads, emit);
+  const loadK = (t: string) => loadTile("kr", nk, kVecs, "k8", "k4_base", `min(${t}, t_last)`);
   const loadKMax = (t: string) =>
-    range(nkMax).forEach((i) => {
-      const j = kVecsMax % threads === 0
-        ? `lid + ${i * threads}u`
-        : `min(lid + ${i * threads}u, ${kVecsMax - 1}u)`;
-      emit(`    kr${i} = k8[k4_base + min(${t}, t_last) * ${kVecs}u + ${j}];`);
-    });
-  const storeKMax = () => storeTile("kr", nkMax, kVecsMax, "ks", dQ / 16, ksStride / 4);
-  const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", t);
+    loadTile("kr", nkMax, kVecsMax, "k8", "k4_base", `min(${t}, t_last)`, kVecs);
+  const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", `min(${t}, t_last)`);
   const storeK = () => storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4);
+  const storeKMax = () => storeTile("kr", nkMax, kVecsMax, "ks", dQ / 16, ksStride / 4);
   const storeV = () => storeTile("vr", nv, vVecs, "vs", bc / 16, vsStride / 4);
 
   // A tile holds every slice: the prologue's int8 bases count slices · dQ (and · dV) per row.

@@ -170,6 +170,71 @@ fn seq_of(t: u32) -> u32 {
 }`;
 }
 
+/**
+ * WGSL steps that stage a tile in workgroup memory through registers (shared by the matrix
+ * kernels): `loadTile` fetches `vecs` 16-byte words of tile `tileIdx` (tiles `stride` words apart,
+ * default `vecs`) into registers `${reg}0..${n - 1}`, `n` a thread; `storeTile` writes them to `dst`
+ * as rows of `row4` words, rows `strideWords` i32 apart from `base`, each component through `word`.
+ */
+export function stagedTileCopy(threads: number, emit: (line: string) => void): {
+  loadTile: (
+    reg: string,
+    n: number,
+    vecs: number,
+    src: string,
+    base: string,
+    tileIdx: string,
+    stride?: number,
+  ) => void;
+  storeTile: (
+    reg: string,
+    n: number,
+    vecs: number,
+    dst: string,
+    row4: number,
+    strideWords: number,
+    word?: (x: string) => string,
+    base?: number,
+  ) => void;
+} {
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  const loadTile = (
+    reg: string,
+    n: number,
+    vecs: number,
+    src: string,
+    base: string,
+    tileIdx: string,
+    stride = vecs,
+  ) =>
+    range(n).forEach((i) => {
+      const j = vecs % threads === 0 ? `lid + ${i * threads}u` : `min(lid + ${i * threads}u, ${vecs - 1}u)`;
+      emit(`    ${reg}${i} = ${src}[${base} + (${tileIdx}) * ${stride}u + ${j}];`);
+    });
+  const storeTile = (
+    reg: string,
+    n: number,
+    vecs: number,
+    dst: string,
+    row4: number,
+    strideWords: number,
+    word: (x: string) => string = (x) => x,
+    base = 0,
+  ) =>
+    range(n).forEach((i) => {
+      const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
+      emit(`    ${guard}{
+      let j = lid + ${i * threads}u;
+      let at = ${base ? `${base}u + ` : ""}(j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
+      ${dst}[at] = ${word(`${reg}${i}.x`)};
+      ${dst}[at + 1u] = ${word(`${reg}${i}.y`)};
+      ${dst}[at + 2u] = ${word(`${reg}${i}.z`)};
+      ${dst}[at + 3u] = ${word(`${reg}${i}.w`)};
+    }`);
+    });
+  return { loadTile, storeTile };
+}
+
 /** Whether a config's maximum pass runs by pairs of subgroups ({@link TwoPassConfig.maxPairs}). */
 export function pairedMaxPass(c: TwoPassConfig): boolean {
   return c.maxPairs === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 &&
@@ -397,32 +462,7 @@ const LN2: f32 = 0.6931471805599453;`);
   // `nk` and `nv` per invocation, through registers kr*, vr* into ks, vs.
   const threads = s.threads, kVecs = (bc * dQ) / 16, vVecs = (dV * bc) / 16;
   const nk = Math.ceil(kVecs / threads), nv = Math.ceil(vVecs / threads);
-  const loadTile = (reg: string, n: number, vecs: number, src: string, base: string, tileIdx: string) =>
-    range(n).forEach((i) => {
-      const j = vecs % threads === 0 ? `lid + ${i * threads}u` : `min(lid + ${i * threads}u, ${vecs - 1}u)`;
-      emit(`    ${reg}${i} = ${src}[${base} + (${tileIdx}) * ${vecs}u + ${j}];`);
-    });
-  const storeTile = (
-    reg: string,
-    n: number,
-    vecs: number,
-    dst: string,
-    row4: number,
-    strideWords: number,
-    word: (x: string) => string,
-    base = 0,
-  ) =>
-    range(n).forEach((i) => {
-      const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
-      emit(`    ${guard}{
-      let j = lid + ${i * threads}u;
-      let at = ${base ? `${base}u + ` : ""}(j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
-      ${dst}[at] = ${word(`${reg}${i}.x`)};
-      ${dst}[at + 1u] = ${word(`${reg}${i}.y`)};
-      ${dst}[at + 2u] = ${word(`${reg}${i}.z`)};
-      ${dst}[at + 3u] = ${word(`${reg}${i}.w`)};
-    }`);
-    });
+  const { loadTile, storeTile } = stagedTileCopy(threads, emit);
   const loadK = (t: string) => loadTile("kr", nk, kVecs, "k8", "k4_base", `min(${t}, t_last)`);
   const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", `min(${t}, t_last)`);
   const storeK = () => storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4, (x) => `bitcast<i32>(${x})`);
