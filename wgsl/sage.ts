@@ -31,6 +31,9 @@ export const SAGE_THREADS = 256;
 /** vec4 columns of K one mean workgroup covers. */
 export const SAGE_MEAN_COLUMNS = 8;
 
+/** Rows each invocation of {@link sageStatsKernel} loads at once. */
+const STATS_UNROLL = 8;
+
 /**
  * Head dim padded for the packed int8 layout: to 16 (one vec4<u32> word holds 16 values), or to
  * `multiple` (32 for the K of `sage-mma`'s 16x16x32 matrix tiles).
@@ -179,11 +182,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let r_end = min(P.s, (chunk + 1u) * P.chunk);
   var acc = vec4<f32>(0.0);
 ${extremes.init}  if (live) {
-    for (var r = chunk * P.chunk + lane; r < r_end; r += ${lanes}u) {
-      let x = ld(base + r * P.ss);
-      let ok = finite4(x);
-      acc += select(vec4<f32>(0.0), x, ok);
-${extremes.step}    }
+    // ${STATS_UNROLL} rows loaded at once per step: a loop waiting on each load in turn kept too few
+    // bytes in flight to fill the memory bus (bench/RESULTS.md, run 19).
+    for (var r = chunk * P.chunk + lane; r < r_end; r += ${STATS_UNROLL * lanes}u) {
+${
+      Array.from({ length: STATS_UNROLL }, (_, u) =>
+        `      let x${u} = ld(base + min(r + ${u * lanes}u, r_end - 1u) * P.ss);
+`).join("")
+    }${
+      Array.from({ length: STATS_UNROLL }, (_, u) =>
+        `      if (r + ${u * lanes}u < r_end) {
+        let x = x${u};
+        let ok = finite4(x);
+        acc += select(vec4<f32>(0.0), x, ok);
+${extremes.step.replace(/^(?=.)/gm, "  ")}      }
+`).join("")
+    }    }
   }
 ${tree("acc", (a, b) => `${a} + ${b}`)}${extremes.tree}  if (lane == 0u && live) {
     let at = (bh * P.chunks + chunk) * ${parts * d4}u + col;
@@ -311,9 +325,9 @@ ${workListSearch()}  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
 }
 
 /**
- * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): absmax
- * (after smoothing) by a tree in workgroup memory, then `round(x * 127 / absmax)` packed four to
- * a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
+ * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): each
+ * invocation loads its share of the block into registers at once, the absmax (after smoothing) by
+ * one workgroup atomic, then `round(x * 127 / absmax)` packed four to a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
  * then `mean` (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is
  * the work list's total or a bound of it, workgroups past the total return at once).
  */
@@ -338,10 +352,45 @@ export function sageQuantKernel(c: SageQuantConfig): Kernel {
       bindings.push(name);
     }
   }
-  const value = (col: string) => c.smooth ? `(ld(row + ${col}) - mean[mb + ${col}])` : `ld(row + ${col})`;
+  const value = (e: string) => {
+    const at = `row0 + (${e} / ${d4}u) * P.ss + ${e} % ${d4}u`;
+    return c.smooth ? `(ld(${at}) - mean[mb + ${e} % ${d4}u])` : `ld(${at})`;
+  };
+  // Every invocation's share of the block (vec4 e = lid + i·t) loaded at once and kept in registers:
+  // the first form looped over loads it waited on one by one, read the block a second time to
+  // quantize it, and reduced through a tree of 8 barriers (Flux: Q's and K's quantization 82 µs,
+  // now 61 to 65; bench/RESULTS.md run 19). Workgroups of 2 to 8 blocks were slower (83 to 86).
+  const per = Math.ceil((c.rows * d4) / t);
+  const loads = Array.from({ length: per }, (_, i) =>
+    `  let e${i} = lid + ${i * t}u;
+  let v${i} = select(vec4<f32>(0.0), ${value(`min(e${i}, last)`)}, e${i} < live);
+`).join("");
+  const absmax = Array.from(
+    { length: per },
+    (_, i) =>
+      `  let a${i} = select(vec4<f32>(${POS_INF}), abs(v${i}), finite4(v${i}));
+  mx = max(mx, max(max(a${i}.x, a${i}.y), max(a${i}.z, a${i}.w)));
+`,
+  ).join("");
+  const full = per * t === c.rows * d4;
+  const stores = Array.from({ length: per }, (_, i) => {
+    const store = `x8[out0 + (e${i} / ${d4}u) * ${words}u + e${i} % ${d4}u] = pack${i};`;
+    return `  let q${i} = vec4<i32>(clamp(round(select(vec4<f32>(0.0), v${i} * inv, finite4(v${i}))), vec4<f32>(-127.0), vec4<f32>(127.0)));
+  let pack${i} = (u32(q${i}.x) & 0xffu) | ((u32(q${i}.y) & 0xffu) << 8u) | ((u32(q${i}.z) & 0xffu) << 16u) | (u32(q${i}.w) << 24u);
+  ${full ? store : `if (e${i} < ${c.rows * d4}u) { ${store} }`}
+`;
+  }).join("");
+  // d padded to `words` with zero words (rows past the block's end are zeros already).
+  const padding = words > d4
+    ? `  for (var e = lid; e < ${c.rows * (words - d4)}u; e += ${t}u) {
+    x8[out0 + (e / ${words - d4}u) * ${words}u + ${d4}u + e % ${words - d4}u] = 0u;
+  }
+`
+    : "";
   const uniforms = c.varlen ? QUANT_VARLEN_UNIFORMS : QUANT_UNIFORMS;
   const code = header(c, uniforms) + sageLoader(c) + decls +
-    `var<workgroup> red: array<f32, ${t}>;
+    `// The block's absmax as f32 bits: for values >= 0 (and +Inf) the u32 order is the f32 order.
+var<workgroup> amax_bits: atomic<u32>;
 @compute @workgroup_size(${t})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -356,40 +405,21 @@ ${
   let mb = (b * P.n_kv + h / P.group) * ${d4}u;
   let rows = min(P.s - r0, ${c.rows}u);`
     }
-  // A NaN or Inf in the block makes absmax, and so the block's scale, +Inf, and its values
+  let row0 = base + r0 * P.ss;
+  let live = rows * ${d4}u;
+  let last = max(live, 1u) - 1u;
+  let out0 = wg * ${c.rows * words}u;
+${loads}  // A NaN or Inf in the block makes absmax, and so the block's scale, +Inf, and its values
   // quantize to 0: every score of the block is then 0 * Inf = NaN, and the NaN reaches exactly the
   // rows that attend the block (max() with a NaN is unspecified in WGSL, hence the bit test).
   var mx = 0.0;
-  for (var e = lid; e < rows * ${d4}u; e += ${t}u) {
-    let row = base + (r0 + e / ${d4}u) * P.ss;
-    let x = ${value(`e % ${d4}u`)};
-    let v = select(vec4<f32>(${POS_INF}), abs(x), finite4(x));
-    mx = max(mx, max(max(v.x, v.y), max(v.z, v.w)));
-  }
-  red[lid] = mx;
+${absmax}  // One atomic per invocation: a subgroup maximum first left the time where it was (run 19).
+  atomicMax(&amax_bits, bitcast<u32>(mx));
   workgroupBarrier();
-  for (var st = ${t / 2}u; st > 0u; st >>= 1u) {
-    if (lid < st) { red[lid] = max(red[lid], red[lid + st]); }
-    workgroupBarrier();
-  }
-  let amax = red[0];
+  let amax = bitcast<f32>(atomicLoad(&amax_bits));
   let inv = select(0.0, 127.0 / amax, amax > 0.0);
   if (lid == 0u) { x_scale[wg] = amax / 127.0 * P.scale_mul; }
-  for (var e = lid; e < ${c.rows * words}u; e += ${t}u) {
-    let r = e / ${words}u;
-    let col = e % ${words}u;
-    var word = 0u;
-    if (r < rows && col < ${d4}u) {
-      let row = base + (r0 + r) * P.ss;
-      let x = ${value("col")};
-      let xq = select(vec4<f32>(0.0), x * inv, finite4(x));
-      let iv = vec4<i32>(clamp(round(xq), vec4<f32>(-127.0), vec4<f32>(127.0)));
-      word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) |
-        (u32(iv.w) << 24u);
-    }
-    x8[wg * ${c.rows * words}u + e] = word;
-  }
-${
+${stores}${padding}${
       c.bias
         ? `  for (var r = lid; r < rows; r += ${t}u) {
     let row = base + (r0 + r) * P.ss;

@@ -562,34 +562,42 @@ export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean;
   }`;
   // u8 operands (two-pass kernel): each byte offset by 128, i.e. its sign bit flipped.
   const flip = c.offset ? " ^ 0x80808080u" : "";
-  const quantize = `let x = ld(base + r * P.ss) - mean;
-        let iv = vec4<i32>(clamp(round(select(vec4<f32>(0.0), x * inv, finite4(x))), vec4<f32>(-127.0), vec4<f32>(127.0)));`;
+  // An invocation's four rows loaded at once (clamped into the sequence, zero past its end), then
+  // quantized: a loop waiting on each load in turn kept too few bytes in flight (run 19).
+  const loads = (row: (i: number) => string) =>
+    [0, 1, 2, 3].map((i) =>
+      `    let x${i} = select(vec4<f32>(0.0), ld(base + min(${row(i)}, last) * P.ss) - mean, live && ${
+        row(i)
+      } < P.s);
+`
+    ).join("");
+  const quantized = (i: number) =>
+    `vec4<i32>(clamp(round(select(vec4<f32>(0.0), x${i} * inv, finite4(x${i}))), vec4<f32>(-127.0), vec4<f32>(127.0)))`;
   const rowStore = `  if (col < ${w4}u) {
-    for (var j = 0u; j < 4u; j++) {
-      let r = r0 + j * ${lanes}u + lane;
-      if (r >= P.rows) { break; }
-      var word = 0u;
-      if (live && r < P.s) {
-        ${quantize}
-        word = (u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) | (u32(iv.w) << 24u);
-      }
-      v8[(bh * P.rows + r) * ${w4}u + col] = word${flip};
+${loads((i) => `r0 + ${i * lanes}u + lane`)}${
+    [0, 1, 2, 3].map((i) =>
+      `    if (r0 + ${i * lanes}u + lane < P.rows) {
+      let iv = ${quantized(i)};
+      v8[(bh * P.rows + r0 + ${
+        i * lanes
+      }u + lane) * ${w4}u + col] = ((u32(iv.x) & 0xffu) | ((u32(iv.y) & 0xffu) << 8u) | ((u32(iv.z) & 0xffu) << 16u) | (u32(iv.w) << 24u))${flip};
     }
-  }
+`
+    ).join("")
+  }  }
 `;
   // Per key tile [channels, bc keys]: four keys of one channel per word.
   const bw = c.bc / 4;
   const transposedStore = `  let r4 = r0 / 4u + lane;
   if (col < ${w4}u && r4 < P.rows / 4u) {
-    var w = vec4<u32>(0u);
-    for (var i = 0u; i < 4u; i++) {
-      let r = r4 * 4u + i;
-      if (live && r < P.s) {
-        ${quantize}
-        w |= (bitcast<vec4<u32>>(iv) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);
-      }
-    }
-    let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
+${loads((i) => `r4 * 4u + ${i}u`)}    var w = vec4<u32>(0u);
+${
+    [0, 1, 2, 3].map((i) =>
+      `    w |= (bitcast<vec4<u32>>(${quantized(i)}) & vec4<u32>(0xffu)) << vec4<u32>(${8 * i}u);
+`
+    )
+      .join("")
+  }    let at = ((bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u;
     v8[at] = w.x${flip};
     v8[at + ${bw}u] = w.y${flip};
     v8[at + ${2 * bw}u] = w.z${flip};
@@ -617,6 +625,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let mean = v_stat[at + ${w4}u];
   // A scale of +Inf (a non-finite value in the channel) gives 0, as 127 / absmax did.
   let inv = select(vec4<f32>(0.0), 1.0 / scale, scale > vec4<f32>(0.0));
+  let last = max(P.s, 1u) - 1u;
 ${c.transposed ? transposedStore : rowStore}}
 `;
   return { key, label: key, code, bindings: ["x", "v8", "v_stat"], uniforms: V_UNIFORMS };
