@@ -31,21 +31,26 @@ import {
   flashMmaMaxKeys,
   flashMmaSliceKernel,
   flashMmaVKernel,
+  flashMmaVMaxKernel,
   sliceRowsPerGroup,
   V_COLUMNS,
+  V_TILE,
 } from "../wgsl/flash_mma.ts";
+import { sageStatsChunks } from "../wgsl/sage.ts";
 import { EMULATE_MMA_VARIABLE, mmaMainUniforms, mmaTileFor, realMmaReasons } from "./sage_mma.ts";
 
 /**
  * Test and benchmark hooks: `override` merges over the chosen config (slices, order, maxOrder,
  * warps, bc, shape, qRegisters, skipMaxPass); `emulate` forces the form (null: the variable
- * decides); `minSeq` replaces {@link FLASH_MMA_MIN_SEQ} (router tests).
+ * decides); `minSeq` replaces {@link FLASH_MMA_MIN_SEQ} (router tests); `prepassOnly` (a benchmark
+ * ablation, wrong results) records the slicing pre-pass alone.
  */
 export const flashMmaTuning: {
   override: Partial<FlashMmaConfig> | null;
   emulate: boolean | null;
   minSeq: number | null;
-} = { override: null, emulate: null, minSeq: null };
+  prepassOnly: boolean;
+} = { override: null, emulate: null, minSeq: null, prepassOnly: false };
 
 /** Whether the emulated form is selected. */
 export function emulatingFlashMma(): boolean {
@@ -240,8 +245,9 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const sliceQ = kernelOf(flashMmaSliceKernel, { ...input, rows: MMA_ROWS, slices: c.slices });
   const sliceK = kernelOf(flashMmaSliceKernel, { ...input, rows: c.bc, slices: c.slices });
   const sliceV = kernelOf(flashMmaVKernel, { ...input, bc: c.bc, slices: c.slices });
-  const [mainPipe, qPipe, kPipe, vPipe] = await Promise.all(
-    [main, sliceQ, sliceK, sliceV].map((k) => call.pipeline(k)),
+  const maxV = kernelOf(flashMmaVMaxKernel, input);
+  const [mainPipe, qPipe, kPipe, vPipe, vMaxPipe] = await Promise.all(
+    [main, sliceQ, sliceK, sliceV, maxV].map((k) => call.pipeline(k)),
   );
   const sz = scratchSizes(p, c);
   const q8 = call.scratch(sz.q8, "flash-mma q slices");
@@ -277,10 +283,16 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     scale_mul: 1,
     sc_off: sz.kSc,
   }, p.b * p.nKv * kChunks);
-  // 2. v split per channel.
+  // 2. v's per-channel absmax over chunks of keys side by side, then v split per channel by tiles.
   const cgroups = Math.ceil(dV / 4 / V_COLUMNS);
-  call.dispatch(vPipe, sliceV, { x: io.v, v8, scales }, {
+  const { chunk, chunks } = sageStatsChunks(p.sKv);
+  const tiles = Math.ceil(kTotal / V_TILE);
+  const part = call.scratch(p.b * p.nKv * chunks * dV * 4, "flash-mma v absmax partials");
+  const vUniforms = {
     cgroups,
+    chunks,
+    chunk,
+    tiles,
     s: p.sKv,
     rows: kTotal,
     heads: p.nKv,
@@ -288,7 +300,10 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     sh: v4(p.v.strides.n),
     ss: v4(p.v.strides.s),
     sc_off: sz.vSc,
-  }, p.b * p.nKv * cgroups);
+  };
+  call.dispatch(vMaxPipe, maxV, { x: io.v, part }, vUniforms, p.b * p.nKv * cgroups * chunks);
+  call.dispatch(vPipe, sliceV, { x: io.v, v8, scales, part }, vUniforms, p.b * p.nKv * cgroups * tiles);
+  if (flashMmaTuning.prepassOnly) return;
   // 3. The matrix kernel.
   const buffers: Record<string, GPUBuffer> = { q8, k8, v8, o: io.out, scales };
   if (io.mask) buffers.mask = io.mask;

@@ -13,7 +13,7 @@
  * and products kept (`slices`, `order`), the maximum pass's products (`maxOrder`, below `order`
  * with its proven margin), a stage left out (`skipMaxPass`: wrong results, times pass 2 alone),
  * Q in registers or not, subgroups, subgroups a block of rows (`split`), key tile, K and/or V staged in
- * workgroup memory, N8 tiles. Each is timed at every shape and, with
+ * workgroup memory, N8 tiles, or `prepassOnly` (the slicing pre-pass alone). Each is timed at every shape and, with
  * `--accuracy`, checked. Each step reports its own failure (e.g. a kernel that does not compile)
  * and the run goes on. `--crossover` times b1 n24 d128 at each s (FLASH_MMA_MIN_SEQ's measurement).
  */
@@ -35,7 +35,7 @@ const backends = arg("backends", "flash-mma,flash-subgroup").split(",");
 const accuracyRows = Number(arg("accuracy", "256"));
 const reps = Number(arg("reps", "10"));
 const crossover = arg("crossover", "").split(",").filter((x) => x).map(Number);
-const sweep = JSON.parse(arg("sweep", "[]")) as Partial<FlashMmaConfig>[];
+const sweep = JSON.parse(arg("sweep", "[]")) as (Partial<FlashMmaConfig> & { prepassOnly?: boolean })[];
 
 const rt = await defaultRuntime();
 if (!rt) throw new Error("no WebGPU adapter");
@@ -61,12 +61,19 @@ async function step<T>(what: string, f: () => Promise<T>): Promise<T | null> {
 }
 
 /** Runs `f` with flash-mma's config overridden by `o` (null: none). */
-async function withOverride<T>(o: Partial<FlashMmaConfig> | null, f: () => Promise<T>): Promise<T> {
-  flashMmaTuning.override = o;
+/** Runs `f` under a sweep entry: config overrides, and `prepassOnly` (the slicing pre-pass alone). */
+async function withOverride<T>(
+  o: (Partial<FlashMmaConfig> & { prepassOnly?: boolean }) | null,
+  f: () => Promise<T>,
+): Promise<T> {
+  const { prepassOnly, ...rest } = o ?? {};
+  flashMmaTuning.override = o ? rest : null;
+  flashMmaTuning.prepassOnly = prepassOnly === true;
   try {
     return await f();
   } finally {
     flashMmaTuning.override = null;
+    flashMmaTuning.prepassOnly = false;
   }
 }
 
@@ -77,7 +84,7 @@ const shapes = shapeNames.map((name) => {
 });
 
 /** Every run: the backends as they are, then flash-mma under each sweep entry. */
-const runs: { backend: string; label: string; override: Partial<FlashMmaConfig> | null }[] = [
+const runs: { backend: string; label: string; override: (typeof sweep)[number] | null }[] = [
   ...backends.map((backend) => ({ backend, label: backend, override: null })),
   ...sweep.map((o) => ({ backend: "flash-mma", label: `flash-mma ${JSON.stringify(o)}`, override: o })),
 ];

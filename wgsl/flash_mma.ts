@@ -774,6 +774,11 @@ function range(n: number): number[] {
 const V_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["cgroups", "u32"],
+  // Chunks of rows per head (wgsl/sage.ts, sageStatsChunks) and rows per chunk.
+  ["chunks", "u32"],
+  ["chunk", "u32"],
+  // Tiles of V_TILE rows per head (the slicing kernel).
+  ["tiles", "u32"],
   ["s", "u32"],
   // Keys per head in the sliced layout (k_blocks · bc): keys past s are zeros.
   ["rows", "u32"],
@@ -785,52 +790,60 @@ const V_UNIFORMS: [string, UniformType][] = [
   ["sc_off", "u32"],
 ];
 
-/** vec4 columns of V one {@link flashMmaVKernel} workgroup covers. */
+/** vec4 columns of V one {@link flashMmaVMaxKernel} or {@link flashMmaVKernel} workgroup covers. */
 export const V_COLUMNS = 8;
+/** Rows one {@link flashMmaVKernel} workgroup slices (four per invocation). */
+export const V_TILE = 4 * (SAGE_THREADS / V_COLUMNS);
+/** Rows each invocation of {@link flashMmaVMaxKernel} loads at once. */
+const V_MAX_UNROLL = 8;
+
+function vElement(c: SageInput): string {
+  return c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
+}
 
 /**
- * Splits V into i8 slices per channel (one scale per channel over the sequence, absmax / 127, at
- * `sc_off` of `scales` as `[b, n_kv, dV]`), laid out per key tile as `[b, n_kv, tiles, slice, dV,
- * bc]` bytes (four keys of one channel per word). One workgroup per (batch, K/V head,
- * {@link V_COLUMNS} vec4 columns): the absmax by a tree over strided rows, then the slices.
- * Bindings: x, v8, scales. Dispatch `b · n_kv · cgroups` workgroups, `cgroups = ceil(dV / 4 / V_COLUMNS)`.
+ * V's per-channel absmax over one chunk of rows (wgsl/sage.ts, `sageStatsChunks`), as the values'
+ * bits without the sign (a NaN's are the largest), per (batch, K/V head, {@link V_COLUMNS} vec4
+ * columns, chunk), into `part` (`[b · n_kv, chunks, dV / 4]` vec4<u32>). The chunks of a head run
+ * side by side, each invocation loading {@link V_MAX_UNROLL} rows at once: the first form walked
+ * the whole sequence in one workgroup per 8 columns (Flux: 96 workgroups of 144 dependent loads).
+ * Bindings: x, part. Dispatch `b · n_kv · cgroups · chunks` workgroups.
  */
-export function flashMmaVKernel(c: SageInput & { bc: number; slices: number }): Kernel {
+export function flashMmaVMaxKernel(c: SageInput): Kernel {
   const { dV } = sageMmaDims(c.d);
-  const d4 = c.d / 4, w4 = dV / 4, cw = V_COLUMNS, lanes = SAGE_THREADS / cw, bw = c.bc / 4;
-  const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
-  const key = `flash-mma-v:${c.dtype}:${c.f16}:d${c.d}:bc${c.bc}:x${c.slices}`;
-  const stores = range(c.slices).map((a) => {
-    const at = `((tile * ${c.slices}u + ${a}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u`;
-    return `      {
-        let at = ${at};
-        v8[at] = bitcast<i32>(w${a}.x);
-        v8[at + ${bw}u] = bitcast<i32>(w${a}.y);
-        v8[at + ${2 * bw}u] = bitcast<i32>(w${a}.z);
-        v8[at + ${3 * bw}u] = bitcast<i32>(w${a}.w);
-      }`;
-  }).join("\n");
+  const d4 = c.d / 4, w4 = dV / 4, cw = V_COLUMNS, lanes = SAGE_THREADS / cw;
+  const key = `flash-mma-vmax:${c.dtype}:${c.f16}:d${c.d}`;
   const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
-    `@group(0) @binding(1) var<storage, read> x: array<${el}>;
-@group(0) @binding(2) var<storage, read_write> v8: array<i32>;
-@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+    `@group(0) @binding(1) var<storage, read> x: array<${vElement(c)}>;
+@group(0) @binding(2) var<storage, read_write> part: array<vec4<u32>>;
 var<workgroup> red: array<vec4<u32>, ${SAGE_THREADS}>;
 ${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
   let wg = wid.x + wid.y * nwg.x;
   if (wg >= P.groups) { return; }
-  let bh = wg / P.cgroups;
-  let col = (wg % P.cgroups) * ${cw}u + lid % ${cw}u;
+  let chunk = wg % P.chunks;
+  let bg = wg / P.chunks;
+  let bh = bg / P.cgroups;
+  let col = (bg % P.cgroups) * ${cw}u + lid % ${cw}u;
   let lane = lid / ${cw}u;
   let live = col < ${d4}u;
   let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
-  // The absmax by the values' bits: a NaN's are the largest.
+  let r_end = min(P.s, (chunk + 1u) * P.chunk);
   var mx = vec4<u32>(0u);
   if (live) {
-    for (var r = lane; r < P.s; r += ${lanes}u) {
-      mx = max(mx, bitcast<vec4<u32>>(ld(base + r * P.ss)) & vec4<u32>(0x7fffffffu));
-    }
+    for (var r = chunk * P.chunk + lane; r < r_end; r += ${V_MAX_UNROLL * lanes}u) {
+${
+      range(V_MAX_UNROLL).map((u) =>
+        `      let x${u} = ld(base + min(r + ${u * lanes}u, r_end - 1u) * P.ss);\n`
+      ).join("")
+    }${
+      range(V_MAX_UNROLL).map((u) =>
+        `      mx = max(mx, select(vec4<u32>(0u), bitcast<vec4<u32>>(x${u}) & vec4<u32>(0x7fffffffu), vec4<bool>(r + ${
+          u * lanes
+        }u < r_end)));\n`
+      ).join("")
+    }    }
   }
   red[lid] = mx;
   workgroupBarrier();
@@ -838,10 +851,75 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (lane < st) { red[lid] = max(red[lid], red[lid + st * ${cw}u]); }
     workgroupBarrier();
   }
-  let ab = red[lid % ${cw}u];
+  if (lane == 0u && col < ${w4}u) { part[(bh * P.chunks + chunk) * ${w4}u + col] = red[lid]; }
+}
+`;
+  return { key, label: key, code, bindings: ["x", "part"], uniforms: V_UNIFORMS };
+}
+
+/**
+ * Splits V into i8 slices per channel (one scale per channel over the sequence, absmax / 127, at
+ * `sc_off` of `scales` as `[b, n_kv, dV]`), laid out per key tile as `[b, n_kv, tiles, slice, dV,
+ * bc]` bytes (four keys of one channel per word). One workgroup per (batch, K/V head,
+ * {@link V_COLUMNS} vec4 columns, {@link V_TILE} rows): the channel's absmax from the chunks'
+ * partials ({@link flashMmaVMaxKernel}: one per invocation, combined by a workgroup atomic), then
+ * each invocation's four rows, loaded at once. The first tile's workgroups write the scales.
+ * Bindings: x, v8, scales, part. Dispatch `b · n_kv · cgroups · tiles` workgroups, `cgroups =
+ * ceil(dV / 4 / V_COLUMNS)`, `tiles = ceil(rows / V_TILE)`.
+ */
+export function flashMmaVKernel(c: SageInput & { bc: number; slices: number }): Kernel {
+  const { dV } = sageMmaDims(c.d);
+  const d4 = c.d / 4, w4 = dV / 4, cw = V_COLUMNS, bw = c.bc / 4;
+  const key = `flash-mma-v:${c.dtype}:${c.f16}:d${c.d}:bc${c.bc}:x${c.slices}`;
+  const stores = range(c.slices).map((a) => {
+    const at = `((tile * ${c.slices}u + ${a}u) * ${dV}u + col * 4u) * ${bw}u + r4 % ${bw}u`;
+    return `    {
+      let at = ${at};
+      v8[at] = bitcast<i32>(w${a}.x);
+      v8[at + ${bw}u] = bitcast<i32>(w${a}.y);
+      v8[at + ${2 * bw}u] = bitcast<i32>(w${a}.z);
+      v8[at + ${3 * bw}u] = bitcast<i32>(w${a}.w);
+    }`;
+  }).join("\n");
+  const rowSlices = range(4).map((i) =>
+    `    let x${i} = select(vec4<f32>(0.0), ld(base + min(r4 * 4u + ${i}u, last) * P.ss), vec4<bool>(live && r4 * 4u + ${i}u < P.s));
+${sliceStatements(`select(vec4<f32>(0.0), x${i} * inv, finite)`, `q${i}_`, c.slices, true, "    ")}
+${
+      range(c.slices).map((a) =>
+        `    w${a} |= (bitcast<vec4<u32>>(q${i}_${a}) & vec4<u32>(0xffu)) << vec4<u32>(${8 * i}u);`
+      )
+        .join("\n")
+    }`
+  ).join("\n");
+  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
+    `@group(0) @binding(1) var<storage, read> x: array<${vElement(c)}>;
+@group(0) @binding(2) var<storage, read_write> v8: array<i32>;
+@group(0) @binding(3) var<storage, read_write> scales: array<f32>;
+@group(0) @binding(4) var<storage, read> part: array<vec4<u32>>;
+var<workgroup> amax: array<atomic<u32>, ${4 * cw}>;
+${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= P.groups) { return; }
+  let t = wg % P.tiles;
+  let bg = wg / P.tiles;
+  let bh = bg / P.cgroups;
+  let cl = lid % ${cw}u;
+  let col = (bg % P.cgroups) * ${cw}u + cl;
+  let lane = lid / ${cw}u;
+  let live = col < ${d4}u;
+  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
+  // Lane j of a column takes chunk j's partial (at most 32 chunks: sageStatsChunks).
+  if (lane < P.chunks && col < ${w4}u) {
+    let m = part[(bh * P.chunks + lane) * ${w4}u + col];
+${range(4).map((i) => `    atomicMax(&amax[cl * 4u + ${i}u], m[${i}]);`).join("\n")}
+  }
+  workgroupBarrier();
+  let ab = vec4<u32>(${range(4).map((i) => `atomicLoad(&amax[cl * 4u + ${i}u])`).join(", ")});
   let finite = ab < vec4<u32>(0x7f800000u);
   let inv = select(vec4<f32>(0.0), vec4<f32>(${SLICE_TOP}.0) / bitcast<vec4<f32>>(ab), finite & (ab > vec4<u32>(0u)));
-  if (lane == 0u && col < ${w4}u) {
+  if (t == 0u && lane == 0u && col < ${w4}u) {
     let sc = select(vec4<f32>(0.0), bitcast<vec4<f32>>(ab) / ${SLICE_TOP}.0, vec4<bool>(live));
     let at = P.sc_off + bh * ${dV}u + col * 4u;
     scales[at] = sc.x;
@@ -849,27 +927,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     scales[at + 2u] = sc.z;
     scales[at + 3u] = sc.w;
   }
-  if (col < ${w4}u) {
-    for (var r4 = lane; r4 < P.rows / 4u; r4 += ${lanes}u) {
-${range(c.slices).map((a) => `      var w${a} = vec4<u32>(0u);`).join("\n")}
-      for (var i = 0u; i < 4u; i++) {
-        let r = r4 * 4u + i;
-        if (live && r < P.s) {
-          let x = ld(base + r * P.ss);
-${sliceStatements("select(vec4<f32>(0.0), x * inv, finite)", "q", c.slices, true, "          ")}
-${
-      range(c.slices).map((a) =>
-        `          w${a} |= (bitcast<vec4<u32>>(q${a}) & vec4<u32>(0xffu)) << vec4<u32>(8u * i);`
-      )
-        .join("\n")
-    }
-        }
-      }
-      let tile = bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u;
+  let r4 = t * ${V_TILE / 4}u + lane;
+  let last = max(P.s, 1u) - 1u;
+  if (col < ${w4}u && r4 < P.rows / 4u) {
+${range(c.slices).map((a) => `    var w${a} = vec4<u32>(0u);`).join("\n")}
+${rowSlices}
+    let tile = bh * (P.rows / ${c.bc}u) + (r4 * 4u) / ${c.bc}u;
 ${stores}
-    }
   }
 }
 `;
-  return { key, label: key, code, bindings: ["x", "v8", "scales"], uniforms: V_UNIFORMS };
+  return { key, label: key, code, bindings: ["x", "v8", "scales", "part"], uniforms: V_UNIFORMS };
 }
