@@ -1,7 +1,8 @@
 /**
  * `flash-mma`: exact attention on int8 matrix tiles. A pre-pass splits q and k per row, and v per
  * channel, into int8 slices under one scale each (three slices for f32, two for f16 and bf16;
- * wgsl/flash_mma.ts), then a two-pass kernel computes Q·Kᵀ and P·V as sums of slice products,
+ * wgsl/flash_mma.ts), then two passes (each row's maximum, in a kernel of its own for 128 query rows
+ * and more; then P·V) compute Q·Kᵀ and P·V as sums of slice products,
  * each exact in i32 on the matrix units (Dawn's `chromium-experimental-subgroup-matrix`: NVIDIA
  * tensor cores), the products of one order sharing an accumulator, the orders combined in f32 (the
  * scheme after Ozaki by which FP64 and FP32 products are emulated on integer tensor cores). Its
@@ -13,7 +14,7 @@
  * {@link flashMmaMaxKeys} keys, f32/f16/bf16, lse) on devices with i8 -> i32 M16 K32 tiles and
  * subgroups of exactly 32; with `WGATTN_EMULATE_MMA=1` (or {@link flashMmaTuning}.emulate) the
  * emulated form of the same tiles (plain WGSL) runs on any adapter, for tests (never picked by the
- * router). The router puts it ahead of `flash-subgroup` for f32 calls with d over 64 and up to 128
+ * router). The router puts it ahead of `flash-subgroup` for f32 calls with d 64 to 128
  * from {@link FLASH_MMA_MIN_SEQ} on.
  */
 import { kernelOf } from "../wgsl/common.ts";
@@ -58,17 +59,16 @@ export function emulatingFlashMma(): boolean {
 }
 
 /**
- * Shortest query and key sequence for which the router picks `flash-mma` for f32 calls (d over 64
- * and up to 128), ahead of `flash-subgroup`. On the H200 at b1 n24 d128 (bench/flash_mma_bench.ts
- * --crossover, run 18) flash-mma took 3.88 ms against 4.09 at s 3072, 8.93 against 9.02 at 4608,
- * 23.7 against 27.0 at 8192 and 91.8 against 108.5 at 16384, and lost below (s 2048: 1.87 against
- * 1.84; 1024: 0.61 against 0.51); at d 64 (SD3) it lost by 1.5% (9.14 ms against 9.01), and d past
- * 128 is not measured.
+ * Shortest query and key sequence for which the router picks `flash-mma` for f32 calls (d 64 to
+ * 128), ahead of `flash-subgroup`. On the H200 at b1 n24 d128 (bench/flash_mma_bench.ts --crossover,
+ * run 19, the maximum pass as a kernel of its own) flash-mma took 1.66 ms against 1.82 at s 2048,
+ * 3.55 against 4.07 at 3072 and 7.77 against 9.02 at 4608 (Flux), and lost at 1024 (0.565 against
+ * 0.492); at d 64 (SD3, s 4250) 7.46 against 9.01. d past 128 is not measured.
  */
-export const FLASH_MMA_MIN_SEQ = 3072;
+export const FLASH_MMA_MIN_SEQ = 2048;
 
 /** Head dims (exclusive low, inclusive high) for which the router may pick `flash-mma` by itself. */
-const ROUTED_D: [number, number] = [64, 128];
+const ROUTED_D: [number, number] = [63, 128];
 
 /** Slices per operand for a dtype: f32 needs three (about 23 bits), f16 and bf16 two (15). */
 export function slicesFor(dtype: AttentionProblem["dtype"]): number {
@@ -135,9 +135,13 @@ export function chooseFlashMmaConfig(
         qRegisters: true,
         split,
         ...(stage ? { stage } : {}),
+        // The maximum pass as a kernel of its own where a query block fills its eight blocks of 16
+        // rows: Flux f32 8.76 -> 7.79 ms, SD3 9.07 -> 7.43 (bench/RESULTS.md, run 19).
+        ...(p.sQ >= 8 * MMA_ROWS && !p.varlen ? { maxPass: "read" as const } : {}),
         ...(flashMmaTuning.override ?? {}),
       };
       const problems = flashMmaConfigProblems(c, limits);
+      if (c.maxPass === "read" && !maxKernelConfig(c, limits)) problems.push("no maximum kernel fits");
       if (problems.length === 0) return c;
       last = problems.join("; ");
     }
@@ -145,19 +149,41 @@ export function chooseFlashMmaConfig(
   return `no int8 matrix tile configuration fits this device (${last})`;
 }
 
+/**
+ * The maximum kernel's config for a main kernel with `maxPass: "read"` (see FlashMmaConfig.maxPass):
+ * one subgroup a block, K's slices up to maxOrder staged, as many blocks as fit (8 first), or null.
+ */
+export function maxKernelConfig(
+  c: FlashMmaConfig,
+  limits: { storage: number; invocations: number },
+): FlashMmaConfig | null {
+  for (const warps of [8, 4, 2, 1]) {
+    const m: FlashMmaConfig = { ...c, warps, split: 1, stage: "k", maxPass: "only", lse: false };
+    if (flashMmaConfigProblems(m, limits).length === 0) return m;
+  }
+  return null;
+}
+
+/** Blocks of 16 query rows one workgroup of a config serves. */
+function blocksPerGroup(c: FlashMmaConfig): number {
+  return c.warps / (c.split ?? 1);
+}
+
 /** Bytes of the scratch buffers and where each tensor's scales start in `scales` (in f32). */
-function scratchSizes(p: AttentionProblem, c: FlashMmaConfig) {
+function scratchSizes(p: AttentionProblem, c: FlashMmaConfig, max: FlashMmaConfig | null = null) {
   const { dQ, dV } = sageMmaDims(p.d);
   const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
-  const perGroup = c.warps / (c.split ?? 1);
+  const perGroup = blocksPerGroup(c);
   const blocks = Math.ceil(p.sQ / (MMA_ROWS * perGroup));
-  // The last workgroup's extra subgroups read up to `perGroup` blocks past the end (rows never stored).
-  const qRows = (p.b * p.n * qBlocks + perGroup) * MMA_ROWS;
+  // The last workgroup's extra subgroups (of either kernel) read up to their blocks past the end
+  // (rows never stored).
+  const qRows = (p.b * p.n * qBlocks + Math.max(perGroup, max ? blocksPerGroup(max) : 0)) * MMA_ROWS;
   const kRows = p.b * p.nKv * kBlocks * c.bc;
   return {
     qBlocks,
     kBlocks,
     blocks,
+    maxBlocks: max ? Math.ceil(p.sQ / (MMA_ROWS * blocksPerGroup(max))) : 0,
     q8: qRows * dQ * c.slices,
     k8: kRows * dQ * c.slices,
     v8: kRows * dV * c.slices,
@@ -189,7 +215,8 @@ function unsupportedReasons(p: AttentionProblem, caps: Capabilities | null): str
       if (Math.max(sizes.q8, sizes.k8, sizes.v8, sizes.scales) > caps.limits.maxStorageBufferBindingSize) {
         reasons.push("its int8 slices of q, k or v do not fit one storage binding");
       }
-      const buffers = 5 + (p.mask ? 1 : 0) + 1;
+      // q8, k8, v8, o, scales; the mask, the lse, a packed batch's offsets, the row maxima.
+      const buffers = 5 + (p.mask ? 1 : 0) + 1 + (p.varlen ? 2 : 0) + (c.maxPass === "read" ? 1 : 0);
       if (buffers > caps.limits.maxStorageBuffersPerShaderStage) {
         reasons.push(
           `its kernel binds ${buffers} storage buffers, over maxStorageBuffersPerShaderStage (${caps.limits.maxStorageBuffersPerShaderStage})`,
@@ -220,11 +247,8 @@ function unsuitedReasons(p: AttentionProblem): string[] {
   const least = minSeq();
   if (p.d <= ROUTED_D[0] || p.d > ROUTED_D[1]) {
     return [
-      `d ${p.d}: measured only for d over ${ROUTED_D[0]} and up to ${
-        ROUTED_D[1]
-      } faster than flash-subgroup ` +
-      "(bench/RESULTS.md, run 18; SD3 at d 64: 9.14 ms against 9.01); choose it with backend: 'flash-mma' or " +
-      "WGATTN_IMPLEMENTATION=flash-mma",
+      `d ${p.d}: measured faster than flash-subgroup only for d ${ROUTED_D[0] + 1} to ${ROUTED_D[1]} ` +
+      "(bench/RESULTS.md, run 19); choose it with backend: 'flash-mma' or WGATTN_IMPLEMENTATION=flash-mma",
     ];
   }
   if (Math.min(p.sQ, p.sKv) < least) {
@@ -242,14 +266,18 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (typeof c === "string") throw new Error(c);
   const input = { dtype: p.dtype, f16: caps.shaderF16, d: p.d };
   const main = kernelOf(flashMmaKernel, c);
+  // The maximum pass as a kernel of its own (maxPass "read"): eight blocks a workgroup.
+  const maxC = c.maxPass === "read" ? maxKernelConfig(c, mmaTileFor(caps, c.emulate).limits) : null;
+  if (c.maxPass === "read" && !maxC) throw new Error("no maximum kernel fits");
+  const maxMain = maxC ? kernelOf(flashMmaKernel, maxC) : null;
   const sliceQ = kernelOf(flashMmaSliceKernel, { ...input, rows: MMA_ROWS, slices: c.slices });
   const sliceK = kernelOf(flashMmaSliceKernel, { ...input, rows: c.bc, slices: c.slices });
   const sliceV = kernelOf(flashMmaVKernel, { ...input, bc: c.bc, slices: c.slices });
   const maxV = kernelOf(flashMmaVMaxKernel, input);
-  const [mainPipe, qPipe, kPipe, vPipe, vMaxPipe] = await Promise.all(
-    [main, sliceQ, sliceK, sliceV, maxV].map((k) => call.pipeline(k)),
+  const [mainPipe, qPipe, kPipe, vPipe, vMaxPipe, maxPipe] = await Promise.all(
+    [main, sliceQ, sliceK, sliceV, maxV, ...(maxMain ? [maxMain] : [])].map((k) => call.pipeline(k)),
   );
-  const sz = scratchSizes(p, c);
+  const sz = scratchSizes(p, c, maxC);
   const q8 = call.scratch(sz.q8, "flash-mma q slices");
   const k8 = call.scratch(sz.k8, "flash-mma k slices");
   const v8 = call.scratch(sz.v8, "flash-mma v slices");
@@ -309,11 +337,26 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (io.mask) buffers.mask = io.mask;
   if (io.lse) buffers.lse = io.lse;
   if (p.varlen) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK! });
+  const uniforms = { k_sc: sz.kSc, v_sc: sz.vSc, seqs: p.varlen?.seqs ?? 0 };
+  if (maxC && maxMain) {
+    const rowMax = call.scratch(p.b * p.n * p.sQ * 4, "flash-mma row maxima");
+    const maxBuffers: Record<string, GPUBuffer> = { q8, k8, scales, row_max: rowMax };
+    if (io.mask) maxBuffers.mask = io.mask;
+    if (p.varlen) Object.assign(maxBuffers, { cuq: io.cuQ!, cuk: io.cuK! });
+    call.dispatch(
+      maxPipe,
+      maxMain,
+      maxBuffers,
+      { ...mmaMainUniforms(p, { blocks: sz.maxBlocks, qBlocks: sz.qBlocks }), ...uniforms },
+      p.b * p.n * sz.maxBlocks,
+    );
+    buffers.row_max = rowMax;
+  }
   call.dispatch(
     mainPipe,
     main,
     buffers,
-    { ...mmaMainUniforms(p, sz), k_sc: sz.kSc, v_sc: sz.vSc, seqs: p.varlen?.seqs ?? 0 },
+    { ...mmaMainUniforms(p, sz), ...uniforms },
     p.b * p.n * sz.blocks,
   );
 }

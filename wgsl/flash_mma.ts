@@ -95,6 +95,13 @@ export interface FlashMmaConfig extends MmaKernelConfig {
   split?: number;
   /** A packed batch (as sage-mma's two-pass kernel: wgsl/sage_mma_two_pass.ts, `varlen`). */
   varlen?: boolean;
+  /**
+   * The maximum pass as a kernel of its own: "only" runs pass 1 and writes each row's maximum to
+   * `row_max` (f32, [b·n, s_q]); "read" skips pass 1 and reads it there. Pass 1 holds no P·V tiles
+   * and multiplies only the slices up to maxOrder, so it fits eight blocks of 16 rows a workgroup
+   * (each staged K tile serving 128 rows instead of 32) where the whole kernel fits two.
+   */
+  maxPass?: "only" | "read";
 }
 
 /** The slice products (a, b) of order a + b up to `order`, with their order. */
@@ -181,19 +188,22 @@ export function flashMmaShape(c: FlashMmaConfig) {
   const orders = c.order + 1;
   // Keys and channels of one subgroup per tile; each invocation takes half a row of its keys.
   const kw = c.bc / split, dVs = dV / split, hk = kw / 2;
-  const groups = sliceOrderGroups(c.slices, c.order, c.d).length;
+  const groups = sliceOrderGroups(c.slices, c.maxPass === "only" ? c.maxOrder : c.order, c.d).length;
   // S: one region of 16 rows per group of orders (i32, +4 words a row against bank conflicts);
   // at the end it takes the orders' output tiles in turn, as many at a time as fit.
   const ss = kw + 4, sWords = MMA_ROWS * ss;
-  const sRegion = Math.max(groups * sWords, MMA_ROWS * c.shape.N);
+  const sRegion = c.maxPass === "only" ? groups * sWords : Math.max(groups * sWords, MMA_ROWS * c.shape.N);
   // P: the slices of a block's 16 rows of bc keys (bytes), shared by the block's subgroups.
-  const pSlice = (MMA_ROWS * c.bc) / 4, pRegion = c.slices * pSlice;
+  const pSlice = (MMA_ROWS * c.bc) / 4, pRegion = c.maxPass === "only" ? 0 : c.slices * pSlice;
   // The exchange between a row's invocations: the maximum, the NaN flag and Σp per slice.
   const redWords = (2 + c.slices) * MMA_SUBGROUP;
   // Staged tiles: bytes between a K row (key) and a V row (channel), every slice's rows in turn.
   const ksStride = dQ + 16, vsStride = c.bc + 16;
-  const kStaged = c.stage?.includes("k") ? (c.slices * c.bc * ksStride) / 4 : 0;
-  const vStaged = c.stage?.includes("v") ? (c.slices * dV * vsStride) / 4 : 0;
+  // The maximum kernel (maxPass "only") stages the slices it multiplies, no V, no P.
+  const only = c.maxPass === "only";
+  const kSlices = only ? c.maxOrder + 1 : c.slices;
+  const kStaged = c.stage?.includes("k") ? (kSlices * c.bc * ksStride) / 4 : 0;
+  const vStaged = c.stage?.includes("v") && !only ? (c.slices * dV * vsStride) / 4 : 0;
   return {
     split,
     blocks,
@@ -254,7 +264,9 @@ export function flashMmaKey(c: FlashMmaConfig): string {
     `x${c.slices}o${c.order}m${c.maxOrder}:${c.band}:${c.keyPadding}:${c.lse}:${c.emulate ? "emu" : "real"}` +
     `${c.qRegisters && !c.emulate ? ":qreg" : ""}${c.skipMaxPass ? ":skip1" : ""}${
       c.stage ? `:stage-${c.stage}` : ""
-    }${(c.split ?? 1) > 1 ? `:split${c.split}` : ""}${c.varlen ? ":packed" : ""}`;
+    }${(c.split ?? 1) > 1 ? `:split${c.split}` : ""}${c.varlen ? ":packed" : ""}${
+      c.maxPass ? `:max-${c.maxPass}` : ""
+    }`;
 }
 
 /** The main kernel's uniforms: sage-mma's, and where K's and V's scales start in `scales`. */
@@ -338,33 +350,43 @@ export function flashMmaKernel(c: FlashMmaConfig): Kernel {
   if (c.dtype === "f16" && c.f16) emit("enable f16;");
   const uniforms = c.varlen ? [...FLASH_MMA_UNIFORMS, ...PACKED_UNIFORMS] : FLASH_MMA_UNIFORMS;
   emit(mma.header() + uniformBlock(uniforms));
-  const bindings = ["q8", "k8", "v8", "o"];
-  emit(`@group(0) @binding(1) var<storage, read> q8: array<i32>;
-@group(0) @binding(2) var<storage, read> k8: array<${s.kStaged ? "vec4<i32>" : "i32"}>;
-@group(0) @binding(3) var<storage, read> v8: array<${s.vStaged ? "vec4<i32>" : "i32"}>;
-@group(0) @binding(4) var<storage, read_write> o: array<${vecElement(c)}>;`);
+  const only = c.maxPass === "only";
+  const bindings: string[] = [];
   const bind = (name: string, decl: string) => {
     bindings.push(name);
     emit(`@group(0) @binding(${bindings.length}) ${decl}`);
   };
+  bind("q8", "var<storage, read> q8: array<i32>;");
+  bind("k8", `var<storage, read> k8: array<${s.kStaged ? "vec4<i32>" : "i32"}>;`);
+  // The maximum kernel binds what pass 1 reads, and row_max.
+  if (!only) {
+    bind("v8", `var<storage, read> v8: array<${s.vStaged ? "vec4<i32>" : "i32"}>;`);
+    bind("o", `var<storage, read_write> o: array<${vecElement(c)}>;`);
+  }
   if (c.keyPadding) bind("mask", "var<storage, read> mask: array<u32>;");
-  if (c.lse) bind("lse", "var<storage, read_write> lse: array<f32>;");
+  if (c.lse && !only) bind("lse", "var<storage, read_write> lse: array<f32>;");
   bind("scales", "var<storage, read> scales: array<f32>;");
+  if (c.maxPass) {
+    bind("row_max", `var<storage, ${only ? "read_write" : "read"}> row_max: array<f32>;`);
+  }
   if (c.varlen) {
     emit(packedDeclarations(bindings.length + 1));
     bindings.push("cuq", "cuk");
   }
   if (c.dtype !== "f32" && !(c.dtype === "f16" && c.f16)) emit(UNPACK);
   if (c.dtype === "bf16") emit(BF16_PACK);
-  emit(`var<workgroup> ss: array<i32, ${c.warps * sRegion}>;
-var<workgroup> sp: array<i32, ${s.blocks * pRegion}>;
+  emit(
+    `var<workgroup> ss: array<i32, ${c.warps * sRegion}>;${
+      pRegion ? `\nvar<workgroup> sp: array<i32, ${s.blocks * pRegion}>;` : ""
+    }
 var<workgroup> red: array<u32, ${c.warps * redWords}>;${
-    (s.kStaged ? `\nvar<workgroup> ks: array<i32, ${s.kStaged}>;` : "") +
-    (s.vStaged ? `\nvar<workgroup> vs: array<i32, ${s.vStaged}>;` : "")
-  }
+      (s.kStaged ? `\nvar<workgroup> ks: array<i32, ${s.kStaged}>;` : "") +
+      (s.vStaged ? `\nvar<workgroup> vs: array<i32, ${s.vStaged}>;` : "")
+    }
 var<private> NAN_BITS: u32 = 0x7fc00000u;
 const NEG: f32 = -3.0e38;
-const LN2: f32 = 0.6931471805599453;`);
+const LN2: f32 = 0.6931471805599453;`,
+  );
 
   // Operand places (offsets and strides in elements of the component type: i8 bytes, i32 words).
   const qAt: MmaPlace = { array: "q8", colMajor: false, stride: dQ };
@@ -430,7 +452,7 @@ const LN2: f32 = 0.6931471805599453;`);
   let ksb = P.k_sc + ks_base * ${bc}u;
   let vsb = P.v_sc + bhk * ${dV}u;`);
   if (qRegisters) {
-    for (let a = 0; a < S; a++) {
+    for (let a = 0; a < (only ? c.maxOrder + 1 : S); a++) {
       for (const k of range(dQ / 32)) emit("  " + mma.loadLeft(`qa${a}_${k}`, qAt, qOffset(a, `${k}`)));
     }
   }
@@ -518,7 +540,9 @@ const LN2: f32 = 0.6931471805599453;`);
 
   // ---- pass 1: each row's maximum (log2 units), over the block's subgroups and row halves ----
   emit(`  var m = NEG;`);
-  if (!c.skipMaxPass) {
+  if (c.maxPass === "read") {
+    emit(`  m = row_max[bh * P.s_q + min(row, P.s_q - 1u)];`);
+  } else if (!c.skipMaxPass) {
     if (stageK) {
       // K tile t_lo in ks, t_lo + 1 in registers.
       loadKMax("t_lo");
@@ -547,6 +571,13 @@ const LN2: f32 = 0.6931471805599453;`);
   m = ${peers.map(({ p, x }) => `bitcast<f32>(${redOf(p, x, 0)})`).reduce((a, b) => `max(${a}, ${b})`)};`);
   } else {
     emit(`  m = 8.0;`);
+  }
+  if (only) {
+    // One invocation of each row writes it (the row's maximum over its subgroups and halves).
+    emit(`  if (row < P.s_q && cols == 0u) { row_max[bh * P.s_q + row] = m; }
+}`);
+    emit(mma.helpers());
+    return { key: flashMmaKey(c), label: flashMmaKey(c), code: L.join("\n") + "\n", bindings, uniforms };
   }
 
   // ---- pass 2: P = exp2(s - m) in slices of P·127, P·V accumulated per order in integer tiles ----
