@@ -32,12 +32,11 @@ import {
   flashMmaMaxKeys,
   flashMmaSliceKernel,
   flashMmaVKernel,
-  flashMmaVMaxKernel,
   sliceRowsPerGroup,
   V_COLUMNS,
   V_TILE,
 } from "../wgsl/flash_mma.ts";
-import { sageStatsChunks } from "../wgsl/sage.ts";
+import { SAGE_MEAN_COLUMNS, sageStatsChunks, sageStatsKernel } from "../wgsl/sage.ts";
 import { EMULATE_MMA_VARIABLE, mmaMainUniforms, mmaTileFor, realMmaReasons } from "./sage_mma.ts";
 
 /**
@@ -273,9 +272,10 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   const sliceQ = kernelOf(flashMmaSliceKernel, { ...input, rows: MMA_ROWS, slices: c.slices });
   const sliceK = kernelOf(flashMmaSliceKernel, { ...input, rows: c.bc, slices: c.slices });
   const sliceV = kernelOf(flashMmaVKernel, { ...input, bc: c.bc, slices: c.slices });
-  const maxV = kernelOf(flashMmaVMaxKernel, input);
-  const [mainPipe, qPipe, kPipe, vPipe, vMaxPipe, maxPipe] = await Promise.all(
-    [main, sliceQ, sliceK, sliceV, maxV, ...(maxMain ? [maxMain] : [])].map((k) => call.pipeline(k)),
+  // V's per-channel extremes over chunks of keys side by side: sage's column statistics.
+  const statsV = kernelOf(sageStatsKernel, { ...input, extremes: true });
+  const [mainPipe, qPipe, kPipe, vPipe, vStatsPipe, maxPipe] = await Promise.all(
+    [main, sliceQ, sliceK, sliceV, statsV, ...(maxMain ? [maxMain] : [])].map((k) => call.pipeline(k)),
   );
   const sz = scratchSizes(p, c, maxC);
   const q8 = call.scratch(sz.q8, "flash-mma q slices");
@@ -311,26 +311,33 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
     scale_mul: 1,
     sc_off: sz.kSc,
   }, p.b * p.nKv * kChunks);
-  // 2. v's per-channel absmax over chunks of keys side by side, then v split per channel by tiles.
-  const cgroups = Math.ceil(dV / 4 / V_COLUMNS);
+  // 2. v's per-channel extremes over chunks of keys side by side, then v split per channel by tiles.
   const { chunk, chunks } = sageStatsChunks(p.sKv);
-  const tiles = Math.ceil(kTotal / V_TILE);
-  const part = call.scratch(p.b * p.nKv * chunks * dV * 4, "flash-mma v absmax partials");
-  const vUniforms = {
-    cgroups,
-    chunks,
-    chunk,
-    tiles,
+  const part = call.scratch(p.b * p.nKv * chunks * 3 * p.d * 4, "flash-mma v partial statistics");
+  const strides = {
     s: p.sKv,
-    rows: kTotal,
     heads: p.nKv,
+    chunks,
     sb: v4(p.v.strides.b),
     sh: v4(p.v.strides.n),
     ss: v4(p.v.strides.s),
-    sc_off: sz.vSc,
   };
-  call.dispatch(vMaxPipe, maxV, { x: io.v, part }, vUniforms, p.b * p.nKv * cgroups * chunks);
-  call.dispatch(vPipe, sliceV, { x: io.v, v8, scales, part }, vUniforms, p.b * p.nKv * cgroups * tiles);
+  const statGroups = Math.ceil(p.d / 4 / SAGE_MEAN_COLUMNS);
+  call.dispatch(
+    vStatsPipe,
+    statsV,
+    { x: io.v, part },
+    { ...strides, cgroups: statGroups, chunk },
+    p.b * p.nKv * statGroups * chunks,
+  );
+  const cgroups = Math.ceil(dV / 4 / V_COLUMNS), tiles = Math.ceil(kTotal / V_TILE);
+  call.dispatch(
+    vPipe,
+    sliceV,
+    { x: io.v, v8, scales, part },
+    { ...strides, cgroups, tiles, rows: kTotal, sc_off: sz.vSc },
+    p.b * p.nKv * cgroups * tiles,
+  );
   if (flashMmaTuning.prepassOnly) return;
   // 3. The matrix kernel.
   const buffers: Record<string, GPUBuffer> = { q8, k8, v8, o: io.out, scales };

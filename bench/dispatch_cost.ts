@@ -48,15 +48,14 @@ const staging = device.createBuffer({
   usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
 });
 
-async function passMs(dispatches: number, groups: number): Promise<number> {
+/** Median ms of `reps` compute passes, each recorded by `record`, from their timestamps. */
+async function medianPassMs(record: (pass: GPUComputePassEncoder) => void): Promise<number> {
   const enc = device!.createCommandEncoder();
   for (let r = 0; r < reps; r++) {
     const pass = enc.beginComputePass({
       timestampWrites: { querySet, beginningOfPassWriteIndex: 2 * r, endOfPassWriteIndex: 2 * r + 1 },
     });
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(0, bind);
-    for (let i = 0; i < dispatches; i++) pass.dispatchWorkgroups(groups);
+    record(pass);
     pass.end();
   }
   enc.resolveQuerySet(querySet, 0, 2 * reps, resolve, 0);
@@ -69,6 +68,14 @@ async function passMs(dispatches: number, groups: number): Promise<number> {
     a - b
   );
   return ms[Math.floor(reps / 2)];
+}
+
+function passMs(dispatches: number, groups: number): Promise<number> {
+  return medianPassMs((pass) => {
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bind);
+    for (let i = 0; i < dispatches; i++) pass.dispatchWorkgroups(groups);
+  });
 }
 
 for (const groups of [1, wide]) {
@@ -112,28 +119,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   });
   const groups = Math.ceil(words / width / 256);
   const x = Math.min(groups, 65535), y = Math.ceil(groups / x);
-  const time = async () => {
-    const enc = device!.createCommandEncoder();
-    for (let r = 0; r < reps; r++) {
-      const pass = enc.beginComputePass({
-        timestampWrites: { querySet, beginningOfPassWriteIndex: 2 * r, endOfPassWriteIndex: 2 * r + 1 },
-      });
+  const time = () =>
+    medianPassMs((pass) => {
       pass.setPipeline(p);
       pass.setBindGroup(0, bg);
       pass.dispatchWorkgroups(x, y);
-      pass.end();
-    }
-    enc.resolveQuerySet(querySet, 0, 2 * reps, resolve, 0);
-    enc.copyBufferToBuffer(resolve, 0, staging, 0, 16 * reps);
-    device!.queue.submit([enc.finish()]);
-    await staging.mapAsync(GPUMapMode.READ);
-    const t = new BigUint64Array(staging.getMappedRange().slice(0));
-    staging.unmap();
-    const ms = Array.from({ length: reps }, (_, r) => Number(t[2 * r + 1] - t[2 * r]) / 1e6).sort((a, b) =>
-      a - b
-    );
-    return ms[Math.floor(reps / 2)];
-  };
+    });
   await time();
   const ms = await time();
   const bytes = words * 4 * 1.5;

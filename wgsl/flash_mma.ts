@@ -805,10 +805,9 @@ function range(n: number): number[] {
 const V_UNIFORMS: [string, UniformType][] = [
   ["groups", "u32"],
   ["cgroups", "u32"],
-  // Chunks of rows per head (wgsl/sage.ts, sageStatsChunks) and rows per chunk.
+  // Chunks of rows per head of V's statistics (wgsl/sage.ts, sageStatsChunks).
   ["chunks", "u32"],
-  ["chunk", "u32"],
-  // Tiles of V_TILE rows per head (the slicing kernel).
+  // Tiles of V_TILE rows per head.
   ["tiles", "u32"],
   ["s", "u32"],
   // Keys per head in the sliced layout (k_blocks · bc): keys past s are zeros.
@@ -821,71 +820,13 @@ const V_UNIFORMS: [string, UniformType][] = [
   ["sc_off", "u32"],
 ];
 
-/** vec4 columns of V one {@link flashMmaVMaxKernel} or {@link flashMmaVKernel} workgroup covers. */
+/** vec4 columns of V one {@link flashMmaVKernel} workgroup covers. */
 export const V_COLUMNS = 8;
 /** Rows one {@link flashMmaVKernel} workgroup slices (four per invocation). */
 export const V_TILE = 4 * (SAGE_THREADS / V_COLUMNS);
-/** Rows each invocation of {@link flashMmaVMaxKernel} loads at once. */
-const V_MAX_UNROLL = 8;
 
 function vElement(c: SageInput): string {
   return c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
-}
-
-/**
- * V's per-channel absmax over one chunk of rows (wgsl/sage.ts, `sageStatsChunks`), as the values'
- * bits without the sign (a NaN's are the largest), per (batch, K/V head, {@link V_COLUMNS} vec4
- * columns, chunk), into `part` (`[b · n_kv, chunks, dV / 4]` vec4<u32>). The chunks of a head run
- * side by side, each invocation loading {@link V_MAX_UNROLL} rows at once: the first form walked
- * the whole sequence in one workgroup per 8 columns (Flux: 96 workgroups of 144 dependent loads).
- * Bindings: x, part. Dispatch `b · n_kv · cgroups · chunks` workgroups.
- */
-export function flashMmaVMaxKernel(c: SageInput): Kernel {
-  const { dV } = sageMmaDims(c.d);
-  const d4 = c.d / 4, w4 = dV / 4, cw = V_COLUMNS, lanes = SAGE_THREADS / cw;
-  const key = `flash-mma-vmax:${c.dtype}:${c.f16}:d${c.d}`;
-  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
-    `@group(0) @binding(1) var<storage, read> x: array<${vElement(c)}>;
-@group(0) @binding(2) var<storage, read_write> part: array<vec4<u32>>;
-var<workgroup> red: array<vec4<u32>, ${SAGE_THREADS}>;
-${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-  let wg = wid.x + wid.y * nwg.x;
-  if (wg >= P.groups) { return; }
-  let chunk = wg % P.chunks;
-  let bg = wg / P.chunks;
-  let bh = bg / P.cgroups;
-  let col = (bg % P.cgroups) * ${cw}u + lid % ${cw}u;
-  let lane = lid / ${cw}u;
-  let live = col < ${d4}u;
-  let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
-  let r_end = min(P.s, (chunk + 1u) * P.chunk);
-  var mx = vec4<u32>(0u);
-  if (live) {
-    for (var r = chunk * P.chunk + lane; r < r_end; r += ${V_MAX_UNROLL * lanes}u) {
-${
-      range(V_MAX_UNROLL).map((u) =>
-        `      let x${u} = ld(base + min(r + ${u * lanes}u, r_end - 1u) * P.ss);\n`
-      ).join("")
-    }${
-      range(V_MAX_UNROLL).map((u) =>
-        `      mx = max(mx, select(vec4<u32>(0u), bitcast<vec4<u32>>(x${u}) & vec4<u32>(0x7fffffffu), vec4<bool>(r + ${
-          u * lanes
-        }u < r_end)));\n`
-      ).join("")
-    }    }
-  }
-  red[lid] = mx;
-  workgroupBarrier();
-  for (var st = ${lanes / 2}u; st > 0u; st >>= 1u) {
-    if (lane < st) { red[lid] = max(red[lid], red[lid + st * ${cw}u]); }
-    workgroupBarrier();
-  }
-  if (lane == 0u && col < ${w4}u) { part[(bh * P.chunks + chunk) * ${w4}u + col] = red[lid]; }
-}
-`;
-  return { key, label: key, code, bindings: ["x", "part"], uniforms: V_UNIFORMS };
 }
 
 /**
@@ -893,10 +834,14 @@ ${
  * `sc_off` of `scales` as `[b, n_kv, dV]`), laid out per key tile as `[b, n_kv, tiles, slice, dV,
  * bc]` bytes (four keys of one channel per word). One workgroup per (batch, K/V head,
  * {@link V_COLUMNS} vec4 columns, {@link V_TILE} rows): the channel's absmax from the chunks'
- * partials ({@link flashMmaVMaxKernel}: one per invocation, combined by a workgroup atomic), then
- * each invocation's four rows, loaded at once. The first tile's workgroups write the scales.
- * Bindings: x, v8, scales, part. Dispatch `b · n_kv · cgroups · tiles` workgroups, `cgroups =
- * ceil(dV / 4 / V_COLUMNS)`, `tiles = ceil(rows / V_TILE)`.
+ * extremes (wgsl/sage.ts, `sageStatsKernel` with `extremes`: chunks of rows side by side, a
+ * non-finite value counting as +Inf, so the channel's scale is +Inf and its slices zeros, and its
+ * outputs NaN), one chunk per invocation combined by a workgroup atomic; then each invocation's four
+ * rows, loaded at once. The first form walked the whole sequence in one workgroup per 8 columns,
+ * twice (Flux: 96 workgroups of 144 dependent loads). The first tile's workgroups write the scales.
+ * Bindings: x, v8, scales, part (`[b · n_kv, chunks, 3, d / 4]` vec4<f32>). Dispatch
+ * `b · n_kv · cgroups · tiles` workgroups, `cgroups = ceil(dV / 4 / V_COLUMNS)`,
+ * `tiles = ceil(rows / V_TILE)`.
  */
 export function flashMmaVKernel(c: SageInput & { bc: number; slices: number }): Kernel {
   const { dV } = sageMmaDims(c.d);
@@ -926,7 +871,7 @@ ${
     `@group(0) @binding(1) var<storage, read> x: array<${vElement(c)}>;
 @group(0) @binding(2) var<storage, read_write> v8: array<i32>;
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
-@group(0) @binding(4) var<storage, read> part: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> part: array<vec4<f32>>;
 var<workgroup> amax: array<atomic<u32>, ${4 * cw}>;
 ${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -941,9 +886,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let lane = lid / ${cw}u;
   let live = col < ${d4}u;
   let base = (bh / P.heads) * P.sb + (bh % P.heads) * P.sh + min(col, ${d4 - 1}u);
-  // Lane j of a column takes chunk j's partial (at most 32 chunks: sageStatsChunks).
-  if (lane < P.chunks && col < ${w4}u) {
-    let m = part[(bh * P.chunks + lane) * ${w4}u + col];
+  // Lane j of a column takes chunk j's extremes (at most 32 chunks: sageStatsChunks); the absmax's
+  // f32 bits, its sign cleared (-0), order as its values (a non-finite value made it +Inf).
+  if (lane < P.chunks && live) {
+    let at = (bh * P.chunks + lane) * ${3 * d4}u + col;
+    let m = bitcast<vec4<u32>>(max(part[at + ${d4}u], -part[at + ${2 * d4}u])) & vec4<u32>(0x7fffffffu);
 ${range(4).map((i) => `    atomicMax(&amax[cl * 4u + ${i}u], m[${i}]);`).join("\n")}
   }
   workgroupBarrier();
