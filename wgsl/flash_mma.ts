@@ -29,7 +29,8 @@
  *      consecutive orders in one i32 tile by Horner's rule ({@link sliceOrderGroups}), stored to
  *      the subgroup's S region, combined per element, each row's maximum kept (then over the
  *      block's subgroups). With `maxOrder` < `order` a proven bound of the products left out is
- *      added (so P ≤ 1 holds).
+ *      added (so P ≤ 1 holds). With `maxPass` this pass is a kernel of its own (eight blocks a
+ *      workgroup, the maxima through a buffer) and the main kernel starts at pass 2.
  *   2. S again (every kept order), P = exp2(s - max) ∈ [0, 1] split into slices of P·127 (a
  *      fixed scale), P·V from the slice products of order up to `order`, one i32 accumulator tile
  *      per order and V tile that stays in the matrix registers across the whole key loop (exact up
