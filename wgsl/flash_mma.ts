@@ -19,7 +19,8 @@
  * an i32 word along d (padded to 32); {@link flashMmaVKernel} splits V per channel (one scale per
  * channel over the sequence), laid out per key tile as [slice][channels][bc keys]. The scales of all
  * three go to one f32 buffer (`scales`: Q's rows, then K's keys at `k_sc`, then V's channels at
- * `v_sc`), so the main kernel binds 5 to 7 storage buffers.
+ * `v_sc`), so the main kernel binds 5 to 10 storage buffers (the mask, the lse, the row maxima, a
+ * packed batch's offsets).
  *
  * Main kernel ({@link flashMmaKernel}), two passes as sage-mma's (wgsl/sage_mma_two_pass.ts): a
  * workgroup of `warps` subgroups serves blocks of 16 query rows of one (batch, head), `split`
