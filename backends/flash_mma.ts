@@ -66,8 +66,8 @@ export function emulatingFlashMma(): boolean {
  */
 export const FLASH_MMA_MIN_SEQ = 2048;
 
-/** Head dims (exclusive low, inclusive high) for which the router may pick `flash-mma` by itself. */
-const ROUTED_D: [number, number] = [63, 128];
+/** Head dims (lowest and highest) for which the router may pick `flash-mma` by itself. */
+const ROUTED_D: [number, number] = [64, 128];
 
 /** Slices per operand for a dtype: f32 needs three (about 23 bits), f16 and bf16 two (15). */
 export function slicesFor(dtype: AttentionProblem["dtype"]): number {
@@ -244,9 +244,9 @@ function unsuitedReasons(p: AttentionProblem): string[] {
     ];
   }
   const least = minSeq();
-  if (p.d <= ROUTED_D[0] || p.d > ROUTED_D[1]) {
+  if (p.d < ROUTED_D[0] || p.d > ROUTED_D[1]) {
     return [
-      `d ${p.d}: measured faster than flash-subgroup only for d ${ROUTED_D[0] + 1} to ${ROUTED_D[1]} ` +
+      `d ${p.d}: measured faster than flash-subgroup only for d ${ROUTED_D[0]} to ${ROUTED_D[1]} ` +
       "(bench/RESULTS.md, run 19); choose it with backend: 'flash-mma' or WGATTN_IMPLEMENTATION=flash-mma",
     ];
   }

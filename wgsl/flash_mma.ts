@@ -44,7 +44,7 @@
 import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformType } from "./common.ts";
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace } from "./mma.ts";
-import { SAGE_THREADS, type SageInput, sageLoader } from "./sage.ts";
+import { SAGE_THREADS, type SageInput, sageInputHeader, sageLoader } from "./sage.ts";
 import {
   MMA_ROWS,
   mmaConfigProblems,
@@ -756,16 +756,14 @@ export function sliceRowsPerGroup(d: number): number {
 export function flashMmaSliceKernel(c: SliceConfig): Kernel {
   const { dQ } = sageMmaDims(c.d);
   const d4 = c.d / 4, w4 = dQ / 4, rpg = sliceRowsPerGroup(c.d);
-  const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
   const key = `flash-mma-slice:${c.dtype}:${c.f16}:d${c.d}:r${c.rows}:x${c.slices}`;
   const words = range(c.slices).map((a) =>
     `    x8[((blk * ${c.slices}u + ${a}u) * ${c.rows}u + row % ${c.rows}u) * ${w4}u + word] = ${
       packBytes(["x", "y", "z", "w"].map((f) => `v${a}.${f}`))
     };`
   ).join("\n");
-  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(SLICE_UNIFORMS) +
-    `@group(0) @binding(1) var<storage, read> x: array<${el}>;
-@group(0) @binding(2) var<storage, read_write> x8: array<i32>;
+  const code = sageInputHeader(c, SLICE_UNIFORMS) +
+    `@group(0) @binding(2) var<storage, read_write> x8: array<i32>;
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
 var<workgroup> amax: array<atomic<u32>, ${rpg}>;
 ${sageLoader(c)}@compute @workgroup_size(${rpg * w4})
@@ -827,10 +825,6 @@ export const V_COLUMNS = 8;
 /** Rows one {@link flashMmaVKernel} workgroup slices (four per invocation). */
 export const V_TILE = 4 * (SAGE_THREADS / V_COLUMNS);
 
-function vElement(c: SageInput): string {
-  return c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
-}
-
 /**
  * Splits V into i8 slices per channel (one scale per channel over the sequence, absmax / 127, at
  * `sc_off` of `scales` as `[b, n_kv, dV]`), laid out per key tile as `[b, n_kv, tiles, slice, dV,
@@ -869,9 +863,8 @@ ${
         .join("\n")
     }`
   ).join("\n");
-  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
-    `@group(0) @binding(1) var<storage, read> x: array<${vElement(c)}>;
-@group(0) @binding(2) var<storage, read_write> v8: array<i32>;
+  const code = sageInputHeader(c, V_UNIFORMS) +
+    `@group(0) @binding(2) var<storage, read_write> v8: array<i32>;
 @group(0) @binding(3) var<storage, read_write> scales: array<f32>;
 @group(0) @binding(4) var<storage, read> part: array<vec4<f32>>;
 var<workgroup> amax: array<atomic<u32>, ${4 * cw}>;

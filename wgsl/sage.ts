@@ -67,6 +67,7 @@ export interface SageQuantConfig extends SageInput {
   varlen?: boolean;
 }
 
+/** WGSL type of one vec4 of an input of this dtype, as the pre-pass kernels bind it. */
 function element(c: SageInput): string {
   if (c.dtype === "f32") return "vec4<f32>";
   if (c.dtype === "f16" && c.f16) return "vec4<f16>";
@@ -96,7 +97,11 @@ function loadFn(c: SageInput): string {
 `;
 }
 
-function header(c: SageInput, uniforms: [string, UniformType][]): string {
+/**
+ * The start of a pre-pass kernel reading one input: `enable f16;` where needed, the uniform block,
+ * and binding 1, the input `x` (read by {@link sageLoader}'s `ld`).
+ */
+export function sageInputHeader(c: SageInput, uniforms: [string, UniformType][]): string {
   return (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(uniforms) +
     `@group(0) @binding(1) var<storage, read> x: array<${element(c)}>;\n`;
 }
@@ -164,7 +169,7 @@ export function sageStatsKernel(c: SageStatsConfig): Kernel {
       store: `    part[at + ${d4}u] = hi_red[lid];\n    part[at + ${2 * d4}u] = lo_red[lid];\n`,
     }
     : { decls: "", init: "", step: "", tree: "", store: "" };
-  const code = header(c, STATS_UNIFORMS) + sageLoader(c) +
+  const code = sageInputHeader(c, STATS_UNIFORMS) + sageLoader(c) +
     `@group(0) @binding(2) var<storage, read_write> part: array<vec4<f32>>;
 var<workgroup> acc_red: array<vec4<f32>, ${t}>;
 ${extremes.decls}@compute @workgroup_size(${t})
@@ -327,7 +332,8 @@ ${workListSearch()}  let c0 = u32(clamp(cu[lo_s], 0i, i32(P.s)));
 /**
  * Quantizes blocks of `rows` rows to packed int8, one workgroup per (batch, head, block): each
  * invocation loads its share of the block into registers at once, the absmax (after smoothing) by
- * one workgroup atomic, then `round(x * 127 / absmax)` packed four to a word. Dispatch `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
+ * one workgroup atomic, then `round(x * 127 / absmax)` packed four to a word. Dispatch
+ * `b * heads * blocks` workgroups. Bindings: `x`, `x8` (packed out), `x_scale`,
  * then `mean` (smooth or bias), `bias` (bias), and `cu`, `wl` (varlen; uniform `seqs`; `blocks` is
  * the work list's total or a bound of it, workgroups past the total return at once).
  */
@@ -388,7 +394,7 @@ export function sageQuantKernel(c: SageQuantConfig): Kernel {
 `
     : "";
   const uniforms = c.varlen ? QUANT_VARLEN_UNIFORMS : QUANT_UNIFORMS;
-  const code = header(c, uniforms) + sageLoader(c) + decls +
+  const code = sageInputHeader(c, uniforms) + sageLoader(c) + decls +
     `// The block's absmax as f32 bits: for values >= 0 (and +Inf) the u32 order is the f32 order.
 var<workgroup> amax_bits: atomic<u32>;
 @compute @workgroup_size(${t})

@@ -32,7 +32,7 @@ import { BF16_PACK, isNanExpr, type Kernel, NEG_INF, uniformBlock, type UniformT
 import { storeVec, UNPACK, vecElement } from "./flash.ts";
 import { BLOCK_MAP_UNIFORMS, flexDeclarations, type FlexKernelConfig, flexKey } from "./flex.ts";
 import { MMA_SUBGROUP, MmaEmitter, mmaLoops, type MmaPlace, type MmaShape } from "./mma.ts";
-import { SAGE_MEAN_COLUMNS, SAGE_THREADS, type SageInput, sageLoader } from "./sage.ts";
+import { SAGE_MEAN_COLUMNS, SAGE_THREADS, type SageInput, sageInputHeader, sageLoader } from "./sage.ts";
 
 /** What every matrix-tile attention kernel's text depends on (sage-mma's and flash-mma's). */
 export interface MmaKernelConfig {
@@ -556,7 +556,6 @@ export const V_TILE_ROWS = 4 * SAGE_THREADS / SAGE_MEAN_COLUMNS;
 export function sageMmaVKernel(c: SageInput & { bc: number; transposed: boolean; offset?: boolean }): Kernel {
   const { dV } = sageMmaDims(c.d);
   const d4 = c.d / 4, w4 = dV / 4, cw = SAGE_MEAN_COLUMNS, lanes = SAGE_THREADS / cw;
-  const el = c.dtype === "f32" ? "vec4<f32>" : c.dtype === "f16" && c.f16 ? "vec4<f16>" : "vec2<u32>";
   const key = `sage-mma-v:${c.dtype}:${c.f16}:d${c.d}${c.transposed ? `:t${c.bc}` : ""}${
     c.offset ? ":u8" : ""
   }`;
@@ -604,9 +603,8 @@ ${
     v8[at + ${3 * bw}u] = w.w${flip};
   }
 `;
-  const code = (c.dtype === "f16" && c.f16 ? "enable f16;\n" : "") + uniformBlock(V_UNIFORMS) +
-    `@group(0) @binding(1) var<storage, read> x: array<${el}>;
-@group(0) @binding(2) var<storage, read_write> v8: array<u32>;
+  const code = sageInputHeader(c, V_UNIFORMS) +
+    `@group(0) @binding(2) var<storage, read_write> v8: array<u32>;
 @group(0) @binding(3) var<storage, read> v_stat: array<vec4<f32>>;
 ${sageLoader(c)}@compute @workgroup_size(${SAGE_THREADS})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
