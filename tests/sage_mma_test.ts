@@ -173,6 +173,21 @@ const CASES: Case[] = [
     tiles: { stage: true },
   },
   {
+    name: "random, row pairs (two blocks a subgroup), GQA, window, key padding",
+    b: 2,
+    n: 2,
+    nKv: 1,
+    sQ: 150,
+    sKv: 110,
+    d: 64,
+    dtype: "f16",
+    outliers: false,
+    windowSize: [60, 30],
+    keyPadding: [110, 47],
+    lse: true,
+    tiles: { stage: true, rowPairs: true },
+  },
+  {
     name: "random, the one-pass kernel, window",
     b: 1,
     n: 2,
@@ -269,12 +284,13 @@ for (const c of CASES) {
   });
 }
 
-// The maximum pass by pairs of subgroups (TwoPassConfig.maxPairs) takes the same integer maxima in
-// the same product order as the default pass, so the whole output is the same, bit for bit: a wrong
-// maximum (a tile or a half row left out, the wrong block's scale) would change P's rounding.
+// The maximum pass by pairs of subgroups (TwoPassConfig.maxPairs) and row pairs (rowPairs) take the
+// same integer maxima in the same product order as the default pass and the same integer P·V, so the
+// whole output is the same, bit for bit: a wrong maximum (a tile or a half row left out, the wrong
+// block's scale) would change P's rounding.
 Deno.test({
   name:
-    `sage-mma (${form}): the maximum pass by pairs of subgroups gives the default pass's output bit for bit${
+    `sage-mma (${form}): the maximum pass by pairs of subgroups and row pairs give the default pass's output bit for bit${
       skip ? ` [skipped: ${skip}]` : ""
     }`,
   ignore: skip !== "",
@@ -287,8 +303,8 @@ Deno.test({
     const outputs: Uint16Array[] = [];
     debug.poisonOutputs = true;
     try {
-      for (const maxPairs of [false, true]) {
-        sageMmaTuning.override = maxPairs ? { stage: true, maxPairs } : { stage: true };
+      for (const variant of [{}, { maxPairs: true }, { rowPairs: true }]) {
+        sageMmaTuning.override = { stage: true, ...variant };
         const { out } = await attentionWithLse(host(q), host(k), host(v), options);
         const data = (out as HostTensor).data;
         outputs.push(new Uint16Array(data.buffer, data.byteOffset, data.length));
@@ -297,7 +313,8 @@ Deno.test({
       sageMmaTuning.override = null;
       debug.poisonOutputs = false;
     }
-    assert.deepEqual(outputs[1], outputs[0]);
+    assert.deepEqual(outputs[1], outputs[0], "maxPairs");
+    assert.deepEqual(outputs[2], outputs[0], "rowPairs");
   },
 });
 

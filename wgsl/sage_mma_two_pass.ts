@@ -86,6 +86,15 @@ export interface TwoPassConfig extends SageMmaConfig {
    * {@link pairedMaxPass}); otherwise ignored.
    */
   maxPairs?: boolean;
+  /**
+   * Two blocks of 16 rows per subgroup in both passes (32 rows, as FlashAttention-2's warps hold
+   * them): every K and V matrix a subgroup loads from workgroup memory serves two multiplies, which
+   * halves the matrix loads per row, the second pass's largest share of workgroup-memory traffic
+   * (K's and V's 8 KB of 14 per 16 rows and 32-key tile). Twice the accumulators per invocation.
+   * Applies with staging, fast math and no packed batch or flex function (see {@link rowPairsOf});
+   * replaces maxPairs.
+   */
+  rowPairs?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -235,33 +244,43 @@ export function stagedTileCopy(threads: number, emit: (line: string) => void): {
   return { loadTile, storeTile };
 }
 
+/** Whether a config's subgroups hold two blocks of 16 rows each ({@link TwoPassConfig.rowPairs}). */
+export function rowPairsOf(c: TwoPassConfig): boolean {
+  return c.rowPairs === true && c.stage === true && c.fastMath !== false && !c.varlen && !c.flex;
+}
+
 /** Whether a config's maximum pass runs by pairs of subgroups ({@link TwoPassConfig.maxPairs}). */
 export function pairedMaxPass(c: TwoPassConfig): boolean {
   return c.maxPairs === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 &&
-    !c.varlen && !c.flex && !c.skipMaxPass;
+    !c.varlen && !c.flex && !c.skipMaxPass && !rowPairsOf(c);
 }
 
 /** Derived sizes of the two-pass kernel. */
 export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
-  const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
+  // Blocks of 16 rows per subgroup.
+  const bpw = rowPairsOf(c) ? 2 : 1;
+  const br = MMA_ROWS * c.warps * bpw, threads = MMA_SUBGROUP * c.warps;
   // S stride: words between rows (row-major, +4 against bank conflicts) or columns (column-major).
   const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + (c.sPad ?? 4);
   const sWords = c.sColMajor ? c.bc * ss : MMA_ROWS * ss;
   const doubleS = c.doubleS && !c.stage;
-  const sRegion = sWords * (doubleS ? 2 : 1);
+  const sRegion = sWords * (doubleS ? 2 : 1) * bpw;
   // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
   const ksStride = dQ + 16, vsStride = c.bc + 16;
   // Paired maximum pass: two K tiles staged at once.
   const kTiles = pairedMaxPass(c) ? 2 : 1;
   const staged = c.stage ? (kTiles * c.bc * ksStride + dV * vsStride) / 4 : 0;
-  // The P region also holds one 16 x N output tile at the end.
-  const pRegion = Math.max((MMA_ROWS * c.bc) / 4, MMA_ROWS * c.shape.N);
+  // The P region (one per block) also holds one 16 x N output tile at the end.
+  const pBlock = Math.max((MMA_ROWS * c.bc) / 4, MMA_ROWS * c.shape.N);
+  const pRegion = pBlock * bpw;
   const perWarp = sRegion + pRegion + 2 * MMA_SUBGROUP;
   return {
     dQ,
     dV,
+    bpw,
     br,
+    pBlock,
     threads,
     ss,
     sWords,
@@ -295,7 +314,7 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.skipMaxPass ? ":skip1" : ""
     }${c.sPad !== undefined && c.sPad !== 4 && !c.sColMajor ? `:sp${c.sPad}` : ""}${
       pairedMaxPass(c) ? ":pairs" : ""
-    }${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
+    }${rowPairsOf(c) ? ":rows2" : ""}${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
 }
 
 /**
@@ -364,6 +383,7 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const u8 = c.pv === "u8";
   const fast = c.fastMath !== false;
   const paired = pairedMaxPass(c);
+  const pairs = rowPairsOf(c);
   // An S word as the f32 of its integer: fast math's words carry the 1.5·2^23 bias.
   const intValue = (word: string) => fast ? `(bitcast<f32>(${word}) - 12582912.0)` : `f32(${word})`;
   const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
@@ -434,7 +454,18 @@ const LN2: f32 = 0.6931471805599453;`);
       : `v8_base + kv0 * ${dV}u + ${g} * ${N * bc}u + ${kk} * 32u`;
   const oAt: MmaPlace = { array: "sp", colMajor: false, stride: N };
 
-  emit(sageMmaPrologue({ threads: s.threads, br, band: c.band, bc, dQ, dV, warps: c.warps }));
+  emit(
+    sageMmaPrologue({
+      threads: s.threads,
+      br,
+      band: c.band,
+      bc,
+      dQ,
+      dV,
+      warps: c.warps,
+      blocksPerWarp: s.bpw,
+    }),
+  );
   emit(`  let ws = warp * ${s.sRegion}u;
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;`);
@@ -445,6 +476,16 @@ const LN2: f32 = 0.6931471805599453;`);
   if (rowBias) emit(`  let rb = lse_bias[bh * P.s_q + fr];`);
   if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
+  }
+  if (pairs) {
+    // The subgroup's second block of 16 rows (row pairs).
+    emit(`  let ri_b = ri + ${R}i;
+  let row_b = row + ${R}u;
+  let q_sc_b = q_scale[qb + 1u];
+  let q8_base_b = q8_base + ${R * dQ}u;`);
+    if (!c.emulate) {
+      for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qc${k}`, qAt, `q8_base_b + ${k * 32}u`));
+    }
   }
   // Fast math: every S tile starts from 1.5·2^23's bits (see fastMath).
   if (fast) emit(`  let s_bias = ${qk.splat("1262485504i")};`);
@@ -671,9 +712,81 @@ const LN2: f32 = 0.6931471805599453;`);
   workgroupBarrier();`);
   }
 
+  /**
+   * Row pairs (TwoPassConfig.rowPairs): S of tile t for both of the subgroup's blocks, each K matrix
+   * loaded once for two multiplies, into the subgroup's two S regions, then a barrier and
+   * `afterBarrier`; `dk` is the tile's K scale.
+   */
+  function computeSPair(afterBarrier: () => void) {
+    emit(`    let kv0 = t * ${bc}u;
+    let wst = ws;`);
+    for (const name of ["sx", "sy"]) {
+      if (c.emulate) emit(`    ${qk.copyArray(name, bc / N, "s_bias")}`);
+      else range(bc / N).forEach((j) => emit(`    var ${name}${j} = s_bias;`));
+    }
+    forEach("k", dQ / 32, (k) => {
+      if (c.emulate) {
+        emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+        emit("    " + qk.loadLeft("qc", qAt, `q8_base_b + ${k} * 32u`));
+      }
+      forEach("j", bc / N, (j) => {
+        emit("    {");
+        emit("      " + qk.loadRight("kb", kAt, kOffset(j, k)));
+        const qa = c.emulate ? "qa" : `qa${parseInt(k)}`, qc = c.emulate ? "qc" : `qc${parseInt(k)}`;
+        emit("      " + qk.mma(tile("sx", j), qa, qAt, "kb", kAt));
+        emit("      " + qk.mma(tile("sy", j), qc, qAt, "kb", kAt));
+        emit("    }");
+      });
+    });
+    forEach("j", bc / N, (j) => {
+      emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("sx", j)));
+      emit("    " + qk.store(sAt, `wst + ${s.sWords}u + ${sTile(j)}`, tile("sy", j)));
+    });
+    emit(`    workgroupBarrier();`);
+    afterBarrier();
+    emit(`    let dk = k_scale[ks_base + t];`);
+  }
+  /** A scope with block `blk`'s (0 or 1) diagonal `ri`, S region `wst`, `dq` and S start `sb`. */
+  function pairBlock(blk: number, body: () => void) {
+    emit(`    {`);
+    if (blk) {
+      emit(`    let ri = ri_b;
+    let wst = ws + ${s.sWords}u;`);
+    }
+    emit(`    let dq = ${blk ? "q_sc_b" : "q_sc"} * dk;
+    let sb = ${sBase};`);
+    body();
+    emit(`    }`);
+  }
+  /** The maximum pass with row pairs: both blocks' maxima from one walk of the key tiles. */
+  function emitRowPairsMaxPass() {
+    emit(`  var m_b = NEG;`);
+    if (c.skipMaxPass) return emit(`  m = 8.0;\n  m_b = 8.0;`);
+    loadK(first);
+    storeK();
+    emit(`  workgroupBarrier();`);
+    loadK(second);
+    loopHead();
+    computeSPair(() => {
+      storeK();
+      loadK(next2);
+    });
+    pairBlock(0, () => fastTileMax("m", "dq"));
+    pairBlock(1, () => fastTileMax("m_b", "dq"));
+    emit(`    workgroupBarrier();`);
+    loopTail();
+    emit(`  red[wr + lane] = bitcast<u32>(m);
+  red[wr + ${MMA_SUBGROUP}u + lane] = bitcast<u32>(m_b);
+  workgroupBarrier();
+  m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));
+  m_b = max(bitcast<f32>(red[wr + ${MMA_SUBGROUP}u + lane]), bitcast<f32>(red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)]));`);
+  }
+
   // ---- pass 1: each row's maximum (log2 units) ----
   emit(`  var m = NEG;`);
-  if (paired) {
+  if (pairs) {
+    emitRowPairsMaxPass();
+  } else if (paired) {
     emitPairedMaxPass();
   } else if (!c.skipMaxPass) {
     if (stage) {
@@ -724,9 +837,52 @@ const LN2: f32 = 0.6931471805599453;`);
   }
 
   // ---- pass 2: P = exp2(s - m) quantized under one scale, P·V accumulated in integer tiles ----
+  /**
+   * P of the invocation's half row of the S tile at `sb` (with dq, lp and full in scope) as packed
+   * bytes into the P words at `pb`, their sum into `psum`.
+   */
+  const emitP = (pb: string, psum: string) => {
+    if (fast && !rowBias) emit(`    let dc = fma(-12582912.0, dq, lp);`);
+    for (const e of range(half)) {
+      const live = `full || (${liveExpr(e)})`;
+      if (fast) {
+        // p·pmax + 2^23 is 2^23 + round(p·pmax) exactly (ties to even, as round()): the low byte.
+        emit(
+          `    let p${e} = bitcast<u32>(select(0.0, min(exp2(${
+            fastScoreExpr(e)
+          }), ${pmax}.0), ${live}) + 8388608.0);`,
+        );
+      } else {
+        // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
+        emit(
+          `    let p${e} = select(0u, u32(round(min(exp2(${scoreExpr(e)} - m), 1.0) * ${pmax}.0)), ${live});`,
+        );
+      }
+    }
+    for (const w of range(half / 4)) {
+      const e = 4 * w;
+      const word = fast
+        ? `(p${e} & 0xffu) | ((p${e + 1} & 0xffu) << 8u) | ((p${e + 2} & 0xffu) << 16u) | (p${e + 3} << 24u)`
+        : `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
+      emit(`    let pw${w} = ${word};
+    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
+    }
+    emit(
+      fast
+        ? `    ${psum} += ${range(half / 4).map((w) => `dot4U8Packed(pw${w}, 0x01010101u)`).join(" + ")};`
+        : `    ${psum} += ${range(half).map((e) => `p${e}`).join(" + ")};`,
+    );
+  };
+  // This invocation's P words in its subgroup's P region (block `blk` of the subgroup's).
+  const pWords = (blk: number) => `wp + ${blk ? `${s.pBlock}u + ` : ""}r * ${bc / 4}u + hh * ${half / 4}u`;
   emit(`  var psum = 0u;`);
   if (fast) emit(`  let lp = ${Math.log2(pmax)} - m;`);
   tiles(pv, "acc", dV / N);
+  if (pairs) {
+    emit(`  var psum_b = 0u;
+  let lp_b = ${Math.log2(pmax)} - m_b;`);
+    tiles(pv, "accb", dV / N);
+  }
   if (stage) {
     // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
     // ks were before its last barriers.)
@@ -740,53 +896,36 @@ const LN2: f32 = 0.6931471805599453;`);
   // The barrier after the previous tile's P writes already ordered its S reads before this store.
   // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
   // previous tile's P·V): V tile t and K tile t + 1 go in, and the next ones are fetched.
-  computeS(false, () => {
+  const stageNext = () => {
     if (!stage) return;
     storeV();
     storeK();
     loadK(next2);
     loadV(next1);
-  });
-  emit(`    let full = ${fullTile};`);
-  const pb = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
-  if (fast && !rowBias) emit(`    let dc = fma(-12582912.0, dq, lp);`);
-  for (const e of range(half)) {
-    const live = `full || (${liveExpr(e)})`;
-    if (fast) {
-      // p·pmax + 2^23 is 2^23 + round(p·pmax) exactly (ties to even, as round()): the low byte.
-      emit(
-        `    let p${e} = bitcast<u32>(select(0.0, min(exp2(${
-          fastScoreExpr(e)
-        }), ${pmax}.0), ${live}) + 8388608.0);`,
-      );
-    } else {
-      // min(·, 1): the maximum was taken over the same integers, so only rounding can pass 1.
-      emit(
-        `    let p${e} = select(0u, u32(round(min(exp2(${scoreExpr(e)} - m), 1.0) * ${pmax}.0)), ${live});`,
-      );
-    }
+  };
+  if (pairs) {
+    computeSPair(stageNext);
+    emit(`    let full = ${fullTile};`);
+    pairBlock(0, () => emitP(pWords(0), "psum"));
+    pairBlock(1, () => {
+      emit(`    let lp = lp_b;`);
+      emitP(pWords(1), "psum_b");
+    });
+  } else {
+    computeS(false, stageNext);
+    emit(`    let full = ${fullTile};`);
+    emitP(pWords(0), "psum");
   }
-  for (const w of range(half / 4)) {
-    const e = 4 * w;
-    const word = fast
-      ? `(p${e} & 0xffu) | ((p${e + 1} & 0xffu) << 8u) | ((p${e + 2} & 0xffu) << 16u) | (p${e + 3} << 24u)`
-      : `p${e} | (p${e + 1} << 8u) | (p${e + 2} << 16u) | (p${e + 3} << 24u)`;
-    emit(`    let pw${w} = ${word};
-    sp[${pb} + ${w}u] = ${u8 ? `pw${w}` : `i32(pw${w})`};`);
-  }
-  emit(
-    fast
-      ? `    psum += ${range(half / 4).map((w) => `dot4U8Packed(pw${w}, 0x01010101u)`).join(" + ")};`
-      : `    psum += ${range(half).map((e) => `p${e}`).join(" + ")};`,
-  );
   emit(`    workgroupBarrier();`);
   forEach("kk", bc / 32, (kk) => {
     emit("    {");
     emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
+    if (pairs) emit("      " + pv.loadLeft("pc", pAt, `(wp + ${s.pBlock}u) * 4u + ${kk} * 32u`));
     forEach("g", dV / N, (g) => {
       emit("      {");
       emit("        " + pv.loadRight("vb", vAt, vOffset(g, kk)));
       emit("        " + pv.mma(tile("acc", g), "pa", pAt, "vb", vAt));
+      if (pairs) emit("        " + pv.mma(tile("accb", g), "pc", pAt, "vb", vAt));
       emit("      }");
     });
     emit("    }");
@@ -794,46 +933,60 @@ const LN2: f32 = 0.6931471805599453;`);
   loopTail();
 
   // ---- finish: the row's Σp over both halves; each output tile through the P region ----
-  emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = psum;
+  emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = psum;${pairs ? "\n  red[wr + lane] = psum_b;" : ""}
   workgroupBarrier();
   let ptot = red[wr + ${MMA_SUBGROUP}u + lane] + red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)];
   let inv = select(0.0, 1.0 / f32(ptot), ptot > 0u);
   let vs = bhk * ${2 * dV}u;
   let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss;`);
+  if (pairs) {
+    emit(`  let ptot_b = red[wr + lane] + red[wr + (lane ^ ${R}u)];
+  let inv_b = select(0.0, 1.0 / f32(ptot_b), ptot_b > 0u);
+  let obase_b = obase + ${R}u * P.o_ss;`);
+  }
   // Each invocation writes N/2 channels of its row per output tile (two vec4 for N 16, one for 8).
   const perInv = N / 2;
-  forEach("g", dV / N, (g) => {
-    emit(`    workgroupBarrier();`);
-    emit("    " + pv.store(oAt, "wp", tile("acc", g)));
-    emit(`    workgroupBarrier();
-    {
-      let c0 = ${g} * ${N}u + hh * ${perInv}u;
-      let ob = wp + r * ${N}u + hh * ${perInv}u;`);
+  /** The invocation's channels c0.. of one row from the output tile at `ob` (words of sp). */
+  const writeRow = (ob: string, ptot: string, inv: string, obase: string, rowVar: string) => {
     for (let q = 0; q < perInv / 4; q++) {
       const vals = range(4).map((i) => {
         const e = 4 * q + i;
-        const a = u8 ? `(f32(sp[ob + ${e}u]) - 128.0 * f32(ptot))` : `f32(sp[ob + ${e}u])`;
-        return `select(${a} * inv * v_stat[vs + c0 + ${e}u] + v_stat[vs + ${dV}u + c0 + ${e}u], 0.0, ptot == 0u)`;
+        const a = u8 ? `(f32(sp[${ob} + ${e}u]) - 128.0 * f32(${ptot}))` : `f32(sp[${ob} + ${e}u])`;
+        return `select(${a} * ${inv} * v_stat[vs + c0 + ${e}u] + v_stat[vs + ${dV}u + c0 + ${e}u], 0.0, ${ptot} == 0u)`;
       });
       const guard = dV > c.d ? `c0 + ${4 * q}u < ${c.d}u && ` : "";
       emit(
-        `      if (${guard}row < P.s_q) { o[obase + c0 / 4u + ${q}u] = ${
+        `      if (${guard}${rowVar} < P.s_q) { o[${obase} + c0 / 4u + ${q}u] = ${
           storeVec(c, `vec4<f32>(${vals.join(", ")})`)
         }; }`,
       );
     }
+  };
+  forEach("g", dV / N, (g) => {
+    emit(`    workgroupBarrier();`);
+    emit("    " + pv.store(oAt, "wp", tile("acc", g)));
+    if (pairs) emit("    " + pv.store(oAt, `wp + ${s.pBlock}u`, tile("accb", g)));
+    emit(`    workgroupBarrier();
+    {
+      let c0 = ${g} * ${N}u + hh * ${perInv}u;
+      let ob = wp + r * ${N}u + hh * ${perInv}u;`);
+    writeRow("ob", "ptot", "inv", "obase", "row");
+    if (pairs) writeRow(`(ob + ${s.pBlock}u)`, "ptot_b", "inv_b", "obase_b", "row_b");
     emit(`    }`);
   });
   if (c.lse) {
     // K was smoothed: lse_bias adds back the row's scale * q . mean(k) (with a score_mod the scores
     // had it added already). Σp counts P in 1/pmax units.
-    emit(`  if (row < P.s_q && hh == 0u) {
-    let l = f32(ptot) / ${pmax}.0;
-    let li = bh * P.s_q + row;
-    lse[li] = select(select(${NEG_INF}, (m + log2(l)) * LN2${
-      rowBias ? "" : " + lse_bias[li]"
-    }, ptot > 0u), m, ${isNanExpr("m")});
+    const writeLse = (rowVar: string, ptot: string, m: string) =>
+      emit(`  if (${rowVar} < P.s_q && hh == 0u) {
+    let l = f32(${ptot}) / ${pmax}.0;
+    let li = bh * P.s_q + ${rowVar};
+    lse[li] = select(select(${NEG_INF}, (${m} + log2(l)) * LN2${
+        rowBias ? "" : " + lse_bias[li]"
+      }, ${ptot} > 0u), ${m}, ${isNanExpr(m)});
   }`);
+    writeLse("row", "ptot", "m");
+    if (pairs) writeLse("row_b", "ptot_b", "m_b");
   }
   emit(`}`);
   emit(qk.helpers() + pv.helpers());
