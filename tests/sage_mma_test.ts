@@ -173,7 +173,7 @@ const CASES: Case[] = [
     tiles: { stage: true },
   },
   {
-    name: "random, row pairs (two blocks a subgroup), GQA, window, key padding",
+    name: "random, both passes skewed (two halves one phase apart), GQA, window, key padding",
     b: 2,
     n: 2,
     nKv: 1,
@@ -185,7 +185,7 @@ const CASES: Case[] = [
     windowSize: [60, 30],
     keyPadding: [110, 47],
     lse: true,
-    tiles: { stage: true, rowPairs: true },
+    tiles: { stage: true, skew: true, skewMax: true },
   },
   {
     name: "random, the one-pass kernel, window",
@@ -284,13 +284,13 @@ for (const c of CASES) {
   });
 }
 
-// The maximum pass by pairs of subgroups (TwoPassConfig.maxPairs) and row pairs (rowPairs) take the
-// same integer maxima in the same product order as the default pass and the same integer P·V, so the
-// whole output is the same, bit for bit: a wrong maximum (a tile or a half row left out, the wrong
-// block's scale) would change P's rounding.
+// The maximum pass by pairs of subgroups (TwoPassConfig.maxPairs) and the skewed passes (skew,
+// skewMax) take the same integer maxima in the same product order as the default pass and the same integer
+// P·V, so the whole output is the same, bit for bit: a wrong maximum (a tile or a half row left out,
+// the wrong block's scale) would change P's rounding, a tile multiplied from the wrong slot the sums.
 Deno.test({
   name:
-    `sage-mma (${form}): the maximum pass by pairs of subgroups and row pairs give the default pass's output bit for bit${
+    `sage-mma (${form}): the maximum pass by pairs of subgroups and the skewed passes give the default passes' output bit for bit${
       skip ? ` [skipped: ${skip}]` : ""
     }`,
   ignore: skip !== "",
@@ -303,7 +303,7 @@ Deno.test({
     const outputs: Uint16Array[] = [];
     debug.poisonOutputs = true;
     try {
-      for (const variant of [{}, { maxPairs: true }, { rowPairs: true }]) {
+      for (const variant of [{}, { maxPairs: true }, { skew: true }, { skewMax: true }]) {
         sageMmaTuning.override = { stage: true, ...variant };
         const { out } = await attentionWithLse(host(q), host(k), host(v), options);
         const data = (out as HostTensor).data;
@@ -314,7 +314,8 @@ Deno.test({
       debug.poisonOutputs = false;
     }
     assert.deepEqual(outputs[1], outputs[0], "maxPairs");
-    assert.deepEqual(outputs[2], outputs[0], "rowPairs");
+    assert.deepEqual(outputs[2], outputs[0], "skew");
+    assert.deepEqual(outputs[3], outputs[0], "skewMax");
   },
 });
 

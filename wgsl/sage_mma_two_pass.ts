@@ -87,14 +87,20 @@ export interface TwoPassConfig extends SageMmaConfig {
    */
   maxPairs?: boolean;
   /**
-   * Two blocks of 16 rows per subgroup in both passes (32 rows, as FlashAttention-2's warps hold
-   * them): every K and V matrix a subgroup loads from workgroup memory serves two multiplies, which
-   * halves the matrix loads per row, the second pass's largest share of workgroup-memory traffic
-   * (K's and V's 8 KB of 14 per 16 rows and 32-key tile). Twice the accumulators per invocation.
-   * Applies with staging, fast math and no packed batch or flex function (see {@link rowPairsOf});
-   * replaces maxPairs.
+   * The second pass with the subgroups in two halves one phase apart: while one half multiplies (the
+   * previous tile's P·V, this tile's S) the other turns its S into P, so the matrix units and the
+   * exponentials overlap inside one workgroup (with one workgroup a streaming multiprocessor the
+   * default pass runs them one after the other, all subgroups in step between barriers). K and V
+   * staged in two slots each, the output tiles through V's slots. Applies with staging, fast math,
+   * an even number of subgroups and no packed batch or flex function (see {@link skewedPass2}).
    */
-  rowPairs?: boolean;
+  skew?: boolean;
+  /**
+   * The maximum pass in the same two halves one phase apart (one half multiplies S while the other
+   * takes its maxima), K staged in two slots; replaces maxPairs. Applies as skew does (see
+   * {@link skewedMaxPass}).
+   */
+  skewMax?: boolean;
   /** Benchmark ablation: skip the maximum pass (wrong results; times the second pass alone). */
   skipMaxPass?: boolean;
   /**
@@ -203,7 +209,7 @@ export function stagedTileCopy(threads: number, emit: (line: string) => void): {
     row4: number,
     strideWords: number,
     word?: (x: string) => string,
-    base?: number,
+    base?: number | string,
   ) => void;
 } {
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
@@ -228,13 +234,15 @@ export function stagedTileCopy(threads: number, emit: (line: string) => void): {
     row4: number,
     strideWords: number,
     word: (x: string) => string = (x) => x,
-    base = 0,
+    base: number | string = 0,
   ) =>
     range(n).forEach((i) => {
       const guard = vecs % threads === 0 ? "" : `if (lid + ${i * threads}u < ${vecs}u) `;
       emit(`    ${guard}{
       let j = lid + ${i * threads}u;
-      let at = ${base ? `${base}u + ` : ""}(j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
+      let at = ${
+        typeof base === "string" ? `${base} + ` : base ? `${base}u + ` : ""
+      }(j / ${row4}u) * ${strideWords}u + (j % ${row4}u) * 4u;
       ${dst}[at] = ${word(`${reg}${i}.x`)};
       ${dst}[at + 1u] = ${word(`${reg}${i}.y`)};
       ${dst}[at + 2u] = ${word(`${reg}${i}.z`)};
@@ -244,43 +252,46 @@ export function stagedTileCopy(threads: number, emit: (line: string) => void): {
   return { loadTile, storeTile };
 }
 
-/** Whether a config's subgroups hold two blocks of 16 rows each ({@link TwoPassConfig.rowPairs}). */
-export function rowPairsOf(c: TwoPassConfig): boolean {
-  return c.rowPairs === true && c.stage === true && c.fastMath !== false && !c.varlen && !c.flex;
+/** Whether a config's second pass runs in two halves one phase apart ({@link TwoPassConfig.skew}). */
+export function skewedPass2(c: TwoPassConfig): boolean {
+  return c.skew === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 && !c.varlen &&
+    !c.flex;
+}
+
+/** Whether a config's maximum pass runs in two halves one phase apart ({@link TwoPassConfig.skewMax}). */
+export function skewedMaxPass(c: TwoPassConfig): boolean {
+  return skewedPass2({ ...c, skew: c.skewMax }) && !c.skipMaxPass;
 }
 
 /** Whether a config's maximum pass runs by pairs of subgroups ({@link TwoPassConfig.maxPairs}). */
 export function pairedMaxPass(c: TwoPassConfig): boolean {
   return c.maxPairs === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 &&
-    !c.varlen && !c.flex && !c.skipMaxPass && !rowPairsOf(c);
+    !c.varlen && !c.flex && !c.skipMaxPass && !skewedMaxPass(c);
 }
 
 /** Derived sizes of the two-pass kernel. */
 export function twoPassShape(c: TwoPassConfig) {
   const { dQ, dV } = sageMmaDims(c.d);
-  // Blocks of 16 rows per subgroup.
-  const bpw = rowPairsOf(c) ? 2 : 1;
-  const br = MMA_ROWS * c.warps * bpw, threads = MMA_SUBGROUP * c.warps;
+  const br = MMA_ROWS * c.warps, threads = MMA_SUBGROUP * c.warps;
   // S stride: words between rows (row-major, +4 against bank conflicts) or columns (column-major).
   const ss = c.sColMajor ? MMA_ROWS + 4 : c.bc + (c.sPad ?? 4);
   const sWords = c.sColMajor ? c.bc * ss : MMA_ROWS * ss;
   const doubleS = c.doubleS && !c.stage;
-  const sRegion = sWords * (doubleS ? 2 : 1) * bpw;
+  const sRegion = sWords * (doubleS ? 2 : 1);
   // Staged tiles: rows padded by 16 bytes against bank conflicts (strides in bytes).
   const ksStride = dQ + 16, vsStride = c.bc + 16;
-  // Paired maximum pass: two K tiles staged at once.
-  const kTiles = pairedMaxPass(c) ? 2 : 1;
-  const staged = c.stage ? (kTiles * c.bc * ksStride + dV * vsStride) / 4 : 0;
-  // The P region (one per block) also holds one 16 x N output tile at the end.
-  const pBlock = Math.max((MMA_ROWS * c.bc) / 4, MMA_ROWS * c.shape.N);
-  const pRegion = pBlock * bpw;
+  // Paired maximum pass and skewed second pass: two K tiles staged at once; skewed, two V tiles.
+  const skew = skewedPass2(c);
+  const kTiles = pairedMaxPass(c) || skew || skewedMaxPass(c) ? 2 : 1, vTiles = skew ? 2 : 1;
+  const staged = c.stage ? (kTiles * c.bc * ksStride + vTiles * dV * vsStride) / 4 : 0;
+  // The 16 x N output tiles at the end go through V's slots when they fit there, else the P region.
+  const outInV = skew && c.warps * MMA_ROWS * c.shape.N * 4 <= vTiles * dV * vsStride;
+  const pRegion = Math.max((MMA_ROWS * c.bc) / 4, outInV ? 0 : MMA_ROWS * c.shape.N);
   const perWarp = sRegion + pRegion + 2 * MMA_SUBGROUP;
   return {
     dQ,
     dV,
-    bpw,
     br,
-    pBlock,
     threads,
     ss,
     sWords,
@@ -289,6 +300,9 @@ export function twoPassShape(c: TwoPassConfig) {
     doubleS,
     ksStride,
     vsStride,
+    kTiles,
+    vTiles,
+    outInV,
     sharedBytes: 4 * (perWarp * c.warps + staged),
   };
 }
@@ -314,7 +328,9 @@ export function twoPassKey(c: TwoPassConfig): string {
       c.skipMaxPass ? ":skip1" : ""
     }${c.sPad !== undefined && c.sPad !== 4 && !c.sColMajor ? `:sp${c.sPad}` : ""}${
       pairedMaxPass(c) ? ":pairs" : ""
-    }${rowPairsOf(c) ? ":rows2" : ""}${c.varlen ? ":packed" : ""}${flexKey(c.flex)}`;
+    }${skewedPass2(c) ? ":skew" : ""}${skewedMaxPass(c) ? ":skewmax" : ""}${c.varlen ? ":packed" : ""}${
+      flexKey(c.flex)
+    }`;
 }
 
 /**
@@ -383,7 +399,7 @@ export function sageMmaTwoPassKernel(c: TwoPassConfig): Kernel {
   const u8 = c.pv === "u8";
   const fast = c.fastMath !== false;
   const paired = pairedMaxPass(c);
-  const pairs = rowPairsOf(c);
+  const skew = skewedPass2(c);
   // An S word as the f32 of its integer: fast math's words carry the 1.5·2^23 bias.
   const intValue = (word: string) => fast ? `(bitcast<f32>(${word}) - 12582912.0)` : `f32(${word})`;
   const pvShape: MmaShape = { component: c.pv, result: u8 ? "u32" : "i32", M: 16, N, K: 32 };
@@ -427,8 +443,8 @@ var<workgroup> sp: array<${pWord}, ${c.warps * s.pRegion}>;
 var<workgroup> red: array<u32, ${c.warps * 2 * MMA_SUBGROUP}>;${
     stage
       ? `
-var<workgroup> ks: array<i32, ${((paired ? 2 : 1) * bc * ksStride) / 4}>;
-var<workgroup> vs: array<${pWord}, ${(dV * vsStride) / 4}>;`
+var<workgroup> ks: array<i32, ${(s.kTiles * bc * ksStride) / 4}>;
+var<workgroup> vs: array<${pWord}, ${(s.vTiles * dV * vsStride) / 4}>;`
       : ""
   }
 const NEG: f32 = -3.0e38;
@@ -452,7 +468,9 @@ const LN2: f32 = 0.6931471805599453;`);
     stage
       ? `${g} * ${N * vsStride}u + ${kk} * 32u`
       : `v8_base + kv0 * ${dV}u + ${g} * ${N * bc}u + ${kk} * 32u`;
-  const oAt: MmaPlace = { array: "sp", colMajor: false, stride: N };
+  // The output tiles at the end: the subgroup's P region or its share of V's slots.
+  const oAt: MmaPlace = { array: s.outInV ? "vs" : "sp", colMajor: false, stride: N };
+  const oBase = s.outInV ? `warp * ${MMA_ROWS * N}u` : "wp";
 
   emit(
     sageMmaPrologue({
@@ -463,7 +481,6 @@ const LN2: f32 = 0.6931471805599453;`);
       dQ,
       dV,
       warps: c.warps,
-      blocksPerWarp: s.bpw,
     }),
   );
   emit(`  let ws = warp * ${s.sRegion}u;
@@ -476,16 +493,6 @@ const LN2: f32 = 0.6931471805599453;`);
   if (rowBias) emit(`  let rb = lse_bias[bh * P.s_q + fr];`);
   if (!c.emulate) {
     for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qa${k}`, qAt, `q8_base + ${k * 32}u`));
-  }
-  if (pairs) {
-    // The subgroup's second block of 16 rows (row pairs).
-    emit(`  let ri_b = ri + ${R}i;
-  let row_b = row + ${R}u;
-  let q_sc_b = q_scale[qb + 1u];
-  let q8_base_b = q8_base + ${R * dQ}u;`);
-    if (!c.emulate) {
-      for (const k of range(dQ / 32)) emit("  " + qk.loadLeft(`qc${k}`, qAt, `q8_base_b + ${k * 32}u`));
-    }
   }
   // Fast math: every S tile starts from 1.5·2^23's bits (see fastMath).
   if (fast) emit(`  let s_bias = ${qk.splat("1262485504i")};`);
@@ -713,79 +720,108 @@ const LN2: f32 = 0.6931471805599453;`);
   }
 
   /**
-   * Row pairs (TwoPassConfig.rowPairs): S of tile t for both of the subgroup's blocks, each K matrix
-   * loaded once for two multiplies, into the subgroup's two S regions, then a barrier and
-   * `afterBarrier`; `dk` is the tile's K scale.
+   * A skewed pass (TwoPassConfig.skew, skewMax). Per key tile p two intervals between barriers: in
+   * the first the leading half (lag 0) multiplies (P·V of tile p - 1 in the second pass, then S of
+   * tile p) while the lagging half reads its S of tile p - 1 (P, or the maxima); in the second the
+   * roles swap (the lagging half multiplies, the leading one reads tile p's S). Each subgroup keeps
+   * the default pass's order of its own steps, one barrier apart. Slot (p - t_lo) % 2 holds K tile
+   * p (and V tile p - 1) through both intervals; the next ones go into the other slot, whose last
+   * reads ended at the previous barrier. The loop runs one tile past the last for the lagging half.
    */
-  function computeSPair(afterBarrier: () => void) {
-    emit(`    let kv0 = t * ${bc}u;
-    let wst = ws;`);
-    for (const name of ["sx", "sy"]) {
-      if (c.emulate) emit(`    ${qk.copyArray(name, bc / N, "s_bias")}`);
-      else range(bc / N).forEach((j) => emit(`    var ${name}${j} = s_bias;`));
-    }
-    forEach("k", dQ / 32, (k) => {
-      if (c.emulate) {
-        emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
-        emit("    " + qk.loadLeft("qc", qAt, `q8_base_b + ${k} * 32u`));
-      }
-      forEach("j", bc / N, (j) => {
-        emit("    {");
-        emit("      " + qk.loadRight("kb", kAt, kOffset(j, k)));
-        const qa = c.emulate ? "qa" : `qa${parseInt(k)}`, qc = c.emulate ? "qc" : `qc${parseInt(k)}`;
-        emit("      " + qk.mma(tile("sx", j), qa, qAt, "kb", kAt));
-        emit("      " + qk.mma(tile("sy", j), qc, qAt, "kb", kAt));
-        emit("    }");
-      });
-    });
-    forEach("j", bc / N, (j) => {
-      emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("sx", j)));
-      emit("    " + qk.store(sAt, `wst + ${s.sWords}u + ${sTile(j)}`, tile("sy", j)));
-    });
-    emit(`    workgroupBarrier();`);
-    afterBarrier();
-    emit(`    let dk = k_scale[ks_base + t];`);
-  }
-  /** A scope with block `blk`'s (0 or 1) diagonal `ri`, S region `wst`, `dq` and S start `sb`. */
-  function pairBlock(blk: number, body: () => void) {
-    emit(`    {`);
-    if (blk) {
-      emit(`    let ri = ri_b;
-    let wst = ws + ${s.sWords}u;`);
-    }
-    emit(`    let dq = ${blk ? "q_sc_b" : "q_sc"} * dk;
-    let sb = ${sBase};`);
-    body();
-    emit(`    }`);
-  }
-  /** The maximum pass with row pairs: both blocks' maxima from one walk of the key tiles. */
-  function emitRowPairsMaxPass() {
-    emit(`  var m_b = NEG;`);
-    if (c.skipMaxPass) return emit(`  m = 8.0;\n  m_b = 8.0;`);
-    loadK(first);
+  function emitSkewedPass(multiplyPV: ((vSlot: string) => void) | null) {
+    const kSlot = (bc * ksStride) / 4, vSlot = (dV * vsStride) / 4; // words
+    // The halves by warp / (warps / 2): NVIDIA spreads a workgroup's warps over an SM's four
+    // schedulers by warp % 4, so with 8 subgroups each scheduler holds one of each half.
+    emit(`  {
+  let lag = warp / ${c.warps / 2}u;`);
+    loadK("t_lo");
     storeK();
-    emit(`  workgroupBarrier();`);
-    loadK(second);
-    loopHead();
-    computeSPair(() => {
-      storeK();
-      loadK(next2);
-    });
-    pairBlock(0, () => fastTileMax("m", "dq"));
-    pairBlock(1, () => fastTileMax("m_b", "dq"));
-    emit(`    workgroupBarrier();`);
-    loopTail();
-    emit(`  red[wr + lane] = bitcast<u32>(m);
-  red[wr + ${MMA_SUBGROUP}u + lane] = bitcast<u32>(m_b);
-  workgroupBarrier();
-  m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));
-  m_b = max(bitcast<f32>(red[wr + ${MMA_SUBGROUP}u + lane]), bitcast<f32>(red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)]));`);
+    loadK("t_lo + 1u");
+    if (multiplyPV) loadV("t_lo");
+    emit(`  workgroupBarrier();
+  for (var p = t_lo; p <= t_hi; p++) {
+    let slot = (p - t_lo) & 1u;`);
+    const multiplyPhase = () => {
+      if (multiplyPV) {
+        emit(`    if (p > t_lo) {`);
+        multiplyPV(`slot * ${vSlot * 4}u + `); // byte offsets (V's elements are bytes)
+        emit(`    }`);
+      }
+      emit(`    if (p < t_hi) {`);
+      if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
+      else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
+      forEach("k", dQ / 32, (k) => {
+        if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+        forEach("j", bc / N, (j) => {
+          emit("    {");
+          emit("      " + qk.loadRight("kb", kAt, `slot * ${kSlot * 4}u + ${kOffset(j, k)}`));
+          emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+          emit("    }");
+        });
+      });
+      forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `ws + ${sTile(j)}`, tile("s", j))));
+      emit(`    }`);
+    };
+    const pPhase = (t: string) => {
+      emit(`    {
+    let t = ${t};
+    let kv0 = t * ${bc}u;
+    let wst = ws;
+    let dq = q_sc * k_scale[ks_base + t];
+    let sb = ${sBase};`);
+      if (multiplyPV) {
+        emit(`    let full = ${fullTile};`);
+        emitP(pWords, "psum");
+      } else fastTileMax("m", "dq");
+      emit(`    }`);
+    };
+    emit(`    if (lag == 0u) {`);
+    multiplyPhase();
+    emit(`    } else if (p > t_lo) {`);
+    pPhase("p - 1u");
+    emit(`    }`);
+    storeTile(
+      "kr",
+      nk,
+      kVecs,
+      "ks",
+      dQ / 16,
+      ksStride / 4,
+      (x) => `bitcast<i32>(${x})`,
+      `(slot ^ 1u) * ${kSlot}u`,
+    );
+    loadK("p + 2u");
+    if (multiplyPV) {
+      storeTile(
+        "vr",
+        nv,
+        vVecs,
+        "vs",
+        bc / 16,
+        vsStride / 4,
+        (x) => u8 ? x : `bitcast<i32>(${x})`,
+        `(slot ^ 1u) * ${vSlot}u`,
+      );
+      loadV("p + 1u");
+    }
+    emit(`    workgroupBarrier();
+    if (lag == 1u) {`);
+    multiplyPhase();
+    emit(`    } else if (p < t_hi) {`);
+    pPhase("p");
+    emit(`    }
+    workgroupBarrier();
+  }
+  }`);
   }
 
   // ---- pass 1: each row's maximum (log2 units) ----
   emit(`  var m = NEG;`);
-  if (pairs) {
-    emitRowPairsMaxPass();
+  if (skewedMaxPass(c)) {
+    emitSkewedPass(null);
+    emit(`  red[wr + lane] = bitcast<u32>(m);
+  workgroupBarrier();
+  m = max(bitcast<f32>(red[wr + lane]), bitcast<f32>(red[wr + (lane ^ ${R}u)]));`);
   } else if (paired) {
     emitPairedMaxPass();
   } else if (!c.skipMaxPass) {
@@ -874,119 +910,95 @@ const LN2: f32 = 0.6931471805599453;`);
     );
   };
   // This invocation's P words in its subgroup's P region (block `blk` of the subgroup's).
-  const pWords = (blk: number) => `wp + ${blk ? `${s.pBlock}u + ` : ""}r * ${bc / 4}u + hh * ${half / 4}u`;
+  const pWords = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
   emit(`  var psum = 0u;`);
   if (fast) emit(`  let lp = ${Math.log2(pmax)} - m;`);
   tiles(pv, "acc", dV / N);
-  if (pairs) {
-    emit(`  var psum_b = 0u;
-  let lp_b = ${Math.log2(pmax)} - m_b;`);
-    tiles(pv, "accb", dV / N);
-  }
-  if (stage) {
-    // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
-    // ks were before its last barriers.)
-    loadK(first);
-    storeK();
-    loadV(first);
-    emit(`  workgroupBarrier();`);
-    loadK(second);
-  }
-  loopHead();
-  // The barrier after the previous tile's P writes already ordered its S reads before this store.
-  // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
-  // previous tile's P·V): V tile t and K tile t + 1 go in, and the next ones are fetched.
-  const stageNext = () => {
-    if (!stage) return;
-    storeV();
-    storeK();
-    loadK(next2);
-    loadV(next1);
+  /** P·V of the P tile in this subgroup's P region with V's staged tile at byte `vSlot`. */
+  const multiplyPV = (vSlot = "") => {
+    forEach("kk", bc / 32, (kk) => {
+      emit("    {");
+      emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
+      forEach("g", dV / N, (g) => {
+        emit("      {");
+        emit("        " + pv.loadRight("vb", vAt, `${vSlot}${vOffset(g, kk)}`));
+        emit("        " + pv.mma(tile("acc", g), "pa", pAt, "vb", vAt));
+        emit("      }");
+      });
+      emit("    }");
+    });
   };
-  if (pairs) {
-    computeSPair(stageNext);
-    emit(`    let full = ${fullTile};`);
-    pairBlock(0, () => emitP(pWords(0), "psum"));
-    pairBlock(1, () => {
-      emit(`    let lp = lp_b;`);
-      emitP(pWords(1), "psum_b");
+  if (skew) emitSkewedPass(multiplyPV);
+  else {
+    if (stage) {
+      // K tile t_lo in ks, t_lo + 1 and V tile t_lo in registers. (The maximum pass's last reads of
+      // ks were before its last barriers.)
+      loadK(first);
+      storeK();
+      loadV(first);
+      emit(`  workgroupBarrier();`);
+      loadK(second);
+    }
+    loopHead();
+    // The barrier after the previous tile's P writes already ordered its S reads before this store.
+    // Staged: after the S barrier every subgroup is done with ks (this tile's S) and vs (the
+    // previous tile's P·V): V tile t and K tile t + 1 go in, and the next ones are fetched.
+    computeS(false, () => {
+      if (!stage) return;
+      storeV();
+      storeK();
+      loadK(next2);
+      loadV(next1);
     });
-  } else {
-    computeS(false, stageNext);
     emit(`    let full = ${fullTile};`);
-    emitP(pWords(0), "psum");
+    emitP(pWords, "psum");
+    emit(`    workgroupBarrier();`);
+    multiplyPV();
+    loopTail();
   }
-  emit(`    workgroupBarrier();`);
-  forEach("kk", bc / 32, (kk) => {
-    emit("    {");
-    emit("      " + pv.loadLeft("pa", pAt, `wp * 4u + ${kk} * 32u`)); // bytes: wp counts words
-    if (pairs) emit("      " + pv.loadLeft("pc", pAt, `(wp + ${s.pBlock}u) * 4u + ${kk} * 32u`));
-    forEach("g", dV / N, (g) => {
-      emit("      {");
-      emit("        " + pv.loadRight("vb", vAt, vOffset(g, kk)));
-      emit("        " + pv.mma(tile("acc", g), "pa", pAt, "vb", vAt));
-      if (pairs) emit("        " + pv.mma(tile("accb", g), "pc", pAt, "vb", vAt));
-      emit("      }");
-    });
-    emit("    }");
-  });
-  loopTail();
 
   // ---- finish: the row's Σp over both halves; each output tile through the P region ----
-  emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = psum;${pairs ? "\n  red[wr + lane] = psum_b;" : ""}
+  emit(`  red[wr + ${MMA_SUBGROUP}u + lane] = psum;
   workgroupBarrier();
   let ptot = red[wr + ${MMA_SUBGROUP}u + lane] + red[wr + ${MMA_SUBGROUP}u + (lane ^ ${R}u)];
   let inv = select(0.0, 1.0 / f32(ptot), ptot > 0u);
-  let vs = bhk * ${2 * dV}u;
+  let vst = bhk * ${2 * dV}u;
   let obase = b * P.o_sb + h * P.o_sh + row * P.o_ss;`);
-  if (pairs) {
-    emit(`  let ptot_b = red[wr + lane] + red[wr + (lane ^ ${R}u)];
-  let inv_b = select(0.0, 1.0 / f32(ptot_b), ptot_b > 0u);
-  let obase_b = obase + ${R}u * P.o_ss;`);
-  }
   // Each invocation writes N/2 channels of its row per output tile (two vec4 for N 16, one for 8).
   const perInv = N / 2;
-  /** The invocation's channels c0.. of one row from the output tile at `ob` (words of sp). */
-  const writeRow = (ob: string, ptot: string, inv: string, obase: string, rowVar: string) => {
+  const out = oAt.array;
+  forEach("g", dV / N, (g) => {
+    emit(`    workgroupBarrier();`);
+    emit("    " + pv.store(oAt, oBase, tile("acc", g)));
+    emit(`    workgroupBarrier();
+    {
+      let c0 = ${g} * ${N}u + hh * ${perInv}u;
+      let ob = ${oBase} + r * ${N}u + hh * ${perInv}u;`);
     for (let q = 0; q < perInv / 4; q++) {
       const vals = range(4).map((i) => {
         const e = 4 * q + i;
-        const a = u8 ? `(f32(sp[${ob} + ${e}u]) - 128.0 * f32(${ptot}))` : `f32(sp[${ob} + ${e}u])`;
-        return `select(${a} * ${inv} * v_stat[vs + c0 + ${e}u] + v_stat[vs + ${dV}u + c0 + ${e}u], 0.0, ${ptot} == 0u)`;
+        const a = u8 ? `(f32(${out}[ob + ${e}u]) - 128.0 * f32(ptot))` : `f32(${out}[ob + ${e}u])`;
+        return `select(${a} * inv * v_stat[vst + c0 + ${e}u] + v_stat[vst + ${dV}u + c0 + ${e}u], 0.0, ptot == 0u)`;
       });
       const guard = dV > c.d ? `c0 + ${4 * q}u < ${c.d}u && ` : "";
       emit(
-        `      if (${guard}${rowVar} < P.s_q) { o[${obase} + c0 / 4u + ${q}u] = ${
+        `      if (${guard}row < P.s_q) { o[obase + c0 / 4u + ${q}u] = ${
           storeVec(c, `vec4<f32>(${vals.join(", ")})`)
         }; }`,
       );
     }
-  };
-  forEach("g", dV / N, (g) => {
-    emit(`    workgroupBarrier();`);
-    emit("    " + pv.store(oAt, "wp", tile("acc", g)));
-    if (pairs) emit("    " + pv.store(oAt, `wp + ${s.pBlock}u`, tile("accb", g)));
-    emit(`    workgroupBarrier();
-    {
-      let c0 = ${g} * ${N}u + hh * ${perInv}u;
-      let ob = wp + r * ${N}u + hh * ${perInv}u;`);
-    writeRow("ob", "ptot", "inv", "obase", "row");
-    if (pairs) writeRow(`(ob + ${s.pBlock}u)`, "ptot_b", "inv_b", "obase_b", "row_b");
     emit(`    }`);
   });
   if (c.lse) {
     // K was smoothed: lse_bias adds back the row's scale * q . mean(k) (with a score_mod the scores
     // had it added already). Σp counts P in 1/pmax units.
-    const writeLse = (rowVar: string, ptot: string, m: string) =>
-      emit(`  if (${rowVar} < P.s_q && hh == 0u) {
-    let l = f32(${ptot}) / ${pmax}.0;
-    let li = bh * P.s_q + ${rowVar};
-    lse[li] = select(select(${NEG_INF}, (${m} + log2(l)) * LN2${
-        rowBias ? "" : " + lse_bias[li]"
-      }, ${ptot} > 0u), ${m}, ${isNanExpr(m)});
+    emit(`  if (row < P.s_q && hh == 0u) {
+    let l = f32(ptot) / ${pmax}.0;
+    let li = bh * P.s_q + row;
+    lse[li] = select(select(${NEG_INF}, (m + log2(l)) * LN2${
+      rowBias ? "" : " + lse_bias[li]"
+    }, ptot > 0u), m, ${isNanExpr("m")});
   }`);
-    writeLse("row", "ptot", "m");
-    if (pairs) writeLse("row_b", "ptot_b", "m_b");
   }
   emit(`}`);
   emit(qk.helpers() + pv.helpers());
