@@ -36,7 +36,6 @@ import {
   sageMmaTwoPassKernel,
   type TwoPassConfig,
   twoPassConfigProblems,
-  twoPassShape,
   U8_PV_MAX_KEYS,
 } from "../wgsl/sage_mma_two_pass.ts";
 import {
@@ -77,11 +76,6 @@ export type AnySageMmaConfig = SageMmaConfig | TwoPassConfig;
 /** Whether a config is the two-pass kernel's. */
 export function isTwoPass(c: AnySageMmaConfig): c is TwoPassConfig {
   return "pv" in c;
-}
-
-/** Blocks of 16 query rows a workgroup of this config serves (two a subgroup with row pairs). */
-function rowBlocks(c: AnySageMmaConfig): number {
-  return isTwoPass(c) ? twoPassShape(c).br / MMA_ROWS : c.warps;
 }
 
 /** Whether the emulated form is selected. */
@@ -216,15 +210,14 @@ export function chooseSageMmaConfig(
 function scratchSizes(p: AttentionProblem, c: AnySageMmaConfig, lse: boolean) {
   const { dQ, dV } = sageMmaDims(p.d);
   const qBlocks = Math.ceil(p.sQ / MMA_ROWS), kBlocks = Math.ceil(p.sKv / c.bc);
-  const blocks = Math.ceil(p.sQ / (MMA_ROWS * rowBlocks(c)));
+  const blocks = Math.ceil(p.sQ / (MMA_ROWS * c.warps));
   return {
     qBlocks,
     kBlocks,
     blocks,
-    // The last workgroup's extra subgroups read up to a workgroup's blocks past the end (rows never
-    // stored).
-    q8: (p.b * p.n * qBlocks + rowBlocks(c)) * MMA_ROWS * dQ,
-    qScale: (p.b * p.n * qBlocks + rowBlocks(c)) * 4,
+    // The last workgroup's extra subgroups read up to `warps` blocks past the end (rows never stored).
+    q8: (p.b * p.n * qBlocks + c.warps) * MMA_ROWS * dQ,
+    qScale: (p.b * p.n * qBlocks + c.warps) * 4,
     k8: p.b * p.nKv * kBlocks * c.bc * dQ,
     kScale: p.b * p.nKv * kBlocks * 4,
     mean: p.b * p.nKv * p.d * 4,
@@ -376,7 +369,7 @@ async function encode(p: AttentionProblem, io: GpuIO, call: GpuCall): Promise<vo
   if (rowBias) buffers.lse_bias = rowBias;
   if (p.varlen) Object.assign(buffers, { cuq: io.cuQ!, cuk: io.cuK! });
   if (io.flex) Object.assign(buffers, io.flex);
-  const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * rowBlocks(c), c.bc) : null;
+  const map = c.flex?.blockMap ? await blockMapFor(call, p, io, MMA_ROWS * c.warps, c.bc) : null;
   if (map) buffers.flex_blocks = map.buffer;
   call.dispatch(
     mainPipe,

@@ -216,15 +216,10 @@ export function sageMmaPrologue(
     split?: number;
     /** WGSL of the row's Q scale `q_sc` (default one per block of 16 rows: `q_scale[qb]`). */
     qScale?: string;
-    /**
-     * Blocks of 16 rows per subgroup (default 1; 2: sage-mma's row pairs): `row`, `qb` and `q8_base`
-     * are then those of the subgroup's first block, the second's follow 16 rows and one block on.
-     */
-    blocksPerWarp?: number;
   },
 ): string {
-  const R = MMA_ROWS, split = c.split ?? 1, bpw = c.blocksPerWarp ?? 1;
-  const block = split > 1 ? "wblk" : bpw > 1 ? `warp * ${bpw}u` : "warp";
+  const R = MMA_ROWS, split = c.split ?? 1;
+  const block = split > 1 ? "wblk" : "warp";
   return `@compute @workgroup_size(${c.threads})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
@@ -251,7 +246,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let ks_base = bhk * k_blocks;
   let k8_base = ks_base * ${c.bc * c.dQ}u;
   let v8_base = ks_base * ${c.bc * c.dV}u;
-  let qb = bh * P.q_blocks + blk * ${(c.warps * bpw) / split}u + ${block};
+  let qb = bh * P.q_blocks + blk * ${c.warps / split}u + ${block};
   let q_sc = ${c.qScale ?? "q_scale[qb]"};
   let q8_base = qb * ${R * c.dQ}u;`;
 }
