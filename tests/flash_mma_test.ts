@@ -81,8 +81,9 @@ interface Case {
  * Mesa 22's lavapipe (where CI runs Deno's engine) computes the emulated form wrong past a few key
  * tiles, as it does sage-mma's (README, Tests): at d 64 from the fourth 32-key tile on at order 2
  * (b1 n1 s16x128: relative L2 1.0), from the third at order 3 (s16x65); Dawn on Mesa 25 gets both
- * right (max abs 3.5e-8 and 5.4e-8). The cases here stay within three tiles; the order-3 one runs on
- * Dawn only.
+ * right (max abs 3.5e-8 and 5.4e-8), and so does Deno's engine (Naga) on Mesa 25's lavapipe (the
+ * five-tile and order-3 cases below: max abs 3.4e-8 and 4.7e-8), so the fault is Mesa 22's, not
+ * Naga's or the kernel's. The cases here stay within three tiles; the order-3 one runs on Dawn only.
  */
 const ORDER3_ON_DENO =
   "order-3 kernels give wrong results on Deno's engine with Mesa 22 lavapipe (right on Dawn)";
