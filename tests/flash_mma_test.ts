@@ -310,6 +310,42 @@ for (const c of CASES) {
   });
 }
 
+// The maximum kernel in two halves one phase apart (FlashMmaConfig.skewMax) takes the same maxima
+// (exact: a maximum does not depend on the order), so the output is the default's bit for bit; a tile
+// read from the wrong K slot or left out would change the maximum and P's slices.
+Deno.test({
+  name: `flash-mma (${form}): the skewed maximum kernel gives the default's output bit for bit${
+    skip ? ` [skipped: ${skip}]` : ""
+  }`,
+  ignore: skip !== "",
+  async fn() {
+    // Three key tiles, GQA, causal, rows over two of the maximum kernel's workgroups.
+    const random = rng(9);
+    const make = (n: number, s: number): HostTensor => {
+      const t = randomLogical({ b: 1, n, s, d: 64 }, random);
+      return { data: toHostArray(t.data, "f32"), shape: [1, n, s, 64], dtype: "f32" };
+    };
+    const q = make(4, 150), k = make(2, 96), v = make(2, 96);
+    const outputs: Float32Array[] = [];
+    const saved = flashMmaTuning.emulate;
+    flashMmaTuning.emulate = !real;
+    debug.poisonOutputs = true;
+    try {
+      for (const skewMax of [false, true]) {
+        flashMmaTuning.override = { maxPass: "read", skewMax };
+        const { out } = await attentionWithLse(q, k, v, { backend: "flash-mma", isCausal: true });
+        outputs.push((out as HostTensor).data as Float32Array);
+      }
+    } finally {
+      flashMmaTuning.override = null;
+      flashMmaTuning.emulate = saved;
+      debug.poisonOutputs = false;
+    }
+    assert.ok(outputs[0].every(Number.isFinite));
+    assert.deepEqual(outputs[1], outputs[0]);
+  },
+});
+
 const baseConfig: FlashMmaConfig = {
   dtype: "f32",
   f16: false,

@@ -104,6 +104,20 @@ export interface FlashMmaConfig extends MmaKernelConfig {
    * (each staged K tile serving 128 rows instead of 32) where the whole kernel fits two.
    */
   maxPass?: "only" | "read";
+  /**
+   * The maximum kernel (maxPass "only") with its subgroups in two halves one phase apart, as
+   * sage-mma's `skewMax` (wgsl/sage_mma_two_pass.ts): while one half multiplies S the other takes
+   * its maxima from the previous tile's, K staged in two slots. Applies with K staged, split 1, an
+   * even number of subgroups and no packed batch (see {@link skewedFlashMax}).
+   */
+  skewMax?: boolean;
+}
+
+/** Whether a config is the maximum kernel in two halves one phase apart (FlashMmaConfig.skewMax). */
+export function skewedFlashMax(c: FlashMmaConfig): boolean {
+  return c.skewMax === true && c.maxPass === "only" && c.stage?.includes("k") === true &&
+    (c.split ?? 1) === 1 &&
+    c.warps % 2 === 0 && !c.varlen && !c.skipMaxPass;
 }
 
 /** The slice products (a, b) of order a + b up to `order`, with their order. */
@@ -204,7 +218,8 @@ export function flashMmaShape(c: FlashMmaConfig) {
   // The maximum kernel (maxPass "only") stages the slices it multiplies, no V, no P.
   const only = c.maxPass === "only";
   const kSlices = only ? c.maxOrder + 1 : c.slices;
-  const kStaged = c.stage?.includes("k") ? (kSlices * c.bc * ksStride) / 4 : 0;
+  const kSlots = skewedFlashMax(c) ? 2 : 1;
+  const kStaged = c.stage?.includes("k") ? (kSlots * kSlices * c.bc * ksStride) / 4 : 0;
   const vStaged = c.stage?.includes("v") && !only ? (c.slices * dV * vsStride) / 4 : 0;
   return {
     split,
@@ -214,6 +229,7 @@ export function flashMmaShape(c: FlashMmaConfig) {
     hk,
     ksStride,
     vsStride,
+    kSlots,
     kStaged,
     vStaged,
     dQ,
@@ -268,7 +284,7 @@ export function flashMmaKey(c: FlashMmaConfig): string {
       c.stage ? `:stage-${c.stage}` : ""
     }${(c.split ?? 1) > 1 ? `:split${c.split}` : ""}${c.varlen ? ":packed" : ""}${
       c.maxPass ? `:max-${c.maxPass}` : ""
-    }`;
+    }${skewedFlashMax(c) ? ":skew" : ""}`;
 }
 
 /** The main kernel's uniforms: sage-mma's, and where K's and V's scales start in `scales`. */
@@ -405,9 +421,10 @@ const LN2: f32 = 0.6931471805599453;`,
     : { array: "v8", colMajor: true, stride: bc };
   const oAt: MmaPlace = { array: "ss", colMajor: false, stride: N };
   const qOffset = (a: number, k: string) => `q8_base + ${a * R * dQ}u + ${k} * 32u`;
-  const kOffset = (b: number, j: string, k: string) =>
+  // `slot`: the staged K slot's byte offset (WGSL ending in " + "), with skewMax.
+  const kOffset = (b: number, j: string, k: string, slot = "") =>
     stageK
-      ? `${b * bc * ksStride}u + ${j} * ${N * ksStride}u + ${k} * 32u`
+      ? `${slot}${b * bc * ksStride}u + ${j} * ${N * ksStride}u + ${k} * 32u`
       : `k8_base + t * ${bc * dQ * S}u + ${b * bc * dQ}u + ${j} * ${N * dQ}u + ${k} * 32u`;
   const vOffset = (b: number, g: string, kk: string) =>
     stageV
@@ -429,7 +446,8 @@ const LN2: f32 = 0.6931471805599453;`,
     loadTile("kr", nkMax, kVecsMax, "k8", "k4_base", `min(${t}, t_last)`, kVecs);
   const loadV = (t: string) => loadTile("vr", nv, vVecs, "v8", "v4_base", `min(${t}, t_last)`);
   const storeK = () => storeTile("kr", nk, kVecs, "ks", dQ / 16, ksStride / 4);
-  const storeKMax = () => storeTile("kr", nkMax, kVecsMax, "ks", dQ / 16, ksStride / 4);
+  const storeKMax = (base: string | number = 0) =>
+    storeTile("kr", nkMax, kVecsMax, "ks", dQ / 16, ksStride / 4, undefined, base);
   const storeV = () => storeTile("vr", nv, vVecs, "vs", bc / 16, vsStride / 4);
 
   // A tile holds every slice: the prologue's int8 bases count slices · dQ (and · dV) per row.
@@ -485,9 +503,16 @@ const LN2: f32 = 0.6931471805599453;`,
     margin: number,
     afterStore: () => void = () => {},
   ) => {
-    const groups = sliceOrderGroups(S, upTo, c.d);
     emit(`    let kv0 = t * ${bc}u;`);
     if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of ss are done
+    multiplyS(upTo);
+    emit(`    workgroupBarrier();`);
+    afterStore();
+    readS(upTo, margin);
+  };
+  /** S of tile t from the products up to `upTo` into the subgroup's regions (K from `slot`). */
+  function multiplyS(upTo: number, slot = "") {
+    const groups = sliceOrderGroups(S, upTo, c.d);
     groups.forEach((_, g) => zeroTiles(`s${g}_`, kw / N, "    "));
     const products = sliceProducts(S, upTo);
     forEach("j", kw / N, (j) => {
@@ -500,7 +525,7 @@ const LN2: f32 = 0.6931471805599453;`,
             emit("    {");
             for (const { a, b } of here) {
               if (!qRegisters) emit("      " + mma.loadLeft(`qa${a}`, qAt, qOffset(a, k)));
-              emit("      " + mma.loadRight(`kb${b}`, kAt, kOffset(b, part(kw / N, j), k)));
+              emit("      " + mma.loadRight(`kb${b}`, kAt, kOffset(b, part(kw / N, j), k, slot)));
               const left = qRegisters ? `qa${a}_${parseInt(k)}` : `qa${a}`;
               emit("      " + mma.mma(tile(`s${g}_`, j), left, qAt, `kb${b}`, kAt));
             }
@@ -516,8 +541,10 @@ const LN2: f32 = 0.6931471805599453;`,
         (j) => emit("    " + mma.store(sAt, `ws + ${g * sWords}u + ${j} * ${N}u`, tile(`s${g}_`, j))),
       )
     );
-    emit(`    workgroupBarrier();`);
-    afterStore();
+  }
+  /** The invocation's scores of tile t (kv0 in scope) from the S regions as f32 `x${e}`. */
+  function readS(upTo: number, margin: number) {
+    const groups = sliceOrderGroups(S, upTo, c.d);
     emit(`    let sb = ws + r * ${ss}u + hh * ${hk}u;`);
     for (const e of range(hk)) {
       const vals = groups.map((_, g) => `f32(ss[sb + ${g * sWords + e}u])`);
@@ -529,7 +556,7 @@ const LN2: f32 = 0.6931471805599453;`,
           : `    let x${e} = ${x};`,
       );
     }
-  };
+  }
   const { fullTile, liveExpr } = keyMaskExprs({
     bc,
     band: c.band,
@@ -540,10 +567,71 @@ const LN2: f32 = 0.6931471805599453;`,
     cols: "cols",
   });
 
+  /** The running maximum m over tile t's scores x* (kv0 in scope). */
+  function tileMax() {
+    emit(`    let full = ${fullTile};`);
+    // A NaN score is left out here (max() with NaN is unspecified); pass 2 flags it.
+    for (const e of range(hk)) {
+      emit(`    m = select(m, max(m, x${e}), (full || (${liveExpr(e)})) && !${isNanExpr(`x${e}`)});`);
+    }
+  }
+  /**
+   * The maximum kernel's loop in two halves one phase apart (FlashMmaConfig.skewMax; the schedule of
+   * sage-mma's skewed passes): per tile p the leading half multiplies S of tile p while the lagging
+   * half takes the maxima of tile p - 1, then the lagging half multiplies tile p while the leading
+   * one takes its maxima; K tile p in slot (p - t_lo) % 2 through both, the next into the other.
+   */
+  function emitSkewedMax() {
+    const kSlot = ((c.maxOrder + 1) * bc * ksStride) / 4; // words
+    const margin = maxPassMargin(c);
+    // The halves by warp / (warps / 2): with 8 subgroups each of an SM's four schedulers (warp % 4)
+    // holds one of each half.
+    emit(`  {
+  let lag = warp / ${c.warps / 2}u;`);
+    loadKMax("t_lo");
+    storeKMax();
+    emit(`  workgroupBarrier();`);
+    loadKMax("t_lo + 1u");
+    emit(`  for (var p = t_lo; p <= t_hi; p++) {
+    let slot = (p - t_lo) & 1u;`);
+    const multiply = () => {
+      emit(`    if (p < t_hi) {
+    let t = p;`);
+      multiplyS(c.maxOrder, `slot * ${kSlot * 4}u + `);
+      emit(`    }`);
+    };
+    const maxima = (t: string) => {
+      emit(`    {
+    let t = ${t};
+    let kv0 = t * ${bc}u;`);
+      readS(c.maxOrder, margin);
+      tileMax();
+      emit(`    }`);
+    };
+    emit(`    if (lag == 0u) {`);
+    multiply();
+    emit(`    } else if (p > t_lo) {`);
+    maxima("p - 1u");
+    emit(`    }`);
+    storeKMax(`(slot ^ 1u) * ${kSlot}u`);
+    loadKMax("p + 2u");
+    emit(`    workgroupBarrier();
+    if (lag == 1u) {`);
+    multiply();
+    emit(`    } else if (p < t_hi) {`);
+    maxima("p");
+    emit(`    }
+    workgroupBarrier();
+  }
+  }`);
+  }
+
   // ---- pass 1: each row's maximum (log2 units), over the block's subgroups and row halves ----
   emit(`  var m = NEG;`);
   if (c.maxPass === "read") {
     emit(`  m = row_max[bh * P.s_q + min(row, P.s_q - 1u)];`);
+  } else if (skewedFlashMax(c)) {
+    emitSkewedMax();
   } else if (!c.skipMaxPass) {
     if (stageK) {
       // K tile t_lo in ks, t_lo + 1 in registers.
@@ -561,18 +649,15 @@ const LN2: f32 = 0.6931471805599453;`,
       storeKMax();
       loadKMax("t + 2u");
     });
-    emit(`    let full = ${fullTile};`);
-    // A NaN score is left out here (max() with NaN is unspecified); pass 2 flags it.
-    for (const e of range(hk)) {
-      emit(`    m = select(m, max(m, x${e}), (full || (${liveExpr(e)})) && !${isNanExpr(`x${e}`)});`);
-    }
+    tileMax();
     if (stageK) emit(`    workgroupBarrier();`);
-    emit(`  }
-  red[wr + lane] = bitcast<u32>(m);
+    emit(`  }`);
+  }
+  if (c.skipMaxPass && c.maxPass !== "read") emit(`  m = 8.0;`);
+  else if (c.maxPass !== "read") {
+    emit(`  red[wr + lane] = bitcast<u32>(m);
   workgroupBarrier();
   m = ${peers.map(({ p, x }) => `bitcast<f32>(${redOf(p, x, 0)})`).reduce((a, b) => `max(${a}, ${b})`)};`);
-  } else {
-    emit(`  m = 8.0;`);
   }
   if (only) {
     // One invocation of each row writes it (the row's maximum over its subgroups and halves).
