@@ -59,6 +59,7 @@ import {
   PACKED_UNIFORMS,
   packedDeclarations,
   rowDiagonal,
+  skewedKeyLoop,
   stagedTileCopy,
 } from "./sage_mma_two_pass.ts";
 
@@ -576,54 +577,39 @@ const LN2: f32 = 0.6931471805599453;`,
     }
   }
   /**
-   * The maximum kernel's loop in two halves one phase apart (FlashMmaConfig.skewMax; the schedule of
-   * sage-mma's skewed passes): per tile p the leading half multiplies S of tile p while the lagging
-   * half takes the maxima of tile p - 1, then the lagging half multiplies tile p while the leading
-   * one takes its maxima; K tile p in slot (p - t_lo) % 2 through both, the next into the other.
+   * The maximum kernel's loop in two halves one phase apart (FlashMmaConfig.skewMax; the loop of
+   * sage-mma's skewed passes, skewedKeyLoop): S of tile p multiplied by one half while the other takes
+   * the maxima of the tile before; K tile p in slot (p - t_lo) % 2.
    */
   function emitSkewedMax() {
     const kSlot = ((c.maxOrder + 1) * bc * ksStride) / 4; // words
     const margin = maxPassMargin(c);
-    // The halves by warp / (warps / 2): with 8 subgroups each of an SM's four schedulers (warp % 4)
-    // holds one of each half.
-    emit(`  {
-  let lag = warp / ${c.warps / 2}u;`);
-    loadKMax("t_lo");
-    storeKMax();
-    emit(`  workgroupBarrier();`);
-    loadKMax("t_lo + 1u");
-    emit(`  for (var p = t_lo; p <= t_hi; p++) {
-    let slot = (p - t_lo) & 1u;`);
-    const multiply = () => {
-      emit(`    if (p < t_hi) {
+    skewedKeyLoop(emit, c.warps, {
+      stageFirst: () => {
+        loadKMax("t_lo");
+        storeKMax();
+        emit(`  workgroupBarrier();`);
+        loadKMax("t_lo + 1u");
+      },
+      multiply: () => {
+        emit(`    if (p < t_hi) {
     let t = p;`);
-      multiplyS(c.maxOrder, `slot * ${kSlot * 4}u + `);
-      emit(`    }`);
-    };
-    const maxima = (t: string) => {
-      emit(`    {
+        multiplyS(c.maxOrder, `slot * ${kSlot * 4}u + `);
+        emit(`    }`);
+      },
+      read: (t) => {
+        emit(`    {
     let t = ${t};
     let kv0 = t * ${bc}u;`);
-      readS(c.maxOrder, margin);
-      tileMax();
-      emit(`    }`);
-    };
-    emit(`    if (lag == 0u) {`);
-    multiply();
-    emit(`    } else if (p > t_lo) {`);
-    maxima("p - 1u");
-    emit(`    }`);
-    storeKMax(`(slot ^ 1u) * ${kSlot}u`);
-    loadKMax("p + 2u");
-    emit(`    workgroupBarrier();
-    if (lag == 1u) {`);
-    multiply();
-    emit(`    } else if (p < t_hi) {`);
-    maxima("p");
-    emit(`    }
-    workgroupBarrier();
-  }
-  }`);
+        readS(c.maxOrder, margin);
+        tileMax();
+        emit(`    }`);
+      },
+      stageNext: () => {
+        storeKMax(`(slot ^ 1u) * ${kSlot}u`);
+        loadKMax("p + 2u");
+      },
+    });
   }
 
   // ---- pass 1: each row's maximum (log2 units), over the block's subgroups and row halves ----

@@ -252,6 +252,44 @@ export function stagedTileCopy(threads: number, emit: (line: string) => void): {
   return { loadTile, storeTile };
 }
 
+/**
+ * WGSL of a key loop in two halves of the workgroup's subgroups one phase apart (shared by the matrix
+ * kernels' skewed passes). Per key tile p two intervals between barriers: in the first the leading
+ * half (lag 0) runs `multiply` (tile p; its staged operands in slot (p - t_lo) % 2, `slot`) while the
+ * lagging half runs `read` of tile p - 1 (S read back: P or maxima); in the second the lagging half
+ * multiplies tile p and the leading one reads it. `stageFirst` stages tile t_lo (slot 0) and ends
+ * with a barrier; `stageNext`, between the intervals, stages tile p + 1 into the other slot, whose
+ * last reads ended at the previous barrier. The loop runs one tile past the last for the lagging
+ * half. The halves are warp / (warps / 2): NVIDIA spreads a workgroup's warps over an SM's four
+ * schedulers by warp % 4, so with 8 subgroups each scheduler holds one of each half.
+ */
+export function skewedKeyLoop(
+  emit: (line: string) => void,
+  warps: number,
+  steps: { stageFirst: () => void; multiply: () => void; read: (t: string) => void; stageNext: () => void },
+): void {
+  emit(`  {
+  let lag = warp / ${warps / 2}u;`);
+  steps.stageFirst();
+  emit(`  for (var p = t_lo; p <= t_hi; p++) {
+    let slot = (p - t_lo) & 1u;
+    if (lag == 0u) {`);
+  steps.multiply();
+  emit(`    } else if (p > t_lo) {`);
+  steps.read("p - 1u");
+  emit(`    }`);
+  steps.stageNext();
+  emit(`    workgroupBarrier();
+    if (lag == 1u) {`);
+  steps.multiply();
+  emit(`    } else if (p < t_hi) {`);
+  steps.read("p");
+  emit(`    }
+    workgroupBarrier();
+  }
+  }`);
+}
+
 /** Whether a config's second pass runs in two halves one phase apart ({@link TwoPassConfig.skew}). */
 export function skewedPass2(c: TwoPassConfig): boolean {
   return c.skew === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 && !c.varlen &&
@@ -720,99 +758,81 @@ const LN2: f32 = 0.6931471805599453;`);
   }
 
   /**
-   * A skewed pass (TwoPassConfig.skew, skewMax). Per key tile p two intervals between barriers: in
-   * the first the leading half (lag 0) multiplies (P·V of tile p - 1 in the second pass, then S of
-   * tile p) while the lagging half reads its S of tile p - 1 (P, or the maxima); in the second the
-   * roles swap (the lagging half multiplies, the leading one reads tile p's S). Each subgroup keeps
-   * the default pass's order of its own steps, one barrier apart. Slot (p - t_lo) % 2 holds K tile
-   * p (and V tile p - 1) through both intervals; the next ones go into the other slot, whose last
-   * reads ended at the previous barrier. The loop runs one tile past the last for the lagging half.
+   * A skewed pass (TwoPassConfig.skew, skewMax; the loop is {@link skewedKeyLoop}): the multiply step
+   * is P·V of tile p - 1 (second pass) and S of tile p, the read step P (second pass) or the maxima.
+   * Slot (p - t_lo) % 2 holds K tile p and V tile p - 1.
    */
   function emitSkewedPass(multiplyPV: ((vSlot: string) => void) | null) {
     const kSlot = (bc * ksStride) / 4, vSlot = (dV * vsStride) / 4; // words
-    // The halves by warp / (warps / 2): NVIDIA spreads a workgroup's warps over an SM's four
-    // schedulers by warp % 4, so with 8 subgroups each scheduler holds one of each half.
-    emit(`  {
-  let lag = warp / ${c.warps / 2}u;`);
-    loadK("t_lo");
-    storeK();
-    loadK("t_lo + 1u");
-    if (multiplyPV) loadV("t_lo");
-    emit(`  workgroupBarrier();
-  for (var p = t_lo; p <= t_hi; p++) {
-    let slot = (p - t_lo) & 1u;`);
-    const multiplyPhase = () => {
-      if (multiplyPV) {
-        emit(`    if (p > t_lo) {`);
-        multiplyPV(`slot * ${vSlot * 4}u + `); // byte offsets (V's elements are bytes)
-        emit(`    }`);
-      }
-      emit(`    if (p < t_hi) {`);
-      if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
-      else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
-      forEach("k", dQ / 32, (k) => {
-        if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
-        forEach("j", bc / N, (j) => {
-          emit("    {");
-          emit("      " + qk.loadRight("kb", kAt, `slot * ${kSlot * 4}u + ${kOffset(j, k)}`));
-          emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
-          emit("    }");
+    skewedKeyLoop(emit, c.warps, {
+      stageFirst: () => {
+        loadK("t_lo");
+        storeK();
+        loadK("t_lo + 1u");
+        if (multiplyPV) loadV("t_lo");
+        emit(`  workgroupBarrier();`);
+      },
+      multiply: () => {
+        if (multiplyPV) {
+          emit(`    if (p > t_lo) {`);
+          multiplyPV(`slot * ${vSlot * 4}u + `); // byte offsets (V's elements are bytes)
+          emit(`    }`);
+        }
+        emit(`    if (p < t_hi) {`);
+        if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
+        else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
+        forEach("k", dQ / 32, (k) => {
+          if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
+          forEach("j", bc / N, (j) => {
+            emit("    {");
+            emit("      " + qk.loadRight("kb", kAt, `slot * ${kSlot * 4}u + ${kOffset(j, k)}`));
+            emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
+            emit("    }");
+          });
         });
-      });
-      forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `ws + ${sTile(j)}`, tile("s", j))));
-      emit(`    }`);
-    };
-    const pPhase = (t: string) => {
-      emit(`    {
+        forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `ws + ${sTile(j)}`, tile("s", j))));
+        emit(`    }`);
+      },
+      read: (t) => {
+        emit(`    {
     let t = ${t};
     let kv0 = t * ${bc}u;
     let wst = ws;
     let dq = q_sc * k_scale[ks_base + t];
     let sb = ${sBase};`);
-      if (multiplyPV) {
-        emit(`    let full = ${fullTile};`);
-        emitP(pWords, "psum");
-      } else fastTileMax("m", "dq");
-      emit(`    }`);
-    };
-    emit(`    if (lag == 0u) {`);
-    multiplyPhase();
-    emit(`    } else if (p > t_lo) {`);
-    pPhase("p - 1u");
-    emit(`    }`);
-    storeTile(
-      "kr",
-      nk,
-      kVecs,
-      "ks",
-      dQ / 16,
-      ksStride / 4,
-      (x) => `bitcast<i32>(${x})`,
-      `(slot ^ 1u) * ${kSlot}u`,
-    );
-    loadK("p + 2u");
-    if (multiplyPV) {
-      storeTile(
-        "vr",
-        nv,
-        vVecs,
-        "vs",
-        bc / 16,
-        vsStride / 4,
-        (x) => u8 ? x : `bitcast<i32>(${x})`,
-        `(slot ^ 1u) * ${vSlot}u`,
-      );
-      loadV("p + 1u");
-    }
-    emit(`    workgroupBarrier();
-    if (lag == 1u) {`);
-    multiplyPhase();
-    emit(`    } else if (p < t_hi) {`);
-    pPhase("p");
-    emit(`    }
-    workgroupBarrier();
-  }
-  }`);
+        if (multiplyPV) {
+          emit(`    let full = ${fullTile};`);
+          emitP(pWords, "psum");
+        } else fastTileMax("m", "dq");
+        emit(`    }`);
+      },
+      stageNext: () => {
+        storeTile(
+          "kr",
+          nk,
+          kVecs,
+          "ks",
+          dQ / 16,
+          ksStride / 4,
+          (x) => `bitcast<i32>(${x})`,
+          `(slot ^ 1u) * ${kSlot}u`,
+        );
+        loadK("p + 2u");
+        if (multiplyPV) {
+          storeTile(
+            "vr",
+            nv,
+            vVecs,
+            "vs",
+            bc / 16,
+            vsStride / 4,
+            (x) => u8 ? x : `bitcast<i32>(${x})`,
+            `(slot ^ 1u) * ${vSlot}u`,
+          );
+          loadV("p + 1u");
+        }
+      },
+    });
   }
 
   // ---- pass 1: each row's maximum (log2 units) ----
