@@ -8,7 +8,16 @@
  *
  * Each step reports its own failure (e.g. a kernel that does not compile) and the run goes on.
  */
-import { emulatingMma, realMmaReasons, sageMmaTuning } from "../backends/sage_mma.ts";
+import {
+  chooseSageMmaConfig,
+  emulatingMma,
+  isTwoPass,
+  realMmaReasons,
+  sageMmaTuning,
+} from "../backends/sage_mma.ts";
+import { resolveProblem } from "../core/problem.ts";
+import { sageMmaKey } from "../wgsl/sage_mma.ts";
+import { twoPassKey } from "../wgsl/sage_mma_two_pass.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { deviceInfo } from "../mod.ts";
 import type { TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
@@ -104,6 +113,15 @@ async function time(s: BenchShape, dtype: "f32" | "f16", backend: string, label 
   await step(`time ${s.name} ${dtype} ${label}`, async () => {
     const inputs = shapeInputs(rt!.device, s, dtype);
     try {
+      if (backend === "sage-mma") {
+        // The kernel the call runs: an override that does not fit falls back to another layout.
+        const c = chooseSageMmaConfig(
+          resolveProblem(inputs.q, inputs.k, inputs.v, { isCausal: s.causal === true }),
+          rt!.caps,
+          false,
+        );
+        console.log(`  kernel: ${typeof c === "string" ? c : isTwoPass(c) ? twoPassKey(c) : sageMmaKey(c)}`);
+      }
       const { ms } = await timeOnGpu(inputs, { backend, isCausal: s.causal === true }, reps);
       const tflops = shapeFlops(s) / ms / 1e9;
       console.log(JSON.stringify({ kind: "time", shape: s.name, dtype, backend: label, ms, tflops }));
