@@ -17,11 +17,18 @@
  * `--accuracy`, checked. Each step reports its own failure (e.g. a kernel that does not compile)
  * and the run goes on. `--crossover` times b1 n24 d128 at each s (FLASH_MMA_MIN_SEQ's measurement).
  */
-import { emulatingFlashMma, flashMmaTuning } from "../backends/flash_mma.ts";
+import {
+  chooseFlashMmaConfig,
+  emulatingFlashMma,
+  flashMmaTuning,
+  maxKernelConfig,
+} from "../backends/flash_mma.ts";
+import { mmaTileFor } from "../backends/sage_mma.ts";
+import { resolveProblem } from "../core/problem.ts";
 import { realMmaReasons } from "../backends/sage_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { deviceInfo } from "../mod.ts";
-import type { FlashMmaConfig } from "../wgsl/flash_mma.ts";
+import { type FlashMmaConfig, flashMmaKey } from "../wgsl/flash_mma.ts";
 import { type BenchShape, shapeFlops, shapeInputs, SHAPES, timeOnGpu } from "./common.ts";
 import { sageAccuracy } from "./sage_accuracy.ts";
 
@@ -123,6 +130,19 @@ async function time(s: BenchShape, dtype: "f32" | "f16", backend: string, label:
   await step(`time ${s.name} ${dtype} ${label}`, async () => {
     const inputs = shapeInputs(rt!.device, s, dtype);
     try {
+      if (backend === "flash-mma") {
+        // The kernels the call runs: an override that does not fit falls back to another layout.
+        const p = resolveProblem(inputs.q, inputs.k, inputs.v, { isCausal: s.causal === true });
+        const c = chooseFlashMmaConfig(p, rt!.caps, false);
+        const max = typeof c !== "string" && c.maxPass === "read"
+          ? maxKernelConfig(c, mmaTileFor(rt!.caps, c.emulate).limits)
+          : null;
+        console.log(
+          `  kernel: ${typeof c === "string" ? c : flashMmaKey(c)}${
+            max ? `, maximum: ${flashMmaKey(max)}` : ""
+          }`,
+        );
+      }
       const { ms } = await timeOnGpu(inputs, { backend, isCausal: s.causal === true }, reps);
       const tflops = shapeFlops(s) / ms / 1e9;
       console.log(JSON.stringify({ kind: "time", shape: s.name, dtype, backend: label, ms, tflops }));
