@@ -23,9 +23,8 @@ import {
   flashMmaTuning,
   maxKernelConfig,
 } from "../backends/flash_mma.ts";
-import { mmaTileFor } from "../backends/sage_mma.ts";
+import { mmaTileFor, realMmaReasons } from "../backends/sage_mma.ts";
 import { resolveProblem } from "../core/problem.ts";
-import { realMmaReasons } from "../backends/sage_mma.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { deviceInfo } from "../mod.ts";
 import { type FlashMmaConfig, flashMmaKey } from "../wgsl/flash_mma.ts";
@@ -67,7 +66,6 @@ async function step<T>(what: string, f: () => Promise<T>): Promise<T | null> {
   }
 }
 
-/** Runs `f` with flash-mma's config overridden by `o` (null: none). */
 /** Runs `f` under a sweep entry: config overrides, and `prepassOnly` (the slicing pre-pass alone). */
 async function withOverride<T>(
   o: (Partial<FlashMmaConfig> & { prepassOnly?: boolean }) | null,

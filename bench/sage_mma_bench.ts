@@ -17,10 +17,9 @@ import {
 } from "../backends/sage_mma.ts";
 import { resolveProblem } from "../core/problem.ts";
 import { sageMmaKey } from "../wgsl/sage_mma.ts";
-import { twoPassKey } from "../wgsl/sage_mma_two_pass.ts";
 import { defaultRuntime } from "../core/device.ts";
 import { deviceInfo } from "../mod.ts";
-import type { TwoPassConfig } from "../wgsl/sage_mma_two_pass.ts";
+import { type TwoPassConfig, twoPassKey } from "../wgsl/sage_mma_two_pass.ts";
 import { type BenchShape, shapeFlops, shapeInputs, SHAPES, timeOnGpu } from "./common.ts";
 import { sageAccuracy } from "./sage_accuracy.ts";
 

@@ -290,15 +290,19 @@ export function skewedKeyLoop(
   }`);
 }
 
+/** Whether a config's passes can run skewed: staged, fast math, even subgroups, no packed batch or flex. */
+function skewable(c: TwoPassConfig): boolean {
+  return c.stage === true && c.fastMath !== false && c.warps % 2 === 0 && !c.varlen && !c.flex;
+}
+
 /** Whether a config's second pass runs in two halves one phase apart ({@link TwoPassConfig.skew}). */
 export function skewedPass2(c: TwoPassConfig): boolean {
-  return c.skew === true && c.stage === true && c.fastMath !== false && c.warps % 2 === 0 && !c.varlen &&
-    !c.flex;
+  return c.skew === true && skewable(c);
 }
 
 /** Whether a config's maximum pass runs in two halves one phase apart ({@link TwoPassConfig.skewMax}). */
 export function skewedMaxPass(c: TwoPassConfig): boolean {
-  return skewedPass2({ ...c, skew: c.skewMax }) && !c.skipMaxPass;
+  return c.skewMax === true && skewable(c) && !c.skipMaxPass;
 }
 
 /** Whether a config's maximum pass runs by pairs of subgroups ({@link TwoPassConfig.maxPairs}). */
@@ -510,17 +514,7 @@ const LN2: f32 = 0.6931471805599453;`);
   const oAt: MmaPlace = { array: s.outInV ? "vs" : "sp", colMajor: false, stride: N };
   const oBase = s.outInV ? `warp * ${MMA_ROWS * N}u` : "wp";
 
-  emit(
-    sageMmaPrologue({
-      threads: s.threads,
-      br,
-      band: c.band,
-      bc,
-      dQ,
-      dV,
-      warps: c.warps,
-    }),
-  );
+  emit(sageMmaPrologue({ threads: s.threads, br, band: c.band, bc, dQ, dV, warps: c.warps }));
   emit(`  let ws = warp * ${s.sRegion}u;
   let wp = warp * ${s.pRegion}u;
   let wr = warp * ${2 * MMA_SUBGROUP}u;`);
@@ -569,10 +563,11 @@ const LN2: f32 = 0.6931471805599453;`);
    */
   // The start of this invocation's half row in its subgroup's S region (wst).
   const sBase = `wst + ${c.sColMajor ? `hh * ${half * ss}u + r` : `r * ${ss}u + hh * ${half}u`}`;
-  const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}) => {
-    emit(`    let kv0 = t * ${bc}u;
-    let wst = ${sRegionOf};`);
-    if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
+  /**
+   * S = Q Kᵀ of tile t into the S region starting at word `region`, K tile t staged at byte `kSlot`
+   * (a WGSL prefix ending in " + ", for the skewed passes' two slots).
+   */
+  function multiplyS(region: string, kSlot = "") {
     if (fast) {
       if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
       else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
@@ -582,12 +577,18 @@ const LN2: f32 = 0.6931471805599453;`);
       if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
       forEach("j", bc / N, (j) => {
         emit("    {");
-        emit("      " + qk.loadRight(`kb`, kAt, kOffset(j, k)));
+        emit("      " + qk.loadRight("kb", kAt, `${kSlot}${kOffset(j, k)}`));
         emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
         emit("    }");
       });
     });
-    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `wst + ${sTile(j)}`, tile("s", j))));
+    forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `${region} + ${sTile(j)}`, tile("s", j))));
+  }
+  const computeS = (barrierFirst: boolean, afterBarrier: () => void = () => {}) => {
+    emit(`    let kv0 = t * ${bc}u;
+    let wst = ${sRegionOf};`);
+    if (barrierFirst) emit(`    workgroupBarrier();`); // the previous tile's reads of the region are done
+    multiplyS("wst");
     emit(`    workgroupBarrier();`);
     afterBarrier();
     emit(`    let dq = q_sc * k_scale[ks_base + t];
@@ -779,18 +780,7 @@ const LN2: f32 = 0.6931471805599453;`);
           emit(`    }`);
         }
         emit(`    if (p < t_hi) {`);
-        if (c.emulate) emit(`    ${qk.copyArray("s", bc / N, "s_bias")}`);
-        else range(bc / N).forEach((j) => emit(`    var s${j} = s_bias;`));
-        forEach("k", dQ / 32, (k) => {
-          if (c.emulate) emit("    " + qk.loadLeft("qa", qAt, `q8_base + ${k} * 32u`));
-          forEach("j", bc / N, (j) => {
-            emit("    {");
-            emit("      " + qk.loadRight("kb", kAt, `slot * ${kSlot * 4}u + ${kOffset(j, k)}`));
-            emit("      " + qk.mma(tile("s", j), c.emulate ? "qa" : `qa${parseInt(k)}`, qAt, "kb", kAt));
-            emit("    }");
-          });
-        });
-        forEach("j", bc / N, (j) => emit("    " + qk.store(sAt, `ws + ${sTile(j)}`, tile("s", j))));
+        multiplyS("ws", `slot * ${kSlot * 4}u + `);
         emit(`    }`);
       },
       read: (t) => {
@@ -929,7 +919,7 @@ const LN2: f32 = 0.6931471805599453;`);
         : `    ${psum} += ${range(half).map((e) => `p${e}`).join(" + ")};`,
     );
   };
-  // This invocation's P words in its subgroup's P region (block `blk` of the subgroup's).
+  // This invocation's P words in its subgroup's P region.
   const pWords = `wp + r * ${bc / 4}u + hh * ${half / 4}u`;
   emit(`  var psum = 0u;`);
   if (fast) emit(`  let lp = ${Math.log2(pmax)} - m;`);
